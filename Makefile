@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test unit integration lint typecheck bench clean
+
+install: $(STAMP)
+
+$(STAMP): libs/common/pyproject.toml services/*/pyproject.toml requirements-dev.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e libs/common -e services/submitter -e services/poller \
+		-e services/legacy-sim -r requirements-dev.txt
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install lint typecheck
+	$(BIN)/python -m pytest -q tests
+
+unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: install
+	$(BIN)/python -m pytest -q tests/integration
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy libs/common/src services/submitter/src services/poller/src services/legacy-sim/src
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,237 @@
+"""The messages that cross the broker, as frozen dataclasses with `encode`/`decode`.
+
+Pure code, no I/O. Every decoding problem raises one error type, `DecodeError`, which carries
+what the failure record needs (`original`, and `user_id` where one was found); the services
+route it to the failure queue, never into a requeue loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+USER_ID_MAX_CHARS = 128
+# Room left for the record's other fields when an oversized original is truncated.
+TRUNCATED_ORIGINAL_CHARS = 4096
+
+
+class DecodeError(ValueError):
+    """A message body that cannot be used; `reason` is written for a human."""
+
+    def __init__(self, reason: str, *, original: Any, user_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.original = original
+        self.user_id = user_id
+
+
+def _text_of(body: bytes, limit: int | None = None) -> str:
+    text = body.decode("utf-8", errors="replace")
+    if limit is not None and len(text) > limit:
+        return text[:limit] + f"... [truncated, {len(body)} bytes in all]"
+    return text
+
+
+def _json_safe(value: Any, body: bytes) -> Any:
+    """The parsed value if it can be written back as JSON, else the raw text (deep nesting)."""
+    try:
+        json.dumps(value)
+    except (RecursionError, ValueError, TypeError):
+        return _text_of(body, TRUNCATED_ORIGINAL_CHARS)
+    return value
+
+
+def valid_user_id(value: Any) -> str | None:
+    """The user id if it is one the contract accepts, else None. Never an operator object."""
+    if isinstance(value, str) and 0 < len(value) <= USER_ID_MAX_CHARS:
+        return value
+    return None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """An inbound registration: the body as received, and what was read out of it."""
+
+    user_id: str
+    payload: Mapping[str, Any]
+    body: bytes = field(repr=False)
+    message_id: str | None = None
+
+    @property
+    def attempt_key(self) -> str:
+        """Names this message across redeliveries: its message_id, else a digest of its body."""
+        if self.message_id:
+            return f"mid:{self.message_id}"
+        return "sha256:" + hashlib.sha256(self.body).hexdigest()
+
+    @classmethod
+    def decode(cls, body: bytes, *, message_id: str | None, max_bytes: int) -> Registration:
+        if len(body) > max_bytes:
+            raise DecodeError(
+                f"message body is {len(body)} bytes, over the limit of {max_bytes}",
+                original=_text_of(body, TRUNCATED_ORIGINAL_CHARS),
+            )
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"message body is not UTF-8 ({exc.reason} at byte {exc.start})",
+                              original=_text_of(body)) from None
+        try:
+            parsed = json.loads(text)
+        except RecursionError:
+            raise DecodeError("message body is JSON nested too deeply", original=text) from None
+        except ValueError as exc:
+            raise DecodeError(f"message body is not JSON ({exc})", original=text) from None
+        if not isinstance(parsed, dict):
+            raise DecodeError(f"message body is JSON but not an object (it is {type(parsed).__name__})",
+                              original=_json_safe(parsed, body))
+        original = _json_safe(parsed, body)
+        if not isinstance(original, dict):
+            raise DecodeError("message body is JSON nested too deeply", original=original)
+        if "user_id" not in parsed:
+            raise DecodeError("message has no user_id", original=original)
+        user_id = valid_user_id(parsed["user_id"])
+        if user_id is None:
+            raise DecodeError(
+                f"user_id must be a non-empty string of at most {USER_ID_MAX_CHARS} characters",
+                original=original,
+            )
+        return cls(user_id=user_id, payload=parsed, body=body, message_id=message_id or None)
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    """A submitted registration waiting for its status: what the poller needs, and nothing more."""
+
+    request_id: str
+    user_id: str
+    payload: Mapping[str, Any]
+    attempt_key: str
+    submitted_at: float  # epoch seconds when the legacy API accepted it
+    message_id: str | None = None
+    received_at: float | None = None  # epoch seconds when the inbound message was taken
+    submit_attempts: int = 1
+    polls: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "request_id": self.request_id,
+                "user_id": self.user_id,
+                "payload": self.payload,
+                "attempt_key": self.attempt_key,
+                "submitted_at": self.submitted_at,
+                "message_id": self.message_id,
+                "received_at": self.received_at,
+                "submit_attempts": self.submit_attempts,
+                "polls": self.polls,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> PendingMessage:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise DecodeError("pending message is not JSON", original=_text_of(body)) from None
+        if not isinstance(data, dict):
+            raise DecodeError("pending message is not a JSON object", original=_json_safe(data, body))
+        user_id = valid_user_id(data.get("user_id"))
+        try:
+            msg = cls(
+                request_id=_require(data, "request_id", str),
+                user_id=_require(data, "user_id", str),
+                payload=_require(data, "payload", dict),
+                attempt_key=_require(data, "attempt_key", str),
+                submitted_at=float(_require(data, "submitted_at", (int, float))),
+                message_id=_optional(data, "message_id", str),
+                received_at=_optional_float(data, "received_at"),
+                submit_attempts=_require(data, "submit_attempts", int),
+                polls=_require(data, "polls", int),
+            )
+        except ValueError as exc:
+            raise DecodeError(f"pending message is malformed: {exc}",
+                              original=data.get("payload", data), user_id=user_id) from None
+        if user_id is None:
+            raise DecodeError("pending message has an invalid user_id", original=msg.payload)
+        return msg
+
+    def polled(self) -> PendingMessage:
+        return PendingMessage(**{**self.__dict__, "polls": self.polls + 1})
+
+
+def _require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(key)
+    # bool is an int in Python; a count or a time is never a bool.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} is missing or of the wrong type")
+    return value
+
+
+def _optional(data: Mapping[str, Any], key: str, kind: type) -> Any:
+    return None if data.get(key) is None else _require(data, key, kind)
+
+
+def _optional_float(data: Mapping[str, Any], key: str) -> float | None:
+    return None if data.get(key) is None else float(_require(data, key, (int, float)))
+
+
+@dataclass(frozen=True)
+class FailureError:
+    stage: str
+    reason: str
+    http_status: int | None = None
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One terminal failure, as the contract's failure queue carries it."""
+
+    original: Any
+    user_id: str | None
+    legacy_request_id: str | None
+    error: FailureError
+    attempts: int
+    failed_at: datetime
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "original": self.original,
+                "user_id": self.user_id,
+                "legacy_request_id": self.legacy_request_id,
+                "error": {
+                    "stage": self.error.stage,
+                    "reason": self.error.reason,
+                    "http_status": self.error.http_status,
+                },
+                "attempts": self.attempts,
+                "failed_at": self.failed_at.astimezone(UTC).isoformat(),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> FailureRecord:
+        try:
+            data = json.loads(body)
+            error = data["error"]
+            return cls(
+                original=data["original"],
+                user_id=_optional(data, "user_id", str),
+                legacy_request_id=_optional(data, "legacy_request_id", str),
+                error=FailureError(
+                    stage=_require(error, "stage", str),
+                    reason=_require(error, "reason", str),
+                    http_status=_optional(error, "http_status", int),
+                ),
+                attempts=_require(data, "attempts", int),
+                failed_at=datetime.fromisoformat(_require(data, "failed_at", str)),
+            )
+        except (ValueError, RecursionError, KeyError, TypeError) as exc:
+            raise DecodeError(f"failure record is malformed: {exc}", original=_text_of(body)) from None

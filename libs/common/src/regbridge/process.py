@@ -1,0 +1,75 @@
+"""What both services' `main()` share: the broker protocol the handlers see, and start-up."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+from pika.spec import BasicProperties
+
+from regbridge import health, logs
+from regbridge.amqp import AmqpRuntime, Delivery
+from regbridge.settings import CommonSettings, SettingsError
+from regbridge.store import MongoStore
+
+log = logging.getLogger(__name__)
+S = TypeVar("S", bound=CommonSettings)
+
+# How long a worker waits for a publisher confirm before it hands the message back.
+CONFIRM_TIMEOUT_S = 30.0
+
+
+class Broker(Protocol):
+    """The part of `AmqpRuntime` a handler uses; unit tests pass a fake."""
+
+    stopping: threading.Event
+
+    def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]: ...
+    def ack(self, delivery: Delivery) -> None: ...
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None: ...
+    def defer(self, delivery: Delivery, delay_s: float, work: Callable[[], None]) -> None: ...
+
+
+def persistent(message_id: str | None, **kwargs: Any) -> BasicProperties:
+    return BasicProperties(delivery_mode=2, content_type="application/json", message_id=message_id, **kwargs)
+
+
+def load_settings(name: str, build: Callable[[Mapping[str, str]], S], env: Mapping[str, str]) -> S:
+    try:
+        return build(env)
+    except SettingsError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore) -> None:
+    """Serve probes and metrics, wire SIGTERM/SIGINT to a graceful stop, turn the I/O loop."""
+    probe = health.Probe(store.ping).start()
+
+    def live() -> bool:
+        return time.monotonic() - runtime.last_tick < 30.0
+
+    def ready() -> dict[str, bool]:
+        return {"broker": runtime.connected, "mongodb": probe.ok}
+
+    health.serve(health.create_app(live=live, ready=ready), settings.http_port)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum, extra={"event": "signal"})
+        runtime.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("%s starting", name, extra={"event": "starting"})
+    runtime.run()
+
+
+def setup_logging(name: str, settings: CommonSettings) -> None:
+    logs.setup(name, settings.log_level)
+    log.info("settings: %s", settings.safe_view(), extra={"event": "settings"})

@@ -1,0 +1,138 @@
+"""The MongoDB adapter: the users' registration fields, and each message's latest attempt.
+
+Users (`MONGODB_COLLECTION`, `_id` = user_id): only the contract's four fields are written,
+under the rule of `lifecycle.may_record`, expressed here as update filters so that a write
+that must not happen matches nothing (no read-then-write race between services).
+
+Attempts (`<collection>.attempts`, `_id` = the inbound message's attempt key): the legacy
+request id a message got, and whether its failure was already recorded. It is what lets a
+*redelivered* message skip a second POST, and a duplicate pending message skip a second
+failure record. A message published anew (a replay) is a new attempt and overwrites it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pymongo import MongoClient
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError
+
+from regbridge.messages import FailureError
+
+
+@dataclass(frozen=True)
+class UserState:
+    status: str | None
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    request_id: str | None
+    failed: bool
+
+
+class Store(Protocol):
+    """What the services need from MongoDB; unit tests pass a fake."""
+
+    def user(self, user_id: str) -> UserState: ...
+    def attempt(self, key: str) -> Attempt | None: ...
+    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None: ...
+    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None: ...
+    def record_submitted(self, user_id: str, request_id: str) -> bool: ...
+    def record_registered(self, user_id: str, request_id: str) -> bool: ...
+    def record_failed(self, user_id: str, request_id: str | None, error: FailureError) -> bool: ...
+    def ping(self) -> bool: ...
+
+
+def _blocked(request_id: str | None) -> dict[str, Any]:
+    """Filter part that matches documents `may_record` lets a write replace."""
+    same_attempt_failed: list[dict[str, Any]] = (
+        [{"registration_status": "failed", "legacy_request_id": request_id}] if request_id is not None else []
+    )
+    return {"$nor": [{"registration_status": "registered"}, *same_attempt_failed]}
+
+
+class MongoStore:
+    def __init__(self, client: MongoClient[dict[str, Any]], database: str, users: str, attempts: str,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._client = client
+        self._users: Collection[dict[str, Any]] = client[database][users]
+        self._attempts: Collection[dict[str, Any]] = client[database][attempts]
+        self._clock = clock
+
+    def user(self, user_id: str) -> UserState:
+        doc = self._users.find_one({"_id": user_id}, {"registration_status": 1, "legacy_request_id": 1})
+        if doc is None:
+            return UserState(None, None)
+        return UserState(doc.get("registration_status"), doc.get("legacy_request_id"))
+
+    def attempt(self, key: str) -> Attempt | None:
+        doc = self._attempts.find_one({"_id": key})
+        if doc is None:
+            return None
+        return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")))
+
+    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
+        self._attempts.update_one(
+            {"_id": key},
+            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": False,
+                      "updated_at": self._clock()}},
+            upsert=True,
+        )
+
+    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None:
+        self._attempts.update_one(
+            {"_id": key},
+            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": True,
+                      "updated_at": self._clock()}},
+            upsert=True,
+        )
+
+    def _write(self, user_id: str, request_id: str | None, update: dict[str, Any]) -> bool:
+        """Upsert unless blocked; False when the document's state forbids the write."""
+        try:
+            result = self._users.update_one({"_id": user_id, **_blocked(request_id)}, update, upsert=True)
+        except DuplicateKeyError:
+            # The document exists but the filter excluded it: the write is not allowed.
+            return False
+        return result.matched_count > 0 or result.upserted_id is not None
+
+    def record_submitted(self, user_id: str, request_id: str) -> bool:
+        return self._write(user_id, request_id, {
+            "$set": {"registration_status": "submitted", "legacy_request_id": request_id,
+                     "registration_updated_at": self._clock()},
+            "$unset": {"registration_error": ""},
+        })
+
+    def record_registered(self, user_id: str, request_id: str) -> bool:
+        return self._write(user_id, request_id, {
+            "$set": {"registration_status": "registered", "legacy_request_id": request_id,
+                     "registration_updated_at": self._clock()},
+            "$unset": {"registration_error": ""},
+        })
+
+    def record_failed(self, user_id: str, request_id: str | None, error: FailureError) -> bool:
+        return self._write(user_id, request_id, {
+            "$set": {"registration_status": "failed", "legacy_request_id": request_id,
+                     "registration_updated_at": self._clock(),
+                     "registration_error": {"stage": error.stage, "reason": error.reason}},
+        })
+
+    def ping(self) -> bool:
+        try:
+            self._client.admin.command("ping")
+        except Exception:
+            return False
+        return True
+
+
+def connect(uri: str, *, pool_size: int, timeout_s: float = 5.0) -> MongoClient[dict[str, Any]]:
+    # A small pool: writes queue in the client rather than pile onto the server at once.
+    return MongoClient(uri, maxPoolSize=pool_size, serverSelectionTimeoutMS=int(timeout_s * 1000),
+                       connectTimeoutMS=int(timeout_s * 1000), socketTimeoutMS=int(timeout_s * 2000),
+                       tz_aware=True, retryWrites=False)

@@ -1,0 +1,53 @@
+"""Queue declarations, as data. Each service declares what it uses, idempotently, on every connect.
+
+All queues are durable quorum queues. A wait queue holds a still-processing id for a fixed
+time (`x-message-ttl`, one queue per delay so expiry is always at the head), then dead-letters
+it back to the pending queue. `at-least-once` dead-lettering with `reject-publish` overflow is
+the combination that never drops a message on the way back (RabbitMQ 3.10+); it can duplicate,
+which the poller tolerates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: Mapping[str, Any] = field(default_factory=lambda: dict(_QUORUM))
+
+
+def work_queue(name: str) -> QueueSpec:
+    return QueueSpec(name, dict(_QUORUM))
+
+
+def wait_queue_name(pending_queue: str, delay_s: float) -> str:
+    # Named after its delay: a changed delay is a new queue, never a clash of arguments.
+    return f"{pending_queue}.wait.{round(delay_s * 1000)}ms"
+
+
+def wait_queue(pending_queue: str, delay_s: float) -> QueueSpec:
+    return QueueSpec(
+        wait_queue_name(pending_queue, delay_s),
+        {
+            **_QUORUM,
+            "x-message-ttl": max(1, round(delay_s * 1000)),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": pending_queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+
+
+def submitter_queues(*, inbound: str, pending: str, failed: str) -> list[QueueSpec]:
+    return [work_queue(inbound), work_queue(pending), work_queue(failed)]
+
+
+def poller_queues(*, pending: str, failed: str, delays: Iterable[float]) -> list[QueueSpec]:
+    return [work_queue(pending), work_queue(failed), *(wait_queue(pending, d) for d in delays)]

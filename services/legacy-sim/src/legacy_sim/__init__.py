@@ -1,0 +1,1 @@
+"""legacy-sim: the project's fake of the legacy registration adaptation layer."""

@@ -1,0 +1,134 @@
+"""The HTTP face of legacy-sim: the legacy API of legacy-api.openapi.yaml plus /admin and /healthz.
+
+The /v1 routes are the hot path of every benchmark, so they skip pydantic entirely: the raw
+body is parsed by hand and each response is encoded once into a plain Response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+
+from legacy_sim.config import Config, ConfigError, apply_patch, format_retry_after
+from legacy_sim.registry import FAILED_REASON, Registry
+from legacy_sim.validation import InvalidRegistration, parse_registration
+
+_JSON = "application/json"
+_UNKNOWN_ID = b'{"error":"unknown request id"}'
+_UNAVAILABLE = b'{"error":"service unavailable, retry later"}'
+
+
+def _json(status_code: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    content = json.dumps(body, separators=(",", ":")).encode()
+    return Response(content=content, status_code=status_code, headers=headers, media_type=_JSON)
+
+
+class Simulator:
+    """Holds the current Config (swapped whole on PATCH) and the Registry, for the route handlers."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float]) -> None:
+        self.config = config
+        # One seeded RNG for ids, latencies and faults, so a seeded run is reproducible.
+        self.rng = random.Random(config.seed)
+        self.registry = Registry(clock=clock, rng=self.rng)
+
+    async def unavailable(self, rate_503: float) -> Response | None:
+        """Applies the slow mode, then answers 503 when down or when the fault dice say so."""
+        config = self.config
+        if config.response_delay_s > 0:
+            await asyncio.sleep(config.response_delay_s)
+        if config.down or (rate_503 > 0 and self.rng.random() < rate_503):
+            return Response(
+                content=_UNAVAILABLE,
+                status_code=503,
+                headers={"Retry-After": format_retry_after(config.retry_after_s)},
+                media_type=_JSON,
+            )
+        return None
+
+
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> FastAPI:
+    """Builds the app. The clock is wall time by default so that the stats' timestamps can be
+    compared with a benchmark's own."""
+    sim = Simulator(config, clock=clock)
+    registry = sim.registry
+    # No generated docs: this is a test double and its contract is the OpenAPI file.
+    app = FastAPI(title="legacy-sim", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.simulator = sim
+
+    @app.post("/v1/registrations")
+    async def submit_registration(request: Request) -> Response:
+        refusal = await sim.unavailable(sim.config.post_503_rate)
+        if refusal is not None:
+            registry.count_post_503()
+            return refusal
+        raw = await request.body()
+        config = sim.config
+        if config.accept_latency_s > 0:
+            await asyncio.sleep(config.accept_latency_s)
+        try:
+            body = parse_registration(raw)
+        except InvalidRegistration as exc:
+            registry.count_rejection()
+            return _json(400, {"error": str(exc)})
+        request_id = registry.submit(
+            user_id=body.get("user_id"),
+            name=body["name"],
+            latency_min_s=config.latency_min_s,
+            latency_max_s=config.latency_max_s,
+            fail_prefix=config.fail_prefix,
+        )
+        return _json(201, {"request_id": request_id}, {"Location": f"/v1/registrations/{request_id}"})
+
+    @app.get("/v1/registrations/{request_id}")
+    async def registration_status(request_id: str) -> Response:
+        refusal = await sim.unavailable(sim.config.get_503_rate)
+        if refusal is not None:
+            registry.count_get_503()
+            return refusal
+        status = registry.poll(request_id)
+        if status is None:
+            return Response(content=_UNKNOWN_ID, status_code=404, media_type=_JSON)
+        if status == "failed":
+            return _json(200, {"request_id": request_id, "status": status, "reason": FAILED_REASON})
+        return _json(200, {"request_id": request_id, "status": status})
+
+    @app.get("/healthz")
+    @app.get("/readyz")
+    async def healthz() -> Response:
+        return Response(content=b'{"status":"ok"}', media_type=_JSON)
+
+    @app.get("/admin/stats")
+    async def admin_stats(summary: str | None = None) -> Response:
+        if summary is not None and summary.lower() in ("1", "true", "yes"):
+            return _json(200, registry.summary())
+        return _json(200, registry.stats())
+
+    @app.get("/admin/config")
+    async def admin_config() -> Response:
+        return _json(200, sim.config.to_json())
+
+    @app.patch("/admin/config")
+    async def admin_patch_config(request: Request) -> Response:
+        try:
+            patch = json.loads(await request.body())
+        except ValueError:
+            return _json(400, {"error": "body is not valid JSON"})
+        try:
+            sim.config = apply_patch(sim.config, patch)
+        except ConfigError as exc:
+            return _json(400, {"error": str(exc)})
+        return _json(200, sim.config.to_json())
+
+    @app.post("/admin/reset")
+    async def admin_reset() -> Response:
+        registry.reset()
+        return _json(200, {"status": "reset"})
+
+    return app

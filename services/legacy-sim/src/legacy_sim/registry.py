@@ -1,0 +1,136 @@
+"""The simulator's state: registrations, their outcome over time, and the counters behind /admin/stats.
+
+Pure state, no I/O. Time comes from an injected clock and randomness from an injected RNG, so
+the unit tests drive it with a fake clock. It is used from one asyncio event loop only, hence
+no locks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Status = Literal["processing", "completed", "failed"]
+FAILED_REASON = "rejected by the legacy system"
+
+
+def new_request_id(rng: random.Random) -> str:
+    """An id shaped like the legacy system's: 6 uppercase hex digits, '-', one uppercase letter."""
+    return f"{rng.getrandbits(24):06X}-{chr(65 + rng.randrange(26))}"
+
+
+@dataclass(slots=True)
+class Registration:
+    user_id: str | None
+    submitted_at: float
+    completes_at: float
+    outcome: Literal["completed", "failed"]
+    detected_at: float | None = None
+    polls: int = 0
+
+
+class Registry:
+    def __init__(self, *, clock: Callable[[], float], rng: random.Random) -> None:
+        self._clock = clock
+        self._rng = rng
+        self.reset()
+
+    def reset(self) -> None:
+        self._requests: dict[str, Registration] = {}
+        self._submissions_by_user: dict[str, int] = {}
+        self._rejected_total = 0
+        self._polls_total = 0
+        self._unknown_polls_total = 0
+        self._post_503_total = 0
+        self._get_503_total = 0
+        self._detected_total = 0
+        # A running sum keeps the summary O(1) however many registrations there are.
+        self._detection_delay_sum_s = 0.0
+
+    def submit(
+        self,
+        *,
+        user_id: str | None,
+        name: str,
+        latency_min_s: float,
+        latency_max_s: float,
+        fail_prefix: str | None,
+    ) -> str:
+        """Records an accepted registration and returns its new, unique request id."""
+        request_id = new_request_id(self._rng)
+        while request_id in self._requests:
+            request_id = new_request_id(self._rng)
+        now = self._clock()
+        failed = bool(fail_prefix) and name.startswith(fail_prefix or "")
+        self._requests[request_id] = Registration(
+            user_id=user_id,
+            submitted_at=now,
+            completes_at=now + self._rng.uniform(latency_min_s, latency_max_s),
+            outcome="failed" if failed else "completed",
+        )
+        if user_id is not None:
+            self._submissions_by_user[user_id] = self._submissions_by_user.get(user_id, 0) + 1
+        return request_id
+
+    def poll(self, request_id: str) -> Status | None:
+        """The status a GET sees now (None for an unknown id); counts the poll."""
+        registration = self._requests.get(request_id)
+        if registration is None:
+            self._unknown_polls_total += 1
+            return None
+        self._polls_total += 1
+        registration.polls += 1
+        now = self._clock()
+        if now < registration.completes_at:
+            return "processing"
+        if registration.detected_at is None:
+            registration.detected_at = now
+            self._detected_total += 1
+            self._detection_delay_sum_s += now - registration.completes_at
+        return registration.outcome
+
+    def count_rejection(self) -> None:
+        self._rejected_total += 1
+
+    def count_post_503(self) -> None:
+        self._post_503_total += 1
+
+    def count_get_503(self) -> None:
+        self._get_503_total += 1
+
+    def summary(self) -> dict[str, Any]:
+        """The scalar statistics: cheap, whatever the number of registrations."""
+        requests_total = len(self._requests)
+        return {
+            "submissions_total": requests_total,
+            "rejected_total": self._rejected_total,
+            "requests_total": requests_total,
+            "detected_total": self._detected_total,
+            "polls_total": self._polls_total,
+            "unknown_polls_total": self._unknown_polls_total,
+            "detection_delay_mean_s": (
+                self._detection_delay_sum_s / self._detected_total if self._detected_total else None
+            ),
+            "polls_per_registration": self._polls_total / requests_total if requests_total else None,
+            "post_503_total": self._post_503_total,
+            "get_503_total": self._get_503_total,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """The summary plus per-user and per-request detail."""
+        stats = self.summary()
+        stats["submissions_by_user"] = dict(self._submissions_by_user)
+        stats["polls_by_request"] = {rid: reg.polls for rid, reg in self._requests.items()}
+        stats["requests"] = {
+            rid: {
+                "user_id": reg.user_id,
+                "submitted_at": reg.submitted_at,
+                "completes_at": reg.completes_at,
+                "outcome": reg.outcome,
+                "detected_at": reg.detected_at,
+            }
+            for rid, reg in self._requests.items()
+        }
+        return stats

@@ -1,0 +1,107 @@
+"""Fixtures for both tiers. Integration fixtures need the real broker: under CI=true a missing
+broker fails the run; on a developer's machine those tests are skipped with the reason."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import harness
+
+
+def _need_broker() -> None:
+    if not harness.port_open("127.0.0.1", 5672):
+        message = "RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
+        if harness.in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def mongo() -> Iterator[harness.Mongo]:
+    with harness.mongodb() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def legacy_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.LegacySim]:
+    sim = harness.start_legacy_sim(log=tmp_path_factory.mktemp("legacy") / "legacy-sim.log")
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def legacy(legacy_session: harness.LegacySim) -> harness.LegacySim:
+    legacy_session.reset()
+    return legacy_session
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    _need_broker()
+    with harness.vhost() as url:
+        yield url
+
+
+@pytest.fixture
+def database() -> str:
+    return f"t_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def users(mongo: harness.Mongo, database: str) -> Iterator[Any]:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri, tz_aware=True)
+    yield client[database]["users"]
+    client.drop_database(database)
+    client.close()
+
+
+@pytest.fixture
+def broker(amqp_url: str) -> Iterator[harness.Broker]:
+    client = harness.Broker(amqp_url)
+    # Same arguments the services declare, so that order of start never matters.
+    client.declare("registrations", "registrations.pending", "registrations.failed")
+    yield client
+    client.close()
+
+
+class Stack:
+    """The services under test, started from their console scripts."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.services: list[harness.Service] = []
+
+    def start(self, name: str, **extra: str) -> harness.Service:
+        index = sum(1 for s in self.services if s.name == name)
+        service = harness.Service(name, {**self.env, **extra}, self.logs / f"{name}-{index}.log").start()
+        self.services.append(service)
+        service.wait_ready()
+        return service
+
+    def stop_all(self) -> None:
+        for service in self.services:
+            if service.process is not None:
+                try:
+                    service.terminate(timeout=20)
+                except Exception:
+                    service.kill()
+
+
+@pytest.fixture
+def stack(amqp_url: str, mongo: harness.Mongo, database: str, legacy: harness.LegacySim,
+          tmp_path: Path) -> Iterator[Stack]:
+    env = harness.service_env(rabbitmq_url=amqp_url, mongodb_uri=mongo.uri, database=database,
+                              legacy_url=legacy.url)
+    s = Stack(env, tmp_path)
+    yield s
+    s.stop_all()

@@ -1,0 +1,328 @@
+"""Test harness: the real broker (a vhost per test), a real Mongo-wire server, the real legacy-sim,
+and the real console scripts as subprocesses. Shared by the integration tests, the demo and the bench.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pika
+import requests
+
+from regbridge.topology import work_queue
+
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], T], *, timeout: float, what: str, every: float = 0.05) -> T:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# ---- RabbitMQ ---------------------------------------------------------------------------------
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def vhost() -> Iterator[str]:
+    """A fresh vhost, removed afterwards, so that runs never see each other's queues."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+class Broker:
+    """A blocking client for the test's side of the broker: publish inbound, read queues."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+
+    def declare(self, *queues: str) -> None:
+        for name in queues:
+            spec = work_queue(name)
+            self.channel.queue_declare(name, durable=True, arguments=dict(spec.arguments))
+
+    def publish(self, queue: str, body: bytes | Mapping[str, Any], *, message_id: str | None = None) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.channel.basic_publish("", queue, data, pika.BasicProperties(delivery_mode=2, message_id=message_id),
+                                   mandatory=True)
+
+    def drain(self, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+        """Take (and ack) everything on `queue` now."""
+        taken = []
+        while True:
+            method, props, body = self.channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append((props, body))
+
+    def in_pipeline(self, exclude: str) -> int:
+        """Messages, ready or unacknowledged, in every queue of this vhost but `exclude`."""
+        vhost = self.url.rsplit("/", 1)[1]
+        out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "--no-table-headers", "name",
+                              "messages"], check=True, capture_output=True, text=True, timeout=60).stdout
+        total = 0
+        for line in out.splitlines():
+            name, _, count = line.rpartition("\t")
+            if name and name != exclude:
+                total += int(count)
+        return total
+
+    def depth(self, queue: str) -> int:
+        return int(self.channel.queue_declare(queue, passive=True).method.message_count)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.connection.close()
+
+
+# ---- MongoDB ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Mongo:
+    uri: str
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    storage: str = ""
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def start(self) -> None:
+        """(Re)start the SecantusDB server on the same port and storage."""
+        assert self.process is None and self.storage
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "secantus", "--port", str(self.port), "--storage-path", self.storage,
+             "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: port_open("127.0.0.1", self.port), timeout=30, what="SecantusDB to listen")
+
+
+def start_secantus(storage: str | None = None) -> Mongo:
+    mongo = Mongo(uri="", port=free_port(), storage=storage or tempfile.mkdtemp(prefix="secantus-"))
+    mongo.uri = f"mongodb://127.0.0.1:{mongo.port}/"
+    mongo.start()
+    return mongo
+
+
+def docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@contextmanager
+def mongodb() -> Iterator[Mongo]:
+    """MONGODB_URI if set; else testcontainers when a Docker engine answers; else SecantusDB."""
+    if os.environ.get("MONGODB_URI"):
+        yield Mongo(uri=os.environ["MONGODB_URI"])
+        return
+    if docker_answers():
+        from testcontainers.mongodb import MongoDbContainer
+
+        with MongoDbContainer("mongo:7") as container:
+            yield Mongo(uri=container.get_connection_url())
+        return
+    mongo = start_secantus()
+    try:
+        yield mongo
+    finally:
+        mongo.stop()
+        shutil.rmtree(mongo.storage, ignore_errors=True)
+
+
+# ---- legacy-sim -------------------------------------------------------------------------------
+
+FAST_LEGACY = {
+    "LEGACY_SIM_LATENCY_MIN_S": "0.3",
+    "LEGACY_SIM_LATENCY_MAX_S": "0.6",
+    "LEGACY_SIM_ACCEPT_LATENCY_S": "0.005",
+    "LEGACY_SIM_RETRY_AFTER_S": "0.1",
+}
+
+
+@dataclass
+class LegacySim:
+    url: str
+    process: subprocess.Popen[bytes]
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        response = requests.patch(f"{self.url}/admin/config", json=changes, timeout=5)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def reset(self) -> None:
+        requests.post(f"{self.url}/admin/reset", timeout=5).raise_for_status()
+        self.configure(**self.defaults)
+
+    def stats(self, summary: bool = False) -> dict[str, Any]:
+        response = requests.get(f"{self.url}/admin/stats", params={"summary": "1"} if summary else None, timeout=30)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_legacy_sim(env: Mapping[str, str] | None = None, log: Path | None = None) -> LegacySim:
+    port = free_port()
+    full = {**os.environ, **FAST_LEGACY, **(env or {}), "HTTP_PORT": str(port), "LEGACY_SIM_HOST": "127.0.0.1"}
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
+    process = subprocess.Popen([str(BIN / "legacy-sim")], env=full, stdout=out, stderr=subprocess.STDOUT)
+    sim = LegacySim(url=f"http://127.0.0.1:{port}", process=process)
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"legacy-sim exited with {process.returncode}")
+        try:
+            return requests.get(f"{sim.url}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(healthy, timeout=30, what="legacy-sim to answer /healthz")
+    sim.defaults = {k: v for k, v in requests.get(f"{sim.url}/admin/config", timeout=5).json().items()
+                    if k in ("latency_min_s", "latency_max_s", "accept_latency_s", "post_503_rate",
+                             "get_503_rate", "retry_after_s", "fail_prefix", "down", "response_delay_s")}
+    return sim
+
+
+# ---- the services -----------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One running copy of `submitter` or `poller`, as a user would start it."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        self.env["HTTP_PORT"] = str(free_port())
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen([str(BIN / self.name)], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.env['HTTP_PORT']}"
+
+    def ready(self) -> bool:
+        try:
+            return requests.get(f"{self.http}/readyz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ok() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            return self.ready()
+
+        wait_until(ok, timeout=timeout, what=f"{self.name} to be ready")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def terminate(self, timeout: float = 40) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def service_env(*, rabbitmq_url: str, mongodb_uri: str, database: str, legacy_url: str,
+                extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("POLL_", "LEGACY_SIM_"))},
+        "RABBITMQ_URL": rabbitmq_url,
+        "MONGODB_URI": mongodb_uri,
+        "MONGODB_DATABASE": database,
+        "MONGODB_COLLECTION": "users",
+        "LEGACY_API_URL": legacy_url,
+        "POLL_FIRST_DELAY_S": "0.3",
+        "POLL_INTERVAL_S": "0.2",
+        "POLL_DEADLINE_S": "20",
+        "SUBMIT_BACKOFF_BASE_S": "0.05",
+        "SUBMIT_BACKOFF_MAX_S": "0.5",
+        "RECONNECT_MAX_S": "1",
+        "SHUTDOWN_TIMEOUT_S": "10",
+        "LOG_LEVEL": "INFO",
+        **(extra or {}),
+    }

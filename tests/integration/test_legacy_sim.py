@@ -1,0 +1,397 @@
+"""Integration tests of legacy-sim: the real console script, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+LEGACY_SIM = Path(sys.executable).parent / "legacy-sim"
+ID_SHAPE = re.compile(r"[0-9A-F]{6}-[A-Z]")
+VALID = {"user_id": "u-1", "name": "Maria da Silva", "email": "maria@example.com", "cpf": "12345678909"}
+# What every test starts from; tests change it through PATCH and the fixture puts it back.
+TEST_CONFIG = {
+    "latency_min_s": 0.2,
+    "latency_max_s": 0.4,
+    "accept_latency_s": 0.0,
+    "post_503_rate": 0.0,
+    "get_503_rate": 0.0,
+    "retry_after_s": 1,
+    "fail_prefix": "FAIL",
+    "down": False,
+    "response_delay_s": 0.0,
+}
+TIMEOUT_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(condition: Callable[[], bool], *, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Sim:
+    process: subprocess.Popen[str]
+    base_url: str
+    http: requests.Session
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def post(self, body: Any = None, *, data: bytes | None = None) -> requests.Response:
+        if data is None:
+            return self.http.post(self.url("/v1/registrations"), json=body, timeout=TIMEOUT_S)
+        return self.http.post(self.url("/v1/registrations"), data=data, timeout=TIMEOUT_S)
+
+    def get(self, request_id: str) -> requests.Response:
+        return self.http.get(self.url(f"/v1/registrations/{request_id}"), timeout=TIMEOUT_S)
+
+    def patch_config(self, **fields: Any) -> dict[str, Any]:
+        response = self.http.patch(self.url("/admin/config"), json=fields, timeout=TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        config: dict[str, Any] = response.json()
+        return config
+
+    def stats(self, *, summary: bool = False) -> dict[str, Any]:
+        params = {"summary": "1"} if summary else None
+        response = self.http.get(self.url("/admin/stats"), params=params, timeout=TIMEOUT_S)
+        assert response.status_code == 200
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    def submit(self, **overrides: Any) -> str:
+        response = self.post({**VALID, **overrides})
+        assert response.status_code == 201, response.text
+        request_id: str = response.json()["request_id"]
+        return request_id
+
+    def wait_terminal(self, request_id: str, *, deadline_s: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            response = self.get(request_id)
+            assert response.status_code == 200
+            body: dict[str, Any] = response.json()
+            if body["status"] != "processing":
+                return body
+            assert time.monotonic() < deadline, f"{request_id} still processing after {deadline_s} s"
+            time.sleep(0.05)
+
+
+def start_sim(extra_env: dict[str, str] | None = None) -> Sim:
+    port = free_port()
+    env = {
+        **os.environ,
+        "HTTP_PORT": str(port),
+        "LEGACY_SIM_LATENCY_MIN_S": "0.2",
+        "LEGACY_SIM_LATENCY_MAX_S": "0.4",
+        "LEGACY_SIM_ACCEPT_LATENCY_S": "0",
+        **(extra_env or {}),
+    }
+    process = subprocess.Popen([str(LEGACY_SIM)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sim = Sim(process=process, base_url=f"http://127.0.0.1:{port}", http=requests.Session())
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"legacy-sim exited with {process.returncode}: {output}")
+        try:
+            return sim.http.get(sim.url("/healthz"), timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(healthy, deadline_s=15.0, what="legacy-sim /healthz")
+    return sim
+
+
+def stop_sim(sim: Sim) -> int:
+    sim.http.close()
+    if sim.process.poll() is None:
+        sim.process.send_signal(signal.SIGTERM)
+    try:
+        return sim.process.wait(timeout=10)
+    finally:
+        if sim.process.poll() is None:
+            sim.process.kill()
+        if sim.process.stdout:
+            sim.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def running_sim() -> Iterator[Sim]:
+    sim = start_sim()
+    yield sim
+    stop_sim(sim)
+
+
+@pytest.fixture
+def sim(running_sim: Sim) -> Iterator[Sim]:
+    running_sim.patch_config(**TEST_CONFIG)
+    assert running_sim.http.post(running_sim.url("/admin/reset"), timeout=TIMEOUT_S).status_code == 200
+    yield running_sim
+    running_sim.patch_config(**TEST_CONFIG)
+
+
+# ---- the legacy API ----
+
+
+def test_submit_answers_201_with_location_and_an_id(sim: Sim) -> None:
+    response = sim.post(VALID)
+    assert response.status_code == 201
+    request_id = response.json()["request_id"]
+    assert ID_SHAPE.fullmatch(request_id)
+    assert response.headers["Location"] == f"/v1/registrations/{request_id}"
+    assert response.headers["Content-Type"] == "application/json"
+
+
+def test_ids_are_unique(sim: Sim) -> None:
+    ids = {sim.submit() for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_submit_without_user_id_is_accepted(sim: Sim) -> None:
+    body = {k: v for k, v in VALID.items() if k != "user_id"}
+    assert sim.post(body).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'["a list"]', "JSON object"),
+        (b'{"email": "a@b.c", "cpf": "12345678909"}', "name"),
+        (b'{"name": "", "email": "a@b.c", "cpf": "12345678909"}', "name"),
+        (b'{"name": "M", "email": "no-at", "cpf": "12345678909"}', "email"),
+        (b'{"name": "M", "cpf": "12345678909"}', "email"),
+        (b'{"name": "M", "email": "a@b.c", "cpf": "123"}', "cpf"),
+        (b'{"name": "M", "email": "a@b.c", "cpf": 12345678909}', "cpf"),
+        (b'{"name": "M", "email": "a@b.c"}', "cpf"),
+        (b'{"name": "M", "email": "a@b.c", "cpf": "12345678909", "user_id": 3}', "user_id"),
+    ],
+)
+def test_invalid_bodies_answer_400_with_a_reason(sim: Sim, data: bytes, reason: str) -> None:
+    response = sim.post(data=data)
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+    assert sim.stats(summary=True)["rejected_total"] == 1
+    assert sim.stats(summary=True)["submissions_total"] == 0
+
+
+def test_unknown_id_answers_404(sim: Sim) -> None:
+    response = sim.get("ABCDEF-Z")
+    assert response.status_code == 404
+    assert response.json() == {"error": "unknown request id"}
+
+
+def test_processing_then_completed(sim: Sim) -> None:
+    # A wider latency than the default test one so that the first poll surely sees "processing".
+    sim.patch_config(latency_min_s=1.0, latency_max_s=1.0)
+    request_id = sim.submit()
+    started = time.monotonic()
+    first = sim.get(request_id)
+    assert first.status_code == 200
+    assert first.json() == {"request_id": request_id, "status": "processing"}
+    assert sim.wait_terminal(request_id) == {"request_id": request_id, "status": "completed"}
+    assert time.monotonic() - started >= 0.9
+
+
+def test_fail_prefix_ends_failed_with_a_reason(sim: Sim) -> None:
+    request_id = sim.submit(name="FAIL Maria")
+    assert sim.wait_terminal(request_id) == {
+        "request_id": request_id,
+        "status": "failed",
+        "reason": "rejected by the legacy system",
+    }
+    assert sim.wait_terminal(sim.submit(name="Maria FAIL"))["status"] == "completed"
+
+
+def test_fail_prefix_can_be_disabled(sim: Sim) -> None:
+    sim.patch_config(fail_prefix="")
+    assert sim.wait_terminal(sim.submit(name="FAIL Maria"))["status"] == "completed"
+
+
+# ---- faults ----
+
+
+def test_post_503_injection_with_retry_after(sim: Sim) -> None:
+    config = sim.patch_config(post_503_rate=1.0)
+    assert config["post_503_rate"] == 1.0
+    for _ in range(3):
+        response = sim.post(VALID)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+    sim.patch_config(retry_after_s=0.5)
+    assert sim.post(VALID).headers["Retry-After"] == "0.5"
+    summary = sim.stats(summary=True)
+    assert summary["post_503_total"] == 4
+    assert summary["submissions_total"] == 0
+
+
+def test_get_503_injection_with_retry_after(sim: Sim) -> None:
+    request_id = sim.submit()
+    sim.patch_config(get_503_rate=1.0, retry_after_s=2)
+    response = sim.get(request_id)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "2"
+    # POSTs are not affected by the GET rate.
+    assert sim.post(VALID).status_code == 201
+    summary = sim.stats(summary=True)
+    assert summary["get_503_total"] == 1
+    assert summary["polls_total"] == 0
+
+
+def test_partial_503_rate_mixes_answers(sim: Sim) -> None:
+    sim.patch_config(post_503_rate=0.5)
+    codes = [sim.post(VALID).status_code for _ in range(100)]
+    # With p=0.5 over 100 tries, fewer than 10 of either is a ~1e-17 event.
+    assert codes.count(503) > 10
+    assert codes.count(201) > 10
+    assert set(codes) == {201, 503}
+
+
+def test_down_mode_refuses_every_v1_request(sim: Sim) -> None:
+    request_id = sim.submit()
+    sim.patch_config(down=True)
+    post = sim.post(VALID)
+    get = sim.get(request_id)
+    assert (post.status_code, get.status_code) == (503, 503)
+    assert post.headers["Retry-After"] == "1"
+    assert get.headers["Retry-After"] == "1"
+    assert sim.http.get(sim.url("/healthz"), timeout=TIMEOUT_S).status_code == 200
+    sim.patch_config(down=False)
+    assert sim.get(request_id).status_code == 200
+
+
+def test_slow_mode_delays_every_v1_answer(sim: Sim) -> None:
+    request_id = sim.submit()
+    sim.patch_config(response_delay_s=0.3)
+    calls: list[Callable[[], requests.Response]] = [lambda: sim.post(VALID), lambda: sim.get(request_id)]
+    for call in calls:
+        started = time.monotonic()
+        assert call().status_code in (200, 201)
+        assert time.monotonic() - started >= 0.3
+
+
+def test_accept_latency_delays_the_201(sim: Sim) -> None:
+    sim.patch_config(accept_latency_s=0.2)
+    started = time.monotonic()
+    assert sim.post(VALID).status_code == 201
+    assert time.monotonic() - started >= 0.2
+
+
+# ---- admin ----
+
+
+def test_stats_count_submissions_polls_and_detection(sim: Sim) -> None:
+    a1 = sim.submit(user_id="a")
+    sim.submit(user_id="a")
+    b1 = sim.submit(user_id="b")
+    assert sim.post(data=b"{}").status_code == 400
+    sim.wait_terminal(a1)
+    sim.wait_terminal(b1)
+
+    stats = sim.stats()
+    assert stats["submissions_total"] == 3
+    assert stats["submissions_by_user"] == {"a": 2, "b": 1}
+    assert stats["rejected_total"] == 1
+    assert stats["polls_total"] == stats["polls_by_request"][a1] + stats["polls_by_request"][b1]
+    assert stats["polls_by_request"][a1] >= 1
+    assert stats["polls_per_registration"] == pytest.approx(stats["polls_total"] / 3)
+    entry = stats["requests"][a1]
+    assert entry["user_id"] == "a"
+    assert entry["outcome"] == "completed"
+    assert 0.2 <= entry["completes_at"] - entry["submitted_at"] <= 0.4
+    assert entry["detected_at"] >= entry["completes_at"]
+    assert stats["detection_delay_mean_s"] is not None
+    assert 0 <= stats["detection_delay_mean_s"] < 5
+
+    summary = sim.stats(summary=True)
+    assert "requests" not in summary
+    assert "polls_by_request" not in summary
+    assert summary["submissions_total"] == 3
+    assert summary["polls_total"] == stats["polls_total"]
+
+
+def test_config_can_be_read_and_bad_patches_are_refused(sim: Sim) -> None:
+    config = sim.http.get(sim.url("/admin/config"), timeout=TIMEOUT_S).json()
+    assert config["latency_min_s"] == 0.2
+    assert config["latency_max_s"] == 0.4
+    for bad in ({"post_503_rate": 2}, {"nope": 1}, {"latency_min_s": 1.0}, {"down": "yes"}):
+        response = sim.http.patch(sim.url("/admin/config"), json=bad, timeout=TIMEOUT_S)
+        assert response.status_code == 400, bad
+        assert response.json()["error"]
+    assert sim.http.get(sim.url("/admin/config"), timeout=TIMEOUT_S).json() == config
+
+
+def test_reset_clears_state_and_counters(sim: Sim) -> None:
+    request_id = sim.submit()
+    sim.get(request_id)
+    sim.post(data=b"[]")
+    assert sim.http.post(sim.url("/admin/reset"), timeout=TIMEOUT_S).status_code == 200
+    stats = sim.stats()
+    assert stats["submissions_total"] == 0
+    assert stats["rejected_total"] == 0
+    assert stats["polls_total"] == 0
+    assert stats["requests"] == {}
+    assert sim.get(request_id).status_code == 404
+
+
+# ---- process life ----
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stops_cleanly_on_signal(signum: signal.Signals) -> None:
+    sim = start_sim()
+    try:
+        assert sim.process.stdout is not None
+        banner = sim.process.stdout.readline()
+        assert "listening on http://127.0.0.1:" in banner
+        sim.process.send_signal(signum)
+        assert sim.process.wait(timeout=10) == 0
+    finally:
+        stop_sim(sim)
+
+
+def test_bad_environment_value_exits_naming_the_variable() -> None:
+    result = subprocess.run(
+        [str(LEGACY_SIM)],
+        env={**os.environ, "LEGACY_SIM_POST_503_RATE": "often"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "LEGACY_SIM_POST_503_RATE" in result.stderr
+
+
+def test_same_seed_gives_the_same_ids() -> None:
+    first_ids = []
+    for _ in range(2):
+        sim = start_sim({"LEGACY_SIM_SEED": "1234"})
+        try:
+            first_ids.append(sim.submit())
+        finally:
+            stop_sim(sim)
+    assert first_ids[0] == first_ids[1]

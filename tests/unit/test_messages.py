@@ -1,0 +1,513 @@
+"""Messages: decoding never raises anything but DecodeError, and a failure keeps what the record needs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regbridge.messages import (
+    TRUNCATED_ORIGINAL_CHARS,
+    USER_ID_MAX_CHARS,
+    DecodeError,
+    FailureError,
+    FailureRecord,
+    PendingMessage,
+    Registration,
+    valid_user_id,
+)
+
+MAX = 64 * 1024
+# Deterministic and quick: the same examples every run, no example database left behind.
+FAST = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+# Building nested JSON values is the slow part: fewer of them keeps the tier quick.
+FAST_JSON = settings(max_examples=60, deadline=None, derandomize=True, database=None)
+
+REGISTRATION = {"user_id": "u-000123", "name": "Maria da Silva", "email": "maria@example.com", "cpf": "12345678909"}
+
+
+def _decode(body: bytes, message_id: str | None = None, max_bytes: int = MAX) -> Registration:
+    return Registration.decode(body, message_id=message_id, max_bytes=max_bytes)
+
+
+def _decode_error(body: bytes, max_bytes: int = MAX) -> DecodeError:
+    with pytest.raises(DecodeError) as info:
+        _decode(body, max_bytes=max_bytes)
+    return info.value
+
+
+def _strict_json(body: bytes) -> Any:
+    """Parse as RFC 8259 JSON: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+# ---- Registration ------------------------------------------------------------------------------
+
+
+def test_valid_registration() -> None:
+    body = json.dumps(REGISTRATION).encode()
+    reg = _decode(body, message_id="m-1")
+    assert reg.user_id == "u-000123"
+    assert dict(reg.payload) == REGISTRATION
+    assert reg.body == body
+    assert reg.message_id == "m-1"
+
+
+def test_minimal_registration_and_extra_fields_kept() -> None:
+    reg = _decode(b'{"user_id":"x","nested":{"a":[1,2,null]},"flag":true}')
+    assert reg.user_id == "x"
+    assert dict(reg.payload) == {"user_id": "x", "nested": {"a": [1, 2, None]}, "flag": True}
+    assert reg.message_id is None
+
+
+def test_user_id_of_exactly_128_characters_is_valid() -> None:
+    uid = "u" * USER_ID_MAX_CHARS
+    assert USER_ID_MAX_CHARS == 128
+    assert _decode(json.dumps({"user_id": uid}).encode()).user_id == uid
+
+
+def test_attempt_key_is_the_message_id_when_there_is_one() -> None:
+    body = b'{"user_id":"u-1"}'
+    assert _decode(body, message_id="abc-123").attempt_key == "mid:abc-123"
+
+
+@pytest.mark.parametrize("message_id", [None, ""])
+def test_attempt_key_is_a_digest_of_the_body_without_message_id(message_id: str | None) -> None:
+    body = b'{"user_id":"u-1","name":"A"}'
+    reg = _decode(body, message_id=message_id)
+    assert reg.message_id is None
+    assert reg.attempt_key == "sha256:" + hashlib.sha256(body).hexdigest()
+    # Another body, another key; the same body, the same key.
+    assert _decode(b'{"user_id":"u-1","name":"B"}').attempt_key != reg.attempt_key
+    assert _decode(body).attempt_key == reg.attempt_key
+
+
+def test_not_utf8() -> None:
+    err = _decode_error(b'{"user_id": "u-1", "name": "Jo\xe3o"}')
+    assert "UTF-8" in err.reason
+    assert err.user_id is None
+    assert err.original == '{"user_id": "u-1", "name": "Jo\ufffdo"}'
+
+
+@pytest.mark.parametrize("body", [b"not json", b"{", b'{"user_id": "u-1",}', b"", b"   "])
+def test_not_json_keeps_the_raw_text(body: bytes) -> None:
+    err = _decode_error(body)
+    assert "not JSON" in err.reason
+    assert err.original == body.decode()
+    assert err.user_id is None
+
+
+@pytest.mark.parametrize(
+    ("body", "parsed"),
+    [
+        (b'[{"user_id": "u-1"}]', [{"user_id": "u-1"}]),
+        (b"42", 42),
+        (b"3.5", 3.5),
+        (b'"u-1"', "u-1"),
+        (b"null", None),
+        (b"true", True),
+    ],
+)
+def test_json_but_not_an_object_keeps_the_parsed_value(body: bytes, parsed: object) -> None:
+    err = _decode_error(body)
+    assert "not an object" in err.reason
+    assert err.original == parsed
+    assert type(err.original) is type(parsed)
+    assert err.user_id is None
+
+
+def test_missing_user_id() -> None:
+    err = _decode_error(b'{"name": "Maria"}')
+    assert err.reason == "message has no user_id"
+    assert err.original == {"name": "Maria"}
+    assert err.user_id is None
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        "",
+        "u" * 129,
+        0,
+        123,
+        12.5,
+        True,
+        None,
+        ["u-1"],
+        {"$gt": ""},
+        {"$ne": None},
+    ],
+    ids=["empty", "129-chars", "zero", "int", "float", "bool", "null", "list", "gt-operator", "ne-operator"],
+)
+def test_invalid_user_id(user_id: object) -> None:
+    body = json.dumps({"user_id": user_id, "name": "Maria"}).encode()
+    err = _decode_error(body)
+    assert "user_id must be" in err.reason
+    assert err.original == {"user_id": user_id, "name": "Maria"}
+    # Never an operator object (or anything but a valid string) as the user id.
+    assert err.user_id is None
+
+
+def test_operator_object_never_becomes_a_user_id() -> None:
+    assert valid_user_id({"$gt": ""}) is None
+    assert valid_user_id(["a"]) is None
+    assert valid_user_id("a") == "a"
+
+
+def test_body_over_max_bytes_gives_a_truncated_original() -> None:
+    body = json.dumps({"user_id": "u-1", "pad": "x" * 20_000}).encode()
+    err = _decode_error(body, max_bytes=1000)
+    assert str(len(body)) in err.reason and "1000" in err.reason
+    assert isinstance(err.original, str)
+    assert err.original.startswith('{"user_id": "u-1", "pad": "xxx')
+    assert err.original.endswith(f"... [truncated, {len(body)} bytes in all]")
+    assert len(err.original) < TRUNCATED_ORIGINAL_CHARS + 100
+    assert err.user_id is None
+
+
+def test_body_of_exactly_max_bytes_is_accepted() -> None:
+    body = b'{"user_id":"u-1"}'
+    assert _decode(body, max_bytes=len(body)).user_id == "u-1"
+    with pytest.raises(DecodeError):
+        _decode(body, max_bytes=len(body) - 1)
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"user_id":"u",' + b'"a":' * 1 + b"[" * 100_000])
+def test_deeply_nested_json_is_a_decode_error_not_a_crash(body: bytes) -> None:
+    err = _decode_error(body, max_bytes=10**6)
+    assert isinstance(err.original, str)
+    assert err.user_id is None
+
+
+def test_deep_but_complete_nesting_is_a_decode_error_with_text_original() -> None:
+    body = b'{"user_id":"u-1","x":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    err = _decode_error(body, max_bytes=10**6)
+    assert isinstance(err.original, str)
+    # Whatever the original is, the failure record carrying it can be written.
+    record = FailureRecord(err.original, err.user_id, None, FailureError("validation", err.reason), 0,
+                           datetime(2026, 1, 1, tzinfo=UTC))
+    assert FailureRecord.decode(record.encode()).original == err.original
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: bytes) -> None:
+    # RFC 8259 has no NaN/Infinity; a body carrying them is not JSON (contract §3 → stage validation),
+    # and must never end up in a failure record that strict JSON readers cannot parse.
+    err = _decode_error(b'{"user_id": "u-1", "score": ' + constant + b"}")
+    record = FailureRecord(err.original, err.user_id, None, FailureError("validation", err.reason), 0,
+                           datetime(2026, 1, 1, tzinfo=UTC))
+    _strict_json(record.encode())
+
+
+def test_lone_surrogate_user_id_is_rejected() -> None:
+    # "\ud800" is valid JSON syntax but not a Unicode character: the user id could never be
+    # written to MongoDB (BSON strings are UTF-8), so it must be a validation failure rather than
+    # an exception that requeues the message forever.
+    err = _decode_error(b'{"user_id": "\\ud800"}')
+    assert err.user_id is None
+
+
+# ---- properties: decoding raises DecodeError or returns a usable message -------------------------
+
+JSON_LEAF = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**1024, max_value=2**1400)
+             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+JSON_VALUE = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+def _check_registration(body: bytes) -> None:
+    try:
+        reg = Registration.decode(body, message_id=None, max_bytes=MAX)
+    except DecodeError as exc:
+        assert isinstance(exc.reason, str) and exc.reason
+        assert exc.user_id is None
+        json.dumps(exc.original)  # a failure record can carry it
+        return
+    assert isinstance(reg.user_id, str)
+    assert 1 <= len(reg.user_id) <= USER_ID_MAX_CHARS
+    reg.user_id.encode("utf-8")  # storable
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_registration_decode_of_arbitrary_bytes(body: bytes) -> None:
+    _check_registration(body)
+
+
+@FAST_JSON
+@given(st.dictionaries(st.text(max_size=10), JSON_VALUE, max_size=5), st.one_of(st.just("absent"), JSON_VALUE))
+def test_registration_decode_of_arbitrary_json_objects(obj: dict[str, Any], user_id: object) -> None:
+    if user_id != "absent":
+        obj = {**obj, "user_id": user_id}
+    body = json.dumps(obj).encode()
+    expected = valid_user_id(obj.get("user_id"))
+    if expected is None:
+        with pytest.raises(DecodeError) as info:
+            _decode(body)
+        assert info.value.original == obj
+        assert info.value.user_id is None
+    else:
+        reg = _decode(body)
+        assert reg.user_id == expected
+        assert dict(reg.payload) == obj
+
+
+@FAST
+@given(st.text(min_size=1, max_size=USER_ID_MAX_CHARS))
+def test_any_non_empty_short_string_is_a_user_id(user_id: str) -> None:
+    assert _decode(json.dumps({"user_id": user_id}).encode()).user_id == user_id
+
+
+def _pending(**overrides: Any) -> PendingMessage:
+    fields: dict[str, Any] = {
+        "request_id": "AB583C-X",
+        "user_id": "u-000123",
+        "payload": REGISTRATION,
+        "attempt_key": "mid:m-1",
+        "submitted_at": 1_700_000_000.25,
+        "message_id": "m-1",
+        "received_at": 1_699_999_999.5,
+        "submit_attempts": 2,
+        "polls": 3,
+    }
+    fields.update(overrides)
+    return PendingMessage(**fields)
+
+
+PENDING_FIELDS = ["request_id", "user_id", "payload", "attempt_key", "submitted_at", "message_id", "received_at",
+                  "submit_attempts", "polls"]
+
+
+def _check_pending(body: bytes) -> None:
+    try:
+        msg = PendingMessage.decode(body)
+    except DecodeError as exc:
+        assert exc.reason
+        assert exc.user_id is None or valid_user_id(exc.user_id) == exc.user_id
+        json.dumps(exc.original)
+        return
+    assert valid_user_id(msg.user_id) == msg.user_id
+    assert isinstance(msg.request_id, str)
+    assert isinstance(msg.submitted_at, float)
+    assert isinstance(msg.polls, int)
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_pending_decode_of_arbitrary_bytes(body: bytes) -> None:
+    _check_pending(body)
+
+
+@FAST_JSON
+@given(st.sampled_from(PENDING_FIELDS), st.one_of(st.just("absent"), JSON_VALUE))
+def test_pending_decode_with_any_field_of_any_value(field: str, value: object) -> None:
+    data = json.loads(_pending().encode())
+    if value == "absent":
+        del data[field]
+    else:
+        data[field] = value
+    _check_pending(json.dumps(data).encode())
+
+
+@FAST_JSON
+@given(st.dictionaries(st.text(max_size=10), JSON_VALUE, max_size=5))
+def test_pending_decode_of_arbitrary_json_objects(obj: dict[str, Any]) -> None:
+    _check_pending(json.dumps(obj).encode())
+
+
+def test_pending_decode_of_a_huge_number_is_a_decode_error() -> None:
+    data = json.loads(_pending().encode())
+    data["submitted_at"] = 10**400
+    with pytest.raises(DecodeError):
+        PendingMessage.decode(json.dumps(data).encode())
+
+
+# ---- PendingMessage ---------------------------------------------------------------------------
+
+
+def test_pending_round_trip() -> None:
+    msg = _pending()
+    assert PendingMessage.decode(msg.encode()) == msg
+
+
+def test_pending_round_trip_with_nulls() -> None:
+    msg = _pending(message_id=None, received_at=None, submitted_at=5)
+    back = PendingMessage.decode(msg.encode())
+    assert back == msg
+    assert back.message_id is None and back.received_at is None
+    assert back.submitted_at == 5.0 and isinstance(back.submitted_at, float)
+
+
+def test_pending_encoding_is_compact_json_with_every_field() -> None:
+    data = json.loads(_pending().encode())
+    assert sorted(data) == sorted(PENDING_FIELDS)
+    assert data["payload"] == REGISTRATION
+
+
+def test_polled_counts_one_more_poll_and_keeps_the_rest() -> None:
+    msg = _pending(polls=3)
+    polled = msg.polled()
+    assert polled.polls == 4
+    assert msg.polls == 3
+    assert polled == _pending(polls=4)
+    assert polled.polled().polls == 5
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("polls", True), ("polls", "3"), ("submit_attempts", 1.5), ("submitted_at", "now"), ("payload", []),
+     ("request_id", 7), ("message_id", 5), ("received_at", "x")],
+)
+def test_pending_wrong_field_types(field: str, value: object) -> None:
+    data = json.loads(_pending().encode())
+    data[field] = value
+    with pytest.raises(DecodeError) as info:
+        PendingMessage.decode(json.dumps(data).encode())
+    assert field in info.value.reason
+    # The record can still name the user and carry the registration (or what stands in its place).
+    assert info.value.user_id == "u-000123"
+    assert info.value.original == (value if field == "payload" else REGISTRATION)
+
+
+def test_pending_with_an_operator_user_id() -> None:
+    data = json.loads(_pending().encode())
+    data["user_id"] = {"$gt": ""}
+    with pytest.raises(DecodeError) as info:
+        PendingMessage.decode(json.dumps(data).encode())
+    assert info.value.user_id is None
+
+
+def test_pending_with_a_too_long_user_id() -> None:
+    data = json.loads(_pending().encode())
+    data["user_id"] = "u" * 129
+    with pytest.raises(DecodeError) as info:
+        PendingMessage.decode(json.dumps(data).encode())
+    assert info.value.user_id is None
+    assert info.value.original == REGISTRATION
+
+
+@pytest.mark.parametrize(("body", "original"), [(b"garbage", "garbage"), (b"[1, 2]", [1, 2]), (b"\xff", "\ufffd")])
+def test_pending_not_an_object(body: bytes, original: object) -> None:
+    with pytest.raises(DecodeError) as info:
+        PendingMessage.decode(body)
+    assert info.value.original == original
+    assert info.value.user_id is None
+
+
+# ---- FailureRecord ----------------------------------------------------------------------------
+
+FAILED_AT = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def _record(**overrides: Any) -> FailureRecord:
+    fields: dict[str, Any] = {
+        "original": REGISTRATION,
+        "user_id": "u-000123",
+        "legacy_request_id": "AB583C-X",
+        "error": FailureError("legacy", "rejected by the legacy system", 200),
+        "attempts": 4,
+        "failed_at": FAILED_AT,
+    }
+    fields.update(overrides)
+    return FailureRecord(**fields)
+
+
+def test_failure_record_matches_the_contract_example() -> None:
+    data = json.loads(_record().encode())
+    assert data == {
+        "original": REGISTRATION,
+        "user_id": "u-000123",
+        "legacy_request_id": "AB583C-X",
+        "error": {"stage": "legacy", "reason": "rejected by the legacy system", "http_status": 200},
+        "attempts": 4,
+        "failed_at": "2026-11-27T12:00:00+00:00",
+    }
+
+
+def test_failure_record_has_every_field_with_nulls_where_unknown() -> None:
+    record = _record(original="not json", user_id=None, legacy_request_id=None,
+                     error=FailureError("validation", "message body is not JSON"), attempts=0)
+    data = json.loads(record.encode())
+    assert set(data) == {"original", "user_id", "legacy_request_id", "error", "attempts", "failed_at"}
+    assert set(data["error"]) == {"stage", "reason", "http_status"}
+    assert data["user_id"] is None
+    assert data["legacy_request_id"] is None
+    assert data["error"]["http_status"] is None
+    assert data["original"] == "not json"
+
+
+def test_failure_record_round_trip() -> None:
+    record = _record()
+    back = FailureRecord.decode(record.encode())
+    assert back == record
+    assert back.failed_at.tzinfo is not None
+    assert back.failed_at.utcoffset() == timedelta(0)
+
+
+def test_failed_at_is_written_in_utc() -> None:
+    local = datetime(2026, 11, 27, 9, 0, tzinfo=timezone(timedelta(hours=-3)))
+    data = json.loads(_record(failed_at=local).encode())
+    assert data["failed_at"] == "2026-11-27T12:00:00+00:00"
+    assert datetime.fromisoformat(data["failed_at"]) == local
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"[]", b"null", b'{"original": 1}', b'{"error": {}}', b'{"original": 1, "error": 5}',
+     b'{"original": 1, "error": []}', b'{"original": 1, "error": "boom"}'],
+)
+def test_failure_record_decode_errors(body: bytes) -> None:
+    with pytest.raises(DecodeError) as info:
+        FailureRecord.decode(body)
+    assert info.value.original == body.decode()
+
+
+RECORD_FIELDS = ["original", "user_id", "legacy_request_id", "error", "attempts", "failed_at"]
+
+
+def _check_record(body: bytes) -> None:
+    try:
+        record = FailureRecord.decode(body)
+    except DecodeError as exc:
+        assert exc.reason
+        return
+    assert isinstance(record.error, FailureError)
+    assert isinstance(record.failed_at, datetime)
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_failure_record_decode_of_arbitrary_bytes(body: bytes) -> None:
+    _check_record(body)
+
+
+@FAST_JSON
+@given(st.sampled_from([*RECORD_FIELDS, "error.stage", "error.reason", "error.http_status"]),
+       st.one_of(st.just("absent"), JSON_VALUE))
+def test_failure_record_decode_with_any_field_of_any_value(field: str, value: object) -> None:
+    data = json.loads(_record().encode())
+    target, _, key = field.rpartition(".")
+    holder = data[target] if target else data
+    if value == "absent":
+        del holder[key]
+    else:
+        holder[key] = value
+    _check_record(json.dumps(data).encode())
+
+
+@FAST_JSON
+@given(st.dictionaries(st.text(max_size=10), JSON_VALUE, max_size=5))
+def test_failure_record_decode_of_arbitrary_json_objects(obj: dict[str, Any]) -> None:
+    _check_record(json.dumps(obj).encode())

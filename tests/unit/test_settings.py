@@ -1,0 +1,237 @@
+"""Settings from a plain mapping: the contract's defaults, fractions, and every bad value named at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from regbridge.settings import (
+    CommonSettings,
+    PollerSettings,
+    SettingsError,
+    SubmitterSettings,
+    poller_settings,
+    submitter_settings,
+)
+
+Build = Callable[[Mapping[str, str]], CommonSettings]
+
+# CONTRACT.md §2, exactly as the table gives them.
+CONTRACT_DEFAULTS = {
+    "rabbitmq_url": "amqp://guest:guest@localhost:5672/%2F",
+    "mongodb_uri": "mongodb://localhost:27017",
+    "mongodb_database": "registry",
+    "mongodb_collection": "users",
+    "legacy_api_url": "http://localhost:8080",
+    "inbound_queue": "registrations",
+    "pending_queue": "registrations.pending",
+    "failed_queue": "registrations.failed",
+    "poll_first_delay_s": 10.0,
+    "poll_interval_s": 2.0,
+    "poll_deadline_s": 300.0,
+}
+
+BUILDERS = [pytest.param(submitter_settings, id="submitter"), pytest.param(poller_settings, id="poller")]
+
+
+def _error(build: Build, env: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as info:
+        build(env)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("build", BUILDERS)
+def test_contract_defaults(build: Build) -> None:
+    settings = build({})
+    assert isinstance(settings, CommonSettings)
+    for field, expected in CONTRACT_DEFAULTS.items():
+        assert getattr(settings, field) == expected, field
+
+
+def test_each_service_has_its_own_http_port_by_default() -> None:
+    submitter, poller = submitter_settings({}), poller_settings({})
+    assert isinstance(submitter, SubmitterSettings)
+    assert isinstance(poller, PollerSettings)
+    assert submitter.http_port == 8081
+    assert poller.http_port == 8082
+
+
+def test_tuning_knob_defaults_work() -> None:
+    s = submitter_settings({})
+    assert s.workers >= 1
+    assert s.prefetch >= s.workers
+    assert s.legacy_timeout_s > 0
+    assert s.max_message_bytes >= 1024
+    assert s.submit_max_attempts >= 2
+    assert 0 < s.submit_backoff_base_s <= s.submit_backoff_max_s
+    assert s.log_level == "INFO"
+    assert s.attempts_collection == "users.attempts"
+
+
+@pytest.mark.parametrize("build", BUILDERS)
+def test_every_variable_is_read(build: Build) -> None:
+    env = {
+        "RABBITMQ_URL": "amqps://bob:pw@rabbit:5671/prod",
+        "MONGODB_URI": "mongodb+srv://cluster.example.net",
+        "MONGODB_DATABASE": "db1",
+        "MONGODB_COLLECTION": "people",
+        "LEGACY_API_URL": "https://legacy.example.net/base/",
+        "INBOUND_QUEUE": "in",
+        "PENDING_QUEUE": "pend",
+        "FAILED_QUEUE": "dlq",
+        "HTTP_PORT": "9100",
+        "WORKERS": "3",
+        "LOG_LEVEL": "debug",
+    }
+    s = build(env)
+    assert s.rabbitmq_url == "amqps://bob:pw@rabbit:5671/prod"
+    assert s.mongodb_uri == "mongodb+srv://cluster.example.net"
+    assert (s.mongodb_database, s.mongodb_collection) == ("db1", "people")
+    assert s.legacy_api_url == "https://legacy.example.net/base"  # trailing slash dropped
+    assert (s.inbound_queue, s.pending_queue, s.failed_queue) == ("in", "pend", "dlq")
+    assert s.http_port == 9100
+    assert s.workers == 3
+    assert s.prefetch == 6
+    assert s.log_level == "DEBUG"
+    assert s.attempts_collection == "people.attempts"
+
+
+def test_blank_values_fall_back_to_defaults() -> None:
+    s = poller_settings({"POLL_INTERVAL_S": "  ", "INBOUND_QUEUE": ""})
+    assert s.poll_interval_s == 2.0
+    assert s.inbound_queue == "registrations"
+
+
+@pytest.mark.parametrize("build", BUILDERS)
+def test_fractional_poll_values(build: Build) -> None:
+    s = build({"POLL_FIRST_DELAY_S": "0.25", "POLL_INTERVAL_S": "0.1", "POLL_DEADLINE_S": "2.5"})
+    assert s.poll_first_delay_s == 0.25
+    assert s.poll_interval_s == 0.1
+    assert s.poll_deadline_s == 2.5
+
+
+def test_first_delay_may_be_zero_but_interval_and_deadline_may_not() -> None:
+    assert poller_settings({"POLL_FIRST_DELAY_S": "0"}).poll_first_delay_s == 0.0
+    message = _error(poller_settings, {"POLL_INTERVAL_S": "0", "POLL_DEADLINE_S": "0"})
+    assert "POLL_INTERVAL_S" in message
+    assert "POLL_DEADLINE_S" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("POLL_FIRST_DELAY_S", "-1"),
+        ("POLL_FIRST_DELAY_S", "soon"),
+        ("POLL_INTERVAL_S", "nan"),
+        ("POLL_INTERVAL_S", "inf"),
+        ("POLL_DEADLINE_S", "-0.5"),
+        ("POLL_DEADLINE_S", "5m"),
+        ("HTTP_PORT", "70000"),
+        ("HTTP_PORT", "-1"),
+        ("HTTP_PORT", "http"),
+        ("WORKERS", "0"),
+        ("WORKERS", "2.5"),
+        ("PREFETCH", "0"),
+        ("MAX_MESSAGE_BYTES", "lots"),
+        ("LEGACY_TIMEOUT_S", "0"),
+        ("SHUTDOWN_TIMEOUT_S", "x"),
+        ("RECONNECT_MAX_S", "-3"),
+        ("LOG_LEVEL", "LOUD"),
+        ("RABBITMQ_URL", "http://localhost:5672"),
+        ("RABBITMQ_URL", "localhost"),
+        ("MONGODB_URI", "postgres://localhost"),
+        ("MONGODB_URI", "mongodb://"),
+        ("LEGACY_API_URL", "ftp://legacy"),
+        ("LEGACY_API_URL", "localhost:8080"),
+    ],
+)
+def test_bad_value_is_reported_by_name(name: str, value: str) -> None:
+    for build in (submitter_settings, poller_settings):
+        message = _error(build, {name: value})
+        assert message.startswith("invalid configuration: ")
+        assert f"{name}: expected" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("SUBMIT_MAX_ATTEMPTS", "0"), ("SUBMIT_BACKOFF_BASE_S", "0"), ("SUBMIT_BACKOFF_MAX_S", "never")],
+)
+def test_bad_submitter_knob_is_reported_by_name(name: str, value: str) -> None:
+    assert f"{name}: expected" in _error(submitter_settings, {name: value})
+    # The poller has no such knob, so it does not care.
+    assert isinstance(poller_settings({name: value}), PollerSettings)
+
+
+def test_several_bad_values_are_reported_at_once() -> None:
+    env = {
+        "POLL_INTERVAL_S": "abc",
+        "WORKERS": "0",
+        "HTTP_PORT": "99999",
+        "LEGACY_API_URL": "ftp://legacy",
+        "SUBMIT_MAX_ATTEMPTS": "-2",
+        "MONGODB_DATABASE": "fine",
+    }
+    message = _error(submitter_settings, env)
+    for name in ("POLL_INTERVAL_S", "WORKERS", "HTTP_PORT", "LEGACY_API_URL", "SUBMIT_MAX_ATTEMPTS"):
+        assert f"{name}: expected" in message, name
+    assert "MONGODB_DATABASE" not in message
+    assert message.count("expected") == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "secret"),
+    [
+        ("RABBITMQ_URL", "http://admin:s3cr3t-pw@rabbit:5672/", "s3cr3t-pw"),
+        ("RABBITMQ_URL", "amqpx://admin:s3cr3t-pw@rabbit:5672/", "s3cr3t-pw"),
+        ("MONGODB_URI", "postgres://root:hunter2hunter2@db:5432", "hunter2hunter2"),
+        ("MONGODB_URI", "mysql://root:hunter2hunter2@db", "hunter2hunter2"),
+    ],
+)
+def test_credentials_of_a_bad_url_never_appear_in_the_error(name: str, value: str, secret: str) -> None:
+    message = _error(submitter_settings, {name: value})
+    assert f"{name}: expected" in message
+    assert secret not in message
+    assert "***" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "secret"),
+    [
+        # Forgotten or mistyped scheme: the value still carries a password.
+        ("MONGODB_URI", "root:hunter2hunter2@db:27017", "hunter2hunter2"),
+        ("RABBITMQ_URL", "amqp:/admin:s3cr3t-pw@rabbit:5672/", "s3cr3t-pw"),
+    ],
+)
+def test_credentials_of_a_url_without_a_proper_scheme_never_appear_in_the_error(
+    name: str, value: str, secret: str
+) -> None:
+    message = _error(poller_settings, {name: value})
+    assert f"{name}: expected" in message
+    assert secret not in message
+
+
+def test_safe_view_hides_credentials() -> None:
+    s = submitter_settings({
+        "RABBITMQ_URL": "amqp://bob:pa55word-rmq@rabbit:5672/%2F",
+        "MONGODB_URI": "mongodb://alice:pa55word-mongo@mongo:27017/?authSource=admin",
+        "LEGACY_API_URL": "https://svc:pa55word-http@legacy:8443",
+    })
+    view = s.safe_view()
+    assert view["rabbitmq_url"] == "amqp://***@rabbit:5672/%2F"
+    assert view["mongodb_uri"] == "mongodb://***@mongo:27017/?authSource=admin"
+    assert view["legacy_api_url"] == "https://***@legacy:8443"
+    assert "pa55word" not in repr(view)
+    # The settings themselves keep what the clients need.
+    assert s.rabbitmq_url == "amqp://bob:pa55word-rmq@rabbit:5672/%2F"
+    # Everything else is there, unchanged.
+    assert view["submit_max_attempts"] == s.submit_max_attempts
+    assert view["poll_first_delay_s"] == 10.0
+    assert set(view) == set(SubmitterSettings.__dataclass_fields__)
+
+
+def test_safe_view_of_the_defaults_hides_the_guest_password() -> None:
+    view = poller_settings({}).safe_view()
+    assert view["rabbitmq_url"] == "amqp://***@localhost:5672/%2F"
+    assert "guest" not in view["rabbitmq_url"]
+    assert view["mongodb_uri"] == "mongodb://localhost:27017"

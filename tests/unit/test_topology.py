@@ -1,0 +1,79 @@
+"""Queue declarations as data: durable quorum work queues, and TTL wait queues that dead-letter back."""
+
+from __future__ import annotations
+
+import pytest
+
+from regbridge.topology import (
+    QueueSpec,
+    poller_queues,
+    submitter_queues,
+    wait_queue,
+    wait_queue_name,
+    work_queue,
+)
+
+
+def test_work_queue_is_quorum() -> None:
+    spec = work_queue("registrations")
+    assert spec == QueueSpec("registrations", {"x-queue-type": "quorum"})
+
+
+def test_work_queues_do_not_share_their_arguments() -> None:
+    a, b = work_queue("a"), work_queue("b")
+    assert a.arguments is not b.arguments
+    assert QueueSpec("c").arguments == {"x-queue-type": "quorum"}
+
+
+@pytest.mark.parametrize(
+    ("delay", "name"),
+    [
+        (10.0, "registrations.pending.wait.10000ms"),
+        (2.0, "registrations.pending.wait.2000ms"),
+        (0.25, "registrations.pending.wait.250ms"),
+        (0.1, "registrations.pending.wait.100ms"),
+        (1.5, "registrations.pending.wait.1500ms"),
+    ],
+)
+def test_wait_queue_name_is_named_after_its_delay(delay: float, name: str) -> None:
+    assert wait_queue_name("registrations.pending", delay) == name
+
+
+def test_wait_queue_dead_letters_back_to_pending_at_least_once() -> None:
+    spec = wait_queue("registrations.pending", 2.0)
+    assert spec.name == "registrations.pending.wait.2000ms"
+    assert dict(spec.arguments) == {
+        "x-queue-type": "quorum",
+        "x-message-ttl": 2000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "registrations.pending",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.25, 1.5, 2.0, 10.0, 300.0])
+def test_wait_queue_ttl_matches_its_name(delay: float) -> None:
+    spec = wait_queue("p", delay)
+    assert spec.name == f"p.wait.{spec.arguments['x-message-ttl']}ms"
+
+
+def test_tiny_delay_still_has_a_positive_ttl() -> None:
+    assert wait_queue("p", 0.0001).arguments["x-message-ttl"] == 1
+
+
+def test_submitter_queues() -> None:
+    specs = submitter_queues(inbound="in", pending="pend", failed="dlq")
+    assert [s.name for s in specs] == ["in", "pend", "dlq"]
+    assert all(dict(s.arguments) == {"x-queue-type": "quorum"} for s in specs)
+
+
+def test_poller_queues_declare_one_wait_queue_per_delay() -> None:
+    specs = poller_queues(pending="pend", failed="dlq", delays=(2.0, 10.0))
+    assert [s.name for s in specs] == ["pend", "dlq", "pend.wait.2000ms", "pend.wait.10000ms"]
+    assert [s.arguments.get("x-message-ttl") for s in specs] == [None, None, 2000, 10000]
+    assert all(s.arguments["x-dead-letter-routing-key"] == "pend" for s in specs[2:])
+
+
+def test_poller_queues_without_delays() -> None:
+    assert [s.name for s in poller_queues(pending="p", failed="f", delays=())] == ["p", "f"]

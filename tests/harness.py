@@ -67,9 +67,9 @@ def rabbitmqctl(*args: str) -> None:
 
 
 @contextmanager
-def vhost() -> Iterator[str]:
+def vhost(prefix: str = "test") -> Iterator[str]:
     """A fresh vhost, removed afterwards, so that runs never see each other's queues."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     rabbitmqctl("add_vhost", name)
     rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     try:

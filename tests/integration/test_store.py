@@ -1,0 +1,78 @@
+"""The status rule (`lifecycle.may_record`) as MongoStore's update filters carry it out, on a real
+Mongo-wire server: every starting state against every write."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from harness import Mongo
+from pymongo import MongoClient
+
+from regbridge.lifecycle import may_record
+from regbridge.messages import FailureError
+from regbridge.store import MongoStore, connect
+
+pytestmark = pytest.mark.integration
+
+STARTS: list[tuple[str, str | None] | None] = [
+    None, ("submitted", "R1"), ("registered", "R1"), ("failed", "R1"), ("failed", None)]
+WRITES = ["submitted", "registered", "failed"]
+
+
+@pytest.fixture
+def store(mongo: Mongo, database: str) -> Any:
+    client = connect(mongo.uri, pool_size=2)
+    yield MongoStore(client, database, "users", "users.attempts"), client[database]["users"]
+    client.drop_database(database)
+    client.close()
+
+
+@pytest.mark.parametrize(("start", "write", "request_id"),
+                         list(itertools.product(STARTS, WRITES, ["R1", "R2"])))
+def test_writes_follow_the_status_rule(store: Any, start: tuple[str, str | None] | None, write: str,
+                                       request_id: str) -> None:
+    mongo_store, users = store
+    if start is not None:
+        users.insert_one({"_id": "u", "registration_status": start[0], "legacy_request_id": start[1]})
+    before = users.find_one({"_id": "u"})
+    allowed = may_record(start[0] if start else None, start[1] if start else None, request_id)
+
+    if write == "submitted":
+        written = mongo_store.record_submitted("u", request_id)
+    elif write == "registered":
+        written = mongo_store.record_registered("u", request_id)
+    else:
+        written = mongo_store.record_failed("u", request_id, FailureError("legacy", "no"))
+
+    after = users.find_one({"_id": "u"})
+    assert written == allowed
+    if allowed:
+        assert after["registration_status"] == write
+        assert after["legacy_request_id"] == request_id
+        assert ("registration_error" in after) == (write == "failed")
+    else:
+        assert after == before
+
+
+def test_attempts_are_recorded_and_replaced(store: Any) -> None:
+    mongo_store, _ = store
+    assert mongo_store.attempt("k") is None
+    mongo_store.record_attempt("k", user_id="u", request_id="R1")
+    assert mongo_store.attempt("k").request_id == "R1" and not mongo_store.attempt("k").failed
+    mongo_store.record_attempt_failed("k", user_id="u", request_id="R1")
+    assert mongo_store.attempt("k").failed
+    mongo_store.record_attempt("k", user_id="u", request_id="R2")  # a new attempt of the same message
+    assert mongo_store.attempt("k").request_id == "R2" and not mongo_store.attempt("k").failed
+
+
+def test_operator_shaped_ids_are_plain_values(store: Any, mongo: Mongo, database: str) -> None:
+    mongo_store, users = store
+    users.insert_many([{"_id": "a", "registration_status": "registered"}, {"_id": "b"}])
+    # A user id is always a string by the time it reaches the store; '$gt' is just text here.
+    assert mongo_store.user("$gt").status is None
+    assert mongo_store.record_submitted("$gt", "R9")
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
+    assert client[database]["users"].find_one({"_id": "a"})["registration_status"] == "registered"
+    client.close()

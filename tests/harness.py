@@ -83,9 +83,25 @@ class Broker:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.connect()
+
+    def connect(self) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
+
+    def reconnect(self, timeout: float = 60) -> None:
+        """After the broker dropped us (a test cut every connection, or restarted it)."""
+        self.close()
+
+        def connected() -> bool:
+            try:
+                self.connect()
+            except pika.exceptions.AMQPError:
+                return False
+            return True
+
+        wait_until(connected, timeout=timeout, what="the broker to take connections again", every=0.3)
 
     def declare(self, *queues: str) -> None:
         for name in queues:

@@ -3,71 +3,18 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from typing import Any
 
 import pytest
 from conftest import Stack
-from harness import Broker, LegacySim, wait_until
+from harness import Broker, LegacySim
+from outcomes import INBOUND, PENDING, Outcomes, check_exact, good, mixed_load
 
 from regbridge.messages import PendingMessage
 from regbridge.topology import wait_queue_name
 
 pytestmark = pytest.mark.integration
-
-FAILED = "registrations.failed"
-INBOUND = "registrations"
-PENDING = "registrations.pending"
-
-
-def good(user_id: str, **overrides: Any) -> dict[str, Any]:
-    return {"user_id": user_id, "name": "Maria da Silva", "email": f"{user_id}@example.com",
-            "cpf": "12345678909", **overrides}
-
-
-class Outcomes:
-    """Collects the failure queue as it fills, and reads MongoDB, until every message is accounted for."""
-
-    def __init__(self, broker: Broker, users: Any) -> None:
-        self.broker = broker
-        self.users = users
-        self.failures: list[dict[str, Any]] = []
-
-    def collect(self) -> None:
-        self.failures += [json.loads(body) for _, body in self.broker.drain(FAILED)]
-
-    def registered(self) -> set[str]:
-        return {d["_id"] for d in self.users.find({"registration_status": "registered"}, {"_id": 1})}
-
-    def wait(self, *, registered: int, failed: int, timeout: float = 60) -> None:
-        def done() -> bool:
-            self.collect()
-            return len(self.registered()) >= registered and len(self.failures) >= failed
-
-        try:
-            wait_until(done, timeout=timeout, what=f"{registered} registered and {failed} failure records",
-                       every=0.2)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; have {len(self.registered())} registered and failures "
-                                 f"{[(f['user_id'], f['error']) for f in self.failures]}") from None
-        # Anything extra (a duplicate, a stray record) would arrive right behind: look once more
-        # after the services have gone quiet.
-        self.quiet()
-
-    def quiet(self) -> None:
-        """Wait until no queue but the failure queue holds a message, ready or unacked, then
-        collect the last records: after that, nothing more can arrive."""
-        wait_until(lambda: self.broker.in_pipeline(exclude=FAILED) == 0, timeout=60, what="the pipeline to drain",
-                   every=0.3)
-        self.collect()
-
-    def by_stage(self) -> dict[str, list[dict[str, Any]]]:
-        stages: dict[str, list[dict[str, Any]]] = {}
-        for record in self.failures:
-            stages.setdefault(record["error"]["stage"], []).append(record)
-        return stages
-
 
 def test_happy_path_registers_each_user_once(stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
     submitter = stack.start("submitter")
@@ -241,42 +188,11 @@ def test_hundreds_in_flight_each_get_their_exact_outcome(stack: Stack, broker: B
     stack.start("submitter")
     stack.start("poller")
     stack.start("poller")  # two copies share the pending queue
-    rng = random.Random(7)
-    expected: dict[str, str] = {}
-    invalid = 0
-    for i in range(400):
-        kind = rng.choices(["ok", "legacy", "submit", "invalid"], weights=[80, 8, 6, 6])[0]
-        uid = f"load-{i}"
-        if kind == "ok":
-            broker.publish(INBOUND, good(uid), message_id=uid)
-            expected[uid] = "registered"
-        elif kind == "legacy":
-            broker.publish(INBOUND, good(uid, name="FAIL x"), message_id=uid)
-            expected[uid] = "legacy"
-        elif kind == "submit":
-            broker.publish(INBOUND, good(uid, email="no-at-sign"), message_id=uid)
-            expected[uid] = "submit"
-        else:
-            broker.publish(INBOUND, b"{not json", message_id=uid)
-            invalid += 1
-    want_registered = sum(1 for v in expected.values() if v == "registered")
-    outcomes = Outcomes(broker, users)
-    outcomes.wait(registered=want_registered, failed=len(expected) - want_registered + invalid, timeout=120)
-
-    got: dict[str, str] = {uid: "registered" for uid in outcomes.registered()}
-    for record in outcomes.failures:
-        if record["user_id"] is not None:
-            assert record["user_id"] not in got, f"two outcomes for {record['user_id']}"
-            got[record["user_id"]] = record["error"]["stage"]
-    assert got == expected
-    assert len(outcomes.by_stage().get("validation", [])) == invalid
-    assert len(outcomes.failures) == len(expected) - want_registered + invalid
+    expected, invalid = mixed_load(broker, 400, seed=7)
+    check_exact(Outcomes(broker, users), expected, invalid)
     submissions = legacy.stats()["submissions_by_user"]
     assert max(submissions.values()) == 1, "a registration was submitted twice"
     assert set(submissions) == {u for u, v in expected.items() if v != "submit"}
-    for uid, outcome in expected.items():
-        if outcome != "registered":
-            assert users.find_one({"_id": uid})["registration_status"] == "failed"
     # Nothing is left waiting anywhere.
     for delay in (0.2, 0.3):
         assert broker.depth(wait_queue_name(PENDING, delay)) == 0

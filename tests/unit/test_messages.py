@@ -77,7 +77,7 @@ def test_user_id_of_exactly_128_characters_is_valid() -> None:
 
 def test_attempt_key_is_the_message_id_when_there_is_one() -> None:
     body = b'{"user_id":"u-1"}'
-    assert _decode(body, message_id="abc-123").attempt_key == "mid:abc-123"
+    assert _decode(body, message_id="abc-123").attempt_key == "u-1|mid:abc-123"
 
 
 @pytest.mark.parametrize("message_id", [None, ""])
@@ -85,7 +85,7 @@ def test_attempt_key_is_a_digest_of_the_body_without_message_id(message_id: str 
     body = b'{"user_id":"u-1","name":"A"}'
     reg = _decode(body, message_id=message_id)
     assert reg.message_id is None
-    assert reg.attempt_key == "sha256:" + hashlib.sha256(body).hexdigest()
+    assert reg.attempt_key == "u-1|sha256:" + hashlib.sha256(body).hexdigest()
     # Another body, another key; the same body, the same key.
     assert _decode(b'{"user_id":"u-1","name":"B"}').attempt_key != reg.attempt_key
     assert _decode(body).attempt_key == reg.attempt_key

@@ -151,6 +151,11 @@ class AmqpRuntime:
         self._threadsafe(send, on_closed=lambda: future.set_exception(PublishError("runtime stopped")))
         return future
 
+    def current(self, delivery: Delivery) -> bool:
+        """False once the channel that delivered it is gone: the broker will deliver it again,
+        so work not yet done on it (a POST) is better left to that delivery."""
+        return delivery.generation == self._generation and self._ready
+
     def ack(self, delivery: Delivery) -> None:
         self._threadsafe(lambda: self._settle(delivery, ack=True, requeue=False))
 
@@ -286,7 +291,10 @@ class AmqpRuntime:
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         # Any channel error (a refused declare, a dead tag acked) ends the connection too:
         # one path back, through a fresh connection that declares everything again.
-        log.warning("channel closed: %s", reason, extra={"event": "channel_closed"})
+        if self._stopping:
+            log.info("channel closed: %s", reason, extra={"event": "channel_closed"})
+        else:
+            log.warning("channel closed: %s", reason, extra={"event": "channel_closed"})
         self._lose_channel(f"channel closed: {reason}")
         conn = self._connection
         if conn is not None and conn.is_open:
@@ -364,7 +372,9 @@ class AmqpRuntime:
                 return
             delivery, work = item
             try:
-                if self._stopping and delivery.generation == self._generation and self._handing_back():
+                if delivery.generation != self._generation:
+                    pass  # its channel is gone and its tag with it; the broker redelivers it
+                elif self._stopping and self._handing_back():
                     self.nack(delivery, requeue=True)
                 else:
                     work()

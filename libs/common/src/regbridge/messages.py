@@ -46,10 +46,24 @@ def _json_safe(value: Any, body: bytes) -> Any:
 
 
 def valid_user_id(value: Any) -> str | None:
-    """The user id if it is one the contract accepts, else None. Never an operator object."""
-    if isinstance(value, str) and 0 < len(value) <= USER_ID_MAX_CHARS:
-        return value
-    return None
+    """The user id if it is one the contract accepts, else None. Never an operator object,
+    never a string MongoDB cannot store (a lone surrogate from a JSON escape)."""
+    if not isinstance(value, str) or not 0 < len(value) <= USER_ID_MAX_CHARS:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(data: bytes | str) -> Any:
+    """Strict JSON: NaN and Infinity are refused, since nothing downstream could write them back."""
+    return json.loads(data, parse_constant=_no_constants)
 
 
 @dataclass(frozen=True)
@@ -63,10 +77,12 @@ class Registration:
 
     @property
     def attempt_key(self) -> str:
-        """Names this message across redeliveries: its message_id, else a digest of its body."""
+        """Names this message across redeliveries: the user, and its message_id or else a digest
+        of its body (the user is part of it, so a message_id reused for another user is not
+        taken for this one)."""
         if self.message_id:
-            return f"mid:{self.message_id}"
-        return "sha256:" + hashlib.sha256(self.body).hexdigest()
+            return f"{self.user_id}|mid:{self.message_id}"
+        return f"{self.user_id}|sha256:" + hashlib.sha256(self.body).hexdigest()
 
     @classmethod
     def decode(cls, body: bytes, *, message_id: str | None, max_bytes: int) -> Registration:
@@ -81,7 +97,7 @@ class Registration:
             raise DecodeError(f"message body is not UTF-8 ({exc.reason} at byte {exc.start})",
                               original=_text_of(body)) from None
         try:
-            parsed = json.loads(text)
+            parsed = loads(text)
         except RecursionError:
             raise DecodeError("message body is JSON nested too deeply", original=text) from None
         except ValueError as exc:
@@ -136,7 +152,7 @@ class PendingMessage:
     @classmethod
     def decode(cls, body: bytes) -> PendingMessage:
         try:
-            data = json.loads(body)
+            data = loads(body)
         except (ValueError, RecursionError):
             raise DecodeError("pending message is not JSON", original=_text_of(body)) from None
         if not isinstance(data, dict):
@@ -154,7 +170,7 @@ class PendingMessage:
                 submit_attempts=_require(data, "submit_attempts", int),
                 polls=_require(data, "polls", int),
             )
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise DecodeError(f"pending message is malformed: {exc}",
                               original=data.get("payload", data), user_id=user_id) from None
         if user_id is None:
@@ -165,7 +181,9 @@ class PendingMessage:
         return PendingMessage(**{**self.__dict__, "polls": self.polls + 1})
 
 
-def _require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+def _require(data: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected an object holding {key!r}")
     value = data.get(key)
     # bool is an int in Python; a count or a time is never a bool.
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -219,7 +237,7 @@ class FailureRecord:
     @classmethod
     def decode(cls, body: bytes) -> FailureRecord:
         try:
-            data = json.loads(body)
+            data = loads(body)
             error = data["error"]
             return cls(
                 original=data["original"],
@@ -233,5 +251,5 @@ class FailureRecord:
                 attempts=_require(data, "attempts", int),
                 failed_at=datetime.fromisoformat(_require(data, "failed_at", str)),
             )
-        except (ValueError, RecursionError, KeyError, TypeError) as exc:
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise DecodeError(f"failure record is malformed: {exc}", original=_text_of(body)) from None

@@ -27,23 +27,23 @@ class _Reader:
         self.env = env
         self.errors: list[str] = []
 
-    def get(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+    def get(self, name: str, default: T, parse: Callable[[str], T], what: str, *, secret: bool = False) -> T:
         raw = self.env.get(name)
         if raw is None or raw.strip() == "":
             return default
         try:
             return parse(raw.strip())
         except (ValueError, TypeError):
-            # Never echo a URL's credentials back in an error.
-            shown = redact_url(raw) if "://" in raw else raw
-            self.errors.append(f"{name}: expected {what}, got {shown!r}")
+            # A URL may hold credentials however malformed it is: never echo one back.
+            shown = " (value not shown: it may hold credentials)" if secret else f", got {raw!r}"
+            self.errors.append(f"{name}: expected {what}{shown}")
             return default
 
     def text(self, name: str, default: str) -> str:
         return self.get(name, default, _non_empty, "a non-empty string")
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
-        return self.get(name, default, lambda v: _url(v, schemes), f"a URL ({'/'.join(schemes)})")
+        return self.get(name, default, lambda v: _url(v, schemes), f"a URL ({'/'.join(schemes)})", secret=True)
 
     def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
         what = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"

@@ -67,7 +67,13 @@ class Submitter:
             metrics.SUBMISSIONS.labels("already_registered").inc()
             self.broker.ack(delivery)
             return
-        if delivery.redelivered:
+        if not delivery.redelivered:
+            if user.status is not None:
+                # A new attempt (a replay, or the same message published again): what an earlier
+                # attempt of this message recorded must not make a later redelivery of this one
+                # look finished. A user never seen before has no attempts: no write needed.
+                self._stored(lambda: self._store.reset_attempt(reg.attempt_key))
+        else:
             attempt = self._stored(lambda: self._store.attempt(reg.attempt_key))
             if attempt is not None and attempt.failed:
                 self.broker.ack(delivery)  # its failure record is already out
@@ -81,6 +87,8 @@ class Submitter:
         self._submit(delivery, reg, 1)
 
     def _submit(self, delivery: Delivery, reg: Registration, attempt: int) -> None:
+        if not self.broker.current(delivery):
+            return  # the connection dropped: its redelivery will submit it, not a second POST now
         with metrics.LEGACY_SECONDS.time():
             outcome = self._legacy.submit(reg.body)
         decision = self._policy.decide(outcome, attempt=attempt, jitter=self._rng())

@@ -1,0 +1,709 @@
+"""Submitter.handle and Poller.handle driven with in-memory fakes: no broker, no MongoDB, no HTTP, no sleep."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pika.spec import BasicProperties
+from pymongo.errors import AutoReconnect
+
+from poller.service import Poller
+from regbridge.amqp import Delivery, PublishError
+from regbridge.lifecycle import (
+    Accepted,
+    Completed,
+    LegacyFailed,
+    NotFound,
+    PollOutcome,
+    Processing,
+    Rejected,
+    SubmitOutcome,
+    Transient,
+    may_record,
+)
+from regbridge.messages import FailureError, FailureRecord, PendingMessage
+from regbridge.settings import poller_settings, submitter_settings
+from regbridge.store import Attempt, UserState
+from regbridge.topology import wait_queue_name
+from submitter.service import Submitter
+
+INBOUND = "registrations"
+PENDING = "registrations.pending"
+FAILED = "registrations.failed"
+NOW = 1_800_000_000.0
+REGISTRATION = {"user_id": "u-000123", "name": "Maria da Silva", "email": "maria@example.com", "cpf": "12345678909"}
+BODY = json.dumps(REGISTRATION).encode()
+
+
+# ---- fakes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    routing_key: str
+    body: bytes
+    properties: BasicProperties
+
+
+class FakeBroker:
+    """Records what a handler does; every publish is confirmed at once, unless told otherwise."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.stopping = threading.Event()
+        self.log = log
+        self.published: list[Published] = []
+        self.acks: list[int] = []
+        self.nacks: list[tuple[int, bool]] = []
+        self.deferred: list[tuple[float, Callable[[], None]]] = []
+        self.refuse: set[str] = set()  # routing keys whose publish fails
+        self.stale: set[int] = set()  # delivery tags whose channel is gone
+
+    def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
+        future: Future[None] = Future()
+        if routing_key in self.refuse:
+            self.log.append(f"publish-refused:{routing_key}")
+            future.set_exception(PublishError("the broker refused the message (nack)"))
+            return future
+        self.published.append(Published(routing_key, body, properties))
+        self.log.append(f"publish:{routing_key}")
+        future.set_result(None)
+        return future
+
+    def current(self, delivery: Delivery) -> bool:
+        return delivery.delivery_tag not in self.stale
+
+    def ack(self, delivery: Delivery) -> None:
+        self.acks.append(delivery.delivery_tag)
+        self.log.append(f"ack:{delivery.delivery_tag}")
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        self.nacks.append((delivery.delivery_tag, requeue))
+        self.log.append(f"nack:{delivery.delivery_tag}")
+
+    def defer(self, delivery: Delivery, delay_s: float, work: Callable[[], None]) -> None:
+        self.deferred.append((delay_s, work))
+        self.log.append(f"defer:{delivery.delivery_tag}")
+
+    def on(self, routing_key: str) -> list[Published]:
+        return [p for p in self.published if p.routing_key == routing_key]
+
+    def run_deferred(self) -> float:
+        """Run the oldest deferred work, as the runtime's timer would; returns its delay."""
+        delay, work = self.deferred.pop(0)
+        work()
+        return delay
+
+
+@dataclass
+class UserDoc:
+    status: str | None
+    request_id: str | None
+    error: dict[str, str] | None = None
+
+
+class FakeStore:
+    """The `regbridge.store.Store` protocol in dicts, with `may_record` guarding every status write."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.users: dict[str, UserDoc] = {}
+        self.attempts: dict[str, Attempt] = {}
+        self.attempt_users: dict[str, str | None] = {}
+        self.unreachable = False
+
+    def _check(self) -> None:
+        if self.unreachable:
+            raise AutoReconnect("connection refused")
+
+    def user(self, user_id: str) -> UserState:
+        self._check()
+        doc = self.users.get(user_id)
+        return UserState(None, None) if doc is None else UserState(doc.status, doc.request_id)
+
+    def attempt(self, key: str) -> Attempt | None:
+        self._check()
+        return self.attempts.get(key)
+
+    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
+        self._check()
+        self.attempts[key] = Attempt(request_id, False)
+        self.attempt_users[key] = user_id
+        self.log.append(f"attempt:{request_id}")
+
+    def reset_attempt(self, key: str) -> None:
+        self._check()
+        if key in self.attempts:
+            self.attempts[key] = Attempt(None, False)
+            self.log.append("attempt:reset")
+
+    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None:
+        self._check()
+        self.attempts[key] = Attempt(request_id, True)
+        self.attempt_users[key] = user_id
+        self.log.append(f"attempt-failed:{request_id}")
+
+    def _write(self, user_id: str, request_id: str | None, status: str, error: dict[str, str] | None) -> bool:
+        self._check()
+        doc = self.users.get(user_id)
+        if doc is not None and not may_record(doc.status, doc.request_id, request_id):
+            self.log.append(f"blocked:{status}")
+            return False
+        self.users[user_id] = UserDoc(status, request_id, error)
+        self.log.append(f"{status}:{request_id}")
+        return True
+
+    def record_submitted(self, user_id: str, request_id: str) -> bool:
+        return self._write(user_id, request_id, "submitted", None)
+
+    def record_registered(self, user_id: str, request_id: str) -> bool:
+        return self._write(user_id, request_id, "registered", None)
+
+    def record_failed(self, user_id: str, request_id: str | None, error: FailureError) -> bool:
+        return self._write(user_id, request_id, "failed", {"stage": error.stage, "reason": error.reason})
+
+    def ping(self) -> bool:
+        return not self.unreachable
+
+
+class FakeLegacy:
+    """Answers with scripted lifecycle outcomes; an unscripted call fails the test."""
+
+    def __init__(self, submits: Iterable[SubmitOutcome] = (), statuses: Iterable[PollOutcome] = ()) -> None:
+        self.submit_outcomes = list(submits)
+        self.status_outcomes = list(statuses)
+        self.submitted: list[bytes] = []
+        self.polled: list[str] = []
+
+    def submit(self, body: bytes) -> SubmitOutcome:
+        self.submitted.append(body)
+        assert self.submit_outcomes, "unexpected POST to the legacy API"
+        return self.submit_outcomes.pop(0)
+
+    def status(self, request_id: str) -> PollOutcome:
+        self.polled.append(request_id)
+        assert self.status_outcomes, "unexpected status poll"
+        return self.status_outcomes.pop(0)
+
+
+class FakeClock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def delivery(body: bytes, *, message_id: str | None = "m-1", redelivered: bool = False, tag: int = 1,
+             queue: str = INBOUND, received_at: float = NOW - 0.5) -> Delivery:
+    return Delivery(body, BasicProperties(message_id=message_id), redelivered, tag, queue, 1, received_at)
+
+
+def failure_records(broker: FakeBroker) -> list[FailureRecord]:
+    return [FailureRecord.decode(p.body) for p in broker.on(FAILED)]
+
+
+def pending_messages(broker: FakeBroker) -> list[PendingMessage]:
+    return [PendingMessage.decode(p.body) for p in broker.on(PENDING)]
+
+
+def assert_persistent(published: Published, message_id: str | None) -> None:
+    assert published.properties.delivery_mode == 2
+    assert published.properties.message_id == message_id
+
+
+# ---- the submitter ----------------------------------------------------------------------------
+
+
+@dataclass
+class SubmitterRig:
+    submitter: Submitter
+    broker: FakeBroker
+    store: FakeStore
+    legacy: FakeLegacy
+    clock: FakeClock
+    log: list[str]
+
+
+def submitter_rig(*outcomes: SubmitOutcome, env: dict[str, str] | None = None) -> SubmitterRig:
+    log: list[str] = []
+    broker, store, legacy, clock = FakeBroker(log), FakeStore(log), FakeLegacy(submits=outcomes), FakeClock()
+    settings = submitter_settings({"SUBMIT_MAX_ATTEMPTS": "3", "SUBMIT_BACKOFF_BASE_S": "1",
+                                   "SUBMIT_BACKOFF_MAX_S": "8", "MAX_MESSAGE_BYTES": "4096", **(env or {})})
+    submitter = Submitter(settings, store=store, legacy=legacy, clock=clock, rng=lambda: 0.5)
+    submitter.broker = broker
+    return SubmitterRig(submitter, broker, store, legacy, clock, log)
+
+
+@pytest.mark.parametrize(
+    ("body", "original"),
+    [
+        (b"not json at all", "not json at all"),
+        (b'["u-1"]', ["u-1"]),
+        (b'{"name": "Maria"}', {"name": "Maria"}),
+        (b'{"user_id": {"$gt": ""}}', {"user_id": {"$gt": ""}}),
+        (b'{"user_id": ""}', {"user_id": ""}),
+    ],
+)
+def test_submitter_invalid_message_is_one_validation_failure(body: bytes, original: object) -> None:
+    rig = submitter_rig()
+    rig.submitter.handle(delivery(body, message_id="m-bad", tag=7))
+    records = failure_records(rig.broker)
+    assert len(records) == 1
+    record = records[0]
+    assert record.original == original
+    assert record.user_id is None
+    assert record.legacy_request_id is None
+    assert record.error.stage == "validation"
+    assert record.error.http_status is None
+    assert record.attempts == 0
+    assert record.failed_at == datetime.fromtimestamp(NOW, UTC)
+    assert_persistent(rig.broker.on(FAILED)[0], "m-bad")
+    assert rig.broker.acks == [7]
+    assert rig.broker.nacks == []
+    assert rig.legacy.submitted == []
+    assert rig.store.users == {}
+    assert rig.store.attempts == {}
+    assert rig.log == ["publish:registrations.failed", "ack:7"]
+
+
+def test_submitter_oversized_message_is_a_validation_failure() -> None:
+    rig = submitter_rig()
+    body = json.dumps({"user_id": "u-1", "pad": "x" * 10_000}).encode()
+    rig.submitter.handle(delivery(body))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation"
+    assert isinstance(record.original, str)
+    assert rig.legacy.submitted == []
+    assert rig.broker.acks == [1]
+
+
+def test_submitter_already_registered_user_is_acked_without_a_post() -> None:
+    rig = submitter_rig()
+    rig.store.users["u-000123"] = UserDoc("registered", "OLD-1")
+    rig.submitter.handle(delivery(BODY))
+    assert rig.legacy.submitted == []
+    assert rig.broker.published == []
+    assert rig.broker.acks == [1]
+    assert rig.store.users["u-000123"] == UserDoc("registered", "OLD-1")
+
+
+def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
+    rig = submitter_rig(Accepted("AB583C-X"))
+    rig.submitter.handle(delivery(BODY, message_id="m-1", tag=3, received_at=NOW - 2))
+    assert rig.legacy.submitted == [BODY]  # the body as received, unchanged
+    assert rig.store.attempts == {"u-000123|mid:m-1": Attempt("AB583C-X", False)}
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
+    [published] = rig.broker.on(PENDING)
+    assert_persistent(published, "m-1")
+    assert PendingMessage.decode(published.body) == PendingMessage(
+        request_id="AB583C-X", user_id="u-000123", payload=REGISTRATION, attempt_key="u-000123|mid:m-1",
+        submitted_at=NOW, message_id="m-1", received_at=NOW - 2, submit_attempts=1, polls=0,
+    )
+    assert rig.broker.acks == [3]
+    assert rig.broker.on(FAILED) == []
+    # Stored before published, published (confirmed) before acked.
+    assert rig.log == ["attempt:AB583C-X", "submitted:AB583C-X", "publish:registrations.pending", "ack:3"]
+
+
+def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
+    rig = submitter_rig(Accepted("AB583C-X"))
+    rig.submitter.handle(delivery(BODY, message_id=None))
+    key = "u-000123|sha256:" + hashlib.sha256(BODY).hexdigest()
+    assert rig.store.attempts == {key: Attempt("AB583C-X", False)}
+    [published] = rig.broker.on(PENDING)
+    assert published.properties.message_id is None
+    [pending] = pending_messages(rig.broker)
+    assert pending.attempt_key == key
+    assert pending.message_id is None
+
+
+def test_submitter_publish_failure_hands_the_message_back() -> None:
+    rig = submitter_rig(Accepted("AB583C-X"))
+    rig.broker.refuse.add(PENDING)
+    rig.submitter.handle(delivery(BODY, tag=4))
+    assert rig.broker.nacks == [(4, True)]
+    assert rig.broker.acks == []
+    # The request id is on record, so the redelivery will not POST again.
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("AB583C-X", False)
+
+
+def test_submitter_failure_record_publish_failure_hands_the_message_back() -> None:
+    rig = submitter_rig(Rejected("rejected by the legacy API: bad cpf", 400))
+    rig.broker.refuse.add(FAILED)
+    rig.submitter.handle(delivery(BODY, tag=5))
+    assert rig.broker.nacks == [(5, True)]
+    assert rig.broker.acks == []
+    # Nothing says "failed" while the failure record is not out.
+    assert rig.store.users == {}
+    assert rig.store.attempts == {}
+
+
+def test_submitter_rejection_is_a_submit_failure() -> None:
+    rig = submitter_rig(Rejected("rejected by the legacy API: cpf: must have 11 digits", 400))
+    rig.submitter.handle(delivery(BODY, message_id="m-1", tag=6))
+    [record] = failure_records(rig.broker)
+    assert record.original == REGISTRATION
+    assert record.user_id == "u-000123"
+    assert record.legacy_request_id is None
+    assert record.error == FailureError("submit", "rejected by the legacy API: cpf: must have 11 digits", 400)
+    assert record.attempts == 1
+    assert_persistent(rig.broker.on(FAILED)[0], "m-1")
+    assert rig.store.users["u-000123"] == UserDoc(
+        "failed", None, {"stage": "submit", "reason": "rejected by the legacy API: cpf: must have 11 digits"})
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt(None, True)
+    assert rig.broker.on(PENDING) == []
+    assert rig.broker.acks == [6]
+    # The failure record is out before anything says "failed"; the ack comes last.
+    assert rig.log == ["publish:registrations.failed", "failed:None", "attempt-failed:None", "ack:6"]
+
+
+def test_submitter_busy_defers_then_the_retry_succeeds() -> None:
+    rig = submitter_rig(Transient("legacy API busy: HTTP 503", 503), Accepted("AB583C-X"))
+    rig.submitter.handle(delivery(BODY, tag=8))
+    assert rig.broker.acks == [] and rig.broker.nacks == [] and rig.broker.published == []
+    assert [delay for delay, _ in rig.broker.deferred] == [0.75]  # base 1 s, jitter 0.5 → [0.5, 1]
+    rig.broker.run_deferred()
+    assert len(rig.legacy.submitted) == 2
+    [pending] = pending_messages(rig.broker)
+    assert pending.request_id == "AB583C-X"
+    assert pending.submit_attempts == 2
+    assert rig.broker.acks == [8]
+    assert rig.broker.deferred == []
+
+
+def test_submitter_honours_retry_after() -> None:
+    rig = submitter_rig(Transient("legacy API busy: HTTP 429", 429, 5.0))
+    rig.submitter.handle(delivery(BODY))
+    assert [delay for delay, _ in rig.broker.deferred] == [5.0]
+
+
+def test_submitter_gives_up_when_the_budget_is_spent() -> None:
+    busy = Transient("legacy API busy: HTTP 503", 503)
+    rig = submitter_rig(busy, busy, busy)
+    rig.submitter.handle(delivery(BODY, tag=9))
+    delays = [rig.broker.run_deferred(), rig.broker.run_deferred()]
+    assert delays == [0.75, 1.5]  # growing
+    assert rig.broker.deferred == []
+    assert len(rig.legacy.submitted) == 3
+    [record] = failure_records(rig.broker)
+    assert record.error == FailureError("submit", "gave up after 3 attempts: legacy API busy: HTTP 503", 503)
+    assert record.attempts == 3
+    assert record.user_id == "u-000123"
+    assert rig.store.users["u-000123"].status == "failed"
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt(None, True)
+    assert rig.broker.acks == [9]
+
+
+def test_submitter_redelivered_with_a_request_id_on_record_is_not_submitted_again() -> None:
+    rig = submitter_rig()
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt("REQ-9", False)
+    rig.store.users["u-000123"] = UserDoc("submitted", "REQ-9")
+    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=True, tag=10))
+    assert rig.legacy.submitted == []
+    [pending] = pending_messages(rig.broker)
+    assert pending.request_id == "REQ-9"
+    assert pending.attempt_key == "u-000123|mid:m-1"
+    assert pending.message_id == "m-1"
+    assert_persistent(rig.broker.on(PENDING)[0], "m-1")
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "REQ-9")
+    assert rig.broker.acks == [10]
+
+
+def test_submitter_redelivered_after_its_failure_was_recorded_is_only_acked() -> None:
+    rig = submitter_rig()
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt(None, True)
+    rig.store.users["u-000123"] = UserDoc("failed", None)
+    rig.submitter.handle(delivery(BODY, redelivered=True, tag=11))
+    assert rig.legacy.submitted == []
+    assert rig.broker.published == []
+    assert rig.broker.acks == [11]
+
+
+def test_submitter_redelivered_without_an_attempt_on_record_is_submitted() -> None:
+    rig = submitter_rig(Accepted("AB583C-X"))
+    rig.submitter.handle(delivery(BODY, redelivered=True))
+    assert rig.legacy.submitted == [BODY]
+    assert len(rig.broker.on(PENDING)) == 1
+
+
+def test_submitter_new_message_after_a_failed_attempt_is_submitted_again() -> None:
+    # A replay from the failure queue keeps its message_id, so it has the same attempt key.
+    rig = submitter_rig(Accepted("NEW-1"))
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt(None, True)
+    rig.store.users["u-000123"] = UserDoc("failed", None, {"stage": "submit", "reason": "x"})
+    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=False, tag=12))
+    assert rig.legacy.submitted == [BODY]
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("NEW-1", False)
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "NEW-1")
+    assert [p.request_id for p in pending_messages(rig.broker)] == ["NEW-1"]
+    assert rig.broker.acks == [12]
+
+
+def test_submitter_replay_redelivered_before_it_finished_is_not_dropped() -> None:
+    # Contract §7.1: every inbound message ends in exactly one terminal outcome. A replay (same
+    # message_id as an earlier, failed message) that is handed back mid-way (a 503 retry pending
+    # at a restart, a lost connection) comes back redelivered. It must not be taken for the
+    # earlier message whose failure record is already out.
+    rig = submitter_rig(Transient("legacy API busy: HTTP 503", 503), Accepted("NEW-1"))
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt("OLD-1", True)
+    rig.store.users["u-000123"] = UserDoc("failed", "OLD-1")
+    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=False, tag=13))
+    assert len(rig.broker.deferred) == 1
+    rig.broker.deferred.clear()  # shutdown: the deferred retry is handed back to the broker
+    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=True, tag=14))
+    assert len(rig.legacy.submitted) == 2
+    assert [p.request_id for p in pending_messages(rig.broker)] == ["NEW-1"]
+    assert rig.broker.acks == [14]
+
+
+def test_submitter_user_failed_by_another_attempt_moves_to_submitted() -> None:
+    rig = submitter_rig(Accepted("NEW-1"))
+    rig.store.users["u-000123"] = UserDoc("failed", "OLD-1", {"stage": "legacy", "reason": "x"})
+    rig.submitter.handle(delivery(BODY, message_id="m-2"))
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "NEW-1")
+
+
+def test_submitter_hands_back_when_the_store_is_down_during_shutdown() -> None:
+    rig = submitter_rig()
+    rig.store.unreachable = True
+    rig.broker.stopping.set()
+    rig.submitter.handle(delivery(BODY, tag=15))
+    assert rig.broker.nacks == [(15, True)]
+    assert rig.broker.acks == []
+    assert rig.legacy.submitted == []
+
+
+# ---- the poller -------------------------------------------------------------------------------
+
+SUBMITTED_AT = NOW - 100.0
+
+
+@dataclass
+class PollerRig:
+    poller: Poller
+    broker: FakeBroker
+    store: FakeStore
+    legacy: FakeLegacy
+    clock: FakeClock
+    log: list[str]
+
+
+def poller_rig(*outcomes: PollOutcome, age: float = 15.0) -> PollerRig:
+    log: list[str] = []
+    clock = FakeClock(SUBMITTED_AT + age)
+    broker, store, legacy = FakeBroker(log), FakeStore(log), FakeLegacy(statuses=outcomes)
+    settings = poller_settings({"POLL_FIRST_DELAY_S": "10", "POLL_INTERVAL_S": "2", "POLL_DEADLINE_S": "300"})
+    poller = Poller(settings, store=store, legacy=legacy, clock=clock)
+    poller.broker = broker
+    # The submitter's state of affairs when a pending message exists.
+    store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", False)
+    store.users["u-000123"] = UserDoc("submitted", "AB583C-X")
+    return PollerRig(poller, broker, store, legacy, clock, log)
+
+
+def pending(*, polls: int = 0, request_id: str = "AB583C-X", submit_attempts: int = 1) -> PendingMessage:
+    return PendingMessage(request_id=request_id, user_id="u-000123", payload=REGISTRATION,
+                          attempt_key="u-000123|mid:m-1", submitted_at=SUBMITTED_AT, message_id="m-1",
+                          received_at=SUBMITTED_AT - 1,
+                          submit_attempts=submit_attempts, polls=polls)
+
+
+def pending_delivery(msg: PendingMessage, *, tag: int = 1, redelivered: bool = False) -> Delivery:
+    return delivery(msg.encode(), message_id=msg.message_id, tag=tag, queue=PENDING, redelivered=redelivered)
+
+
+@pytest.mark.parametrize(("age", "tier"), [(0.0, 10.0), (3.0, 10.0), (7.5, 10.0), (8.5, 2.0), (9.99, 2.0)])
+def test_poller_too_early_waits_without_polling(age: float, tier: float) -> None:
+    rig = poller_rig(age=age)
+    msg = pending(polls=0)
+    rig.poller.handle(pending_delivery(msg, tag=2))
+    assert rig.legacy.polled == []
+    queue = wait_queue_name(PENDING, tier)
+    assert queue == f"{PENDING}.wait.{int(tier * 1000)}ms"
+    [published] = rig.broker.published
+    assert published.routing_key == queue
+    assert PendingMessage.decode(published.body) == msg  # not a poll: the count stays 0
+    assert_persistent(published, "m-1")
+    assert rig.broker.acks == [2]
+    assert rig.log == [f"publish:{queue}", "ack:2"]
+
+
+def test_poller_polls_once_the_first_delay_has_passed() -> None:
+    rig = poller_rig(Processing(), age=10.0)
+    rig.poller.handle(pending_delivery(pending(polls=0)))
+    assert rig.legacy.polled == ["AB583C-X"]
+
+
+def test_poller_processing_waits_the_interval_with_one_more_poll_counted() -> None:
+    rig = poller_rig(Processing(), age=12.0)
+    rig.poller.handle(pending_delivery(pending(polls=2), tag=3))
+    [published] = rig.broker.published
+    assert published.routing_key == wait_queue_name(PENDING, 2.0) == "registrations.pending.wait.2000ms"
+    assert PendingMessage.decode(published.body) == pending(polls=3)
+    assert_persistent(published, "m-1")
+    assert rig.broker.acks == [3]
+    assert rig.log == ["publish:registrations.pending.wait.2000ms", "ack:3"]
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
+
+
+def test_poller_transient_before_the_deadline_waits_the_interval() -> None:
+    rig = poller_rig(Transient("status endpoint busy: HTTP 503", 503), age=50.0)
+    rig.poller.handle(pending_delivery(pending(polls=1)))
+    [published] = rig.broker.published
+    assert published.routing_key == "registrations.pending.wait.2000ms"
+    assert PendingMessage.decode(published.body).polls == 2
+    assert rig.broker.on(FAILED) == []
+
+
+def test_poller_wait_publish_failure_hands_the_message_back() -> None:
+    rig = poller_rig(Processing(), age=12.0)
+    rig.broker.refuse.add("registrations.pending.wait.2000ms")
+    rig.poller.handle(pending_delivery(pending(polls=1), tag=4))
+    assert rig.broker.nacks == [(4, True)]
+    assert rig.broker.acks == []
+
+
+def test_poller_completed_registers_then_acks() -> None:
+    rig = poller_rig(Completed(), age=15.0)
+    rig.poller.handle(pending_delivery(pending(polls=1), tag=5))
+    assert rig.store.users["u-000123"] == UserDoc("registered", "AB583C-X")
+    assert rig.broker.published == []
+    assert rig.broker.acks == [5]
+    assert rig.log == ["registered:AB583C-X", "ack:5"]
+
+
+def test_poller_completed_twice_registers_once_and_acks_both() -> None:
+    rig = poller_rig(Completed(), Completed(), age=15.0)
+    rig.poller.handle(pending_delivery(pending(polls=1), tag=6))
+    rig.poller.handle(pending_delivery(pending(polls=1), tag=7, redelivered=True))
+    assert rig.store.users["u-000123"] == UserDoc("registered", "AB583C-X")
+    assert rig.broker.acks == [6, 7]
+    assert rig.log.count("registered:AB583C-X") == 1
+
+
+def test_poller_legacy_failure_is_one_failure_record_and_status_failed() -> None:
+    rig = poller_rig(LegacyFailed("rejected by the legacy system"), age=17.0)
+    rig.poller.handle(pending_delivery(pending(polls=2, submit_attempts=2), tag=8))
+    [record] = failure_records(rig.broker)
+    assert record.original == REGISTRATION
+    assert record.user_id == "u-000123"
+    assert record.legacy_request_id == "AB583C-X"
+    assert record.error == FailureError("legacy", "rejected by the legacy system", 200)
+    assert record.attempts == 2 + 3  # submissions + polls, this one included
+    assert record.failed_at == datetime.fromtimestamp(SUBMITTED_AT + 17.0, UTC)
+    assert_persistent(rig.broker.on(FAILED)[0], "m-1")
+    assert rig.store.users["u-000123"] == UserDoc(
+        "failed", "AB583C-X", {"stage": "legacy", "reason": "rejected by the legacy system"})
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("AB583C-X", True)
+    assert rig.broker.acks == [8]
+    assert rig.log == ["publish:registrations.failed", "failed:AB583C-X", "attempt-failed:AB583C-X", "ack:8"]
+
+
+def test_poller_same_pending_message_twice_after_a_failure_gives_one_record() -> None:
+    rig = poller_rig(LegacyFailed("no"), LegacyFailed("no"), age=17.0)
+    msg = pending(polls=1)
+    rig.poller.handle(pending_delivery(msg, tag=9))
+    rig.poller.handle(pending_delivery(msg, tag=10))  # a duplicate from at-least-once dead-lettering
+    assert len(failure_records(rig.broker)) == 1
+    assert rig.broker.acks == [9, 10]
+    assert rig.store.users["u-000123"].status == "failed"
+
+
+def test_poller_failure_of_a_new_attempt_is_recorded_again() -> None:
+    rig = poller_rig(LegacyFailed("no"), age=17.0)
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt("OLD-1", True)  # an earlier attempt of the same message failed
+    rig.store.users["u-000123"] = UserDoc("submitted", "NEW-1")
+    rig.poller.handle(pending_delivery(pending(polls=1, request_id="NEW-1")))
+    [record] = failure_records(rig.broker)
+    assert record.legacy_request_id == "NEW-1"
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("NEW-1", True)
+    assert rig.store.users["u-000123"].status == "failed"
+
+
+def test_poller_failure_record_publish_failure_hands_back_and_records_nothing() -> None:
+    rig = poller_rig(LegacyFailed("no"), age=17.0)
+    rig.broker.refuse.add(FAILED)
+    rig.poller.handle(pending_delivery(pending(polls=1), tag=11))
+    assert rig.broker.nacks == [(11, True)]
+    assert rig.broker.acks == []
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("AB583C-X", False)
+
+
+def test_poller_not_found_is_a_poll_failure() -> None:
+    rig = poller_rig(NotFound("the status endpoint does not know this request id: unknown", 404), age=12.0)
+    rig.poller.handle(pending_delivery(pending(polls=0)))
+    [record] = failure_records(rig.broker)
+    assert record.error == FailureError("poll", "the status endpoint does not know this request id: unknown", 404)
+    assert record.legacy_request_id == "AB583C-X"
+    assert record.attempts == 2
+    assert rig.store.users["u-000123"].status == "failed"
+    assert rig.broker.acks == [1]
+
+
+@pytest.mark.parametrize("age", [300.0, 301.0, 5000.0])
+def test_poller_past_the_deadline_times_out(age: float) -> None:
+    rig = poller_rig(Processing(), age=age)
+    rig.poller.handle(pending_delivery(pending(polls=20)))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "timeout"
+    assert record.error.http_status == 200
+    assert "still processing" in record.error.reason
+    assert record.legacy_request_id == "AB583C-X"
+    assert rig.broker.on(PENDING) == []
+    assert rig.store.users["u-000123"].status == "failed"
+    assert rig.store.users["u-000123"].error == {"stage": "timeout", "reason": record.error.reason}
+
+
+def test_poller_completed_past_the_deadline_still_registers() -> None:
+    rig = poller_rig(Completed(), age=400.0)
+    rig.poller.handle(pending_delivery(pending(polls=20)))
+    assert rig.store.users["u-000123"].status == "registered"
+    assert rig.broker.published == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"request_id": "AB583C-X"}'])
+def test_poller_malformed_pending_message_is_a_validation_failure(body: bytes) -> None:
+    rig = poller_rig(age=50.0)
+    rig.poller.handle(delivery(body, message_id="m-x", queue=PENDING, tag=12))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation"
+    assert record.error.http_status is None
+    assert record.user_id is None
+    assert record.legacy_request_id is None
+    assert record.attempts == 0
+    assert record.original == (body.decode() if body.startswith(b"{n") else json.loads(body))
+    assert_persistent(rig.broker.on(FAILED)[0], "m-x")
+    assert rig.legacy.polled == []
+    assert rig.broker.acks == [12]
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
+
+
+def test_poller_malformed_pending_message_with_a_user_id_marks_the_user_failed() -> None:
+    rig = poller_rig(age=50.0)
+    data: dict[str, Any] = json.loads(pending().encode())
+    data["polls"] = "many"
+    rig.poller.handle(delivery(json.dumps(data).encode(), queue=PENDING, tag=13))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation"
+    assert record.user_id == "u-000123"
+    assert record.original == REGISTRATION
+    assert rig.store.users["u-000123"].status == "failed"
+    assert rig.broker.acks == [13]
+
+
+def test_poller_hands_back_when_the_store_is_down_during_shutdown() -> None:
+    rig = poller_rig(Completed(), age=15.0)
+    rig.store.unreachable = True
+    rig.broker.stopping.set()
+    rig.poller.handle(pending_delivery(pending(polls=1), tag=14))
+    assert rig.broker.nacks == [(14, True)]
+    assert rig.broker.acks == []

@@ -25,17 +25,23 @@ class Outcomes:
         self.broker = broker
         self.users = users
         self.failures: list[dict[str, Any]] = []
+        self.failure_ids: list[str | None] = []  # the AMQP message_id each record carries
 
     def collect(self) -> None:
-        self.failures += [json.loads(body) for _, body in self.broker.drain(FAILED)]
+        for props, body in self.broker.drain(FAILED):
+            self.failures.append(json.loads(body))
+            self.failure_ids.append(props.message_id)
 
     def registered(self) -> set[str]:
         return {d["_id"] for d in self.users.find({"registration_status": "registered"}, {"_id": 1})}
 
-    def wait(self, *, registered: int, failed: int, timeout: float = 60) -> None:
+    def wait(self, *, registered: int, failed: int, timeout: float = 60, distinct: bool = False) -> None:
+        """Until `registered` users are registered and `failed` failure records arrived (with
+        `distinct`, records of `failed` different message ids)."""
         def done() -> bool:
             self.collect()
-            return len(self.registered()) >= registered and len(self.failures) >= failed
+            records = len(set(self.failure_ids)) if distinct else len(self.failures)
+            return len(self.registered()) >= registered and records >= failed
 
         try:
             wait_until(done, timeout=timeout, what=f"{registered} registered and {failed} failure records",
@@ -61,46 +67,51 @@ class Outcomes:
         return stages
 
 
-def mixed_load(broker: Broker, n: int, *, seed: int, prefix: str = "load") -> tuple[dict[str, str], int]:
-    """Publish `n` messages: mostly good, some the legacy refuses, some invalid for the legacy API,
-    some invalid messages. Returns the expected outcome per user id and the number of invalid ones."""
+def mixed_load(broker: Broker, n: int, *, seed: int, prefix: str = "load") -> dict[str, str]:
+    """Publish `n` messages, each with message_id = user_id: mostly good, some the legacy refuses,
+    some the legacy API rejects, some invalid. Returns each message's expected outcome:
+    "registered" or the failure stage."""
     rng = random.Random(seed)
     expected: dict[str, str] = {}
-    invalid = 0
     for i in range(n):
-        kind = rng.choices(["ok", "legacy", "submit", "invalid"], weights=[80, 8, 6, 6])[0]
+        kind = rng.choices(["registered", "legacy", "submit", "validation"], weights=[80, 8, 6, 6])[0]
         uid = f"{prefix}-{i}"
-        if kind == "ok":
-            broker.publish(INBOUND, good(uid), message_id=uid)
-            expected[uid] = "registered"
-        elif kind == "legacy":
-            broker.publish(INBOUND, good(uid, name="FAIL x"), message_id=uid)
-            expected[uid] = "legacy"
-        elif kind == "submit":
-            broker.publish(INBOUND, good(uid, email="no-at-sign"), message_id=uid)
-            expected[uid] = "submit"
-        else:
-            broker.publish(INBOUND, b"{not json", message_id=uid)
-            invalid += 1
-    return expected, invalid
+        body: Any = {
+            "registered": good(uid),
+            "legacy": good(uid, name="FAIL x"),
+            "submit": good(uid, email="no-at-sign"),
+            "validation": b"{not json",
+        }[kind]
+        broker.publish(INBOUND, body, message_id=uid)
+        expected[uid] = kind
+    return expected
 
 
-def check_exact(outcomes: Outcomes, expected: dict[str, str], invalid: int, *, timeout: float = 120) -> None:
-    """Wait for every message's outcome; then each user has exactly its expected one, and no
-    failure record is extra."""
-    want_registered = sum(1 for v in expected.values() if v == "registered")
-    outcomes.wait(registered=want_registered, failed=len(expected) - want_registered + invalid, timeout=timeout)
-    got: dict[str, str] = {uid: "registered" for uid in outcomes.registered()}
-    for record in outcomes.failures:
-        if record["user_id"] is not None:
-            assert record["user_id"] not in got, f"two outcomes for {record['user_id']}: {record}"
-            got[record["user_id"]] = record["error"]["stage"]
-    assert got == expected
-    assert len(outcomes.by_stage().get("validation", [])) == invalid
-    assert len(outcomes.failures) == len(expected) - want_registered + invalid
-    for uid, outcome in expected.items():
-        doc = outcomes.users.find_one({"_id": uid})
-        if outcome == "registered":
-            assert doc["registration_status"] == "registered"
-        else:
-            assert doc["registration_status"] == "failed" and doc["registration_error"]["stage"] == outcome
+def check_exact(outcomes: Outcomes, expected: dict[str, str], *, timeout: float = 120) -> int:
+    """Wait for every message's outcome, then hold each to its expected one: registered, or
+    failure records of the right stage. Returns how many records were extra identical copies
+    (the at-least-once window a crash or a cut connection leaves); a conflicting or stray
+    outcome fails here."""
+    want_registered = {m for m, v in expected.items() if v == "registered"}
+    want_failed = {m: v for m, v in expected.items() if v != "registered"}
+    outcomes.wait(registered=len(want_registered), failed=len(want_failed), timeout=timeout, distinct=True)
+
+    copies: dict[str, set[tuple[Any, ...]]] = {}
+    extra = 0
+    for message_id, record in zip(outcomes.failure_ids, outcomes.failures, strict=True):
+        assert message_id in want_failed, f"a failure record for {message_id}, which should not fail: {record}"
+        key = (record["error"]["stage"], record["user_id"], record["legacy_request_id"])
+        if message_id in copies:
+            extra += 1
+        copies.setdefault(message_id, set()).add(key)
+    for message_id, stage in want_failed.items():
+        assert message_id in copies, f"no outcome for {message_id}"
+        assert len(copies[message_id]) == 1, f"conflicting failure records for {message_id}: {copies[message_id]}"
+        got_stage, user_id, _ = next(iter(copies[message_id]))
+        assert got_stage == stage, f"{message_id}: stage {got_stage}, expected {stage}"
+        if stage != "validation":
+            assert user_id == message_id
+            doc = outcomes.users.find_one({"_id": user_id})
+            assert doc["registration_status"] == "failed" and doc["registration_error"]["stage"] == stage
+    assert outcomes.registered() == want_registered
+    return extra

@@ -362,7 +362,7 @@ def test_submitter_rejection_is_a_submit_failure() -> None:
     assert rig.broker.on(PENDING) == []
     assert rig.broker.acks == [6]
     # The failure record is out before anything says "failed"; the ack comes last.
-    assert rig.log == ["publish:registrations.failed", "failed:None", "attempt-failed:None", "ack:6"]
+    assert rig.log == ["publish:registrations.failed", "attempt-failed:None", "failed:None", "ack:6"]
 
 
 def test_submitter_busy_defers_then_the_retry_succeeds() -> None:
@@ -604,7 +604,7 @@ def test_poller_legacy_failure_is_one_failure_record_and_status_failed() -> None
         "failed", "AB583C-X", {"stage": "legacy", "reason": "rejected by the legacy system"})
     assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("AB583C-X", True)
     assert rig.broker.acks == [8]
-    assert rig.log == ["publish:registrations.failed", "failed:AB583C-X", "attempt-failed:AB583C-X", "ack:8"]
+    assert rig.log == ["publish:registrations.failed", "attempt-failed:AB583C-X", "failed:AB583C-X", "ack:8"]
 
 
 def test_poller_same_pending_message_twice_after_a_failure_gives_one_record() -> None:

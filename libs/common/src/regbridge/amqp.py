@@ -243,11 +243,8 @@ class AmqpRuntime:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_closed(self, _conn: Any, reason: BaseException) -> None:
-        was_ready = self._ready
         self._lose_channel(f"connection closed: {reason}")
         self._connection = None
-        if was_ready:
-            self._hooks.on_disconnected()
         if self._stopping:
             self._ioloop.stop()
         else:
@@ -257,6 +254,8 @@ class AmqpRuntime:
     def _on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
         self._generation += 1
+        # Confirm sequence numbers are per channel: a new channel counts from 1 again.
+        self._next_seq = 0
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         self._declare(channel, list(self._queues))
@@ -301,6 +300,8 @@ class AmqpRuntime:
             conn.close()
 
     def _lose_channel(self, why: str) -> None:
+        if self._ready and not self._stopping:
+            self._hooks.on_disconnected()
         self._ready = False
         self._channel = None
         self._consumer_tags = []

@@ -104,11 +104,12 @@ class Poller:
         message_id = msg.message_id if msg else delivery.properties.message_id
         if not self._publish(self._s.failed_queue, record.encode(), message_id, delivery):
             return
-        if user_id is not None:
-            self._stored(lambda: self._store.record_failed(user_id, request_id, error))
+        # The attempt's mark first (see the submitter): the crash window ends with this write.
         if msg is not None:
             self._stored(lambda: self._store.record_attempt_failed(msg.attempt_key, user_id=user_id,
                                                                    request_id=request_id))
+        if user_id is not None:
+            self._stored(lambda: self._store.record_failed(user_id, request_id, error))
         self._observe_end(msg, "failed", error.stage)
         log.warning("failed: %s", error.reason, extra={"event": "failed", "user_id": user_id,
                                                         "request_id": request_id, "stage": error.stage,

@@ -132,10 +132,12 @@ class Submitter:
                                attempts=attempts, failed_at=datetime.fromtimestamp(self._clock(), UTC))
         if not self._publish(self._s.failed_queue, record.encode(), delivery.properties.message_id, delivery):
             return
-        if user_id is not None:
-            self._stored(lambda: self._store.record_failed(user_id, None, error))
+        # The attempt's mark first: from then on a redelivery is acked without a second record.
+        # Between the confirm and this write lies the one window where a crash duplicates a record.
         if attempt_key is not None:
             self._stored(lambda: self._store.record_attempt_failed(attempt_key, user_id=user_id, request_id=None))
+        if user_id is not None:
+            self._stored(lambda: self._store.record_failed(user_id, None, error))
         metrics.FAILURES.labels(error.stage).inc()
         log.warning("failed: %s", error.reason, extra={"event": "failed", "user_id": user_id,
                                                         "stage": error.stage, "reason": error.reason})

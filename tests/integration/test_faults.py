@@ -1,0 +1,169 @@
+"""Nothing lost: crashes, broker cuts and restarts, legacy and MongoDB outages, SIGTERM under load.
+
+Each test puts a few hundred registrations in flight with sub-second latencies, injects its
+fault while they are in flight, and then holds every message to its exact outcome.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import time
+from typing import Any
+
+import pytest
+import requests
+from conftest import Stack
+from harness import Broker, LegacySim, Mongo, Service, wait_until
+from outcomes import Outcomes, check_exact, mixed_load
+
+pytestmark = pytest.mark.integration
+
+
+def submissions_so_far(legacy: LegacySim) -> int:
+    return int(legacy.stats(summary=True)["submissions_total"])
+
+
+def second_submissions(legacy: LegacySim) -> int:
+    by_user = legacy.stats()["submissions_by_user"]
+    return sum(by_user.values()) - len(by_user)
+
+
+def metric(service: Service, name: str) -> float:
+    text = requests.get(f"{service.http}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def vhost_of(broker: Broker) -> str:
+    return broker.url.rsplit("/", 1)[1]
+
+
+def test_sigkill_of_every_service_several_times(stack: Stack, broker: Broker, users: Any,
+                                                legacy: LegacySim) -> None:
+    legacy.configure(post_503_rate=0.03, get_503_rate=0.03)
+    submitters = [stack.start("submitter"), stack.start("submitter")]
+    pollers = [stack.start("poller"), stack.start("poller")]
+    victims = [submitters[0], pollers[0], submitters[1], pollers[1], submitters[0], pollers[1]]
+    rng = random.Random(3)
+    expected: dict[str, str] = {}
+    # Publish in chunks; after each, kill one copy once the legacy API has seen some of the chunk,
+    # so that every kill lands with work in flight. The killed copy is restarted at once.
+    for chunk, victim in enumerate(victims):
+        expected.update(mixed_load(broker, 60, seed=rng.randrange(1 << 30), prefix=f"kill{chunk}"))
+        floor = submissions_so_far(legacy) + 10
+        wait_until(lambda f=floor: submissions_so_far(legacy) >= f, timeout=30, what="work in flight")
+        victim.kill()
+        victim.start()
+    for service in submitters + pollers:
+        service.wait_ready()
+    extra_records = check_exact(Outcomes(broker, users), expected, timeout=180)
+    # Only a POST in flight at the moment of a kill can be made twice: at most WORKERS per kill.
+    kills = sum(1 for v in victims if v.name == "submitter")
+    dupes = second_submissions(legacy)
+    print(f"second submissions: {dupes}, extra failure records: {extra_records}, for {len(expected)} messages, "
+          f"{kills} submitter kills and {len(victims) - kills} poller kills")
+    assert dupes <= kills * 16
+    # A record is duplicated only by a kill between its confirm and the attempt's mark.
+    assert extra_records <= len(victims)
+
+
+def test_broker_connections_cut_under_load(stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    submitter = stack.start("submitter")
+    poller = stack.start("poller")
+    expected = mixed_load(broker, 300, seed=11)
+    wait_until(lambda: submissions_so_far(legacy) >= 60, timeout=30, what="work in flight")
+    subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "-p", vhost_of(broker), "test: cut"],
+                   check=True, capture_output=True, timeout=60)
+    broker.reconnect()
+    # A failure record whose confirm the cut swallowed is sent again: few, and identical.
+    assert check_exact(Outcomes(broker, users), expected) <= 4
+    assert metric(submitter, "submitter_broker_reconnects_total") >= 1
+    assert metric(poller, "poller_broker_reconnects_total") >= 1
+    # The services lived through it: no restart, and nothing was submitted twice.
+    assert submitter.process is not None and submitter.process.poll() is None
+    assert poller.process is not None and poller.process.poll() is None
+    assert second_submissions(legacy) == 0
+
+
+def test_broker_restart_under_load(stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    submitter = stack.start("submitter")
+    poller = stack.start("poller")
+    expected = mixed_load(broker, 200, seed=12)
+    wait_until(lambda: submissions_so_far(legacy) >= 40, timeout=30, what="work in flight")
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
+    try:
+        wait_until(lambda: not submitter.ready() and not poller.ready(), timeout=30,
+                   what="both services to report not ready")
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=120)
+    broker.reconnect()
+    assert check_exact(Outcomes(broker, users), expected) <= 4
+    assert metric(submitter, "submitter_broker_reconnects_total") >= 1
+    assert second_submissions(legacy) == 0
+
+
+def test_legacy_down_for_a_while(stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    # A budget that outlasts the outage: 0.2 + 0.4 + 0.8 + 1.6 + 2 + ... seconds of backoff.
+    stack.env.update(SUBMIT_BACKOFF_BASE_S="0.2", SUBMIT_BACKOFF_MAX_S="2", SUBMIT_MAX_ATTEMPTS="8")
+    stack.start("submitter")
+    stack.start("poller")
+    expected = mixed_load(broker, 200, seed=13)
+    wait_until(lambda: submissions_so_far(legacy) >= 50, timeout=30, what="work in flight")
+    legacy.configure(down=True)
+    began = time.monotonic()
+    # Down until both endpoints have refused a fair number of calls.
+    wait_until(lambda: (s := legacy.stats(summary=True))["post_503_total"] >= 100 and s["get_503_total"] >= 50,
+               timeout=30, what="the outage to be felt on both endpoints")
+    outage = time.monotonic() - began
+    legacy.configure(down=False)
+    assert check_exact(Outcomes(broker, users), expected) == 0
+    stats = legacy.stats(summary=True)
+    # Bounded retries, no hot loop: each registration's POSTs are bounded by the budget, and polls
+    # keep their interval (prefetch bounds what is polled at once).
+    assert stats["post_503_total"] <= len(expected) * 8
+    assert stats["get_503_total"] <= 32 * (outage / 0.2 + 2) + 100
+    assert second_submissions(legacy) == 0
+
+
+def test_mongodb_unreachable_for_a_while(stack: Stack, broker: Broker, users: Any, legacy: LegacySim,
+                                         mongo: Mongo) -> None:
+    if mongo.process is None:
+        pytest.skip("needs the SecantusDB the tests start, to stop and restart it")
+    submitter = stack.start("submitter")
+    poller = stack.start("poller")
+    expected = mixed_load(broker, 200, seed=14)
+    wait_until(lambda: submissions_so_far(legacy) >= 50, timeout=30, what="work in flight")
+    mongo.stop()
+    try:
+        wait_until(lambda: not submitter.ready() and not poller.ready(), timeout=30,
+                   what="/readyz to report the outage")
+        wait_until(lambda: metric(submitter, "submitter_store_retries_total") > 0
+                   and metric(poller, "poller_store_retries_total") > 0, timeout=30,
+                   what="both services to wait on MongoDB")
+        assert submitter.process is not None and submitter.process.poll() is None
+        assert poller.process is not None and poller.process.poll() is None
+    finally:
+        mongo.start()
+    wait_until(lambda: submitter.ready() and poller.ready(), timeout=60, what="ready again")
+    assert check_exact(Outcomes(broker, users), expected) == 0
+    assert second_submissions(legacy) == 0
+
+
+def test_sigterm_under_load_hands_back_and_exits_zero(stack: Stack, broker: Broker, users: Any,
+                                                      legacy: LegacySim) -> None:
+    legacy.configure(post_503_rate=0.2)  # some registrations sit in a backoff when the signal comes
+    submitter = stack.start("submitter")
+    poller = stack.start("poller")
+    expected = mixed_load(broker, 300, seed=15)
+    wait_until(lambda: submissions_so_far(legacy) >= 60, timeout=30, what="work in flight")
+    began = time.monotonic()
+    assert submitter.terminate(timeout=15) == 0
+    assert poller.terminate(timeout=15) == 0
+    assert time.monotonic() - began < 15  # SHUTDOWN_TIMEOUT_S is 10 in the tests
+    assert "shutdown timeout" not in submitter.log() + poller.log()
+    submitter.start()
+    poller.start()
+    assert check_exact(Outcomes(broker, users), expected) == 0
+    assert second_submissions(legacy) == 0

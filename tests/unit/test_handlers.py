@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pika.spec import BasicProperties
-from pymongo.errors import AutoReconnect
+from pymongo.errors import AutoReconnect, OperationFailure
 
 from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
@@ -30,6 +30,7 @@ from regbridge.lifecycle import (
     may_record,
 )
 from regbridge.messages import FailureError, FailureRecord, PendingMessage
+from regbridge.process import POISON_DELIVERIES
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt, UserState
 from regbridge.topology import wait_queue_name
@@ -707,3 +708,46 @@ def test_poller_hands_back_when_the_store_is_down_during_shutdown() -> None:
     rig.poller.handle(pending_delivery(pending(polls=1), tag=14))
     assert rig.broker.nacks == [(14, True)]
     assert rig.broker.acks == []
+
+
+# ---- poison messages: an unexpected error, again and again ------------------------------------
+
+
+def _with_deliveries(d: Delivery, count: int) -> Delivery:
+    return Delivery(d.body, BasicProperties(message_id=d.properties.message_id, headers={"x-delivery-count": count}),
+                    True, d.delivery_tag, d.queue, d.generation, d.received_at)
+
+
+def test_submitter_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
+    rig = submitter_rig()
+
+    def broken(user_id: str) -> UserState:
+        raise OperationFailure("not authorized")
+
+    rig.store.user = broken  # type: ignore[method-assign]
+    with pytest.raises(OperationFailure):
+        rig.submitter.handle(_with_deliveries(delivery(BODY, tag=3), POISON_DELIVERIES - 2))
+    assert rig.broker.published == [] and rig.broker.acks == []
+
+    rig.submitter.handle(_with_deliveries(delivery(BODY, tag=4), POISON_DELIVERIES - 1))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation" and record.user_id == "u-000123"
+    assert f"in {POISON_DELIVERIES} deliveries" in record.error.reason and "OperationFailure" in record.error.reason
+    assert rig.broker.acks == [4]
+
+
+def test_poller_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
+    rig = poller_rig(Completed())
+
+    def broken(user_id: str, request_id: str) -> bool:
+        raise OperationFailure("not authorized")
+
+    rig.store.record_registered = broken  # type: ignore[method-assign]
+    msg = pending(polls=1)
+    with pytest.raises(OperationFailure):
+        rig.poller.handle(_with_deliveries(pending_delivery(msg, tag=5), 0))
+    rig.legacy.status_outcomes.append(Completed())
+    rig.poller.handle(_with_deliveries(pending_delivery(msg, tag=6), POISON_DELIVERIES))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation" and record.legacy_request_id == "AB583C-X"
+    assert rig.broker.acks == [6]

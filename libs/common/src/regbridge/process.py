@@ -23,6 +23,25 @@ S = TypeVar("S", bound=CommonSettings)
 
 # How long a worker waits for a publisher confirm before it hands the message back.
 CONFIRM_TIMEOUT_S = 30.0
+# A message whose handling raised an unexpected error this many times becomes a failure record
+# instead of going round for ever (quorum queues count deliveries in `x-delivery-count`).
+POISON_DELIVERIES = 10
+
+
+def delivery_count(delivery: Delivery) -> int:
+    """How many times the broker delivered this message before."""
+    count = (delivery.properties.headers or {}).get("x-delivery-count")
+    if isinstance(count, int):
+        return count
+    return 1 if delivery.redelivered else 0
+
+
+def poison_reason(delivery: Delivery, exc: Exception) -> str | None:
+    """A failure reason once `delivery` has failed too often, else None: hand it back again."""
+    count = delivery_count(delivery)
+    if count + 1 < POISON_DELIVERIES:
+        return None
+    return f"could not be processed in {count + 1} deliveries (last error: {type(exc).__name__})"
 
 
 class Broker(Protocol):

@@ -22,7 +22,7 @@ from regbridge.durable import HandBack, until_stored
 from regbridge.legacy_http import Legacy
 from regbridge.lifecycle import Fail, PollAfter, PollPolicy, Register, Stage
 from regbridge.messages import DecodeError, FailureError, FailureRecord, PendingMessage
-from regbridge.process import CONFIRM_TIMEOUT_S, Broker, persistent
+from regbridge.process import CONFIRM_TIMEOUT_S, Broker, persistent, poison_reason
 from regbridge.settings import PollerSettings
 from regbridge.store import Store
 from regbridge.topology import wait_queue_name
@@ -52,6 +52,13 @@ class Poller:
             self._handle(delivery, msg)
         except HandBack:
             self.broker.nack(delivery, requeue=True)
+        except Exception as exc:
+            reason = poison_reason(delivery, exc)
+            if reason is None:
+                raise  # the runtime logs it and requeues after a pause
+            log.exception("giving up on a message: %s", reason, extra={"event": "poison", "user_id": msg.user_id})
+            self._fail(delivery, msg, original=dict(msg.payload), user_id=msg.user_id,
+                       error=FailureError(Stage.VALIDATION, reason), attempts=msg.submit_attempts + msg.polls)
 
     def _stored(self, operation: Callable[[], Any]) -> Any:
         return until_stored(operation, stopping=self.broker.stopping, on_retry=metrics.STORE_RETRIES.inc)

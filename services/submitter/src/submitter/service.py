@@ -21,7 +21,7 @@ from regbridge.durable import HandBack, until_stored
 from regbridge.legacy_http import Legacy
 from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, SubmitPolicy
 from regbridge.messages import DecodeError, FailureError, FailureRecord, PendingMessage, Registration
-from regbridge.process import CONFIRM_TIMEOUT_S, Broker, persistent
+from regbridge.process import CONFIRM_TIMEOUT_S, Broker, persistent, poison_reason
 from regbridge.settings import SubmitterSettings
 from regbridge.store import Store
 from submitter import metrics
@@ -55,6 +55,14 @@ class Submitter:
             self._start(delivery, registration)
         except HandBack:
             self.broker.nack(delivery, requeue=True)
+        except Exception as exc:
+            reason = poison_reason(delivery, exc)
+            if reason is None:
+                raise  # the runtime logs it and requeues after a pause
+            log.exception("giving up on a message: %s", reason,
+                          extra={"event": "poison", "user_id": registration.user_id})
+            self._fail(delivery, original=dict(registration.payload), user_id=registration.user_id,
+                       attempt_key=registration.attempt_key, error=FailureError(Stage.VALIDATION, reason), attempts=0)
 
     def _stored(self, operation: Callable[[], Any]) -> Any:
         return until_stored(operation, stopping=self.broker.stopping, on_retry=metrics.STORE_RETRIES.inc)

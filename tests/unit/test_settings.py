@@ -235,3 +235,31 @@ def test_safe_view_of_the_defaults_hides_the_guest_password() -> None:
     assert view["rabbitmq_url"] == "amqp://***@localhost:5672/%2F"
     assert "guest" not in view["rabbitmq_url"]
     assert view["mongodb_uri"] == "mongodb://localhost:27017"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RABBITMQ_URL", "amqp://u:pa/ss-SECRETPART@127.0.0.1:5672/%2F"),  # unescaped '/' in the password
+        ("RABBITMQ_URL", "amqp://u:pa?ss-SECRETPART@127.0.0.1:5672/%2F"),  # unescaped '?'
+        ("RABBITMQ_URL", "amqp://u:SECRETPART@127.0.0.1:notaport/%2F"),
+        ("MONGODB_URI", "mongodb://u:pa/ss-SECRETPART@db:27017/"),
+        ("MONGODB_URI", "mongodb://"),
+    ],
+)
+def test_a_url_a_client_would_misread_is_refused_without_echoing_it(name: str, value: str) -> None:
+    message = _error(submitter_settings, {name: value})
+    assert f"{name}: expected a URL" in message
+    assert "SECRETPART" not in message
+
+
+def test_a_mongodb_seed_list_is_a_valid_url() -> None:
+    uri = "mongodb://u:p@db1:27017,db2:27017/?replicaSet=rs0"
+    assert submitter_settings({"MONGODB_URI": uri}).mongodb_uri == uri
+
+
+def test_safe_view_hides_a_password_holding_slashes_and_ats() -> None:
+    settings = submitter_settings({"RABBITMQ_URL": "amqp://u:p%2Fa@ss%40SECRETPART@rabbit:5672/%2F"})
+    view = settings.safe_view()
+    assert "SECRETPART" not in str(view)
+    assert view["rabbitmq_url"] == "amqp://***@rabbit:5672/%2F"

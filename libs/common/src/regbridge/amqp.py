@@ -235,7 +235,9 @@ class AmqpRuntime:
         self._ioloop.call_later(delay, self._connect)
 
     def _on_connection_open_error(self, _conn: Any, error: BaseException) -> None:
-        log.warning("cannot connect to the broker: %s", redact_url(str(error)), extra={"event": "connect_failed"})
+        # Some of pika's errors stringify to nothing: name the type, and what it carries.
+        reason = redact_url(f"{type(error).__name__}: {error!r}")
+        log.warning("cannot connect to the broker: %s", reason, extra={"event": "connect_failed"})
         self._connection = None
         self._schedule_reconnect()
 

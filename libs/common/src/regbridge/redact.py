@@ -13,3 +13,12 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[
 def redact_url(text: str) -> str:
     """Replace the user-info part of every URL in `text` with `***`."""
     return _CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", text)
+
+
+def redact_url_value(url: str) -> str:
+    """A whole setting that is a URL: everything between '://' and its last '@' is user-info,
+    whatever characters the password holds."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return redact_url(url)
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -10,8 +10,9 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from regbridge.redact import redact_url
+from regbridge.redact import redact_url_value
 
 T = TypeVar("T")
 
@@ -70,6 +71,13 @@ def _url(value: str, schemes: tuple[str, ...]) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() not in schemes or not rest:
         raise ValueError
+    parts = urlsplit(value)
+    # An '@' past the host means user-info with an unescaped '/', '?' or '#': the client would
+    # read part of the password as a host, a port or a path (and print it in its error).
+    if not parts.hostname or "@" in parts.path + parts.query + parts.fragment:
+        raise ValueError
+    if "," not in parts.netloc:  # a MongoDB seed list names several host:port pairs
+        _ = parts.port  # raises ValueError on a port that is not a number
     return value
 
 
@@ -128,7 +136,7 @@ class CommonSettings:
         """The settings as they may be logged: credentials removed from every URL."""
         view = {k: getattr(self, k) for k in self.__dataclass_fields__}
         for key in ("rabbitmq_url", "mongodb_uri", "legacy_api_url"):
-            view[key] = redact_url(view[key])
+            view[key] = redact_url_value(view[key])
         return view
 
 

@@ -33,5 +33,9 @@ lint: install
 typecheck: install
 	$(BIN)/mypy libs/common/src services/submitter/src services/poller/src services/legacy-sim/src
 
+# N registrations in one burst (default 2000), pipeline and baseline side by side.
+bench: install
+	$(BIN)/python bench/run.py $(if $(N),--n $(N))
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

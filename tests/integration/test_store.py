@@ -76,3 +76,25 @@ def test_operator_shaped_ids_are_plain_values(store: Any, mongo: Mongo, database
     client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
     assert client[database]["users"].find_one({"_id": "a"})["registration_status"] == "registered"
     client.close()
+
+
+def test_concurrent_operations_share_round_trips_and_keep_their_own_answers(store: Any) -> None:
+    """Many threads at once: each gets its own answer out of the shared batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mongo_store, users = store
+    users.insert_many([{"_id": f"reg-{i}", "registration_status": "registered", "legacy_request_id": "R0"}
+                       for i in range(0, 200, 2)])  # the even ones may not be written again
+
+    def one(i: int) -> tuple[bool, str | None]:
+        written = mongo_store.record_submitted(f"reg-{i}", f"R{i}")
+        return written, mongo_store.user(f"reg-{i}").status
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, range(200)))
+    for i, (written, status) in enumerate(answers):
+        if i % 2 == 0:
+            assert (written, status) == (False, "registered")
+        else:
+            assert (written, status) == (True, "submitted")
+    assert users.count_documents({"registration_status": "submitted"}) == 100

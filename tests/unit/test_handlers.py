@@ -78,6 +78,13 @@ class FakeBroker:
         future.set_result(None)
         return future
 
+    def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None:
+        future = self.publish(routing_key, body, properties)
+        if future.exception() is None:
+            self.ack(delivery)
+        else:
+            self.nack(delivery, requeue=True)
+
     def current(self, delivery: Delivery) -> bool:
         return delivery.delivery_tag not in self.stale
 

@@ -110,6 +110,10 @@ class AmqpRuntime:
         self._next_deferred = 0
         self._stopping = False
         self._loop_closed = False
+        self._io_thread: threading.Thread | None = None
+        self._calls: list[Callable[[], None]] = []
+        self._calls_lock = threading.Lock()
+        self._wake_pending = False
         self._stop_deadline = 0.0
         self._reconnect_delay = 0.0
         self.last_tick = time.monotonic()
@@ -156,6 +160,22 @@ class AmqpRuntime:
         so work not yet done on it (a POST) is better left to that delivery."""
         return delivery.generation == self._generation and self._ready
 
+    def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None:
+        """Publish, and ack `delivery` once the broker confirms it (nack it back if not).
+
+        The worker does not wait: the confirm settles the delivery on the I/O thread, so a
+        hop costs no blocking round trip and no second hand-over to the I/O thread.
+        """
+
+        def settle(future: Future[None]) -> None:
+            ok = future.exception() is None
+            if threading.current_thread() is self._io_thread:
+                self._settle(delivery, ack=ok, requeue=True)
+            else:  # failed before it reached the I/O thread
+                self._threadsafe(lambda: self._settle(delivery, ack=ok, requeue=True))
+
+        self.publish(routing_key, body, properties).add_done_callback(settle)
+
     def ack(self, delivery: Delivery) -> None:
         self._threadsafe(lambda: self._settle(delivery, ack=True, requeue=False))
 
@@ -187,6 +207,7 @@ class AmqpRuntime:
 
     def run(self) -> None:
         """Turn the I/O loop until stopped; reconnects on its own. Call from one thread only."""
+        self._io_thread = threading.current_thread()
         for thread in self._threads:
             thread.start()
         self._ioloop.add_callback_threadsafe(self._connect)
@@ -203,14 +224,32 @@ class AmqpRuntime:
 
     def _threadsafe(self, callback: Callable[[], None], on_closed: Callable[[], None] | None = None) -> None:
         if not self._loop_closed:
+            # One wake-up of the I/O loop carries every callback queued until it runs: under load
+            # that saves a write to the loop's wake-up socket per callback.
+            with self._calls_lock:
+                self._calls.append(callback)
+                wake = not self._wake_pending
+                self._wake_pending = True
+            if not wake:
+                return
             try:
-                self._ioloop.add_callback_threadsafe(callback)
+                self._ioloop.add_callback_threadsafe(self._run_calls)
                 return
             except Exception:
                 pass
         # The loop has stopped: nothing queued now would ever run.
         if on_closed is not None:
             on_closed()
+
+    def _run_calls(self) -> None:
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+            self._wake_pending = False
+        for call in calls:
+            try:
+                call()
+            except Exception:  # one failed callback must not take the others with it
+                log.exception("callback on the I/O thread failed", extra={"event": "io_callback_error"})
 
     def _connect(self) -> None:
         if self._stopping:

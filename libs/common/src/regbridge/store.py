@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from pymongo import MongoClient
+from pymongo import MongoClient, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
 
+from regbridge.batching import Batcher
 from regbridge.messages import FailureError
 
 
@@ -60,53 +60,60 @@ def _blocked(request_id: str | None) -> dict[str, Any]:
 
 class MongoStore:
     def __init__(self, client: MongoClient[dict[str, Any]], database: str, users: str, attempts: str,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), batcher: Batcher | None = None) -> None:
         self._client = client
         self._users: Collection[dict[str, Any]] = client[database][users]
         self._attempts: Collection[dict[str, Any]] = client[database][attempts]
         self._clock = clock
+        # Every operation goes through the batcher: one round trip carries what many worker
+        # threads asked for meanwhile (see regbridge.batching).
+        self._batcher = batcher or Batcher()
+
+    def _find(self, collection: Collection[dict[str, Any]], key: str,
+              projection: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        return self._batcher.find_one(collection, key, projection)
+
+    def _update(self, collection: Collection[dict[str, Any]], op: UpdateOne) -> bool:
+        """Apply an update; False when an upsert met an existing document its filter excluded."""
+        return self._batcher.update(collection, op)
 
     def user(self, user_id: str) -> UserState:
-        doc = self._users.find_one({"_id": user_id}, {"registration_status": 1, "legacy_request_id": 1})
+        doc = self._find(self._users, user_id, {"registration_status": 1, "legacy_request_id": 1})
         if doc is None:
             return UserState(None, None)
         return UserState(doc.get("registration_status"), doc.get("legacy_request_id"))
 
     def attempt(self, key: str) -> Attempt | None:
-        doc = self._attempts.find_one({"_id": key})
+        doc = self._find(self._attempts, key)
         if doc is None:
             return None
         return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")))
 
     def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
-        self._attempts.update_one(
+        self._update(self._attempts, UpdateOne(
             {"_id": key},
             {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": False,
                       "updated_at": self._clock()}},
             upsert=True,
-        )
+        ))
 
     def reset_attempt(self, key: str) -> None:
         """A message delivered anew is a new attempt: forget what an earlier one got."""
-        self._attempts.update_one({"_id": key}, {"$set": {"legacy_request_id": None, "failed": False,
-                                                          "updated_at": self._clock()}})
+        self._update(self._attempts, UpdateOne({"_id": key}, {"$set": {"legacy_request_id": None, "failed": False,
+                                                                      "updated_at": self._clock()}}))
 
     def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None:
-        self._attempts.update_one(
+        self._update(self._attempts, UpdateOne(
             {"_id": key},
             {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": True,
                       "updated_at": self._clock()}},
             upsert=True,
-        )
+        ))
 
     def _write(self, user_id: str, request_id: str | None, update: dict[str, Any]) -> bool:
-        """Upsert unless blocked; False when the document's state forbids the write."""
-        try:
-            result = self._users.update_one({"_id": user_id, **_blocked(request_id)}, update, upsert=True)
-        except DuplicateKeyError:
-            # The document exists but the filter excluded it: the write is not allowed.
-            return False
-        return result.matched_count > 0 or result.upserted_id is not None
+        """Upsert unless blocked: False when the document exists and its state forbids the write
+        (the filter excludes it, so the upsert's insert meets the existing `_id`)."""
+        return self._update(self._users, UpdateOne({"_id": user_id, **_blocked(request_id)}, update, upsert=True))
 
     def record_submitted(self, user_id: str, request_id: str) -> bool:
         return self._write(user_id, request_id, {

@@ -84,9 +84,9 @@ class Poller:
                        attempts=polled.submit_attempts + polled.polls)
 
     def _wait(self, delivery: Delivery, msg: PendingMessage, delay_s: float) -> None:
-        queue = wait_queue_name(self._s.pending_queue, delay_s)
-        if self._publish(queue, msg.encode(), msg.message_id, delivery):
-            self.broker.ack(delivery)
+        # Acked when the wait queue confirms it; handed back if it does not.
+        self.broker.forward(delivery, wait_queue_name(self._s.pending_queue, delay_s), msg.encode(),
+                            persistent(msg.message_id))
 
     def _register(self, delivery: Delivery, msg: PendingMessage) -> None:
         recorded = self._stored(lambda: self._store.record_registered(msg.user_id, msg.request_id))

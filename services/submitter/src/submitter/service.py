@@ -129,10 +129,9 @@ class Submitter:
             submitted_at=self._clock(), message_id=reg.message_id, received_at=delivery.received_at,
             submit_attempts=attempts,
         )
-        if not self._publish(self._s.pending_queue, pending.encode(), reg.message_id, delivery):
-            return
         log.info("submitted", extra={"event": "submitted", "user_id": reg.user_id, "request_id": request_id})
-        self.broker.ack(delivery)
+        # Acked when the pending queue confirms it; handed back if it does not.
+        self.broker.forward(delivery, self._s.pending_queue, pending.encode(), persistent(reg.message_id))
 
     def _fail(self, delivery: Delivery, *, original: Any, user_id: str | None, attempt_key: str | None,
               error: FailureError, attempts: int) -> None:

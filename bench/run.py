@@ -104,7 +104,8 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
                                   extra={"POLL_FIRST_DELAY_S": str(args.first_delay),
                                          "POLL_INTERVAL_S": str(args.interval), "POLL_DEADLINE_S": "300",
                                          "SUBMIT_BACKOFF_BASE_S": "0.5", "SUBMIT_BACKOFF_MAX_S": "30",
-                                         "LOG_LEVEL": args.log_level, "BENCH_N": str(n)})
+                                         "LOG_LEVEL": args.log_level, "BENCH_N": str(n),
+                                         **dict(kv.split("=", 1) for kv in args.env)})
         from pymongo import MongoClient
 
         client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
@@ -145,9 +146,13 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
                 pass
 
         mongo_pid = mongo.process.pid if mongo.process is not None else None
+        beam = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout.split()
+        rabbit_pid = int(beam[0]) if beam else None
         cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
         side0 = {"legacy-sim": cpu_seconds(legacy.process.pid),
-                 **({"mongodb": cpu_seconds(mongo_pid)} if mongo_pid else {})}
+                 **({"mongodb": cpu_seconds(mongo_pid)} if mongo_pid else {}),
+                 **({"rabbitmq": cpu_seconds(rabbit_pid)} if rabbit_pid else {}),
+                 "bench publisher": time.process_time()}
         began = time.monotonic()
         publisher = threading.Thread(target=lambda: setattr(result, "publish_s", publish_burst(url, n)))
         publisher.start()
@@ -170,6 +175,10 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
         result.cpu_ms_per_registration["legacy-sim"] = legacy_cpu * 1000 / n
         if mongo_pid:
             result.cpu_ms_per_registration["mongodb"] = (cpu_seconds(mongo_pid) - side0["mongodb"]) * 1000 / n
+        if rabbit_pid:
+            result.cpu_ms_per_registration["rabbitmq"] = (cpu_seconds(rabbit_pid) - side0["rabbitmq"]) * 1000 / n
+        # This process: the burst's publisher and the sampling of progress.
+        result.cpu_ms_per_registration["bench publisher"] = (time.process_time() - side0["bench publisher"]) * 1000 / n
         stats = legacy.stats()
         longest = max(r["completes_at"] - r["submitted_at"] for r in stats["requests"].values())
         result.ideal_s = result.publish_s + longest
@@ -198,7 +207,7 @@ def table(results: list[Result]) -> str:
     for name in names:
         add(f"CPU ms/reg {name}", "{:.2f}", [r.cpu_ms_per_registration.get(name) for r in results])
     add("CPU ms/reg services", "{:.2f}", [sum(v for k, v in r.cpu_ms_per_registration.items()
-                                               if k not in ("legacy-sim", "mongodb")) for r in results])
+                                               if k in ("submitter", "poller", "baseline")) for r in results])
     for name in sorted({k for r in results for k in r.peak_rss_mib}):
         add(f"peak RSS MiB {name}", "{:.0f}", [r.peak_rss_mib.get(name) for r in results])
     add("polls / registration", "{:.2f}", [r.polls_per_registration for r in results])
@@ -242,6 +251,8 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for both services, e.g. --env WORKERS=8 (repeatable)")
     args = parser.parse_args()
 
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")

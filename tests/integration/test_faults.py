@@ -43,6 +43,7 @@ def vhost_of(broker: Broker) -> str:
 def test_sigkill_of_every_service_several_times(stack: Stack, broker: Broker, users: Any,
                                                 legacy: LegacySim) -> None:
     legacy.configure(post_503_rate=0.03, get_503_rate=0.03)
+    stack.env["WORKERS"] = "16"  # the bound on second submissions below is per worker
     submitters = [stack.start("submitter"), stack.start("submitter")]
     pollers = [stack.start("poller"), stack.start("poller")]
     victims = [submitters[0], pollers[0], submitters[1], pollers[1], submitters[0], pollers[1]]

@@ -98,3 +98,14 @@ def test_concurrent_operations_share_round_trips_and_keep_their_own_answers(stor
         else:
             assert (written, status) == (True, "submitted")
     assert users.count_documents({"registration_status": "submitted"}) == 100
+
+
+def test_record_accepted_writes_the_attempt_and_the_user_together(store: Any) -> None:
+    mongo_store, users = store
+    assert mongo_store.record_accepted("k1", user_id="new", request_id="R1")
+    assert mongo_store.attempt("k1").request_id == "R1"
+    assert users.find_one({"_id": "new"})["registration_status"] == "submitted"
+    users.insert_one({"_id": "done", "registration_status": "registered", "legacy_request_id": "R0"})
+    assert not mongo_store.record_accepted("k2", user_id="done", request_id="R2")
+    assert mongo_store.attempt("k2").request_id == "R2"  # the attempt is on record all the same
+    assert users.find_one({"_id": "done"})["legacy_request_id"] == "R0"

@@ -38,6 +38,8 @@ from submitter.service import Submitter
 
 INBOUND = "registrations"
 PENDING = "registrations.pending"
+# The submitter hands on straight into the wait queue of the first delay (10 s by default).
+FIRST_HOP = "registrations.pending.wait.10000ms"
 FAILED = "registrations.failed"
 NOW = 1_800_000_000.0
 REGISTRATION = {"user_id": "u-000123", "name": "Maria da Silva", "email": "maria@example.com", "cpf": "12345678909"}
@@ -168,6 +170,10 @@ class FakeStore:
         self.log.append(f"{status}:{request_id}")
         return True
 
+    def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool:
+        self.record_attempt(key, user_id=user_id, request_id=request_id)
+        return self.record_submitted(user_id, request_id)
+
     def record_submitted(self, user_id: str, request_id: str) -> bool:
         return self._write(user_id, request_id, "submitted", None)
 
@@ -219,7 +225,7 @@ def failure_records(broker: FakeBroker) -> list[FailureRecord]:
 
 
 def pending_messages(broker: FakeBroker) -> list[PendingMessage]:
-    return [PendingMessage.decode(p.body) for p in broker.on(PENDING)]
+    return [PendingMessage.decode(p.body) for p in broker.on(FIRST_HOP)]
 
 
 def assert_persistent(published: Published, message_id: str | None) -> None:
@@ -309,7 +315,7 @@ def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
     assert rig.legacy.submitted == [BODY]  # the body as received, unchanged
     assert rig.store.attempts == {"u-000123|mid:m-1": Attempt("AB583C-X", False)}
     assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
-    [published] = rig.broker.on(PENDING)
+    [published] = rig.broker.on(FIRST_HOP)
     assert_persistent(published, "m-1")
     assert PendingMessage.decode(published.body) == PendingMessage(
         request_id="AB583C-X", user_id="u-000123", payload=REGISTRATION, attempt_key="u-000123|mid:m-1",
@@ -318,7 +324,7 @@ def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
     assert rig.broker.acks == [3]
     assert rig.broker.on(FAILED) == []
     # Stored before published, published (confirmed) before acked.
-    assert rig.log == ["attempt:AB583C-X", "submitted:AB583C-X", "publish:registrations.pending", "ack:3"]
+    assert rig.log == ["attempt:AB583C-X", "submitted:AB583C-X", "publish:registrations.pending.wait.10000ms", "ack:3"]
 
 
 def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
@@ -326,7 +332,7 @@ def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
     rig.submitter.handle(delivery(BODY, message_id=None))
     key = "u-000123|sha256:" + hashlib.sha256(BODY).hexdigest()
     assert rig.store.attempts == {key: Attempt("AB583C-X", False)}
-    [published] = rig.broker.on(PENDING)
+    [published] = rig.broker.on(FIRST_HOP)
     assert published.properties.message_id is None
     [pending] = pending_messages(rig.broker)
     assert pending.attempt_key == key
@@ -335,7 +341,7 @@ def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
 
 def test_submitter_publish_failure_hands_the_message_back() -> None:
     rig = submitter_rig(Accepted("AB583C-X"))
-    rig.broker.refuse.add(PENDING)
+    rig.broker.refuse.add(FIRST_HOP)
     rig.submitter.handle(delivery(BODY, tag=4))
     assert rig.broker.nacks == [(4, True)]
     assert rig.broker.acks == []
@@ -367,7 +373,7 @@ def test_submitter_rejection_is_a_submit_failure() -> None:
     assert rig.store.users["u-000123"] == UserDoc(
         "failed", None, {"stage": "submit", "reason": "rejected by the legacy API: cpf: must have 11 digits"})
     assert rig.store.attempts["u-000123|mid:m-1"] == Attempt(None, True)
-    assert rig.broker.on(PENDING) == []
+    assert rig.broker.on(FIRST_HOP) == []
     assert rig.broker.acks == [6]
     # The failure record is out before anything says "failed"; the ack comes last.
     assert rig.log == ["publish:registrations.failed", "attempt-failed:None", "failed:None", "ack:6"]
@@ -420,7 +426,7 @@ def test_submitter_redelivered_with_a_request_id_on_record_is_not_submitted_agai
     assert pending.request_id == "REQ-9"
     assert pending.attempt_key == "u-000123|mid:m-1"
     assert pending.message_id == "m-1"
-    assert_persistent(rig.broker.on(PENDING)[0], "m-1")
+    assert_persistent(rig.broker.on(FIRST_HOP)[0], "m-1")
     assert rig.store.users["u-000123"] == UserDoc("submitted", "REQ-9")
     assert rig.broker.acks == [10]
 
@@ -439,7 +445,7 @@ def test_submitter_redelivered_without_an_attempt_on_record_is_submitted() -> No
     rig = submitter_rig(Accepted("AB583C-X"))
     rig.submitter.handle(delivery(BODY, redelivered=True))
     assert rig.legacy.submitted == [BODY]
-    assert len(rig.broker.on(PENDING)) == 1
+    assert len(rig.broker.on(FIRST_HOP)) == 1
 
 
 def test_submitter_new_message_after_a_failed_attempt_is_submitted_again() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from regbridge.topology import (
     QueueSpec,
+    first_hop,
     poller_queues,
     submitter_queues,
     wait_queue,
@@ -63,9 +64,18 @@ def test_tiny_delay_still_has_a_positive_ttl() -> None:
 
 
 def test_submitter_queues() -> None:
-    specs = submitter_queues(inbound="in", pending="pend", failed="dlq")
+    specs = submitter_queues(inbound="in", pending="pend", failed="dlq", first_delay_s=10.0)
+    assert [s.name for s in specs] == ["in", "pend", "dlq", "pend.wait.10000ms"]
+    assert all(dict(s.arguments) == {"x-queue-type": "quorum"} for s in specs[:3])
+    assert specs[3].arguments["x-message-ttl"] == 10000
+    assert specs[3].arguments["x-dead-letter-routing-key"] == "pend"
+
+
+def test_without_a_first_delay_the_submitter_hands_on_to_pending() -> None:
+    specs = submitter_queues(inbound="in", pending="pend", failed="dlq", first_delay_s=0)
     assert [s.name for s in specs] == ["in", "pend", "dlq"]
-    assert all(dict(s.arguments) == {"x-queue-type": "quorum"} for s in specs)
+    assert first_hop("pend", 0) == "pend"
+    assert first_hop("pend", 10.0) == "pend.wait.10000ms"
 
 
 def test_poller_queues_declare_one_wait_queue_per_delay() -> None:

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Carried on what we publish, so that a returned (unroutable) message names its confirm.
 PUBLISH_SEQ_HEADER = "x-regbridge-seq"
+# How often queue depths are read for the metrics: slow, since each read is a broker round trip.
+DEPTH_EVERY_S = 10.0
 
 
 class PublishError(RuntimeError):
@@ -64,6 +66,7 @@ class RuntimeHooks:
     on_disconnected: Callable[[], None] = lambda: None
     on_delivery: Callable[[Delivery], None] = lambda d: None
     on_handler_error: Callable[[Delivery, BaseException], None] = lambda d, e: None
+    on_queue_depth: Callable[[str, int], None] = lambda queue, messages: None
 
 
 class AmqpRuntime:
@@ -327,6 +330,17 @@ class AmqpRuntime:
         self._reconnect_delay = 0.0
         log.info("connected; consuming %s", ", ".join(self._consume) or "nothing", extra={"event": "connected"})
         self._hooks.on_connected()
+        self._measure_depths(channel, generation)
+
+    def _measure_depths(self, channel: Channel, generation: int) -> None:
+        """Every DEPTH_EVERY_S, a passive declare of each queue this service declared (so it
+        exists) reports its ready messages, without a management API."""
+        if generation != self._generation or not channel.is_open or self._stopping:
+            return
+        for spec in self._queues:
+            channel.queue_declare(spec.name, passive=True, callback=lambda frame, q=spec.name:
+                                  self._hooks.on_queue_depth(q, frame.method.message_count))
+        self._ioloop.call_later(DEPTH_EVERY_S, lambda: self._measure_depths(channel, generation))
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         # Any channel error (a refused declare, a dead tag acked) ends the connection too:

@@ -52,9 +52,13 @@ class Batcher:
     def update(self, collection: Collection[dict[str, Any]], op: UpdateOne) -> bool:
         """Apply `op` (an upsert); False when it was refused as a duplicate key (the filter
         excluded an existing document). Raises what the driver raised for the batch."""
+        return self.update_later(collection, op).result()
+
+    def update_later(self, collection: Collection[dict[str, Any]], op: UpdateOne) -> Future[bool]:
+        """`update` without waiting: several writes of one worker travel in the same batch."""
         item = _Write(collection, op)
         self._queue.put(item)
-        return item.future.result()
+        return item.future
 
     def find_one(self, collection: Collection[dict[str, Any]], key: str,
                  projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:

@@ -1,21 +1,25 @@
-"""The HTTP adapter for the legacy adaptation layer: requests in, lifecycle outcomes out.
+"""The HTTP adapter for the legacy adaptation layer: bytes in, lifecycle outcomes out.
 
-One pooled `requests.Session` shared by the worker threads (its connection pool is
-thread-safe; it is sized to the pool). `trust_env` is off, so no proxy or netrc from the
-environment sneaks in. The meaning of each answer is decided by the pure
-`lifecycle.classify_*` functions; this module only moves bytes.
+One pooled `requests.Session` shared by the worker threads, with `trust_env` off so that no
+proxy or netrc from the environment sneaks in, and its adapter's pool sized to the workers.
+Calls go straight to that adapter's urllib3 connection pool: in the profile, requests' per-call
+machinery (merging settings, cookies, hooks, preparing the request) cost as much CPU as the
+HTTP exchange itself, and none of it is used here. The meaning of each answer is decided by
+the pure `lifecycle.classify_*` functions; this module only moves bytes.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from regbridge.lifecycle import PollOutcome, SubmitOutcome, Transient, classify_poll, classify_submit
-from regbridge.redact import redact_url
+
+_JSON = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
 class Legacy(Protocol):
@@ -25,36 +29,39 @@ class Legacy(Protocol):
 
 class LegacyClient:
     def __init__(self, base_url: str, *, timeout_s: float, pool_size: int) -> None:
-        self._base = base_url.rstrip("/")
-        self._timeout = (min(timeout_s, 3.0), timeout_s)  # (connect, read)
+        base = base_url.rstrip("/")
+        self._prefix = urlsplit(base).path
+        self._timeout = urllib3.Timeout(connect=min(timeout_s, 3.0), read=timeout_s)
         self._session = requests.Session()
         self._session.trust_env = False
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0, pool_block=False)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        self._pool = adapter.poolmanager.connection_from_url(base)
+
+    def _call(self, method: str, path: str, body: bytes | None = None) -> urllib3.BaseHTTPResponse | Transient:
+        try:
+            response: urllib3.BaseHTTPResponse = self._pool.urlopen(
+                method, self._prefix + path, body=body, headers=_JSON, retries=False, redirect=False,
+                timeout=self._timeout, preload_content=True, assert_same_host=False)
+            return response
+        except urllib3.exceptions.HTTPError as exc:
+            # Never the URL in the reason: the exception's text may carry it.
+            kind = "timed out" if isinstance(exc, urllib3.exceptions.TimeoutError) else "unreachable"
+            return Transient(f"legacy API {kind}: {type(exc).__name__}")
 
     def submit(self, body: bytes) -> SubmitOutcome:
-        try:
-            response = self._session.post(f"{self._base}/v1/registrations", data=body,
-                                          headers={"Content-Type": "application/json"},
-                                          timeout=self._timeout, allow_redirects=False)
-        except requests.RequestException as exc:
-            return _transport_error(exc)
-        return classify_submit(response.status_code, response.content, response.headers.get("Retry-After"))
+        response = self._call("POST", "/v1/registrations", body)
+        if isinstance(response, Transient):
+            return response
+        return classify_submit(response.status, response.data, response.headers.get("Retry-After"))
 
     def status(self, request_id: str) -> PollOutcome:
         # Quote everything: a request id never changes the path it is looked up under.
-        url = f"{self._base}/v1/registrations/{quote(request_id, safe='')}"
-        try:
-            response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
-        except requests.RequestException as exc:
-            return _transport_error(exc)
-        return classify_poll(response.status_code, response.content, response.headers.get("Retry-After"))
+        response = self._call("GET", f"/v1/registrations/{quote(request_id, safe='')}")
+        if isinstance(response, Transient):
+            return response
+        return classify_poll(response.status, response.data, response.headers.get("Retry-After"))
 
     def close(self) -> None:
         self._session.close()
-
-
-def _transport_error(exc: requests.RequestException) -> Transient:
-    kind = "timed out" if isinstance(exc, requests.Timeout) else "unreachable"
-    return Transient(f"legacy API {kind}: {redact_url(type(exc).__name__)}")

@@ -13,6 +13,7 @@ failure record. A message published anew (a replay) is a new attempt and overwri
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -45,17 +46,23 @@ class Store(Protocol):
     def reset_attempt(self, key: str) -> None: ...
     def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None: ...
     def record_submitted(self, user_id: str, request_id: str) -> bool: ...
+    def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool: ...
     def record_registered(self, user_id: str, request_id: str) -> bool: ...
     def record_failed(self, user_id: str, request_id: str | None, error: FailureError) -> bool: ...
     def ping(self) -> bool: ...
 
 
-def _blocked(request_id: str | None) -> dict[str, Any]:
-    """Filter part that matches documents `may_record` lets a write replace."""
-    same_attempt_failed: list[dict[str, Any]] = (
-        [{"registration_status": "failed", "legacy_request_id": request_id}] if request_id is not None else []
-    )
-    return {"$nor": [{"registration_status": "registered"}, *same_attempt_failed]}
+# `lifecycle.may_record` as two update filters, each a plain equality or `$nin`/`$ne` beside the
+# `_id` (a `$nor`/`$or` filter made the Mongo-wire server scan the whole collection per write):
+# first the common case, a document in no final state (or none yet, through the upsert) ...
+_OPEN = {"registration_status": {"$nin": ["registered", "failed"]}}
+
+
+def _failed_by_another_attempt(request_id: str | None) -> dict[str, Any]:
+    """... then, only if that was refused: a failure of another attempt, which a new one may replace."""
+    if request_id is None:
+        return {"registration_status": "failed"}
+    return {"registration_status": "failed", "legacy_request_id": {"$ne": request_id}}
 
 
 class MongoStore:
@@ -110,17 +117,39 @@ class MongoStore:
             upsert=True,
         ))
 
-    def _write(self, user_id: str, request_id: str | None, update: dict[str, Any]) -> bool:
-        """Upsert unless blocked: False when the document exists and its state forbids the write
-        (the filter excludes it, so the upsert's insert meets the existing `_id`)."""
-        return self._update(self._users, UpdateOne({"_id": user_id, **_blocked(request_id)}, update, upsert=True))
+    def _write(self, user_id: str, request_id: str | None, update: dict[str, Any],
+               first: Future[bool] | None = None) -> bool:
+        """Write unless `may_record` forbids it; False when it does. An upsert whose filter excludes
+        the existing document meets its `_id` and is refused as a duplicate key."""
+        if first is None:
+            first = self._batcher.update_later(self._users, UpdateOne({"_id": user_id, **_OPEN}, update, upsert=True))
+        if first.result():
+            return True
+        # Rare: the document is final. Only a failure of another attempt may still be replaced.
+        result = self._users.update_one({"_id": user_id, **_failed_by_another_attempt(request_id)}, update)
+        return result.matched_count > 0
+
+    def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool:
+        """The attempt's request id and the user's `submitted`, in one round trip: both are
+        written before the registration is handed on, in whichever order the server applies them."""
+        attempt = self._batcher.update_later(self._attempts, UpdateOne(
+            {"_id": key},
+            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": False,
+                      "updated_at": self._clock()}},
+            upsert=True,
+        ))
+        user = self._batcher.update_later(self._users, UpdateOne(
+            {"_id": user_id, **_OPEN}, self._submitted(request_id), upsert=True))
+        attempt.result()
+        return self._write(user_id, request_id, self._submitted(request_id), first=user)
+
+    def _submitted(self, request_id: str) -> dict[str, Any]:
+        return {"$set": {"registration_status": "submitted", "legacy_request_id": request_id,
+                         "registration_updated_at": self._clock()},
+                "$unset": {"registration_error": ""}}
 
     def record_submitted(self, user_id: str, request_id: str) -> bool:
-        return self._write(user_id, request_id, {
-            "$set": {"registration_status": "submitted", "legacy_request_id": request_id,
-                     "registration_updated_at": self._clock()},
-            "$unset": {"registration_error": ""},
-        })
+        return self._write(user_id, request_id, self._submitted(request_id))
 
     def record_registered(self, user_id: str, request_id: str) -> bool:
         return self._write(user_id, request_id, {

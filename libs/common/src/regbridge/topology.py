@@ -45,8 +45,16 @@ def wait_queue(pending_queue: str, delay_s: float) -> QueueSpec:
     )
 
 
-def submitter_queues(*, inbound: str, pending: str, failed: str) -> list[QueueSpec]:
-    return [work_queue(inbound), work_queue(pending), work_queue(failed)]
+def first_hop(pending_queue: str, first_delay_s: float) -> str:
+    """Where the submitter hands a submitted registration on: straight into the wait queue of
+    the first delay (it dead-letters to pending when due), which spares every registration a
+    trip through the poller only to be put there; pending itself when there is no first delay."""
+    return wait_queue_name(pending_queue, first_delay_s) if first_delay_s > 0 else pending_queue
+
+
+def submitter_queues(*, inbound: str, pending: str, failed: str, first_delay_s: float) -> list[QueueSpec]:
+    first = [wait_queue(pending, first_delay_s)] if first_delay_s > 0 else []
+    return [work_queue(inbound), work_queue(pending), work_queue(failed), *first]
 
 
 def poller_queues(*, pending: str, failed: str, delays: Iterable[float]) -> list[QueueSpec]:

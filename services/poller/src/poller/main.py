@@ -33,7 +33,8 @@ def main() -> None:
         reconnect_max_s=settings.reconnect_max_s,
         shutdown_timeout_s=settings.shutdown_timeout_s,
         hooks=RuntimeHooks(on_delivery=lambda d: metrics.CONSUMED.inc(),
-                           on_disconnected=metrics.RECONNECTS.inc),
+                           on_disconnected=metrics.RECONNECTS.inc,
+                           on_queue_depth=lambda queue, n: metrics.QUEUE_MESSAGES.labels(queue).set(n)),
         name="poller",
     )
     poller.broker = runtime

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMED = Counter("poller_messages_consumed_total", "Pending messages taken from the broker")
 POLLS = Counter("poller_polls_total", "Status polls by result", ["result"])
@@ -14,3 +14,5 @@ LEGACY_SECONDS = Histogram("poller_legacy_request_seconds", "Duration of GET /v1
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 END_TO_END_SECONDS = Histogram("poller_end_to_end_seconds", "From taking the inbound message to its outcome",
                                buckets=(1, 2.5, 5, 10, 12.5, 15, 17.5, 20, 25, 30, 45, 60, 120, 300))
+QUEUE_MESSAGES = Gauge("poller_queue_messages", "Ready messages in each queue this service declared, read every 10 s",
+                       ["queue"])

@@ -25,7 +25,7 @@ def main() -> None:
     runtime = AmqpRuntime(
         url=settings.rabbitmq_url,
         queues=submitter_queues(inbound=settings.inbound_queue, pending=settings.pending_queue,
-                                failed=settings.failed_queue),
+                                failed=settings.failed_queue, first_delay_s=settings.poll_first_delay_s),
         consume=[settings.inbound_queue],
         handler=submitter.handle,
         workers=settings.workers,
@@ -33,7 +33,8 @@ def main() -> None:
         reconnect_max_s=settings.reconnect_max_s,
         shutdown_timeout_s=settings.shutdown_timeout_s,
         hooks=RuntimeHooks(on_delivery=lambda d: metrics.CONSUMED.inc(),
-                           on_disconnected=metrics.RECONNECTS.inc),
+                           on_disconnected=metrics.RECONNECTS.inc,
+                           on_queue_depth=lambda queue, n: metrics.QUEUE_MESSAGES.labels(queue).set(n)),
         name="submitter",
     )
     submitter.broker = runtime

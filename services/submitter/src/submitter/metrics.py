@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMED = Counter("submitter_messages_consumed_total", "Inbound messages taken from the broker")
 SUBMISSIONS = Counter("submitter_submissions_total", "Legacy submissions by result", ["result"])
@@ -12,3 +12,5 @@ STORE_RETRIES = Counter("submitter_store_retries_total", "MongoDB operations ret
 RECONNECTS = Counter("submitter_broker_reconnects_total", "Broker connections lost")
 LEGACY_SECONDS = Histogram("submitter_legacy_request_seconds", "Duration of POST /v1/registrations",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+QUEUE_MESSAGES = Gauge("submitter_queue_messages",
+                       "Ready messages in each queue this service declared, read every 10 s", ["queue"])

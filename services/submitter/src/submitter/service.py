@@ -24,6 +24,7 @@ from regbridge.messages import DecodeError, FailureError, FailureRecord, Pending
 from regbridge.process import CONFIRM_TIMEOUT_S, Broker, persistent, poison_reason
 from regbridge.settings import SubmitterSettings
 from regbridge.store import Store
+from regbridge.topology import first_hop
 from submitter import metrics
 
 log = logging.getLogger("submitter")
@@ -39,6 +40,7 @@ class Submitter:
         self._rng = rng
         self._policy = SubmitPolicy(settings.submit_max_attempts, settings.submit_backoff_base_s,
                                     settings.submit_backoff_max_s)
+        self._first_hop = first_hop(settings.pending_queue, settings.poll_first_delay_s)
         self.broker: Broker  # set once the runtime exists (it needs this handler first)
 
     def handle(self, delivery: Delivery) -> None:
@@ -102,9 +104,11 @@ class Submitter:
         decision = self._policy.decide(outcome, attempt=attempt, jitter=self._rng())
         metrics.SUBMISSIONS.labels(type(outcome).__name__.lower()).inc()
         if isinstance(decision, HandOn):
-            self._stored(lambda: self._store.record_attempt(reg.attempt_key, user_id=reg.user_id,
-                                                            request_id=decision.request_id))
-            self._hand_on(delivery, reg, decision.request_id, attempts=attempt)
+            # The request id is on record before anything else: from here a redelivery of this
+            # message resumes with it instead of submitting again.
+            self._stored(lambda: self._store.record_accepted(reg.attempt_key, user_id=reg.user_id,
+                                                             request_id=decision.request_id))
+            self._hand_on(delivery, reg, decision.request_id, attempts=attempt, recorded=True)
         elif isinstance(decision, RetrySubmit):
             metrics.RETRIES.inc()
             log.info("legacy API busy; retrying in %.2f s", decision.delay_s,
@@ -122,16 +126,18 @@ class Submitter:
         except HandBack:
             self.broker.nack(delivery, requeue=True)
 
-    def _hand_on(self, delivery: Delivery, reg: Registration, request_id: str, *, attempts: int) -> None:
-        self._stored(lambda: self._store.record_submitted(reg.user_id, request_id))
+    def _hand_on(self, delivery: Delivery, reg: Registration, request_id: str, *, attempts: int,
+                 recorded: bool = False) -> None:
+        if not recorded:
+            self._stored(lambda: self._store.record_submitted(reg.user_id, request_id))
         pending = PendingMessage(
             request_id=request_id, user_id=reg.user_id, payload=reg.payload, attempt_key=reg.attempt_key,
-            submitted_at=self._clock(), message_id=reg.message_id, received_at=delivery.received_at,
+            submitted_at=self._clock(), message_id=reg.message_id, received_at=_published_at(delivery),
             submit_attempts=attempts,
         )
         log.info("submitted", extra={"event": "submitted", "user_id": reg.user_id, "request_id": request_id})
-        # Acked when the pending queue confirms it; handed back if it does not.
-        self.broker.forward(delivery, self._s.pending_queue, pending.encode(), persistent(reg.message_id))
+        # Acked when the broker confirms it; handed back if it does not.
+        self.broker.forward(delivery, self._first_hop, pending.encode(), persistent(reg.message_id))
 
     def _fail(self, delivery: Delivery, *, original: Any, user_id: str | None, attempt_key: str | None,
               error: FailureError, attempts: int) -> None:
@@ -160,3 +166,12 @@ class Submitter:
             self.broker.nack(delivery, requeue=True)
             return False
         return True
+
+
+def _published_at(delivery: Delivery) -> float:
+    """When the registration entered the system: the publisher's AMQP timestamp (whole seconds)
+    when it set one, else when this service took it. End-to-end latency is measured from here."""
+    stamp = delivery.properties.timestamp
+    if isinstance(stamp, int) and 0 < stamp <= delivery.received_at + 60:
+        return float(stamp)
+    return delivery.received_at

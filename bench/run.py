@@ -58,6 +58,8 @@ class Result:
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
     polls_per_registration: float | None = None
     detection_delay_mean_s: float | None = None
+    finalisations: int | None = None
+    submissions: int | None = None
     timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (t, submitted, finished)
 
     @property
@@ -115,18 +117,20 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
         procs: dict[str, int] = {}
         progress = {"submitted": 0, "finished": 0}
         if design == "pipeline":
-            services = [harness.Service(name, dict(env), logs / f"{name}.log") for name in ("submitter", "poller")]
+            names = ["submitter"] + ["poller"] * args.pollers
+            services = [harness.Service(name, dict(env), logs / f"{name}-{i}.log") for i, name in enumerate(names)]
             for service in services:
                 service.start()
                 stack.callback(lambda s=service: s.terminate() if s.process else None)
             for service in services:
                 service.wait_ready()
                 assert service.process is not None
-                procs[service.name] = service.process.pid
+                procs[service.name if service.name == "submitter" or args.pollers == 1
+                      else f"poller-{len(procs)}"] = service.process.pid
 
             def sample() -> None:
                 progress["submitted"] = int(legacy.stats(summary=True)["submissions_total"])
-                progress["finished"] = finalised(services[1])
+                progress["finished"] = sum(finalised(p) for p in services[1:])
         else:
             proc = subprocess.Popen([sys.executable, str(HERE / "baseline.py")], env=env, stdout=subprocess.PIPE,
                                     stderr=open(logs / "baseline.log", "wb"), text=True)  # noqa: SIM115
@@ -188,6 +192,11 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
         registered = client[database]["users"].count_documents({"registration_status": "registered"})
         if registered != n:
             raise SystemExit(f"{design}: only {registered} of {n} registered")
+        if design == "pipeline":
+            # Exactly once, however many pollers: finalisations counted by the pollers, and
+            # submissions counted by the legacy API, both equal N.
+            result.finalisations = sum(finalised(p) for p in services[1:])
+            result.submissions = int(stats["submissions_total"])
     return result
 
 
@@ -210,6 +219,8 @@ def table(results: list[Result]) -> str:
                                                if k in ("submitter", "poller", "baseline")) for r in results])
     for name in sorted({k for r in results for k in r.peak_rss_mib}):
         add(f"peak RSS MiB {name}", "{:.0f}", [r.peak_rss_mib.get(name) for r in results])
+    add("legacy submissions", "{:d}", [r.submissions for r in results])
+    add("finalisations", "{:d}", [r.finalisations for r in results])
     add("polls / registration", "{:.2f}", [r.polls_per_registration for r in results])
     add("detection delay (s)", "{:.2f}", [r.detection_delay_mean_s for r in results])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -250,6 +261,7 @@ def main() -> int:
     parser.add_argument("--first-delay", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--pollers", type=int, default=1, help="copies of the poller sharing the pending queue")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for both services, e.g. --env WORKERS=8 (repeatable)")

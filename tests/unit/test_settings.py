@@ -92,7 +92,7 @@ def test_every_variable_is_read(build: Build) -> None:
     assert (s.inbound_queue, s.pending_queue, s.failed_queue) == ("in", "pend", "dlq")
     assert s.http_port == 9100
     assert s.workers == 3
-    assert s.prefetch == 6
+    assert s.prefetch == 24  # PREFETCH unset: eight times WORKERS
     assert s.log_level == "DEBUG"
     assert s.attempts_collection == "people.attempts"
 

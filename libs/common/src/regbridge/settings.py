@@ -187,7 +187,7 @@ def _log_level(value: str) -> str:
 
 def submitter_settings(env: Mapping[str, str]) -> SubmitterSettings:
     r = _Reader(env)
-    common = _common(r, default_port=8081, default_workers=32)
+    common = _common(r, default_port=8081, default_workers=64)
     settings = SubmitterSettings(
         **common,
         submit_max_attempts=r.count("SUBMIT_MAX_ATTEMPTS", 6),

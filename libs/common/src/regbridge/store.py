@@ -74,11 +74,14 @@ class MongoStore:
         self._clock = clock
         # Every operation goes through the batcher: one round trip carries what many worker
         # threads asked for meanwhile (see regbridge.batching).
-        self._batcher = batcher or Batcher()
+        self._batcher = batcher or Batcher(name="mongo-writes")
+        # Lookups travel apart from writes, so that a write (the request id recorded after a
+        # 201, which ends the window for a second submission) never waits behind a batch of them.
+        self._reads = Batcher(name="mongo-reads") if batcher is None else batcher
 
     def _find(self, collection: Collection[dict[str, Any]], key: str,
               projection: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        return self._batcher.find_one(collection, key, projection)
+        return self._reads.find_one(collection, key, projection)
 
     def _update(self, collection: Collection[dict[str, Any]], op: UpdateOne) -> bool:
         """Apply an update; False when an upsert met an existing document its filter excluded."""

@@ -156,6 +156,11 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> Fas
     async def healthz() -> Response:
         return Response(content=b'{"status":"ok"}', media_type=_JSON)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # Read from the registry's counters at scrape time: nothing is added to the hot path.
+        return Response(content=_metrics_text(registry.summary()), media_type="text/plain; version=0.0.4")
+
     @app.get("/admin/stats")
     async def admin_stats(summary: str | None = None) -> Response:
         if summary is not None and summary.lower() in ("1", "true", "yes"):
@@ -184,3 +189,20 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> Fas
         return _json(200, {"status": "reset"})
 
     return FastPath(app, sim)
+
+
+_METRICS = (
+    ("legacy_sim_submissions_total", "counter", "Registrations accepted with 201", "submissions_total"),
+    ("legacy_sim_rejections_total", "counter", "Registrations refused with 400", "rejected_total"),
+    ("legacy_sim_polls_total", "counter", "Status polls of known request ids", "polls_total"),
+    ("legacy_sim_detections_total", "counter", "Registrations whose final status was polled", "detected_total"),
+    ("legacy_sim_post_503_total", "counter", "POSTs answered 503 (fault injection)", "post_503_total"),
+    ("legacy_sim_get_503_total", "counter", "GETs answered 503 (fault injection)", "get_503_total"),
+)
+
+
+def _metrics_text(summary: dict[str, Any]) -> bytes:
+    lines = []
+    for name, kind, help_text, key in _METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {summary.get(key) or 0}"]
+    return ("\n".join(lines) + "\n").encode()

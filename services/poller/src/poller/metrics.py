@@ -16,3 +16,16 @@ END_TO_END_SECONDS = Histogram("poller_end_to_end_seconds", "From taking the inb
                                buckets=(1, 2.5, 5, 10, 12.5, 15, 17.5, 20, 25, 30, 45, 60, 120, 300))
 QUEUE_MESSAGES = Gauge("poller_queue_messages", "Ready messages in each queue this service declared, read every 10 s",
                        ["queue"])
+
+
+def _create_label_values() -> None:
+    """Every label value the service can use, at zero from the start: rate() and increase() cannot
+    count a series' first increment, so one created on first use hides the first burst."""
+    for result in ("processing", "completed", "legacyfailed", "notfound", "transient"):
+        POLLS.labels(result)
+    FINALISED.labels("registered", "")
+    for stage in ("validation", "legacy", "poll", "timeout"):
+        FINALISED.labels("failed", stage)
+
+
+_create_label_values()

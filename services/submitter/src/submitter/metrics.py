@@ -14,3 +14,15 @@ LEGACY_SECONDS = Histogram("submitter_legacy_request_seconds", "Duration of POST
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 QUEUE_MESSAGES = Gauge("submitter_queue_messages",
                        "Ready messages in each queue this service declared, read every 10 s", ["queue"])
+
+
+def _create_label_values() -> None:
+    """Every label value the service can use, at zero from the start: rate() and increase() cannot
+    count a series' first increment, so one created on first use hides the first burst."""
+    for result in ("accepted", "rejected", "transient", "already_registered", "resumed"):
+        SUBMISSIONS.labels(result)
+    for stage in ("validation", "submit"):
+        FAILURES.labels(stage)
+
+
+_create_label_values()

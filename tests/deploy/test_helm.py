@@ -1,0 +1,680 @@
+"""The Helm charts under helm/, linted, rendered and validated offline with real tools.
+
+- PyPI `helm-python-sdk` (import `helm_python`) embeds Helm's own Go library: it lints each chart
+  strictly and renders it, which also checks the values against the chart's values.schema.json.
+  Its lint returns a report instead of raising; each message has a severity (Helm's
+  support.Severity: 0 unknown, 1 info, 2 warning, 3 error), and in strict mode every warning is
+  also listed under `errors`. A test fails on any message of severity >= 3 and on any entry of
+  `errors`; info messages are printed only.
+- PyPI `kubernetes-validate` validates every rendered object with `strict` (no unknown field)
+  against the Kubernetes schemas it ships, for the oldest version the charts support and the
+  newest it knows. The CRD kinds it has no schema for (ServiceMonitor, ScaledObject,
+  TriggerAuthentication) are checked structurally here.
+- What matters to the people who run it is asserted on the rendered objects: credentials only in
+  the Secret, the three probes, the restricted securityContext, resources, the standard labels,
+  and the contract's environment, which is fed through the services' own settings parsers.
+
+Under CI=true a missing tool fails the tests; on a developer's machine they are skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import importlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from harness import in_ci
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM_DIR = ROOT / "helm"
+NAMESPACE = "registration-bridge"
+KUBE_FLOOR = "1.25"  # kubeVersion ">=1.25.0-0" in every Chart.yaml
+
+STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                   "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by",
+                   "helm.sh/chart")
+CONTRACT_ENV = {"RABBITMQ_URL", "MONGODB_URI", "MONGODB_DATABASE", "MONGODB_COLLECTION", "LEGACY_API_URL",
+                "INBOUND_QUEUE", "PENDING_QUEUE", "FAILED_QUEUE", "POLL_FIRST_DELAY_S", "POLL_INTERVAL_S",
+                "POLL_DEADLINE_S", "HTTP_PORT"}
+TUNING_ENV = {"LOG_LEVEL", "WORKERS", "PREFETCH", "SHUTDOWN_TIMEOUT_S"}
+SECRET_ENV = ("RABBITMQ_URL", "MONGODB_URI")
+CRD_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+
+# Dummy credentials: each must be found in the Secret and nowhere else.
+RABBITMQ_PASSWORD = "rabbit-s3cret-9f2c"
+MONGODB_PASSWORD = "mongo-s3cret-41d7"
+RABBITMQ_URL = f"amqp://bridge:{RABBITMQ_PASSWORD}@rabbitmq.messaging.svc:5672/registrations"
+MONGODB_URI = f"mongodb://bridge:{MONGODB_PASSWORD}@mongodb.data.svc:27017/?authSource=admin"
+
+
+@dataclass(frozen=True)
+class ChartSpec:
+    name: str
+    port: int
+    component: str
+    bridge: bool  # a service of the bridge (Secret, autoscaling) rather than the staging simulator
+    scale_queue: str | None  # the variable naming the queue KEDA scales on
+
+
+CHARTS = {
+    "submitter": ChartSpec("submitter", 8081, "submitter", True, "INBOUND_QUEUE"),
+    "poller": ChartSpec("poller", 8082, "poller", True, "PENDING_QUEUE"),
+    "legacy-sim": ChartSpec("legacy-sim", 8080, "legacy-api", False, None),
+}
+
+
+def merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def full_values(chart: str) -> dict[str, Any]:
+    """Every optional feature switched on, and most knobs moved off their defaults."""
+    common: dict[str, Any] = {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"},
+        "podDisruptionBudget": {"enabled": True, "minAvailable": 1} if CHARTS[chart].bridge
+        else {"enabled": True},
+        "image": {"tag": "1.4.2", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "registry-credentials"}],
+        "extraEnv": [{"name": "TZ", "value": "UTC"}],
+        "podAnnotations": {"example.com/team": "registrations"},
+        "podLabels": {"example.com/tier": "backend"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "bridge", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {
+                "matchLabels": {"app.kubernetes.io/name": chart}}}}]}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": {"app.kubernetes.io/name": chart}}}],
+        "priorityClassName": "registration-bridge",
+        "serviceAccount": {"annotations": {"example.com/role": "bridge"}},
+    }
+    if not CHARTS[chart].bridge:
+        return merged(common, {"config": {"seed": 42, "post503Rate": 0.05, "failPrefix": "", "down": False,
+                                          "latencyMinS": 3, "latencyMaxS": 6}})
+    return merged(common, {
+        "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
+        "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 12},
+        "config": {"logLevel": "DEBUG", "prefetch": 100, "pollFirstDelayS": 0.5, "maxMessageBytes": 1000000,
+                   "legacyApiUrl": "https://adapter.legacy.svc:8443"},
+    })
+
+
+def keda_values(chart: str) -> dict[str, Any]:
+    return merged(full_values(chart), {"autoscaling": {"minReplicas": 0, "keda": {"enabled": True}}})
+
+
+# (chart, scenario, release name, values): release names cover both forms of the full name.
+SCENARIOS: list[tuple[str, str, str, dict[str, Any]]] = []
+for _chart, _spec in CHARTS.items():
+    SCENARIOS.append((_chart, "defaults", _chart, {}))
+    SCENARIOS.append((_chart, "full", "staging", full_values(_chart)))
+    if _spec.bridge:
+        SCENARIOS.append((_chart, "keda", "prod", keda_values(_chart)))
+SCENARIO_IDS = [f"{chart}-{scenario}" for chart, scenario, _, _ in SCENARIOS]
+
+# Values the schema (or a rule of the templates) must refuse: (charts, id, values, what the error names).
+BRIDGE = ("submitter", "poller")
+ALL = tuple(CHARTS)
+LEAKY_LEGACY_URL = f"https://bridge:{RABBITMQ_PASSWORD}@adapter.legacy.svc"
+REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
+    (ALL, "replicaCount-as-string", {"replicaCount": "3"}, "/replicaCount"),
+    (ALL, "unknown-top-level-key", {"replicas": 3}, "'replicas' not allowed"),
+    (ALL, "typo-in-config", {"config": {"logLevl": "DEBUG"}}, "'logLevl' not allowed"),
+    (ALL, "bad-pull-policy", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    (ALL, "writable-root-filesystem", {"securityContext": {"readOnlyRootFilesystem": False}},
+     "/securityContext/readOnlyRootFilesystem"),
+    (ALL, "root-allowed", {"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+    (ALL, "capability-added", {"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
+     "/securityContext/capabilities/add"),
+    (ALL, "no-limits", {"resources": {"limits": None}}, "missing property 'limits'"),
+    (ALL, "port-out-of-range", {"service": {"port": 70000}}, "/service/port"),
+    (ALL, "unknown-probe-key", {"probes": {"liveness": {"path": "/other"}}}, "'path' not allowed"),
+    (BRIDGE, "bad-log-level", {"config": {"logLevel": "TRACE"}}, "/config/logLevel"),
+    (BRIDGE, "zero-poll-interval", {"config": {"pollIntervalS": 0}}, "/config/pollIntervalS"),
+    (BRIDGE, "legacy-url-without-scheme", {"config": {"legacyApiUrl": "legacy-sim:8080"}},
+     "config.legacyApiUrl must be an http:// or https:// URL"),
+    (BRIDGE, "legacy-url-with-credentials", {"config": {"legacyApiUrl": LEAKY_LEGACY_URL}},
+     "config.legacyApiUrl must not carry credentials"),
+    (BRIDGE, "workers-as-float", {"config": {"workers": 2.5}}, "/config/workers"),
+    (BRIDGE, "secret-create-without-urls", {"secret": {"create": True}}, "/secret/rabbitmqUrl"),
+    (BRIDGE, "secret-create-half", {"secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": ""}},
+     "/secret/mongodbUri"),
+    (BRIDGE, "no-secret-at-all", {"secret": {"existingSecret": ""}}, "/secret/existingSecret"),
+    (BRIDGE, "credential-in-extra-env", {"extraEnv": [{"name": "RABBITMQ_URL", "value": RABBITMQ_URL}]},
+     "/extraEnv/0/name"),
+    (BRIDGE, "grace-not-beyond-shutdown", {"terminationGracePeriodSeconds": 30},
+     "must exceed config.shutdownTimeoutS"),
+    (BRIDGE, "hpa-to-zero", {"autoscaling": {"enabled": True, "minReplicas": 0}}, "only KEDA scales to zero"),
+    (BRIDGE, "min-above-max", {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+     "must not exceed autoscaling.maxReplicas"),
+    (BRIDGE, "unknown-keda-key", {"autoscaling": {"keda": {"queue": "x"}}}, "'queue' not allowed"),
+    (("legacy-sim",), "two-replicas", {"replicaCount": 2}, "/replicaCount"),
+    (("legacy-sim",), "rate-above-one", {"config": {"post503Rate": 1.5}}, "/config/post503Rate"),
+    (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
+     "must not exceed config.latencyMaxS"),
+    (("legacy-sim",), "no-autoscaling", {"autoscaling": {"enabled": True}}, "'autoscaling' not allowed"),
+]
+REJECTED_CASES = [(chart, case, values, expect) for charts, case, values, expect in REJECTED for chart in charts]
+
+
+# ---- the tools -----------------------------------------------------------------------------------
+
+
+def _unavailable(message: str) -> None:
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _module(name: str, package: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, or helm_python's HelmLibraryError when its library won't load
+        _unavailable(f"{package} is not usable ({exc!r}): pip install {package} (requirements-dev.txt)")
+        raise  # not reached: _unavailable fails or skips
+
+
+@pytest.fixture(scope="module")
+def helm() -> ModuleType:
+    return _module("helm_python", "helm-python-sdk")
+
+
+@pytest.fixture(scope="module")
+def kubeval() -> ModuleType:
+    return _module("kubernetes_validate", "kubernetes-validate")
+
+
+@pytest.fixture(scope="module")
+def kube_versions(kubeval: ModuleType) -> list[str]:
+    """The oldest Kubernetes the charts support that kubernetes-validate ships, and its newest."""
+    shipped = sorted({".".join(v.split(".")[:2]) for v in kubeval.utils.all_versions()}, key=Version)
+    supported = [v for v in shipped if Version(v) >= Version(KUBE_FLOOR)]
+    assert supported, f"kubernetes-validate ships no schema for Kubernetes >= {KUBE_FLOOR}: {shipped}"
+    return sorted({supported[0], supported[-1]}, key=Version)
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    files: dict[str, str]  # template path -> rendered text (NOTES.txt included)
+    docs: list[dict[str, Any]]  # every object, in template order
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def one(self, kind: str) -> dict[str, Any]:
+        found = self.of_kind(kind)
+        assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+        return found[0]
+
+
+def render(helm: ModuleType, chart: str, values: dict[str, Any], release: str) -> Rendered:
+    with helm.Chart.load(str(HELM_DIR / chart)) as loaded:
+        files: dict[str, str] = loaded.render(values or None, name=release, namespace=NAMESPACE)
+    docs: list[dict[str, Any]] = []
+    for path in sorted(files):
+        if path.endswith((".yaml", ".yml")):
+            docs.extend(d for d in yaml.safe_load_all(files[path]) if d)
+    return Rendered(files, docs)
+
+
+_cache: dict[tuple[str, str], Rendered] = {}
+
+
+@pytest.fixture(params=SCENARIOS, ids=SCENARIO_IDS)
+def scenario(request: pytest.FixtureRequest, helm: ModuleType) -> tuple[ChartSpec, str, dict[str, Any], Rendered]:
+    chart, name, release, values = request.param
+    key = (chart, name)
+    if key not in _cache:
+        _cache[key] = render(helm, chart, values, release)
+    return CHARTS[chart], release, values, _cache[key]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def environment(rendered: Rendered) -> dict[str, str | None]:
+    """The container's environment: the ConfigMap it loads (envFrom) then its own env (None: from a Secret)."""
+    deployment = rendered.one("Deployment")
+    main = container(deployment)
+    maps = {m["metadata"]["name"]: m.get("data", {}) for m in rendered.of_kind("ConfigMap")}
+    env: dict[str, str | None] = {}
+    for source in main.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, f"unexpected envFrom {source}: only the chart's ConfigMap"
+        env.update(maps[source["configMapRef"]["name"]])
+    for var in main.get("env", []):
+        env[var["name"]] = var.get("value")
+    return env
+
+
+def strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+
+
+# ---- lint ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("chart", "values"), [(c, v) for c, s, _, v in SCENARIOS if s in ("defaults", "full")],
+                         ids=[i for i, (_, s, _, _) in zip(SCENARIO_IDS, SCENARIOS, strict=True)
+                              if s in ("defaults", "full")])
+def test_helm_lint_strict(helm: ModuleType, kube_versions: list[str], chart: str, values: dict[str, Any]) -> None:
+    for kube in kube_versions:
+        report = helm.lint(str(HELM_DIR / chart), values or None, strict=True, namespace=NAMESPACE,
+                           kube_version=f"v{kube}.0")
+        messages = report.get("messages", [])
+        for message in messages:
+            print(f"helm lint {chart} (Kubernetes {kube}) severity {message['severity']}: "
+                  f"{message['path']}: {message['error']}")
+        serious = [m for m in messages if int(m["severity"]) >= 3]
+        assert report.get("total_charts_linted") == 1, report
+        assert not serious, f"helm lint {chart}: {json.dumps(serious, indent=2)}"
+        # Strict mode lists warnings (severity 2) here too.
+        assert not report.get("errors"), f"helm lint --strict {chart}: {report['errors']}"
+
+
+def test_lint_catches_a_broken_chart(helm: ModuleType, tmp_path: Path) -> None:
+    """The lint above means something: a template error is reported with severity 3."""
+    chart = tmp_path / "broken"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: broken\nversion: 0.1.0\n")
+    (chart / "values.yaml").write_text("a: {}\n")
+    (chart / "templates" / "cm.yaml").write_text("x: {{ .Values.a.b.c }}\n")
+    report = helm.lint(str(chart), strict=True)
+    assert any(int(m["severity"]) >= 3 for m in report["messages"]), report
+
+
+# ---- the charts render, and everything they render is valid ---------------------------------------
+
+
+def _check_crd(doc: dict[str, Any]) -> list[str]:
+    """Structure of the CRD kinds kubernetes-validate has no schema for, as their CRDs define them."""
+    problems: list[str] = []
+    kind = doc["kind"]
+
+    def need(condition: bool, what: str) -> None:
+        if not condition:
+            problems.append(f"{kind}/{doc.get('metadata', {}).get('name')}: {what}")
+
+    expected_api = {"ServiceMonitor": "monitoring.coreos.com/v1", "ScaledObject": "keda.sh/v1alpha1",
+                    "TriggerAuthentication": "keda.sh/v1alpha1"}[kind]
+    need(doc.get("apiVersion") == expected_api, f"apiVersion {doc.get('apiVersion')} != {expected_api}")
+    need(set(doc) == {"apiVersion", "kind", "metadata", "spec"}, f"top-level keys {sorted(doc)}")
+    meta = doc.get("metadata", {})
+    need(isinstance(meta.get("name"), str) and 0 < len(meta["name"]) <= 253, "metadata.name")
+    need(meta.get("namespace") == NAMESPACE, "metadata.namespace")
+    need(all(isinstance(v, str) for v in meta.get("labels", {}).values()), "label values must be strings")
+    spec = doc.get("spec", {})
+    if kind == "ServiceMonitor":
+        need(set(spec) <= {"selector", "namespaceSelector", "endpoints", "jobLabel"}, f"spec keys {sorted(spec)}")
+        need(bool(spec.get("selector", {}).get("matchLabels")), "spec.selector.matchLabels")
+        endpoints = spec.get("endpoints")
+        need(isinstance(endpoints, list) and len(endpoints) > 0, "spec.endpoints")
+        for endpoint in endpoints or []:
+            need(set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}, f"endpoint {endpoint}")
+            need(isinstance(endpoint.get("port"), str) and isinstance(endpoint.get("path"), str), "port and path")
+            for field in ("interval", "scrapeTimeout"):
+                need(isinstance(endpoint.get(field, "1s"), str), f"{field} is a duration string")
+    elif kind == "ScaledObject":
+        need(set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
+                           "cooldownPeriod", "triggers", "advanced", "fallback"}, f"spec keys {sorted(spec)}")
+        need(isinstance(spec.get("scaleTargetRef", {}).get("name"), str), "spec.scaleTargetRef.name")
+        for field in ("minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod"):
+            need(isinstance(spec.get(field, 0), int), f"spec.{field} is an integer")
+        need(spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100), "minReplicaCount <= maxReplicaCount")
+        triggers = spec.get("triggers")
+        need(isinstance(triggers, list) and len(triggers) > 0, "spec.triggers")
+        for trigger in triggers or []:
+            need(set(trigger) <= {"type", "metadata", "authenticationRef", "name", "metricType"}, f"trigger {trigger}")
+            need(isinstance(trigger.get("type"), str), "trigger.type")
+            # KEDA's metadata is map[string]string: a number there is refused by the API server.
+            need(all(isinstance(v, str) for v in trigger.get("metadata", {}).values()),
+                 f"trigger metadata values must be strings: {trigger.get('metadata')}")
+            need(isinstance(trigger.get("authenticationRef", {}).get("name", ""), str), "authenticationRef.name")
+    else:
+        need(set(spec) <= {"secretTargetRef", "env", "podIdentity"}, f"spec keys {sorted(spec)}")
+        refs = spec.get("secretTargetRef")
+        need(isinstance(refs, list) and len(refs) > 0, "spec.secretTargetRef")
+        for ref in refs or []:
+            need(set(ref) == {"parameter", "name", "key"} and all(isinstance(v, str) for v in ref.values()),
+                 f"secretTargetRef {ref}")
+    return problems
+
+
+def test_every_rendered_object_is_valid(kubeval: ModuleType, kube_versions: list[str],
+                                        scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    spec, _, _, rendered = scenario
+    assert rendered.docs, f"{spec.name} rendered nothing"
+    problems: list[str] = []
+    for doc in rendered.docs:
+        name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        if doc.get("kind") in CRD_KINDS:
+            problems += _check_crd(doc)
+            continue
+        for kube in kube_versions:
+            try:
+                kubeval.validate(doc, kube, strict=True)
+            except kubeval.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                problems.append(f"{name} (Kubernetes {kube}, strict): {path}: {exc.message}")
+            except kubeval.SchemaNotFoundError as exc:
+                problems.append(f"{name}: no schema: {exc.message}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_kubernetes_validator_is_strict(kubeval: ModuleType, kube_versions: list[str]) -> None:
+    """The check above means something: an unknown field, or a wrong type, is refused."""
+    probe = {"httpGet": {"path": "/readyz", "port": 1}}
+    deployment: dict[str, Any] = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {
+        "selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}}, "spec": {
+            "containers": [{"name": "x", "image": "x", "readinessProbe": probe}]}}}}
+    kubeval.validate(deployment, kube_versions[-1], strict=True)
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubeval.ValidationError):
+        kubeval.validate(typo, kube_versions[-1], strict=True)
+    wrong = copy.deepcopy(deployment)
+    wrong["spec"]["replicas"] = "two"
+    with pytest.raises(kubeval.ValidationError):
+        kubeval.validate(wrong, kube_versions[-1], strict=True)
+
+
+@pytest.mark.parametrize(("chart", "values", "expect"), [(c, v, e) for c, _, v, e in REJECTED_CASES],
+                         ids=[f"{c}-{case}" for c, case, _, _ in REJECTED_CASES])
+def test_bad_values_are_refused(helm: ModuleType, chart: str, values: dict[str, Any], expect: str) -> None:
+    with pytest.raises(helm.HelmError) as refused:
+        render(helm, chart, values, chart)
+    message = str(refused.value)
+    print(f"{chart} refused {values}: {message}")
+    assert isinstance(refused.value, helm.HelmValuesError | helm.HelmRenderError), repr(refused.value)
+    assert expect in message, f"refused for another reason than {expect!r}: {message}"
+    for secret in (RABBITMQ_PASSWORD, MONGODB_PASSWORD):
+        assert secret not in message, "an error message shows a credential"
+
+
+# ---- what matters to the people who run it --------------------------------------------------------
+
+
+def test_standard_labels_on_every_object(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    spec, release, values, rendered = scenario
+    expected = {
+        "app.kubernetes.io/name": spec.name,
+        "app.kubernetes.io/instance": release,
+        "app.kubernetes.io/version": values.get("image", {}).get("tag") or "0.1.0",
+        "app.kubernetes.io/component": spec.component,
+        "app.kubernetes.io/part-of": "registration-bridge",
+        "app.kubernetes.io/managed-by": "Helm",
+        "helm.sh/chart": f"{spec.name}-0.1.0",
+    }
+    assert set(expected) == set(STANDARD_LABELS)
+    for doc in rendered.docs:
+        labels = doc["metadata"].get("labels", {})
+        for key, value in expected.items():
+            assert labels.get(key) == value, f"{doc['kind']}/{doc['metadata']['name']}: {key}={labels.get(key)!r}"
+        assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']} has no namespace"
+    pod_labels = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert {k: pod_labels.get(k) for k in expected} == expected
+
+
+def test_deployment_probes_port_and_shutdown(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    spec, _, values, rendered = scenario
+    deployment = rendered.one("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    main = container(deployment)
+    env = environment(rendered)
+    port = values.get("config", {}).get("httpPort", spec.port)
+    assert env["HTTP_PORT"] == str(port) == str(spec.port)
+    assert main["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert main[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    startup = main["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 60, "the startup probe is not generous"
+    if spec.bridge:
+        assert pod["terminationGracePeriodSeconds"] > float(str(env["SHUTDOWN_TIMEOUT_S"]))
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_restricted_security_context_and_resources(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    _, _, _, rendered = scenario
+    deployment = rendered.one("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    main = container(deployment)
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == 10001  # the images' numeric user
+    assert security["fsGroup"] == 10001
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    own = main["securityContext"]
+    assert own["allowPrivilegeEscalation"] is False
+    assert own["readOnlyRootFilesystem"] is True
+    assert "ALL" in own["capabilities"]["drop"] and not own["capabilities"].get("add")
+    assert not own.get("privileged")
+    # The root filesystem is read-only: /tmp is an emptyDir.
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    resources = main["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"])
+    assert "memory" in resources["limits"]
+
+
+def test_service_and_selectors_fit_together(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    spec, _, _, rendered = scenario
+    deployment = rendered.one("Deployment")
+    name = deployment["metadata"]["name"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items()
+    service = rendered.one("Service")
+    assert service["spec"]["selector"] == selector
+    assert service["spec"]["ports"] == [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}]
+    accounts = rendered.of_kind("ServiceAccount")
+    assert [a["metadata"]["name"] for a in accounts] == [deployment["spec"]["template"]["spec"]["serviceAccountName"]]
+    for monitor in rendered.of_kind("ServiceMonitor"):
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("http", "/metrics")]
+    for budget in rendered.of_kind("PodDisruptionBudget"):
+        assert budget["spec"]["selector"]["matchLabels"] == selector
+    for hpa in rendered.of_kind("HorizontalPodAutoscaler"):
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    for scaled in rendered.of_kind("ScaledObject"):
+        assert scaled["spec"]["scaleTargetRef"]["name"] == name
+
+
+def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    spec, _, values, rendered = scenario
+    kinds = sorted(d["kind"] for d in rendered.docs)
+    always = ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+    autoscaling = values.get("autoscaling", {})
+    keda = autoscaling.get("keda", {}).get("enabled", False)
+    expected = always + (["Secret"] if values.get("secret", {}).get("create") else [])
+    expected += ["ServiceMonitor"] if values.get("serviceMonitor", {}).get("enabled") else []
+    expected += ["PodDisruptionBudget"] if values.get("podDisruptionBudget", {}).get("enabled") else []
+    if autoscaling.get("enabled"):
+        expected += ["ScaledObject", "TriggerAuthentication"] if keda else ["HorizontalPodAutoscaler"]
+    assert kinds == sorted(expected)
+    deployment = rendered.one("Deployment")
+    # Whoever scales owns the replica count: the Deployment must not fight the autoscaler.
+    assert ("replicas" in deployment["spec"]) == (not autoscaling.get("enabled"))
+    if not spec.bridge:
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("chart", [c for c, s in CHARTS.items() if s.bridge])
+def test_keda_scales_on_the_service_queue_with_the_secret(helm: ModuleType, chart: str) -> None:
+    spec = CHARTS[chart]
+    rendered = render(helm, chart, keda_values(chart), "prod")
+    env = environment(rendered)
+    scaled = rendered.one("ScaledObject")
+    auth = rendered.one("TriggerAuthentication")
+    assert not rendered.of_kind("HorizontalPodAutoscaler"), "KEDA makes its own HPA"
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    assert spec.scale_queue is not None
+    assert trigger["metadata"]["queueName"] == env[spec.scale_queue]
+    assert trigger["metadata"]["mode"] == "QueueLength" and int(trigger["metadata"]["value"]) > 0
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    assert "host" not in trigger["metadata"], "the broker URL must come from the Secret"
+    assert scaled["spec"]["minReplicaCount"] == 0, "KEDA may scale to zero"
+    broker = next(v for v in container(rendered.one("Deployment"))["env"] if v["name"] == "RABBITMQ_URL")
+    ref = broker["valueFrom"]["secretKeyRef"]
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "host", "name": ref["name"], "key": ref["key"]}]
+
+
+def test_credentials_only_in_the_secret(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    spec, _, values, rendered = scenario
+    main = container(rendered.one("Deployment"))
+    for configmap in rendered.of_kind("ConfigMap"):
+        assert not set(SECRET_ENV) & set(configmap.get("data", {})), "a credential URL in a ConfigMap"
+    assert not any("secretRef" in source for source in main.get("envFrom", []))
+    if not spec.bridge:
+        assert not rendered.of_kind("Secret")
+        assert not set(SECRET_ENV) & {v["name"] for v in main.get("env", [])}
+        return
+    refs = {}
+    for var in main["env"]:
+        if var["name"] in SECRET_ENV:
+            assert set(var) == {"name", "valueFrom"} and set(var["valueFrom"]) == {"secretKeyRef"}, var
+            refs[var["name"]] = var["valueFrom"]["secretKeyRef"]
+    assert set(refs) == set(SECRET_ENV)
+    # Not the contract's development default either: no guest:guest anywhere.
+    for path, text in rendered.files.items():
+        assert "guest" not in text, path
+    secrets = rendered.of_kind("Secret")
+    if not values.get("secret", {}).get("create"):
+        assert not secrets
+        assert {r["name"] for r in refs.values()} == {"registration-bridge"}
+        return
+    [secret] = secrets
+    assert {r["name"] for r in refs.values()} == {secret["metadata"]["name"]}
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert {refs[name]["key"]: data[refs[name]["key"]] for name in SECRET_ENV} == {
+        "RABBITMQ_URL": RABBITMQ_URL, "MONGODB_URI": MONGODB_URI}
+    forbidden = [RABBITMQ_PASSWORD, MONGODB_PASSWORD, RABBITMQ_URL, MONGODB_URI,
+                 base64.b64encode(RABBITMQ_URL.encode()).decode(), base64.b64encode(MONGODB_URI.encode()).decode()]
+    # Every other object, its text as rendered (comments included) and every string in it.
+    for path, text in rendered.files.items():
+        if path.endswith("/secret.yaml"):
+            continue
+        leaked = [f for f in forbidden if f in text]
+        assert not leaked, f"{path} shows a credential"
+    for doc in rendered.docs:
+        if doc["kind"] != "Secret":
+            assert not [s for s in strings(doc) for f in forbidden if f in s], doc["kind"]
+
+
+class Recording(Mapping[str, str]):
+    """An environment that remembers every variable the parser asked for."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.asked: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return self.env[key]
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.asked.add(key)
+        return key in self.env
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.env)
+
+    def __len__(self) -> int:
+        return len(self.env)
+
+
+def test_environment_is_the_contract_and_the_service_accepts_it(
+        scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
+    """The rendered environment, through the service's own settings parser: every variable it reads
+    is set by the chart, every value parses, and the defaults are the service's own."""
+    spec, _, values, rendered = scenario
+    env = environment(rendered)
+    real = {k: v for k, v in env.items() if v is not None}
+    if spec.bridge:
+        from regbridge import settings as bridge_settings
+
+        assert set(env) >= CONTRACT_ENV | TUNING_ENV, sorted(CONTRACT_ENV | TUNING_ENV - set(env))
+        parse = getattr(bridge_settings, f"{spec.name}_settings")
+        recording = Recording({**real, "RABBITMQ_URL": RABBITMQ_URL, "MONGODB_URI": MONGODB_URI})
+        loaded = parse(recording)
+        defaults = parse({})
+        assert recording.asked <= set(env), f"the chart does not set {sorted(recording.asked - set(env))}"
+        differ = {k for k in defaults.__dataclass_fields__ if getattr(loaded, k) != getattr(defaults, k)}
+        if not values:
+            assert differ == {"rabbitmq_url", "mongodb_uri", "legacy_api_url"}, differ
+            assert loaded.legacy_api_url == "http://legacy-sim:8080"
+        else:
+            assert loaded.log_level == "DEBUG" and loaded.prefetch == 100 and loaded.poll_first_delay_s == 0.5
+            assert loaded.max_message_bytes == 1000000
+            assert loaded.legacy_api_url == "https://adapter.legacy.svc:8443"
+        return
+    from legacy_sim.config import load_config
+
+    recording = Recording(real)
+    loaded = load_config([], recording)
+    defaults = load_config([], {})
+    every = {"HTTP_PORT"} | {f"LEGACY_SIM_{n}" for n in ("HOST", "LATENCY_MIN_S", "LATENCY_MAX_S",
+                                                          "ACCEPT_LATENCY_S", "POST_503_RATE", "GET_503_RATE",
+                                                          "RETRY_AFTER_S", "FAIL_PREFIX", "DOWN", "RESPONSE_DELAY_S")}
+    assert every <= set(env), sorted(every - set(env))
+    assert loaded.host == "0.0.0.0" and loaded.port == spec.port
+    if not values:
+        assert {k: v for k, v in loaded.to_json().items() if k != "host"} == \
+            {k: v for k, v in defaults.to_json().items() if k != "host"}
+    else:
+        # Every setting legacy-sim reads is one the chart can set (the seed only when given).
+        assert recording.asked <= set(env), sorted(recording.asked - set(env))
+        assert (loaded.seed, loaded.post_503_rate, loaded.fail_prefix, loaded.latency_max_s) == (42, 0.05, None, 6.0)
+
+
+def test_the_charts_are_consistent() -> None:
+    """Self-contained, yet alike: same chart metadata, same value names where they mean the same."""
+    metas = {name: yaml.safe_load((HELM_DIR / name / "Chart.yaml").read_text()) for name in CHARTS}
+    for name, meta in metas.items():
+        assert meta["apiVersion"] == "v2" and meta["name"] == name
+        assert str(meta["appVersion"]) == "0.1.0" and meta["kubeVersion"] == f">={KUBE_FLOOR}.0-0"
+        assert not meta.get("dependencies"), f"{name} must install on its own"
+        schema = json.loads((HELM_DIR / name / "values.schema.json").read_text())
+        assert schema["additionalProperties"] is False
+        defaults = yaml.safe_load((HELM_DIR / name / "values.yaml").read_text())
+        assert set(defaults) <= set(schema["properties"]), f"{name}: values without a schema"
+        assert defaults["image"]["repository"] == f"registration-bridge/{name}"
+        assert defaults["service"]["port"] == defaults["config"]["httpPort"] == CHARTS[name].port
+    submitter, poller = (yaml.safe_load((HELM_DIR / n / "values.yaml").read_text()) for n in ("submitter", "poller"))
+    assert set(submitter) == set(poller)
+    shared = set(poller["config"]) - {"httpPort", "workers"}
+    assert {k: submitter["config"][k] for k in shared} == {k: poller["config"][k] for k in shared}, \
+        "the two bridge charts must agree on queues, POLL_* and the rest they share"

@@ -8,11 +8,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): libs/common/pyproject.toml services/*/pyproject.toml requirements-dev.txt
+$(STAMP): libs/common/pyproject.toml services/*/pyproject.toml tools/registrations/pyproject.toml requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e libs/common -e services/submitter -e services/poller \
-		-e services/legacy-sim -r requirements-dev.txt
+		-e services/legacy-sim -e tools/registrations -r requirements-dev.txt
 	@touch $(STAMP)
 
 demo: install
@@ -32,6 +32,7 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy libs/common/src services/submitter/src services/poller/src services/legacy-sim/src
+	$(BIN)/mypy tools/registrations/src
 
 # N registrations in one burst (default 2000), pipeline and baseline side by side.
 bench: install

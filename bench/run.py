@@ -216,7 +216,7 @@ def table(results: list[Result]) -> str:
     for name in names:
         add(f"CPU ms/reg {name}", "{:.2f}", [r.cpu_ms_per_registration.get(name) for r in results])
     add("CPU ms/reg services", "{:.2f}", [sum(v for k, v in r.cpu_ms_per_registration.items()
-                                               if k in ("submitter", "poller", "baseline")) for r in results])
+                                               if k.startswith(("submitter", "poller", "baseline"))) for r in results])
     for name in sorted({k for r in results for k in r.peak_rss_mib}):
         add(f"peak RSS MiB {name}", "{:.0f}", [r.peak_rss_mib.get(name) for r in results])
     add("legacy submissions", "{:d}", [r.submissions for r in results])

@@ -74,18 +74,23 @@ class Registration:
     payload: Mapping[str, Any]
     body: bytes = field(repr=False)
     message_id: str | None = None
+    # What sets this publish apart from an earlier one of the same message (a replay keeps the
+    # message_id): the replay's mark, and the AMQP timestamp. Redeliveries carry the same.
+    publish_mark: str | None = None
 
     @property
     def attempt_key(self) -> str:
-        """Names this message across redeliveries: the user, and its message_id or else a digest
-        of its body (the user is part of it, so a message_id reused for another user is not
-        taken for this one)."""
+        """Names this message across redeliveries, and only this publish of it: the user, its
+        message_id or else a digest of its body, and its publish mark. (The user is part of it,
+        so a message_id reused for another user is not taken for this one.)"""
+        mark = f"|{self.publish_mark}" if self.publish_mark else ""
         if self.message_id:
-            return f"{self.user_id}|mid:{self.message_id}"
-        return f"{self.user_id}|sha256:" + hashlib.sha256(self.body).hexdigest()
+            return f"{self.user_id}|mid:{self.message_id}{mark}"
+        return f"{self.user_id}|sha256:" + hashlib.sha256(self.body).hexdigest() + mark
 
     @classmethod
-    def decode(cls, body: bytes, *, message_id: str | None, max_bytes: int) -> Registration:
+    def decode(cls, body: bytes, *, message_id: str | None, max_bytes: int,
+               publish_mark: str | None = None) -> Registration:
         if len(body) > max_bytes:
             raise DecodeError(
                 f"message body is {len(body)} bytes, over the limit of {max_bytes}",
@@ -116,7 +121,8 @@ class Registration:
                 f"user_id must be a non-empty string of at most {USER_ID_MAX_CHARS} characters",
                 original=original,
             )
-        return cls(user_id=user_id, payload=parsed, body=body, message_id=message_id or None)
+        return cls(user_id=user_id, payload=parsed, body=body, message_id=message_id or None,
+                   publish_mark=publish_mark or None)
 
 
 @dataclass(frozen=True)
@@ -253,3 +259,17 @@ class FailureRecord:
             )
         except (ValueError, RecursionError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise DecodeError(f"failure record is malformed: {exc}", original=_text_of(body)) from None
+
+
+REPLAY_HEADER = "x-replayed-at"
+
+
+def publish_mark(headers: Mapping[str, Any] | None, timestamp: int | None) -> str | None:
+    """The mark of one publish of a message: set by the replay tool, or the publisher's timestamp."""
+    parts = []
+    replayed = (headers or {}).get(REPLAY_HEADER)
+    if isinstance(replayed, str | bytes) and replayed:
+        parts.append("replay:" + (replayed.decode(errors="replace") if isinstance(replayed, bytes) else replayed))
+    if isinstance(timestamp, int) and not isinstance(timestamp, bool):
+        parts.append(f"ts:{timestamp}")
+    return "|".join(parts) or None

@@ -20,7 +20,14 @@ from regbridge.amqp import Delivery
 from regbridge.durable import HandBack, until_stored
 from regbridge.legacy_http import Legacy
 from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, SubmitPolicy
-from regbridge.messages import DecodeError, FailureError, FailureRecord, PendingMessage, Registration
+from regbridge.messages import (
+    DecodeError,
+    FailureError,
+    FailureRecord,
+    PendingMessage,
+    Registration,
+    publish_mark,
+)
 from regbridge.process import CONFIRM_TIMEOUT_S, Broker, persistent, poison_reason
 from regbridge.settings import SubmitterSettings
 from regbridge.store import Store
@@ -45,8 +52,10 @@ class Submitter:
 
     def handle(self, delivery: Delivery) -> None:
         try:
-            registration = Registration.decode(delivery.body, message_id=delivery.properties.message_id,
-                                               max_bytes=self._s.max_message_bytes)
+            props = delivery.properties
+            registration = Registration.decode(delivery.body, message_id=props.message_id,
+                                               max_bytes=self._s.max_message_bytes,
+                                               publish_mark=publish_mark(props.headers, props.timestamp))
         except DecodeError as exc:
             log.warning("invalid message: %s", exc.reason,
                         extra={"event": "invalid", "stage": Stage.VALIDATION, "reason": exc.reason})

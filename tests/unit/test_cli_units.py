@@ -1,0 +1,350 @@
+"""The operator command's pure parts: reading files with line numbers, judging rows, tables,
+durations, failure records and their filters, settings. No broker, no MongoDB."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pika
+import pytest
+from registrations_cli import rows
+from registrations_cli.broker import properties_view
+from registrations_cli.errors import CliError
+from registrations_cli.main import build_parser
+from registrations_cli.progress import Progress, bar
+from registrations_cli.records import Failure, Filter, encode_original
+from registrations_cli.settings import CliSettings, from_env
+from registrations_cli.table import one_line, plural, render, truncate
+from registrations_cli.timefmt import format_age, parse_duration, parse_since
+
+from regbridge.messages import FailureError, FailureRecord
+
+MAX = 65536
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def person(user_id: str, **extra: Any) -> dict[str, Any]:
+    return {"user_id": user_id, "name": "Maria da Silva", "email": "m@example.com", "cpf": "12345678909", **extra}
+
+
+def jsonl(*lines: str) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+# ---- JSONL ------------------------------------------------------------------------------------
+
+
+def test_jsonl_rows_keep_their_line_numbers_and_their_bytes() -> None:
+    first = json.dumps(person("u-1"))
+    parsed = rows.parse_jsonl(jsonl(first, "", "   ", json.dumps(person("u-2"))), max_bytes=MAX)
+    assert parsed.bad == []
+    assert [(r.line, r.user_id) for r in parsed.rows] == [(1, "u-1"), (4, "u-2")]
+    assert parsed.rows[0].body == first.encode()  # published as written
+    assert parsed.rows[0].message_id is None
+
+
+def test_jsonl_with_a_bom_and_crlf_line_ends() -> None:
+    data = b"\xef\xbb\xbf" + json.dumps(person("u-1")).encode() + b"\r\n" + json.dumps(person("u-2")).encode() + b"\r\n"
+    parsed = rows.parse_jsonl(data, max_bytes=MAX)
+    assert parsed.bad == [] and [r.user_id for r in parsed.rows] == ["u-1", "u-2"]
+    assert not parsed.rows[0].body.endswith(b"\r")
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("{not json", "message body is not JSON"),
+        ("[1, 2]", "message body is JSON but not an object (it is list)"),
+        ('"text"', "message body is JSON but not an object (it is str)"),
+        ('{"name": "x"}', "message has no user_id"),
+        ('{"user_id": ""}', "user_id must be a non-empty string"),
+        ('{"user_id": 12}', "user_id must be a non-empty string"),
+        ('{"user_id": {"$gt": ""}}', "user_id must be a non-empty string"),
+        (json.dumps({"user_id": "x" * 129}), "user_id must be a non-empty string of at most 128 characters"),
+        ('{"user_id": "u", "n": NaN}', "message body is not JSON"),
+    ],
+)
+def test_jsonl_invalid_rows_say_why_the_submitter_would_refuse_them(line: str, reason: str) -> None:
+    parsed = rows.parse_jsonl(jsonl(json.dumps(person("ok")), line), max_bytes=MAX)
+    assert [r.user_id for r in parsed.rows] == ["ok"]
+    assert len(parsed.bad) == 1 and parsed.bad[0].line == 2
+    assert parsed.bad[0].reason.startswith(reason), parsed.bad[0].reason
+    assert parsed.total == 2
+
+
+def test_jsonl_not_utf8_and_oversized_rows() -> None:
+    parsed = rows.parse_jsonl(b'{"user_id": "caf\xe9"}\n' + json.dumps(person("big", pad="x" * 200)).encode(),
+                              max_bytes=150)
+    assert [b.line for b in parsed.bad] == [1, 2]
+    assert parsed.bad[0].reason.startswith("message body is not UTF-8")
+    assert "over the limit of 150" in parsed.bad[1].reason
+
+
+def test_message_id_field() -> None:
+    data = jsonl(json.dumps(person("u-1", ref="r-1")), json.dumps(person("u-2")),
+                 json.dumps(person("u-3", ref=7)), json.dumps(person("u-4", ref="é" * 200)))
+    parsed = rows.parse_jsonl(data, max_bytes=MAX, message_id_field="ref")
+    assert [(r.line, r.message_id) for r in parsed.rows] == [(1, "r-1")]
+    assert [b.line for b in parsed.bad] == [2, 3, 4]
+    assert "must be a non-empty string" in parsed.bad[0].reason
+    assert "over 255 bytes" in parsed.bad[2].reason
+
+
+# ---- CSV --------------------------------------------------------------------------------------
+
+
+def test_csv_rows_are_objects_of_strings() -> None:
+    data = b'user_id,name,email,cpf\nu-1,"Souza, Ana",ana@example.com,01234567890\n\nu-2,Bruno,b@example.com,1\n'
+    parsed = rows.parse_csv(data, max_bytes=MAX)
+    assert parsed.bad == []
+    assert [(r.line, r.user_id) for r in parsed.rows] == [(2, "u-1"), (4, "u-2")]
+    assert json.loads(parsed.rows[0].body) == {"user_id": "u-1", "name": "Souza, Ana", "email": "ana@example.com",
+                                               "cpf": "01234567890"}  # leading zero kept
+
+
+def test_csv_a_quoted_cell_across_lines_numbers_rows_by_their_first_line() -> None:
+    data = b'user_id,name\nu-1,"two\nlines"\nu-2,x\n,y\n'
+    parsed = rows.parse_csv(data, max_bytes=MAX)
+    assert [(r.line, r.user_id) for r in parsed.rows] == [(2, "u-1"), (4, "u-2")]
+    assert json.loads(parsed.rows[0].body)["name"] == "two\nlines"
+    assert [(b.line, b.reason[:7]) for b in parsed.bad] == [(5, "user_id")]
+
+
+def test_csv_bad_rows_and_bad_headers() -> None:
+    parsed = rows.parse_csv(b"user_id,name\nu-1,a,extra\nu-2\nu-3,c\n", max_bytes=MAX)
+    assert [r.user_id for r in parsed.rows] == ["u-3"]
+    assert [(b.line, b.reason) for b in parsed.bad] == [
+        (2, "has 3 fields; the header (line 1) has 2"), (3, "has 1 fields; the header (line 1) has 2")]
+
+    for data, reason in [(b"name,email\nx,y\n", "no user_id column"),
+                         (b"user_id,name,name\n", "names name more than once"),
+                         (b"user_id,,x\n", "empty column name"),
+                         (b"", "no header row"),
+                         (b"\n\n", "no header row")]:
+        parsed = rows.parse_csv(data, max_bytes=MAX)
+        assert parsed.rows == [] and len(parsed.bad) == 1 and reason in parsed.bad[0].reason, (data, parsed)
+    parsed = rows.parse_csv(b"user_id,name\nu,n\n", max_bytes=MAX, message_id_field="ref")
+    assert "no ref column" in parsed.bad[0].reason
+
+
+def test_csv_not_utf8_names_its_line_and_a_bom_is_fine() -> None:
+    parsed = rows.parse_csv(b"user_id,name\nu-1,ok\nu-2,caf\xe9\n", max_bytes=MAX)
+    assert parsed.rows == [] and parsed.bad[0].line == 3 and "not UTF-8" in parsed.bad[0].reason
+    parsed = rows.parse_csv(b"\xef\xbb\xbfuser_id,name\nu-1,ok\n", max_bytes=MAX)
+    assert [r.user_id for r in parsed.rows] == ["u-1"]
+
+
+def test_csv_unterminated_quote_is_reported() -> None:
+    parsed = rows.parse_csv(b'user_id,name\nu-1,"open\n', max_bytes=MAX)
+    assert parsed.rows == [] and "not valid CSV" in parsed.bad[-1].reason
+
+
+def test_format_from_the_extension() -> None:
+    assert [rows.guess_format(p) for p in ("a.jsonl", "A.NDJSON", "a.json", "dir/b.csv", "c.txt", "-")] == \
+        ["jsonl", "jsonl", "jsonl", "csv", None, None]
+    with pytest.raises(ValueError):
+        rows.parse(b"", "xml", max_bytes=MAX)
+
+
+# ---- durations and ages ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400),
+                                               ("1h30m", 5400), ("0.5s", 0.5), ("1w", 604800), (" 2H ", 7200)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5x", "m5", "1h 30m", "-5", "nan", "inf", "30m1"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_since_takes_a_duration_or_a_time() -> None:
+    assert parse_since("2h", NOW) == NOW - timedelta(hours=2)
+    assert parse_since("2026-11-27T10:00:00Z", NOW) == datetime(2026, 11, 27, 10, tzinfo=UTC)
+    assert parse_since("2026-11-27T10:00:00", NOW) == datetime(2026, 11, 27, 10, tzinfo=UTC)  # UTC when unzoned
+    assert parse_since("2026-11-27T07:00:00-03:00", NOW) == datetime(2026, 11, 27, 10, tzinfo=UTC)
+    assert parse_since("2026-11-27", NOW) == datetime(2026, 11, 27, tzinfo=UTC)
+    with pytest.raises(ValueError, match="--since takes"):
+        parse_since("yesterday", NOW)
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(-3, "0s"), (0, "0s"), (42.9, "42s"), (60, "1m00s"), (307, "5m07s"),
+                                                (10920, "3h02m"), (363600, "4d05h")])
+def test_ages(seconds: float, shown: str) -> None:
+    assert format_age(seconds) == shown
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+
+def test_table_pads_columns_and_aligns_numbers_right() -> None:
+    text = render(["#", "STAGE", "REASON"], [[1, "legacy", "short"], [10, "validation", "a longer reason"]],
+                  right=["#"])
+    assert text.splitlines() == [
+        " #  STAGE       REASON",
+        " 1  legacy      short",
+        "10  validation  a longer reason",
+    ]
+    assert render(["A", "B"], [[None, "x"]], indent="  ").splitlines()[1] == "     x"
+    with pytest.raises(ValueError):
+        render(["A", "B"], [["only one"]])
+
+
+def test_cells_are_one_line_and_cut_short() -> None:
+    assert one_line("  a\nb\t c  ") == "a b c"
+    assert truncate("abcdefghij", 5) == "abcd…"
+    assert truncate("abcde", 5) == "abcde"
+    assert truncate("line one\nline two", 100) == "line one line two"
+    assert truncate("x", 0) == ""
+    assert [plural(1, "record"), plural(2, "record"), plural(0, "entry", "entries")] == \
+        ["1 record", "2 records", "0 entries"]
+
+
+def test_progress_bar() -> None:
+    assert bar(0, 10, width=10) == "publishing [----------]   0% 0/10"
+    assert bar(5, 10, width=10) == "publishing [#####-----]  50% 5/10"
+    assert bar(10, 10, width=10) == "publishing [##########] 100% 10/10"
+    assert bar(0, 0, width=4) == "publishing [----]   0% 0/0"
+
+    off = io.StringIO()
+    progress = Progress(3, off, enabled=False)
+    for _ in range(3):
+        progress.advance()
+    progress.close()
+    assert off.getvalue() == "" and progress.done == 3
+
+    on = io.StringIO()
+    progress = Progress(2, on, enabled=True, width=4, every_s=0)
+    progress.advance()
+    progress.advance()
+    progress.close()
+    assert on.getvalue() == "\rpublishing [##--]  50% 1/2\rpublishing [####] 100% 2/2\n"
+
+
+# ---- failure records and filters ---------------------------------------------------------------
+
+
+def failure(position: int, *, user_id: str | None = "u-1", stage: str = "legacy", original: Any = None,
+            failed_at: datetime = NOW - timedelta(minutes=5), message_id: str | None = "m-1") -> Failure:
+    body = FailureRecord(original=person(user_id or "x") if original is None else original, user_id=user_id,
+                         legacy_request_id="AB583C-X", error=FailureError(stage, "rejected by the legacy system", 200),
+                         attempts=4, failed_at=failed_at).encode()
+    return Failure.parse(position, body, message_id=message_id)
+
+
+def test_a_failure_record_read_back() -> None:
+    f = failure(3)
+    assert (f.position, f.stage, f.user_id, f.reason) == (3, "legacy", "u-1", "rejected by the legacy system")
+    assert f.failed_at == NOW - timedelta(minutes=5) and f.age_s(NOW) == 300
+    assert f.has_original and json.loads(f.replay_body()) == person("u-1")
+    view = f.view(NOW)
+    assert view["position"] == 3 and view["message_id"] == "m-1" and view["age_s"] == 300
+    assert view["record"]["error"]["http_status"] == 200 and "problem" not in view
+
+
+def test_unreadable_records_are_shown_not_fatal() -> None:
+    junk = Failure.parse(1, b"\xff not json")
+    assert (junk.stage, junk.user_id, junk.failed_at) == ("?", None, None)
+    assert junk.reason.startswith("unreadable failure record") and not junk.has_original
+    assert junk.view(NOW)["record"] == "\ufffd not json"
+    with pytest.raises(ValueError):
+        junk.replay_body()
+    # JSON, but not a whole record: what can be read is shown; `original` can still be replayed.
+    partial = Failure.parse(2, json.dumps({"original": {"user_id": "p"}, "user_id": "p",
+                                           "error": {"stage": "poll"}}).encode())
+    assert (partial.stage, partial.user_id, partial.has_original) == ("poll", "p", True)
+    assert partial.record is None and partial.problem
+
+
+def test_what_a_replay_publishes() -> None:
+    assert encode_original({"user_id": "u", "name": "João"}) == '{"user_id":"u","name":"João"}'.encode()
+    assert encode_original(["an", "array"]) == b'["an","array"]'
+    assert encode_original("this is not JSON") == b"this is not JSON"
+    assert encode_original(42) == b"42"
+    assert failure(1, user_id=None, stage="validation", original="{not json").replay_body() == b"{not json"
+
+
+def test_filters() -> None:
+    old = failure(1, user_id="u-1", stage="legacy", failed_at=NOW - timedelta(hours=3))
+    new = failure(2, user_id="u-2", stage="submit", failed_at=NOW - timedelta(minutes=1))
+    junk = Failure.parse(3, b"junk")
+    everything = [old, new, junk]
+    assert [f.position for f in everything if Filter().matches(f)] == [1, 2, 3]
+    assert [f.position for f in everything if Filter(stage="submit").matches(f)] == [2]
+    assert [f.position for f in everything if Filter(user_id="u-1").matches(f)] == [1]
+    assert [f.position for f in everything if Filter(since=NOW - timedelta(hours=1)).matches(f)] == [2]
+    assert [f.position for f in everything if Filter(stage="legacy", user_id="u-2").matches(f)] == []
+    assert not Filter().active and Filter(stage="poll").active
+
+
+def test_amqp_properties_as_json() -> None:
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/json", message_id="m-1",
+                                 timestamp=1_800_000_000, headers={"x-delivery-count": 2, "b": b"bytes"})
+    assert properties_view(props) == {
+        "content_type": "application/json", "delivery_mode": 2, "message_id": "m-1",
+        "timestamp": "2027-01-15T08:00:00+00:00", "headers": {"x-delivery-count": 2, "b": "bytes"}}
+
+
+# ---- settings, arguments, errors -----------------------------------------------------------------
+
+
+def test_settings_default_to_the_contract() -> None:
+    s = from_env({})
+    assert s == CliSettings()
+    assert (s.rabbitmq_url, s.mongodb_uri, s.mongodb_database, s.mongodb_collection) == (
+        "amqp://guest:guest@localhost:5672/%2F", "mongodb://localhost:27017", "registry", "users")
+    assert (s.inbound_queue, s.pending_queue, s.failed_queue) == (
+        "registrations", "registrations.pending", "registrations.failed")
+    assert (s.poll_first_delay_s, s.poll_interval_s, s.max_message_bytes) == (10.0, 2.0, 65536)
+    assert s.wait_queues == ["registrations.pending.wait.10000ms", "registrations.pending.wait.2000ms"]
+    assert s.broker_shown == "amqp://***@localhost:5672/%2F"
+
+
+def test_settings_from_the_environment() -> None:
+    s = from_env({"RABBITMQ_URL": "amqps://bridge:p@ss@rabbit:5671/regs", "PENDING_QUEUE": "p",
+                  "POLL_FIRST_DELAY_S": "0", "POLL_INTERVAL_S": "0.25", "MONGODB_DATABASE": " db "})
+    assert s.wait_queues == ["p.wait.250ms"]  # no first delay, no first wait queue
+    assert s.mongodb_database == "db"
+    assert s.broker_shown == "amqps://***@rabbit:5671/regs"
+    assert from_env({"POLL_FIRST_DELAY_S": "2", "POLL_INTERVAL_S": "2"}).wait_queues == \
+        ["registrations.pending.wait.2000ms"]
+
+
+def test_every_bad_setting_is_named_and_no_url_is_echoed() -> None:
+    with pytest.raises(CliError) as caught:
+        from_env({"RABBITMQ_URL": "http://bob:s3cret@x", "MONGODB_URI": "bob:s3cret@mongo", "POLL_INTERVAL_S": "0",
+                  "POLL_FIRST_DELAY_S": "-1", "MAX_MESSAGE_BYTES": "lots"})
+    message = str(caught.value)
+    for name in ("RABBITMQ_URL", "MONGODB_URI", "POLL_INTERVAL_S", "POLL_FIRST_DELAY_S", "MAX_MESSAGE_BYTES"):
+        assert name in message
+    assert "s3cret" not in message and caught.value.code == 2
+
+
+def test_errors_never_carry_credentials() -> None:
+    assert str(CliError("cannot reach amqp://bob:s3cret@host:5672/v")) == "cannot reach amqp://***@host:5672/v"
+
+
+def test_arguments() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["stats", "--watch"])
+    assert args.watch == 2.0 and args.count is None
+    assert parser.parse_args(["stats", "--watch", "90s"]).watch == 90
+    assert parser.parse_args(["stats", "--watch", "0.5", "--count", "3"]).watch == 0.5
+    args = parser.parse_args(["failed", "list", "--stage", "legacy", "--since", "2h", "--limit", "5"])
+    assert (args.stage, args.limit) == ("legacy", 5)
+    assert args.since.tzinfo is not None
+    args = parser.parse_args(["failed", "replay", "--user-id", "u-1", "--dry-run"])
+    assert (args.user_id, args.dry_run, args.stage) == ("u-1", True, None)
+    assert parser.parse_args(["publish", "f.csv", "--skip-invalid", "--message-id-field", "ref"]).message_id_field \
+        == "ref"
+    for bad in (["failed", "list", "--stage", "nope"], ["failed", "list", "--limit", "0"], ["failed", "show", "x"],
+                ["stats", "--watch", "0"], ["failed", "list", "--since", "whenever"], ["publish"], []):
+        with pytest.raises(SystemExit) as caught:
+            parser.parse_args(bad)
+        assert caught.value.code == 2

@@ -1,0 +1,1 @@
+"""`registrations`: the operator's command for the registration bridge."""

@@ -1,0 +1,93 @@
+"""`registrations stats [--watch [SECONDS]]`: queue depths per stage and outcomes in MongoDB."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pika.adapters.blocking_connection import BlockingConnection
+from pymongo.collection import Collection
+
+from . import broker, mongo
+from .settings import CliSettings
+from .table import render
+
+STAGES = ("inbound", "pending", "waiting", "failed")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    at: datetime
+    queues: list[tuple[str, str, broker.QueueInfo | None]]  # (stage, queue, None when it does not exist)
+    outcomes: dict[str, int]
+
+    @property
+    def stages(self) -> dict[str, int]:
+        """Ready messages per stage; `waiting` sums the wait queues."""
+        totals = dict.fromkeys(STAGES, 0)
+        for stage, _, info in self.queues:
+            if info is not None:
+                totals[stage] += info.ready
+        return totals
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "stages": self.stages,
+            "queues": {name: {"stage": stage, "ready": info.ready if info else None,
+                              "consumers": info.consumers if info else None, "exists": info is not None}
+                       for stage, name, info in self.queues},
+            "outcomes": self.outcomes,
+        }
+
+
+def take(connection: BlockingConnection, users: Collection[dict[str, Any]], settings: CliSettings) -> Snapshot:
+    queues: list[tuple[str, str, broker.QueueInfo | None]] = [
+        ("inbound", settings.inbound_queue, broker.queue_info(connection, settings.inbound_queue)),
+        ("pending", settings.pending_queue, broker.queue_info(connection, settings.pending_queue)),
+    ]
+    for name in settings.wait_queues:
+        info = broker.queue_info(connection, name)
+        if info is not None:  # the poller declares them; one not there yet holds nothing
+            queues.append(("waiting", name, info))
+    queues.append(("failed", settings.failed_queue, broker.queue_info(connection, settings.failed_queue)))
+    return Snapshot(datetime.now(UTC), queues, mongo.outcome_counts(users))
+
+
+def render_table(snapshot: Snapshot, settings: CliSettings) -> str:
+    rows = [[stage, name, info.ready if info else "not declared", info.consumers if info else "-"]
+            for stage, name, info in snapshot.queues]
+    queues = render(["STAGE", "QUEUE", "READY", "CONSUMERS"], rows, right=["READY", "CONSUMERS"])
+    totals = "  ".join(f"{k}={v}" for k, v in snapshot.stages.items())
+    outcomes = render(["STATUS", "USERS"], [[k, v] for k, v in snapshot.outcomes.items()], right=["USERS"])
+    return (f"broker {settings.broker_shown}\n\n{queues}\n\nby stage: {totals}\n\n"
+            f"MongoDB {settings.mongodb_database}.{settings.mongodb_collection}\n{outcomes}")
+
+
+def render_line(snapshot: Snapshot) -> str:
+    stages = "  ".join(f"{k if k != 'failed' else 'failure-records'}={v:<3d}" for k, v in snapshot.stages.items())
+    outcomes = "  ".join(f"{k}={v:<3d}" for k, v in snapshot.outcomes.items())
+    return f"{snapshot.at.astimezone().strftime('%H:%M:%S')}  {stages}|  {outcomes}".rstrip()
+
+
+def run(settings: CliSettings, *, watch_s: float | None = None, count: int | None = None,
+        as_json: bool = False) -> int:
+    with broker.connect(settings) as connection, mongo.users(settings) as users:
+        if watch_s is None and count is None:
+            snapshot = take(connection, users, settings)
+            print(json.dumps(snapshot.as_json(), indent=2) if as_json else render_table(snapshot, settings))
+            return 0
+        interval = watch_s if watch_s is not None else 2.0
+        shown = 0
+        try:
+            while count is None or shown < count:
+                if shown:
+                    connection.sleep(interval)  # keeps the connection's heartbeats going
+                snapshot = take(connection, users, settings)
+                print(json.dumps(snapshot.as_json()) if as_json else render_line(snapshot), flush=True)
+                shown += 1
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends a watch: that is how it is meant to stop
+    return 0

@@ -1,0 +1,65 @@
+"""`registrations status USER_ID`: where one registration stands."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from . import broker, mongo
+from .errors import CliError
+from .failed import dump, read, table
+from .settings import CliSettings
+from .timefmt import format_age
+
+
+def run(user_id: str, settings: CliSettings, *, as_json: bool = False) -> int:
+    with mongo.users(settings) as users:
+        document = mongo.registration(users, user_id)
+    with broker.connect(settings) as connection:
+        failures = [f for f in read(connection, settings) if f.user_id == user_id]
+    now = datetime.now(UTC)
+    if as_json:
+        print(dump({"user_id": user_id, "document": _plain(document),
+                    "failures": [f.view(now) for f in failures]}))
+        return 0 if document is not None or failures else 1
+    where = f"{settings.mongodb_database}.{settings.mongodb_collection}"
+    if document is None and not failures:
+        raise CliError(f"nothing known about user {user_id!r}: no document in {where} and no failure record "
+                       f"on {settings.failed_queue}")
+    print(f"user {user_id}")
+    if document is None:
+        print(f"  no document in {where}")
+    else:
+        for line in describe(document, now):
+            print(f"  {line}")
+    queue = settings.failed_queue
+    if failures:
+        print(f"\n{len(failures)} failure record{'s' if len(failures) != 1 else ''} on {queue}:")
+        print(table(failures, now, indent="  "))
+    else:
+        print(f"\nno failure record on {queue}")
+    return 0
+
+
+def describe(document: dict[str, Any], now: datetime) -> list[str]:
+    """The registration fields, one `name  value` line each (a missing field shows `-`)."""
+    lines = []
+    for name in mongo.FIELDS:
+        value = document.get(name)
+        if value is None:
+            shown = "-"
+        elif isinstance(value, datetime):
+            moment = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+            shown = f"{moment.isoformat()} ({format_age((now - moment).total_seconds())} ago)"
+        elif isinstance(value, dict) and {"stage", "reason"} <= set(value):
+            shown = f"{value['stage']}: {value['reason']}"
+        else:
+            shown = str(value)
+        lines.append(f"{name:<24} {shown}")
+    return lines
+
+
+def _plain(document: dict[str, Any] | None) -> dict[str, Any] | None:
+    if document is None:
+        return None
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in document.items()}

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import harness
 from pymongo import MongoClient
-
-from regbridge.topology import wait_queue_name
+from registrations_cli import failed, stats
+from registrations_cli import settings as cli_settings
 
 INBOUND, PENDING, FAILED = "registrations", "registrations.pending", "registrations.failed"
 # Shorter than the real 10-20 s so that the demo takes seconds, with the same shape.
@@ -89,35 +90,31 @@ def main() -> int:
         stack.callback(client.close)
         stack.callback(lambda: client.drop_database(database))
         users = client[database]["users"]
+        # The operator command's own pieces show the progress and the failure queue.
+        cli = cli_settings.from_env(env)
 
         sent = samples()
         for i, (body, _) in enumerate(sent):
             broker.publish(INBOUND, body, message_id=f"demo-msg-{i}")
         expected = Counter(outcome for _, outcome in sent)
-        failures: list[dict[str, Any]] = []
         start = time.monotonic()
-        waits = [wait_queue_name(PENDING, float(POLL[k])) for k in ("POLL_FIRST_DELAY_S", "POLL_INTERVAL_S")]
         while True:
-            failures += [json.loads(b) for _, b in broker.drain(FAILED)]
-            counts = Counter(d.get("registration_status") for d in users.find({}, {"registration_status": 1}))
-            waiting = sum(broker.depth(q) for q in waits)
-            print(f"  t={time.monotonic() - start:5.1f}s  inbound={broker.depth(INBOUND):3d}  "
-                  f"pending={broker.depth(PENDING):3d}  waiting={waiting:3d}  submitted={counts['submitted']:3d}  "
-                  f"registered={counts['registered']:3d}  failure records={len(failures):3d}", flush=True)
-            if counts["registered"] + len(failures) >= len(sent) or time.monotonic() - start > 120:
+            snapshot = stats.take(broker.connection, users, cli)
+            print(f"  t={time.monotonic() - start:5.1f}s  {stats.render_line(snapshot)}", flush=True)
+            done = snapshot.outcomes.get("registered", 0) + snapshot.stages["failed"]
+            if done >= len(sent) or time.monotonic() - start > 120:
                 break
-            time.sleep(1.0)
+            broker.connection.sleep(1.0)
 
-        got = Counter({"registered": counts["registered"]})
+        failures = failed.read(broker.connection, cli)  # browsed: the records stay on the queue
+        got = Counter({"registered": snapshot.outcomes.get("registered", 0)})
         for record in failures:
-            got[f"failed: {record['error']['stage']}"] += 1
+            got[f"failed: {record.stage}"] += 1
         print("\nOutcome by kind         expected  got")
         for kind in sorted(set(expected) | set(got)):
             print(f"  {kind:22s} {expected[kind]:8d}  {got[kind]:3d}")
-        print("\nFailure records:")
-        for record in failures:
-            print(f"  {record['error']['stage']:10s} user_id={record['user_id']!s:14s} "
-                  f"http={record['error']['http_status']!s:4s} {record['error']['reason'][:70]}")
+        print(f"\nThe failure queue ({FAILED}), as `registrations failed list` shows it:")
+        print(failed.table(failures, datetime.now(UTC), indent="  "))
         ok = got == expected
         print("\n" + ("every registration reached its expected outcome" if ok else "UNEXPECTED OUTCOMES"))
         return 0 if ok else 1

@@ -342,3 +342,34 @@ def service_env(*, rabbitmq_url: str, mongodb_uri: str, database: str, legacy_ur
         "LOG_LEVEL": "INFO",
         **(extra or {}),
     }
+
+
+# ---- deployment tools -------------------------------------------------------------------------
+
+
+def unavailable(message: str) -> None:
+    """A real tool or service the test needs is missing: fail under CI, skip on a developer's machine."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def fetch_tools(*needed: str) -> dict[str, Path]:
+    """scripts/tools.sh fetches the tools into .tools/ (once) and prints `name=path` lines."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        done = subprocess.run(["bash", str(root / "scripts" / "tools.sh")], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "VENV": sys.prefix})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        unavailable(f"scripts/tools.sh could not run: {exc}")
+        raise
+    if done.returncode != 0:
+        unavailable(f"scripts/tools.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    found = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    paths = {name: Path(path) for name, path in found.items()}
+    for name in needed:
+        if name not in paths or not os.access(paths[name], os.X_OK):
+            unavailable(f"scripts/tools.sh did not provide {name}")
+    return paths

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from harness import in_ci
+from harness import fetch_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -34,28 +33,9 @@ CREDENTIAL_VARIABLES = ("RABBITMQ_USER", "RABBITMQ_PASSWORD")
 DEV_DEFAULT = "guest"
 
 
-def _unavailable(message: str) -> None:
-    if in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def tools() -> dict[str, Path]:
-    """scripts/tools.sh fetches the tools into .tools/ (once) and prints `name=path` lines."""
-    try:
-        done = subprocess.run(["bash", str(ROOT / "scripts" / "tools.sh")], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "VENV": sys.prefix})
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        _unavailable(f"scripts/tools.sh could not run: {exc}")
-    if done.returncode != 0:
-        _unavailable(f"scripts/tools.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    found = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
-    paths = {name: Path(path) for name, path in found.items()}
-    for name in ("docker-compose", "hadolint"):
-        if name not in paths or not os.access(paths[name], os.X_OK):
-            _unavailable(f"scripts/tools.sh did not provide {name}")
-    return paths
+    return fetch_tools("docker-compose", "hadolint")
 
 
 def compose(tools: dict[str, Path], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

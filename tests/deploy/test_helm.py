@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import in_ci
+from harness import unavailable
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,17 +176,11 @@ REJECTED_CASES = [(chart, case, values, expect) for charts, case, values, expect
 # ---- the tools -----------------------------------------------------------------------------------
 
 
-def _unavailable(message: str) -> None:
-    if in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def _module(name: str, package: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except Exception as exc:  # ImportError, or helm_python's HelmLibraryError when its library won't load
-        _unavailable(f"{package} is not usable ({exc!r}): pip install {package} (requirements-dev.txt)")
+        unavailable(f"{package} is not usable ({exc!r}): pip install {package} (requirements-dev.txt)")
         raise  # not reached: _unavailable fails or skips
 
 

@@ -7,11 +7,9 @@ a few registrations, with the real alert rules loaded.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import pytest
 import requests
 import yaml
 from conftest import Stack
-from harness import Broker, LegacySim, free_port, in_ci, wait_until
+from harness import Broker, LegacySim, fetch_tools, free_port, wait_until
 from prometheus_client.metrics import MetricWrapperBase
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,28 +30,9 @@ GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1
 METRIC = re.compile(r"\b(?:submitter|poller)_[a-z0-9_]+\b")
 
 
-def _unavailable(message: str) -> None:
-    if in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def tools() -> dict[str, Path]:
-    """scripts/tools.sh fetches the tools into .tools/ (once) and prints `name=path` lines."""
-    try:
-        done = subprocess.run(["bash", str(ROOT / "scripts" / "tools.sh")], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "VENV": sys.prefix})
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        _unavailable(f"scripts/tools.sh could not run: {exc}")
-    if done.returncode != 0:
-        _unavailable(f"scripts/tools.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    found = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
-    paths = {name: Path(path) for name, path in found.items()}
-    for name in ("promtool", "prometheus"):
-        if name not in paths or not os.access(paths[name], os.X_OK):
-            _unavailable(f"scripts/tools.sh did not provide {name}")
-    return paths
+    return fetch_tools("promtool", "prometheus")
 
 
 def promtool(tools: dict[str, Path], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -7,16 +7,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
 from pika.spec import BasicProperties
 
 from regbridge import health, logs
-from regbridge.amqp import AmqpRuntime, Delivery
+from regbridge.amqp import AmqpRuntime, Delivery, RuntimeHooks
+from regbridge.legacy_http import LegacyClient
 from regbridge.settings import CommonSettings, SettingsError
-from regbridge.store import MongoStore
+from regbridge.store import MongoStore, connect
+from regbridge.topology import QueueSpec
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
@@ -67,6 +69,49 @@ def load_settings(name: str, build: Callable[[Mapping[str, str]], S], env: Mappi
     except SettingsError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class ServiceMetrics(Protocol):
+    """The metrics every service keeps at the runtime's edge, under its own prefix."""
+
+    CONSUMED: Any
+    RECONNECTS: Any
+    QUEUE_MESSAGES: Any
+
+
+class Handles(Protocol):
+    broker: Broker
+
+    def handle(self, delivery: Delivery) -> None: ...
+
+
+def adapters(settings: CommonSettings) -> tuple[MongoStore, LegacyClient]:
+    """The MongoDB store and the legacy API client, sized to the service's pool."""
+    mongo = MongoStore(connect(settings.mongodb_uri, pool_size=max(2, settings.workers // 4)),
+                       settings.mongodb_database, settings.mongodb_collection, settings.attempts_collection)
+    return mongo, LegacyClient(settings.legacy_api_url, timeout_s=settings.legacy_timeout_s,
+                               pool_size=settings.workers)
+
+
+def serve(name: str, settings: CommonSettings, service: Handles, *, queues: Sequence[QueueSpec],
+          consume: str, store: MongoStore, metrics: ServiceMetrics) -> None:
+    """Wire `service` to a runtime on its queues, with its metrics at the edge, and run it."""
+    runtime = AmqpRuntime(
+        url=settings.rabbitmq_url,
+        queues=queues,
+        consume=[consume],
+        handler=service.handle,
+        workers=settings.workers,
+        prefetch=settings.prefetch,
+        reconnect_max_s=settings.reconnect_max_s,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        hooks=RuntimeHooks(on_delivery=lambda d: metrics.CONSUMED.inc(),
+                           on_disconnected=metrics.RECONNECTS.inc,
+                           on_queue_depth=lambda queue, n: metrics.QUEUE_MESSAGES.labels(queue).set(n)),
+        name=name,
+    )
+    service.broker = runtime
+    run(name, settings, runtime, store)
 
 
 def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore) -> None:

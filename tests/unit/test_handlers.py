@@ -154,7 +154,8 @@ class FakeStore:
             self.attempts[key] = Attempt(None, False)
             self.log.append("attempt:reset")
 
-    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None:
+    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None,
+                              error: FailureError | None = None) -> None:
         self._check()
         self.attempts[key] = Attempt(request_id, True)
         self.attempt_users[key] = user_id
@@ -764,3 +765,21 @@ def test_poller_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and record.legacy_request_id == "AB583C-X"
     assert rig.broker.acks == [6]
+
+
+def test_submitter_redelivered_after_the_attempt_mark_but_before_the_status_finishes_it() -> None:
+    """A crash between marking the attempt failed and writing the user's status: the redelivery
+    writes the status from what the attempt kept, and acks; no second record, no POST."""
+    rig = submitter_rig()
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt(None, True, FailureError("submit", "rejected", 400))
+    rig.submitter.handle(delivery(BODY, tag=21, redelivered=True))
+    assert rig.store.users["u-000123"].status == "failed"
+    assert rig.broker.acks == [21] and rig.broker.published == [] and rig.legacy.submitted == []
+
+
+def test_poller_duplicate_after_the_attempt_mark_finishes_the_status() -> None:
+    rig = poller_rig(LegacyFailed("rejected by the legacy system"))
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", True, FailureError("legacy", "rejected", 200))
+    rig.poller.handle(pending_delivery(pending(polls=1), tag=22))
+    assert rig.store.users["u-000123"].status == "failed"
+    assert rig.broker.acks == [22] and failure_records(rig.broker) == []

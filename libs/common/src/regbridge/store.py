@@ -35,6 +35,7 @@ class UserState:
 class Attempt:
     request_id: str | None
     failed: bool
+    error: FailureError | None = None  # what the failure record said, to finish its recording
 
 
 class Store(Protocol):
@@ -44,7 +45,8 @@ class Store(Protocol):
     def attempt(self, key: str) -> Attempt | None: ...
     def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None: ...
     def reset_attempt(self, key: str) -> None: ...
-    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None: ...
+    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None,
+                              error: FailureError | None = None) -> None: ...
     def record_submitted(self, user_id: str, request_id: str) -> bool: ...
     def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool: ...
     def record_registered(self, user_id: str, request_id: str) -> bool: ...
@@ -97,7 +99,10 @@ class MongoStore:
         doc = self._find(self._attempts, key)
         if doc is None:
             return None
-        return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")))
+        error = doc.get("error")
+        failure = (FailureError(str(error.get("stage")), str(error.get("reason")), error.get("http_status"))
+                   if isinstance(error, dict) else None)
+        return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")), failure)
 
     def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
         self._update(self._attempts, UpdateOne(
@@ -112,10 +117,13 @@ class MongoStore:
         self._update(self._attempts, UpdateOne({"_id": key}, {"$set": {"legacy_request_id": None, "failed": False,
                                                                       "updated_at": self._clock()}}))
 
-    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None) -> None:
+    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None,
+                              error: FailureError | None = None) -> None:
+        stored = None if error is None else {"stage": error.stage, "reason": error.reason,
+                                             "http_status": error.http_status}
         self._update(self._attempts, UpdateOne(
             {"_id": key},
-            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": True,
+            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": True, "error": stored,
                       "updated_at": self._clock()}},
             upsert=True,
         ))

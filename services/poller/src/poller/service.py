@@ -104,6 +104,10 @@ class Poller:
             if attempt is not None and attempt.failed and attempt.request_id == request_id:
                 log.info("failure already recorded for this attempt",
                          extra={"event": "duplicate", "user_id": user_id, "request_id": request_id})
+                # The record is out; the user's status may not be, if a crash came between the
+                # two writes: write it again (an idempotent write), then ack.
+                if user_id is not None:
+                    self._stored(lambda: self._store.record_failed(user_id, request_id, attempt.error or error))
                 self.broker.ack(delivery)
                 return
         record = FailureRecord(original=original, user_id=user_id, legacy_request_id=request_id, error=error,
@@ -114,7 +118,7 @@ class Poller:
         # The attempt's mark first (see the submitter): the crash window ends with this write.
         if msg is not None:
             self._stored(lambda: self._store.record_attempt_failed(msg.attempt_key, user_id=user_id,
-                                                                   request_id=request_id))
+                                                                   request_id=request_id, error=error))
         if user_id is not None:
             self._stored(lambda: self._store.record_failed(user_id, request_id, error))
         self._observe_end(msg, "failed", error.stage)

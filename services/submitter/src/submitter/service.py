@@ -95,7 +95,12 @@ class Submitter:
         else:
             attempt = self._stored(lambda: self._store.attempt(reg.attempt_key))
             if attempt is not None and attempt.failed:
-                self.broker.ack(delivery)  # its failure record is already out
+                # Its failure record is already out. The user's status may not be, if the crash
+                # came between the two writes: write it again (an idempotent write), then ack.
+                if attempt.error is not None:
+                    error = attempt.error
+                    self._stored(lambda: self._store.record_failed(reg.user_id, attempt.request_id, error))
+                self.broker.ack(delivery)
                 return
             if attempt is not None and attempt.request_id:
                 log.info("redelivered with a request id on record; not submitted again",
@@ -157,7 +162,8 @@ class Submitter:
         # The attempt's mark first: from then on a redelivery is acked without a second record.
         # Between the confirm and this write lies the one window where a crash duplicates a record.
         if attempt_key is not None:
-            self._stored(lambda: self._store.record_attempt_failed(attempt_key, user_id=user_id, request_id=None))
+            self._stored(lambda: self._store.record_attempt_failed(attempt_key, user_id=user_id, request_id=None,
+                                                                   error=error))
         if user_id is not None:
             self._stored(lambda: self._store.record_failed(user_id, None, error))
         metrics.FAILURES.labels(error.stage).inc()

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import requests
+from harness import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +43,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_for(condition: Callable[[], bool], *, deadline_s: float, what: str) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -122,7 +115,7 @@ def start_sim(extra_env: dict[str, str] | None = None) -> Sim:
         except requests.ConnectionError:
             return False
 
-    wait_for(healthy, deadline_s=15.0, what="legacy-sim /healthz")
+    wait_until(healthy, timeout=15.0, what="legacy-sim /healthz", every=0.02)
     return sim
 
 

@@ -77,9 +77,9 @@ def service_metric_names() -> set[str]:
 
     names: set[str] = set()
     for module in (submitter_metrics, poller_metrics):
-        for value in vars(module).values():
-            if not isinstance(value, MetricWrapperBase):
-                continue
+        found: list[MetricWrapperBase] = list(module.EDGE.all())
+        found += [value for value in vars(module).values() if isinstance(value, MetricWrapperBase)]
+        for value in found:
             for family in value.describe():
                 names.add(family.name)
                 names.update(family.name + suffix for suffix in ("_total", "_bucket", "_sum", "_count"))

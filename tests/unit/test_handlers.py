@@ -1,4 +1,6 @@
-"""Submitter.handle and Poller.handle driven with in-memory fakes: no broker, no MongoDB, no HTTP, no sleep."""
+"""The handlers carried out by the executor, with in-memory fakes: no broker, no MongoDB, no HTTP, no sleep.
+
+Each test reads the effects in the order the executor made them (`rig.log`)."""
 
 from __future__ import annotations
 
@@ -30,9 +32,12 @@ from regbridge.lifecycle import (
     may_record,
 )
 from regbridge.messages import FailureError, FailureRecord, PendingMessage
-from regbridge.process import POISON_DELIVERIES
+from regbridge.durable import Durable
+from regbridge.executor import POISON_DELIVERIES, Executor, Handler
+from regbridge.lifecycle import State
+from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus, Write
 from regbridge.settings import poller_settings, submitter_settings
-from regbridge.store import Attempt, UserState
+from regbridge.store import Attempt, UserState, WriteRefused
 from regbridge.topology import wait_queue_name
 from submitter.service import Submitter
 
@@ -127,6 +132,8 @@ class FakeStore:
         self.users: dict[str, UserDoc] = {}
         self.attempts: dict[str, Attempt] = {}
         self.attempt_users: dict[str, str | None] = {}
+        self.attempt_errors: dict[str, FailureError] = {}
+        self.refuse: set[type] = set()  # kinds of write the server refuses for good
         self.unreachable = False
 
     def _check(self) -> None:
@@ -140,13 +147,10 @@ class FakeStore:
 
     def attempt(self, key: str) -> Attempt | None:
         self._check()
-        return self.attempts.get(key)
-
-    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
-        self._check()
-        self.attempts[key] = Attempt(request_id, False)
-        self.attempt_users[key] = user_id
-        self.log.append(f"attempt:{request_id}")
+        found = self.attempts.get(key)
+        if found is None or found.error is not None:
+            return found
+        return Attempt(found.request_id, found.failed, self.attempt_errors.get(key))
 
     def reset_attempt(self, key: str) -> None:
         self._check()
@@ -154,35 +158,33 @@ class FakeStore:
             self.attempts[key] = Attempt(None, False)
             self.log.append("attempt:reset")
 
-    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None,
-                              error: FailureError | None = None) -> None:
+    def apply(self, write: Write) -> bool:
         self._check()
-        self.attempts[key] = Attempt(request_id, True)
-        self.attempt_users[key] = user_id
-        self.log.append(f"attempt-failed:{request_id}")
+        if type(write) in self.refuse:
+            self.log.append(f"refused:{type(write).__name__}")
+            raise WriteRefused("Document failed validation")
+        if isinstance(write, AttemptAccepted):
+            self.attempts[write.attempt_key] = Attempt(write.request_id, False)
+            self.attempt_users[write.attempt_key] = write.user_id
+            self.log.append(f"attempt:{write.request_id}")
+            return self.apply(UserStatus(write.user_id, State.SUBMITTED, write.request_id))
+        if isinstance(write, AttemptFailed):
+            self.attempts[write.attempt_key] = Attempt(write.request_id, True)
+            self.attempt_errors[write.attempt_key] = write.error
+            self.attempt_users[write.attempt_key] = write.user_id
+            self.log.append(f"attempt-failed:{write.request_id}")
+            return True
+        return self._write(write)
 
-    def _write(self, user_id: str, request_id: str | None, status: str, error: dict[str, str] | None) -> bool:
-        self._check()
-        doc = self.users.get(user_id)
-        if doc is not None and not may_record(doc.status, doc.request_id, request_id):
-            self.log.append(f"blocked:{status}")
+    def _write(self, write: UserStatus) -> bool:
+        doc = self.users.get(write.user_id)
+        if doc is not None and not may_record(doc.status, doc.request_id, write.request_id):
+            self.log.append(f"blocked:{write.status}")
             return False
-        self.users[user_id] = UserDoc(status, request_id, error)
-        self.log.append(f"{status}:{request_id}")
+        error = None if write.error is None else {"stage": write.error.stage, "reason": write.error.reason}
+        self.users[write.user_id] = UserDoc(write.status.value, write.request_id, error)
+        self.log.append(f"{write.status}:{write.request_id}")
         return True
-
-    def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool:
-        self.record_attempt(key, user_id=user_id, request_id=request_id)
-        return self.record_submitted(user_id, request_id)
-
-    def record_submitted(self, user_id: str, request_id: str) -> bool:
-        return self._write(user_id, request_id, "submitted", None)
-
-    def record_registered(self, user_id: str, request_id: str) -> bool:
-        return self._write(user_id, request_id, "registered", None)
-
-    def record_failed(self, user_id: str, request_id: str | None, error: FailureError) -> bool:
-        return self._write(user_id, request_id, "failed", {"stage": error.stage, "reason": error.reason})
 
     def ping(self) -> bool:
         return not self.unreachable
@@ -237,9 +239,15 @@ def assert_persistent(published: Published, message_id: str | None) -> None:
 # ---- the submitter ----------------------------------------------------------------------------
 
 
+def executor(handler: Handler, broker: FakeBroker, store: FakeStore, clock: FakeClock) -> Executor:
+    return Executor(handler, broker=broker, store=store, durable=Durable(broker.stopping, max_delay_s=0.0),
+                    failed_queue=FAILED, clock=clock)
+
+
 @dataclass
 class SubmitterRig:
     submitter: Submitter
+    executor: Executor
     broker: FakeBroker
     store: FakeStore
     legacy: FakeLegacy
@@ -252,9 +260,9 @@ def submitter_rig(*outcomes: SubmitOutcome, env: dict[str, str] | None = None) -
     broker, store, legacy, clock = FakeBroker(log), FakeStore(log), FakeLegacy(submits=outcomes), FakeClock()
     settings = submitter_settings({"SUBMIT_MAX_ATTEMPTS": "3", "SUBMIT_BACKOFF_BASE_S": "1",
                                    "SUBMIT_BACKOFF_MAX_S": "8", "MAX_MESSAGE_BYTES": "4096", **(env or {})})
-    submitter = Submitter(settings, store=store, legacy=legacy, clock=clock, rng=lambda: 0.5)
-    submitter.broker = broker
-    return SubmitterRig(submitter, broker, store, legacy, clock, log)
+    submitter = Submitter(settings, store=store, legacy=legacy, durable=Durable(broker.stopping, max_delay_s=0.0),
+                          clock=clock, rng=lambda: 0.5)
+    return SubmitterRig(submitter, executor(submitter, broker, store, clock), broker, store, legacy, clock, log)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +277,7 @@ def submitter_rig(*outcomes: SubmitOutcome, env: dict[str, str] | None = None) -
 )
 def test_submitter_invalid_message_is_one_validation_failure(body: bytes, original: object) -> None:
     rig = submitter_rig()
-    rig.submitter.handle(delivery(body, message_id="m-bad", tag=7))
+    rig.executor.run(delivery(body, message_id="m-bad", tag=7))
     records = failure_records(rig.broker)
     assert len(records) == 1
     record = records[0]
@@ -292,7 +300,7 @@ def test_submitter_invalid_message_is_one_validation_failure(body: bytes, origin
 def test_submitter_oversized_message_is_a_validation_failure() -> None:
     rig = submitter_rig()
     body = json.dumps({"user_id": "u-1", "pad": "x" * 10_000}).encode()
-    rig.submitter.handle(delivery(body))
+    rig.executor.run(delivery(body))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation"
     assert isinstance(record.original, str)
@@ -303,7 +311,7 @@ def test_submitter_oversized_message_is_a_validation_failure() -> None:
 def test_submitter_already_registered_user_is_acked_without_a_post() -> None:
     rig = submitter_rig()
     rig.store.users["u-000123"] = UserDoc("registered", "OLD-1")
-    rig.submitter.handle(delivery(BODY))
+    rig.executor.run(delivery(BODY))
     assert rig.legacy.submitted == []
     assert rig.broker.published == []
     assert rig.broker.acks == [1]
@@ -312,7 +320,7 @@ def test_submitter_already_registered_user_is_acked_without_a_post() -> None:
 
 def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
     rig = submitter_rig(Accepted("AB583C-X"))
-    rig.submitter.handle(delivery(BODY, message_id="m-1", tag=3, received_at=NOW - 2))
+    rig.executor.run(delivery(BODY, message_id="m-1", tag=3, received_at=NOW - 2))
     assert rig.legacy.submitted == [BODY]  # the body as received, unchanged
     assert rig.store.attempts == {"u-000123|mid:m-1": Attempt("AB583C-X", False)}
     assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
@@ -330,7 +338,7 @@ def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
 
 def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
     rig = submitter_rig(Accepted("AB583C-X"))
-    rig.submitter.handle(delivery(BODY, message_id=None))
+    rig.executor.run(delivery(BODY, message_id=None))
     key = "u-000123|sha256:" + hashlib.sha256(BODY).hexdigest()
     assert rig.store.attempts == {key: Attempt("AB583C-X", False)}
     [published] = rig.broker.on(FIRST_HOP)
@@ -343,7 +351,7 @@ def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
 def test_submitter_publish_failure_hands_the_message_back() -> None:
     rig = submitter_rig(Accepted("AB583C-X"))
     rig.broker.refuse.add(FIRST_HOP)
-    rig.submitter.handle(delivery(BODY, tag=4))
+    rig.executor.run(delivery(BODY, tag=4))
     assert rig.broker.nacks == [(4, True)]
     assert rig.broker.acks == []
     # The request id is on record, so the redelivery will not POST again.
@@ -353,7 +361,7 @@ def test_submitter_publish_failure_hands_the_message_back() -> None:
 def test_submitter_failure_record_publish_failure_hands_the_message_back() -> None:
     rig = submitter_rig(Rejected("rejected by the legacy API: bad cpf", 400))
     rig.broker.refuse.add(FAILED)
-    rig.submitter.handle(delivery(BODY, tag=5))
+    rig.executor.run(delivery(BODY, tag=5))
     assert rig.broker.nacks == [(5, True)]
     assert rig.broker.acks == []
     # Nothing says "failed" while the failure record is not out.
@@ -363,7 +371,7 @@ def test_submitter_failure_record_publish_failure_hands_the_message_back() -> No
 
 def test_submitter_rejection_is_a_submit_failure() -> None:
     rig = submitter_rig(Rejected("rejected by the legacy API: cpf: must have 11 digits", 400))
-    rig.submitter.handle(delivery(BODY, message_id="m-1", tag=6))
+    rig.executor.run(delivery(BODY, message_id="m-1", tag=6))
     [record] = failure_records(rig.broker)
     assert record.original == REGISTRATION
     assert record.user_id == "u-000123"
@@ -382,7 +390,7 @@ def test_submitter_rejection_is_a_submit_failure() -> None:
 
 def test_submitter_busy_defers_then_the_retry_succeeds() -> None:
     rig = submitter_rig(Transient("legacy API busy: HTTP 503", 503), Accepted("AB583C-X"))
-    rig.submitter.handle(delivery(BODY, tag=8))
+    rig.executor.run(delivery(BODY, tag=8))
     assert rig.broker.acks == [] and rig.broker.nacks == [] and rig.broker.published == []
     assert [delay for delay, _ in rig.broker.deferred] == [0.75]  # base 1 s, jitter 0.5 → [0.5, 1]
     rig.broker.run_deferred()
@@ -396,14 +404,14 @@ def test_submitter_busy_defers_then_the_retry_succeeds() -> None:
 
 def test_submitter_honours_retry_after() -> None:
     rig = submitter_rig(Transient("legacy API busy: HTTP 429", 429, 5.0))
-    rig.submitter.handle(delivery(BODY))
+    rig.executor.run(delivery(BODY))
     assert [delay for delay, _ in rig.broker.deferred] == [5.0]
 
 
 def test_submitter_gives_up_when_the_budget_is_spent() -> None:
     busy = Transient("legacy API busy: HTTP 503", 503)
     rig = submitter_rig(busy, busy, busy)
-    rig.submitter.handle(delivery(BODY, tag=9))
+    rig.executor.run(delivery(BODY, tag=9))
     delays = [rig.broker.run_deferred(), rig.broker.run_deferred()]
     assert delays == [0.75, 1.5]  # growing
     assert rig.broker.deferred == []
@@ -421,7 +429,7 @@ def test_submitter_redelivered_with_a_request_id_on_record_is_not_submitted_agai
     rig = submitter_rig()
     rig.store.attempts["u-000123|mid:m-1"] = Attempt("REQ-9", False)
     rig.store.users["u-000123"] = UserDoc("submitted", "REQ-9")
-    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=True, tag=10))
+    rig.executor.run(delivery(BODY, message_id="m-1", redelivered=True, tag=10))
     assert rig.legacy.submitted == []
     [pending] = pending_messages(rig.broker)
     assert pending.request_id == "REQ-9"
@@ -436,7 +444,7 @@ def test_submitter_redelivered_after_its_failure_was_recorded_is_only_acked() ->
     rig = submitter_rig()
     rig.store.attempts["u-000123|mid:m-1"] = Attempt(None, True)
     rig.store.users["u-000123"] = UserDoc("failed", None)
-    rig.submitter.handle(delivery(BODY, redelivered=True, tag=11))
+    rig.executor.run(delivery(BODY, redelivered=True, tag=11))
     assert rig.legacy.submitted == []
     assert rig.broker.published == []
     assert rig.broker.acks == [11]
@@ -444,7 +452,7 @@ def test_submitter_redelivered_after_its_failure_was_recorded_is_only_acked() ->
 
 def test_submitter_redelivered_without_an_attempt_on_record_is_submitted() -> None:
     rig = submitter_rig(Accepted("AB583C-X"))
-    rig.submitter.handle(delivery(BODY, redelivered=True))
+    rig.executor.run(delivery(BODY, redelivered=True))
     assert rig.legacy.submitted == [BODY]
     assert len(rig.broker.on(FIRST_HOP)) == 1
 
@@ -454,7 +462,7 @@ def test_submitter_new_message_after_a_failed_attempt_is_submitted_again() -> No
     rig = submitter_rig(Accepted("NEW-1"))
     rig.store.attempts["u-000123|mid:m-1"] = Attempt(None, True)
     rig.store.users["u-000123"] = UserDoc("failed", None, {"stage": "submit", "reason": "x"})
-    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=False, tag=12))
+    rig.executor.run(delivery(BODY, message_id="m-1", redelivered=False, tag=12))
     assert rig.legacy.submitted == [BODY]
     assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("NEW-1", False)
     assert rig.store.users["u-000123"] == UserDoc("submitted", "NEW-1")
@@ -470,10 +478,10 @@ def test_submitter_replay_redelivered_before_it_finished_is_not_dropped() -> Non
     rig = submitter_rig(Transient("legacy API busy: HTTP 503", 503), Accepted("NEW-1"))
     rig.store.attempts["u-000123|mid:m-1"] = Attempt("OLD-1", True)
     rig.store.users["u-000123"] = UserDoc("failed", "OLD-1")
-    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=False, tag=13))
+    rig.executor.run(delivery(BODY, message_id="m-1", redelivered=False, tag=13))
     assert len(rig.broker.deferred) == 1
     rig.broker.deferred.clear()  # shutdown: the deferred retry is handed back to the broker
-    rig.submitter.handle(delivery(BODY, message_id="m-1", redelivered=True, tag=14))
+    rig.executor.run(delivery(BODY, message_id="m-1", redelivered=True, tag=14))
     assert len(rig.legacy.submitted) == 2
     assert [p.request_id for p in pending_messages(rig.broker)] == ["NEW-1"]
     assert rig.broker.acks == [14]
@@ -482,7 +490,7 @@ def test_submitter_replay_redelivered_before_it_finished_is_not_dropped() -> Non
 def test_submitter_user_failed_by_another_attempt_moves_to_submitted() -> None:
     rig = submitter_rig(Accepted("NEW-1"))
     rig.store.users["u-000123"] = UserDoc("failed", "OLD-1", {"stage": "legacy", "reason": "x"})
-    rig.submitter.handle(delivery(BODY, message_id="m-2"))
+    rig.executor.run(delivery(BODY, message_id="m-2"))
     assert rig.store.users["u-000123"] == UserDoc("submitted", "NEW-1")
 
 
@@ -490,7 +498,7 @@ def test_submitter_hands_back_when_the_store_is_down_during_shutdown() -> None:
     rig = submitter_rig()
     rig.store.unreachable = True
     rig.broker.stopping.set()
-    rig.submitter.handle(delivery(BODY, tag=15))
+    rig.executor.run(delivery(BODY, tag=15))
     assert rig.broker.nacks == [(15, True)]
     assert rig.broker.acks == []
     assert rig.legacy.submitted == []
@@ -504,6 +512,7 @@ SUBMITTED_AT = NOW - 100.0
 @dataclass
 class PollerRig:
     poller: Poller
+    executor: Executor
     broker: FakeBroker
     store: FakeStore
     legacy: FakeLegacy
@@ -516,12 +525,11 @@ def poller_rig(*outcomes: PollOutcome, age: float = 15.0) -> PollerRig:
     clock = FakeClock(SUBMITTED_AT + age)
     broker, store, legacy = FakeBroker(log), FakeStore(log), FakeLegacy(statuses=outcomes)
     settings = poller_settings({"POLL_FIRST_DELAY_S": "10", "POLL_INTERVAL_S": "2", "POLL_DEADLINE_S": "300"})
-    poller = Poller(settings, store=store, legacy=legacy, clock=clock)
-    poller.broker = broker
+    poller = Poller(settings, legacy=legacy, clock=clock)
     # The submitter's state of affairs when a pending message exists.
     store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", False)
     store.users["u-000123"] = UserDoc("submitted", "AB583C-X")
-    return PollerRig(poller, broker, store, legacy, clock, log)
+    return PollerRig(poller, executor(poller, broker, store, clock), broker, store, legacy, clock, log)
 
 
 def pending(*, polls: int = 0, request_id: str = "AB583C-X", submit_attempts: int = 1) -> PendingMessage:
@@ -539,7 +547,7 @@ def pending_delivery(msg: PendingMessage, *, tag: int = 1, redelivered: bool = F
 def test_poller_too_early_waits_without_polling(age: float, tier: float) -> None:
     rig = poller_rig(age=age)
     msg = pending(polls=0)
-    rig.poller.handle(pending_delivery(msg, tag=2))
+    rig.executor.run(pending_delivery(msg, tag=2))
     assert rig.legacy.polled == []
     queue = wait_queue_name(PENDING, tier)
     assert queue == f"{PENDING}.wait.{int(tier * 1000)}ms"
@@ -553,13 +561,13 @@ def test_poller_too_early_waits_without_polling(age: float, tier: float) -> None
 
 def test_poller_polls_once_the_first_delay_has_passed() -> None:
     rig = poller_rig(Processing(), age=10.0)
-    rig.poller.handle(pending_delivery(pending(polls=0)))
+    rig.executor.run(pending_delivery(pending(polls=0)))
     assert rig.legacy.polled == ["AB583C-X"]
 
 
 def test_poller_processing_waits_the_interval_with_one_more_poll_counted() -> None:
     rig = poller_rig(Processing(), age=12.0)
-    rig.poller.handle(pending_delivery(pending(polls=2), tag=3))
+    rig.executor.run(pending_delivery(pending(polls=2), tag=3))
     [published] = rig.broker.published
     assert published.routing_key == wait_queue_name(PENDING, 2.0) == "registrations.pending.wait.2000ms"
     assert PendingMessage.decode(published.body) == pending(polls=3)
@@ -571,7 +579,7 @@ def test_poller_processing_waits_the_interval_with_one_more_poll_counted() -> No
 
 def test_poller_transient_before_the_deadline_waits_the_interval() -> None:
     rig = poller_rig(Transient("status endpoint busy: HTTP 503", 503), age=50.0)
-    rig.poller.handle(pending_delivery(pending(polls=1)))
+    rig.executor.run(pending_delivery(pending(polls=1)))
     [published] = rig.broker.published
     assert published.routing_key == "registrations.pending.wait.2000ms"
     assert PendingMessage.decode(published.body).polls == 2
@@ -581,14 +589,14 @@ def test_poller_transient_before_the_deadline_waits_the_interval() -> None:
 def test_poller_wait_publish_failure_hands_the_message_back() -> None:
     rig = poller_rig(Processing(), age=12.0)
     rig.broker.refuse.add("registrations.pending.wait.2000ms")
-    rig.poller.handle(pending_delivery(pending(polls=1), tag=4))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=4))
     assert rig.broker.nacks == [(4, True)]
     assert rig.broker.acks == []
 
 
 def test_poller_completed_registers_then_acks() -> None:
     rig = poller_rig(Completed(), age=15.0)
-    rig.poller.handle(pending_delivery(pending(polls=1), tag=5))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=5))
     assert rig.store.users["u-000123"] == UserDoc("registered", "AB583C-X")
     assert rig.broker.published == []
     assert rig.broker.acks == [5]
@@ -597,8 +605,8 @@ def test_poller_completed_registers_then_acks() -> None:
 
 def test_poller_completed_twice_registers_once_and_acks_both() -> None:
     rig = poller_rig(Completed(), Completed(), age=15.0)
-    rig.poller.handle(pending_delivery(pending(polls=1), tag=6))
-    rig.poller.handle(pending_delivery(pending(polls=1), tag=7, redelivered=True))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=6))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=7, redelivered=True))
     assert rig.store.users["u-000123"] == UserDoc("registered", "AB583C-X")
     assert rig.broker.acks == [6, 7]
     assert rig.log.count("registered:AB583C-X") == 1
@@ -606,7 +614,7 @@ def test_poller_completed_twice_registers_once_and_acks_both() -> None:
 
 def test_poller_legacy_failure_is_one_failure_record_and_status_failed() -> None:
     rig = poller_rig(LegacyFailed("rejected by the legacy system"), age=17.0)
-    rig.poller.handle(pending_delivery(pending(polls=2, submit_attempts=2), tag=8))
+    rig.executor.run(pending_delivery(pending(polls=2, submit_attempts=2), tag=8))
     [record] = failure_records(rig.broker)
     assert record.original == REGISTRATION
     assert record.user_id == "u-000123"
@@ -625,8 +633,8 @@ def test_poller_legacy_failure_is_one_failure_record_and_status_failed() -> None
 def test_poller_same_pending_message_twice_after_a_failure_gives_one_record() -> None:
     rig = poller_rig(LegacyFailed("no"), LegacyFailed("no"), age=17.0)
     msg = pending(polls=1)
-    rig.poller.handle(pending_delivery(msg, tag=9))
-    rig.poller.handle(pending_delivery(msg, tag=10))  # a duplicate from at-least-once dead-lettering
+    rig.executor.run(pending_delivery(msg, tag=9))
+    rig.executor.run(pending_delivery(msg, tag=10))  # a duplicate from at-least-once dead-lettering
     assert len(failure_records(rig.broker)) == 1
     assert rig.broker.acks == [9, 10]
     assert rig.store.users["u-000123"].status == "failed"
@@ -636,7 +644,7 @@ def test_poller_failure_of_a_new_attempt_is_recorded_again() -> None:
     rig = poller_rig(LegacyFailed("no"), age=17.0)
     rig.store.attempts["u-000123|mid:m-1"] = Attempt("OLD-1", True)  # an earlier attempt of the same message failed
     rig.store.users["u-000123"] = UserDoc("submitted", "NEW-1")
-    rig.poller.handle(pending_delivery(pending(polls=1, request_id="NEW-1")))
+    rig.executor.run(pending_delivery(pending(polls=1, request_id="NEW-1")))
     [record] = failure_records(rig.broker)
     assert record.legacy_request_id == "NEW-1"
     assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("NEW-1", True)
@@ -646,7 +654,7 @@ def test_poller_failure_of_a_new_attempt_is_recorded_again() -> None:
 def test_poller_failure_record_publish_failure_hands_back_and_records_nothing() -> None:
     rig = poller_rig(LegacyFailed("no"), age=17.0)
     rig.broker.refuse.add(FAILED)
-    rig.poller.handle(pending_delivery(pending(polls=1), tag=11))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=11))
     assert rig.broker.nacks == [(11, True)]
     assert rig.broker.acks == []
     assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
@@ -655,7 +663,7 @@ def test_poller_failure_record_publish_failure_hands_back_and_records_nothing() 
 
 def test_poller_not_found_is_a_poll_failure() -> None:
     rig = poller_rig(NotFound("the status endpoint does not know this request id: unknown", 404), age=12.0)
-    rig.poller.handle(pending_delivery(pending(polls=0)))
+    rig.executor.run(pending_delivery(pending(polls=0)))
     [record] = failure_records(rig.broker)
     assert record.error == FailureError("poll", "the status endpoint does not know this request id: unknown", 404)
     assert record.legacy_request_id == "AB583C-X"
@@ -667,7 +675,7 @@ def test_poller_not_found_is_a_poll_failure() -> None:
 @pytest.mark.parametrize("age", [300.0, 301.0, 5000.0])
 def test_poller_past_the_deadline_times_out(age: float) -> None:
     rig = poller_rig(Processing(), age=age)
-    rig.poller.handle(pending_delivery(pending(polls=20)))
+    rig.executor.run(pending_delivery(pending(polls=20)))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "timeout"
     assert record.error.http_status == 200
@@ -680,7 +688,7 @@ def test_poller_past_the_deadline_times_out(age: float) -> None:
 
 def test_poller_completed_past_the_deadline_still_registers() -> None:
     rig = poller_rig(Completed(), age=400.0)
-    rig.poller.handle(pending_delivery(pending(polls=20)))
+    rig.executor.run(pending_delivery(pending(polls=20)))
     assert rig.store.users["u-000123"].status == "registered"
     assert rig.broker.published == []
 
@@ -688,7 +696,7 @@ def test_poller_completed_past_the_deadline_still_registers() -> None:
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"request_id": "AB583C-X"}'])
 def test_poller_malformed_pending_message_is_a_validation_failure(body: bytes) -> None:
     rig = poller_rig(age=50.0)
-    rig.poller.handle(delivery(body, message_id="m-x", queue=PENDING, tag=12))
+    rig.executor.run(delivery(body, message_id="m-x", queue=PENDING, tag=12))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation"
     assert record.error.http_status is None
@@ -706,7 +714,7 @@ def test_poller_malformed_pending_message_with_a_user_id_marks_the_user_failed()
     rig = poller_rig(age=50.0)
     data: dict[str, Any] = json.loads(pending().encode())
     data["polls"] = "many"
-    rig.poller.handle(delivery(json.dumps(data).encode(), queue=PENDING, tag=13))
+    rig.executor.run(delivery(json.dumps(data).encode(), queue=PENDING, tag=13))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation"
     assert record.user_id == "u-000123"
@@ -719,7 +727,7 @@ def test_poller_hands_back_when_the_store_is_down_during_shutdown() -> None:
     rig = poller_rig(Completed(), age=15.0)
     rig.store.unreachable = True
     rig.broker.stopping.set()
-    rig.poller.handle(pending_delivery(pending(polls=1), tag=14))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=14))
     assert rig.broker.nacks == [(14, True)]
     assert rig.broker.acks == []
 
@@ -740,10 +748,10 @@ def test_submitter_unexpected_error_goes_back_until_the_limit_then_fails() -> No
 
     rig.store.user = broken  # type: ignore[method-assign]
     with pytest.raises(OperationFailure):
-        rig.submitter.handle(_with_deliveries(delivery(BODY, tag=3), POISON_DELIVERIES - 2))
+        rig.executor.run(_with_deliveries(delivery(BODY, tag=3), POISON_DELIVERIES - 2))
     assert rig.broker.published == [] and rig.broker.acks == []
 
-    rig.submitter.handle(_with_deliveries(delivery(BODY, tag=4), POISON_DELIVERIES - 1))
+    rig.executor.run(_with_deliveries(delivery(BODY, tag=4), POISON_DELIVERIES - 1))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and record.user_id == "u-000123"
     assert f"in {POISON_DELIVERIES} deliveries" in record.error.reason and "OperationFailure" in record.error.reason
@@ -753,15 +761,19 @@ def test_submitter_unexpected_error_goes_back_until_the_limit_then_fails() -> No
 def test_poller_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
     rig = poller_rig(Completed())
 
-    def broken(user_id: str, request_id: str) -> bool:
-        raise OperationFailure("not authorized")
+    apply = rig.store.apply
 
-    rig.store.record_registered = broken  # type: ignore[method-assign]
+    def broken(write: Write) -> bool:
+        if isinstance(write, UserStatus) and write.status is State.REGISTERED:
+            raise OperationFailure("not authorized", 13)
+        return apply(write)
+
+    rig.store.apply = broken  # type: ignore[method-assign]
     msg = pending(polls=1)
     with pytest.raises(OperationFailure):
-        rig.poller.handle(_with_deliveries(pending_delivery(msg, tag=5), 0))
+        rig.executor.run(_with_deliveries(pending_delivery(msg, tag=5), 0))
     rig.legacy.status_outcomes.append(Completed())
-    rig.poller.handle(_with_deliveries(pending_delivery(msg, tag=6), POISON_DELIVERIES))
+    rig.executor.run(_with_deliveries(pending_delivery(msg, tag=6), POISON_DELIVERIES))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and record.legacy_request_id == "AB583C-X"
     assert rig.broker.acks == [6]
@@ -772,7 +784,7 @@ def test_submitter_redelivered_after_the_attempt_mark_but_before_the_status_fini
     writes the status from what the attempt kept, and acks; no second record, no POST."""
     rig = submitter_rig()
     rig.store.attempts["u-000123|mid:m-1"] = Attempt(None, True, FailureError("submit", "rejected", 400))
-    rig.submitter.handle(delivery(BODY, tag=21, redelivered=True))
+    rig.executor.run(delivery(BODY, tag=21, redelivered=True))
     assert rig.store.users["u-000123"].status == "failed"
     assert rig.broker.acks == [21] and rig.broker.published == [] and rig.legacy.submitted == []
 
@@ -780,6 +792,6 @@ def test_submitter_redelivered_after_the_attempt_mark_but_before_the_status_fini
 def test_poller_duplicate_after_the_attempt_mark_finishes_the_status() -> None:
     rig = poller_rig(LegacyFailed("rejected by the legacy system"))
     rig.store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", True, FailureError("legacy", "rejected", 200))
-    rig.poller.handle(pending_delivery(pending(polls=1), tag=22))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=22))
     assert rig.store.users["u-000123"].status == "failed"
     assert rig.broker.acks == [22] and failure_records(rig.broker) == []

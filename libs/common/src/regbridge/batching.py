@@ -20,7 +20,7 @@ from typing import Any
 
 from pymongo import UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, OperationFailure, WriteConcernError
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,7 @@ class Batcher:
         try:
             collection.bulk_write([w.op for w in group], ordered=False)
         except BulkWriteError as exc:
-            failed = {e["index"]: e for e in exc.details.get("writeErrors", [])}
-            for index, write in enumerate(group):
-                error = failed.get(index)
-                if error is None:
-                    write.future.set_result(True)
-                elif error.get("code") == DUPLICATE_KEY:
-                    write.future.set_result(False)
-                else:
-                    write.future.set_exception(_WriteError(error))
+            Batcher._settle_partly(group, exc.details)
             return
         except Exception as exc:  # an outage: every caller sees it and retries
             for write in group:
@@ -110,6 +102,25 @@ class Batcher:
             return
         for write in group:
             write.future.set_result(True)
+
+    @staticmethod
+    def _settle_partly(group: list[_Write], details: Mapping[str, Any]) -> None:
+        """Each write of a bulk that failed in part gets its own answer. A write that the server
+        applied but did not acknowledge at the requested write concern may be rolled back
+        after a failover: not a success, but an outage to wait out and write again."""
+        failed = {e["index"]: e for e in details.get("writeErrors", [])}
+        concern = details.get("writeConcernErrors") or []
+        for index, write in enumerate(group):
+            error = failed.get(index)
+            if error is None and concern:
+                write.future.set_exception(WriteConcernError(str(concern[0].get("errmsg")), concern[0].get("code"),
+                                                             concern[0]))
+            elif error is None:
+                write.future.set_result(True)
+            elif error.get("code") == DUPLICATE_KEY:
+                write.future.set_result(False)
+            else:
+                write.future.set_exception(OperationFailure(str(error.get("errmsg")), error.get("code"), error))
 
     @staticmethod
     def _read(group: list[_Read]) -> None:
@@ -123,8 +134,3 @@ class Batcher:
             return
         for read in group:
             read.future.set_result(found.get(read.key))
-
-
-class _WriteError(RuntimeError):
-    def __init__(self, error: Mapping[str, Any]) -> None:
-        super().__init__(f"MongoDB refused a write: code {error.get('code')}: {error.get('errmsg')}")

@@ -1,9 +1,11 @@
-"""The life of a registration: a transition table and the policies that say what to do next.
+"""The life of a registration: two policies that say what to do next, and nothing else does.
 
-This module contains no I/O whatsoever. The services turn HTTP answers into outcomes with
-`classify_submit` / `classify_poll`, ask a policy for a decision, and carry the decision out.
-Time and randomness come in as arguments, so every path is testable without a clock, a socket
-or a broker.
+This module contains no I/O whatsoever. The handlers turn HTTP answers into outcomes with
+`classify_submit` / `classify_poll`, ask a policy for a decision, and turn the decision into
+a plan (`regbridge.plans`). `SubmitPolicy.decide` is every move out of RECEIVED and
+`PollPolicy.decide` every move out of SUBMITTED; REGISTERED and FAILED have none. Time and
+randomness come in as arguments, so every path is testable without a clock, a socket or a
+broker.
 
     RECEIVED --Accepted--> SUBMITTED --Completed--> REGISTERED
        |  ^                   |  ^
@@ -18,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import ClassVar
 
 
 class State(StrEnum):
@@ -35,13 +38,16 @@ class Stage(StrEnum):
     LEGACY = "legacy"
     POLL = "poll"
     TIMEOUT = "timeout"
+    STORE = "store"
 
 
 # ---- outcomes: what just happened -------------------------------------------------------------
+# Each names its metric label value itself: renaming a class never changes a dashboard's series.
 
 
 @dataclass(frozen=True)
 class Accepted:
+    label: ClassVar[str] = "accepted"
     request_id: str
 
 
@@ -49,6 +55,7 @@ class Accepted:
 class Rejected:
     """A permanent refusal of the submission (4xx other than 429, or an unusable 201)."""
 
+    label: ClassVar[str] = "rejected"
     reason: str
     http_status: int | None
 
@@ -57,6 +64,7 @@ class Rejected:
 class Transient:
     """Worth trying again: 429, 5xx, a timeout, a refused connection, an unreadable answer."""
 
+    label: ClassVar[str] = "transient"
     reason: str
     http_status: int | None = None
     retry_after_s: float | None = None
@@ -64,21 +72,23 @@ class Transient:
 
 @dataclass(frozen=True)
 class Processing:
-    pass
+    label: ClassVar[str] = "processing"
 
 
 @dataclass(frozen=True)
 class Completed:
-    pass
+    label: ClassVar[str] = "completed"
 
 
 @dataclass(frozen=True)
 class LegacyFailed:
+    label: ClassVar[str] = "legacyfailed"
     reason: str
 
 
 @dataclass(frozen=True)
 class NotFound:
+    label: ClassVar[str] = "notfound"
     reason: str
     http_status: int | None = 404
 
@@ -86,6 +96,8 @@ class NotFound:
 SubmitOutcome = Accepted | Rejected | Transient
 PollOutcome = Processing | Completed | LegacyFailed | NotFound | Transient
 Outcome = SubmitOutcome | PollOutcome
+SUBMIT_OUTCOMES: tuple[type[SubmitOutcome], ...] = (Accepted, Rejected, Transient)
+POLL_OUTCOMES: tuple[type[PollOutcome], ...] = (Processing, Completed, LegacyFailed, NotFound, Transient)
 
 
 # ---- decisions: what to do next ---------------------------------------------------------------
@@ -123,47 +135,6 @@ class Fail:
 Decision = HandOn | RetrySubmit | PollAfter | Register | Fail
 
 
-# ---- the transition table ---------------------------------------------------------------------
-
-
-class IllegalTransition(RuntimeError):
-    pass
-
-
-TRANSITIONS: dict[tuple[State, type], tuple[State, ...]] = {
-    # A state may lead to one of several; the policy picks which.
-    (State.RECEIVED, Accepted): (State.SUBMITTED,),
-    (State.RECEIVED, Rejected): (State.FAILED,),
-    (State.RECEIVED, Transient): (State.RECEIVED, State.FAILED),
-    (State.SUBMITTED, Processing): (State.SUBMITTED, State.FAILED),
-    (State.SUBMITTED, Transient): (State.SUBMITTED, State.FAILED),
-    (State.SUBMITTED, Completed): (State.REGISTERED,),
-    (State.SUBMITTED, LegacyFailed): (State.FAILED,),
-    (State.SUBMITTED, NotFound): (State.FAILED,),
-}
-
-
-def next_state(state: State, decision: Decision) -> State:
-    if isinstance(decision, HandOn):
-        return State.SUBMITTED
-    if isinstance(decision, RetrySubmit):
-        return State.RECEIVED
-    if isinstance(decision, PollAfter):
-        return State.SUBMITTED
-    if isinstance(decision, Register):
-        return State.REGISTERED
-    return State.FAILED
-
-
-def transition(state: State, outcome: Outcome, decision: Decision) -> State:
-    """The state after `decision` was taken on `outcome`; raises on a move the table forbids."""
-    allowed = TRANSITIONS.get((state, type(outcome)))
-    target = next_state(state, decision)
-    if allowed is None or target not in allowed:
-        raise IllegalTransition(f"{type(outcome).__name__} → {type(decision).__name__} from {state}")
-    return target
-
-
 # ---- policies ---------------------------------------------------------------------------------
 
 
@@ -185,11 +156,7 @@ class SubmitPolicy:
         return delay
 
     def decide(self, outcome: SubmitOutcome, *, attempt: int, jitter: float) -> Decision:
-        decision = self._decide(outcome, attempt, jitter)
-        transition(State.RECEIVED, outcome, decision)
-        return decision
-
-    def _decide(self, outcome: SubmitOutcome, attempt: int, jitter: float) -> Decision:
+        """RECEIVED → SUBMITTED (HandOn), stays RECEIVED (RetrySubmit), or → FAILED (Fail)."""
         if isinstance(outcome, Accepted):
             return HandOn(outcome.request_id)
         if isinstance(outcome, Rejected):
@@ -226,11 +193,7 @@ class PollPolicy:
         return self.tier_for(remaining) if remaining > 0 else None
 
     def decide(self, outcome: PollOutcome, *, age_s: float) -> Decision:
-        decision = self._decide(outcome, age_s)
-        transition(State.SUBMITTED, outcome, decision)
-        return decision
-
-    def _decide(self, outcome: PollOutcome, age_s: float) -> Decision:
+        """SUBMITTED → REGISTERED (Register), stays SUBMITTED (PollAfter), or → FAILED (Fail)."""
         if isinstance(outcome, Completed):
             return Register()
         if isinstance(outcome, LegacyFailed):
@@ -343,7 +306,7 @@ def may_record(current_status: str | None, current_request_id: str | None, reque
     duplicate event does not turn `registered` into anything else, nor `failed` into anything.
     A new attempt (another request id) may move `failed` to `submitted` and on.
     """
-    if current_status == "registered":
+    if current_status == State.REGISTERED:
         return False
     same_attempt = request_id is not None and request_id == current_request_id
-    return not (current_status == "failed" and same_attempt)
+    return not (current_status == State.FAILED and same_attempt)

@@ -45,6 +45,14 @@ def _json_safe(value: Any, body: bytes) -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"[a {type(value).__name__} nested too deeply to show]"
+    return text if len(text) <= TRUNCATED_ORIGINAL_CHARS else text[:TRUNCATED_ORIGINAL_CHARS] + "... [truncated]"
+
+
 def valid_user_id(value: Any) -> str | None:
     """The user id if it is one the contract accepts, else None. Never an operator object,
     never a string MongoDB cannot store (a lone surrogate from a JSON escape)."""
@@ -224,9 +232,17 @@ class FailureRecord:
     failed_at: datetime
 
     def encode(self) -> bytes:
+        try:
+            return self._encode(self.original)
+        except (RecursionError, ValueError, TypeError):
+            # Nothing may keep a failure from its record: an original that cannot be written
+            # back as JSON goes as text, cut short.
+            return self._encode(_shown(self.original))
+
+    def _encode(self, original: Any) -> bytes:
         return json.dumps(
             {
-                "original": self.original,
+                "original": original,
                 "user_id": self.user_id,
                 "legacy_request_id": self.legacy_request_id,
                 "error": {

@@ -1,66 +1,28 @@
-"""What both services' `main()` share: the broker protocol the handlers see, and start-up."""
+"""What both services' `main()` share: settings, adapters, and the wiring of a handler to its
+executor and runtime."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
-
-from pika.spec import BasicProperties
+from typing import TypeVar
 
 from regbridge import health, logs
 from regbridge.amqp import AmqpRuntime, Delivery, RuntimeHooks
+from regbridge.durable import Durable
+from regbridge.executor import Executor, Handler, Observer
 from regbridge.legacy_http import LegacyClient
+from regbridge.metrics import ServiceMetrics
+from regbridge.plans import Failure, Finish
 from regbridge.settings import CommonSettings, SettingsError
 from regbridge.store import MongoStore, connect
 from regbridge.topology import QueueSpec
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
-
-# How long a worker waits for a publisher confirm before it hands the message back.
-CONFIRM_TIMEOUT_S = 30.0
-# A message whose handling raised an unexpected error this many times becomes a failure record
-# instead of going round for ever (quorum queues count deliveries in `x-delivery-count`).
-POISON_DELIVERIES = 10
-
-
-def delivery_count(delivery: Delivery) -> int:
-    """How many times the broker delivered this message before."""
-    count = (delivery.properties.headers or {}).get("x-delivery-count")
-    if isinstance(count, int):
-        return count
-    return 1 if delivery.redelivered else 0
-
-
-def poison_reason(delivery: Delivery, exc: Exception) -> str | None:
-    """A failure reason once `delivery` has failed too often, else None: hand it back again."""
-    count = delivery_count(delivery)
-    if count + 1 < POISON_DELIVERIES:
-        return None
-    return f"could not be processed in {count + 1} deliveries (last error: {type(exc).__name__})"
-
-
-class Broker(Protocol):
-    """The part of `AmqpRuntime` a handler uses; unit tests pass a fake."""
-
-    stopping: threading.Event
-
-    def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]: ...
-    def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None: ...
-    def current(self, delivery: Delivery) -> bool: ...
-    def ack(self, delivery: Delivery) -> None: ...
-    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None: ...
-    def defer(self, delivery: Delivery, delay_s: float, work: Callable[[], None]) -> None: ...
-
-
-def persistent(message_id: str | None, **kwargs: Any) -> BasicProperties:
-    return BasicProperties(delivery_mode=2, content_type="application/json", message_id=message_id, **kwargs)
 
 
 def load_settings(name: str, build: Callable[[Mapping[str, str]], S], env: Mapping[str, str]) -> S:
@@ -71,20 +33,6 @@ def load_settings(name: str, build: Callable[[Mapping[str, str]], S], env: Mappi
         raise SystemExit(2) from None
 
 
-class ServiceMetrics(Protocol):
-    """The metrics every service keeps at the runtime's edge, under its own prefix."""
-
-    CONSUMED: Any
-    RECONNECTS: Any
-    QUEUE_MESSAGES: Any
-
-
-class Handles(Protocol):
-    broker: Broker
-
-    def handle(self, delivery: Delivery) -> None: ...
-
-
 def adapters(settings: CommonSettings) -> tuple[MongoStore, LegacyClient]:
     """The MongoDB store and the legacy API client, sized to the service's pool."""
     mongo = MongoStore(connect(settings.mongodb_uri, pool_size=max(2, settings.workers // 4)),
@@ -93,28 +41,33 @@ def adapters(settings: CommonSettings) -> tuple[MongoStore, LegacyClient]:
                                pool_size=settings.workers)
 
 
-def serve(name: str, settings: CommonSettings, service: Handles, *, queues: Sequence[QueueSpec],
-          consume: str, store: MongoStore, metrics: ServiceMetrics) -> None:
-    """Wire `service` to a runtime on its queues, with its metrics at the edge, and run it."""
+def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], Handler], queues: Sequence[QueueSpec],
+          consume: str, store: MongoStore, metrics: ServiceMetrics,
+          finished: Callable[[Finish | Failure], None]) -> None:
+    """Wire the handler that `handler` builds to an executor and a runtime on its queues, with
+    its metrics at the edge, and run it."""
     runtime = AmqpRuntime(
         url=settings.rabbitmq_url,
         queues=queues,
         consume=[consume],
-        handler=service.handle,
         workers=settings.workers,
         prefetch=settings.prefetch,
         reconnect_max_s=settings.reconnect_max_s,
         shutdown_timeout_s=settings.shutdown_timeout_s,
-        hooks=RuntimeHooks(on_delivery=lambda d: metrics.CONSUMED.inc(),
-                           on_disconnected=metrics.RECONNECTS.inc,
-                           on_queue_depth=lambda queue, n: metrics.QUEUE_MESSAGES.labels(queue).set(n)),
+        hooks=RuntimeHooks(on_delivery=lambda d: metrics.consumed.inc(),
+                           on_disconnected=metrics.reconnects.inc,
+                           on_queue_depth=lambda queue, n: metrics.queue_messages.labels(queue).set(n)),
         name=name,
     )
-    service.broker = runtime
-    run(name, settings, runtime, store)
+    durable = Durable(runtime.stopping, on_retry=metrics.store_retries.inc)
+    executor = Executor(handler(durable), broker=runtime, store=store, durable=durable,
+                        failed_queue=settings.failed_queue, clock=time.time,
+                        observer=Observer(finished=finished, store_refused=metrics.store_refused.inc))
+    run(name, settings, runtime, store, executor.run)
 
 
-def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore) -> None:
+def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore,
+        handler: Callable[[Delivery], None]) -> None:
     """Serve probes and metrics, wire SIGTERM/SIGINT to a graceful stop, turn the I/O loop."""
     probe = health.Probe(store.ping).start()
 
@@ -133,7 +86,7 @@ def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoS
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("%s starting", name, extra={"event": "starting"})
-    runtime.run()
+    runtime.run(handler)
 
 
 def setup_logging(name: str, settings: CommonSettings) -> None:

@@ -20,9 +20,12 @@ from typing import Any, Protocol
 
 from pymongo import MongoClient, UpdateOne
 from pymongo.collection import Collection
+from pymongo.errors import OperationFailure
 
 from regbridge.batching import Batcher
+from regbridge.lifecycle import State
 from regbridge.messages import FailureError
+from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus, Write
 
 
 @dataclass(frozen=True)
@@ -38,33 +41,52 @@ class Attempt:
     error: FailureError | None = None  # what the failure record said, to finish its recording
 
 
+class WriteRefused(RuntimeError):
+    """MongoDB refused a write for good (a schema validator, a document too large): trying
+    again cannot help. `reason` is the server's message."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Store(Protocol):
     """What the services need from MongoDB; unit tests pass a fake."""
 
     def user(self, user_id: str) -> UserState: ...
     def attempt(self, key: str) -> Attempt | None: ...
-    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None: ...
     def reset_attempt(self, key: str) -> None: ...
-    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None,
-                              error: FailureError | None = None) -> None: ...
-    def record_submitted(self, user_id: str, request_id: str) -> bool: ...
-    def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool: ...
-    def record_registered(self, user_id: str, request_id: str) -> bool: ...
-    def record_failed(self, user_id: str, request_id: str | None, error: FailureError) -> bool: ...
+
+    def apply(self, write: Write) -> bool:
+        """Carry out `write`; False when the status rule left the document as it was. Raises
+        `WriteRefused` when the server refuses it for good, a driver error during an outage."""
+        ...
+
     def ping(self) -> bool: ...
 
 
 # `lifecycle.may_record` as two update filters, each a plain equality or `$nin`/`$ne` beside the
-# `_id` (a `$nor`/`$or` filter made the Mongo-wire server scan the whole collection per write):
+# `_id` (a `$nor`/`$or` filter makes the Mongo-wire server scan the whole collection per write):
 # first the common case, a document in no final state (or none yet, through the upsert) ...
-_OPEN = {"registration_status": {"$nin": ["registered", "failed"]}}
+_OPEN = {"registration_status": {"$nin": [State.REGISTERED.value, State.FAILED.value]}}
 
 
 def _failed_by_another_attempt(request_id: str | None) -> dict[str, Any]:
     """... then, only if that was refused: a failure of another attempt, which a new one may replace."""
     if request_id is None:
-        return {"registration_status": "failed"}
-    return {"registration_status": "failed", "legacy_request_id": {"$ne": request_id}}
+        return {"registration_status": State.FAILED.value}
+    return {"registration_status": State.FAILED.value, "legacy_request_id": {"$ne": request_id}}
+
+
+# Codes that the server gives a write because of the document itself: a schema validator, a
+# document over 16 MiB, a field it cannot store. The same write would be refused again. Other
+# errors (permissions, an outage) say nothing about the registration and must not fail it.
+_REFUSED_FOR_GOOD = frozenset({2, 9, 14, 28, 52, 55, 56, 57, 66, 121, 10334, 17419, 17420})
+
+
+def _error_doc(error: FailureError | None) -> dict[str, Any] | None:
+    return None if error is None else {"stage": error.stage, "reason": error.reason,
+                                       "http_status": error.http_status}
 
 
 class MongoStore:
@@ -81,22 +103,14 @@ class MongoStore:
         # 201, which ends the window for a second submission) never waits behind a batch of them.
         self._reads = Batcher(name="mongo-reads") if batcher is None else batcher
 
-    def _find(self, collection: Collection[dict[str, Any]], key: str,
-              projection: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        return self._reads.find_one(collection, key, projection)
-
-    def _update(self, collection: Collection[dict[str, Any]], op: UpdateOne) -> bool:
-        """Apply an update; False when an upsert met an existing document its filter excluded."""
-        return self._batcher.update(collection, op)
-
     def user(self, user_id: str) -> UserState:
-        doc = self._find(self._users, user_id, {"registration_status": 1, "legacy_request_id": 1})
+        doc = self._reads.find_one(self._users, user_id, {"registration_status": 1, "legacy_request_id": 1})
         if doc is None:
             return UserState(None, None)
         return UserState(doc.get("registration_status"), doc.get("legacy_request_id"))
 
     def attempt(self, key: str) -> Attempt | None:
-        doc = self._find(self._attempts, key)
+        doc = self._reads.find_one(self._attempts, key)
         if doc is None:
             return None
         error = doc.get("error")
@@ -104,77 +118,64 @@ class MongoStore:
                    if isinstance(error, dict) else None)
         return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")), failure)
 
-    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
-        self._update(self._attempts, UpdateOne(
-            {"_id": key},
-            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": False,
-                      "updated_at": self._clock()}},
-            upsert=True,
-        ))
-
     def reset_attempt(self, key: str) -> None:
         """A message delivered anew is a new attempt: forget what an earlier one got."""
-        self._update(self._attempts, UpdateOne({"_id": key}, {"$set": {"legacy_request_id": None, "failed": False,
-                                                                      "updated_at": self._clock()}}))
+        self._batcher.update(self._attempts, UpdateOne(
+            {"_id": key}, {"$set": {"legacy_request_id": None, "failed": False, "updated_at": self._clock()}}))
 
-    def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None,
-                              error: FailureError | None = None) -> None:
-        stored = None if error is None else {"stage": error.stage, "reason": error.reason,
-                                             "http_status": error.http_status}
-        self._update(self._attempts, UpdateOne(
-            {"_id": key},
-            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": True, "error": stored,
-                      "updated_at": self._clock()}},
-            upsert=True,
-        ))
+    def apply(self, write: Write) -> bool:
+        try:
+            if isinstance(write, AttemptAccepted):
+                return self._accepted(write)
+            if isinstance(write, AttemptFailed):
+                return self._attempt(write.attempt_key, write.user_id, write.request_id, write.error)
+            return self._status(write)
+        except OperationFailure as exc:
+            if exc.code not in _REFUSED_FOR_GOOD:
+                raise  # an outage is waited out; anything else is the runtime's to hand back
+            reason = (exc.details or {}).get("errmsg") or str(exc)
+            raise WriteRefused(f"MongoDB refused the write (code {exc.code}): {reason}"[:500]) from exc
 
-    def _write(self, user_id: str, request_id: str | None, update: dict[str, Any],
-               first: Future[bool] | None = None) -> bool:
-        """Write unless `may_record` forbids it; False when it does. An upsert whose filter excludes
-        the existing document meets its `_id` and is refused as a duplicate key."""
-        if first is None:
-            first = self._batcher.update_later(self._users, UpdateOne({"_id": user_id, **_OPEN}, update, upsert=True))
-        if first.result():
-            return True
-        # Rare: the document is final. Only a failure of another attempt may still be replaced.
-        result = self._users.update_one({"_id": user_id, **_failed_by_another_attempt(request_id)}, update)
-        return result.matched_count > 0
+    def _attempt_op(self, key: str, user_id: str | None, request_id: str | None,
+                    error: FailureError | None, *, failed: bool) -> UpdateOne:
+        return UpdateOne({"_id": key}, {"$set": {
+            "user_id": user_id, "legacy_request_id": request_id, "failed": failed, "error": _error_doc(error),
+            "updated_at": self._clock()}}, upsert=True)
 
-    def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool:
+    def _attempt(self, key: str, user_id: str | None, request_id: str | None, error: FailureError) -> bool:
+        return self._batcher.update(self._attempts, self._attempt_op(key, user_id, request_id, error, failed=True))
+
+    def _accepted(self, write: AttemptAccepted) -> bool:
         """The attempt's request id and the user's `submitted`, in one round trip: both are
         written before the registration is handed on, in whichever order the server applies them."""
-        attempt = self._batcher.update_later(self._attempts, UpdateOne(
-            {"_id": key},
-            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": False,
-                      "updated_at": self._clock()}},
-            upsert=True,
-        ))
-        user = self._batcher.update_later(self._users, UpdateOne(
-            {"_id": user_id, **_OPEN}, self._submitted(request_id), upsert=True))
+        attempt = self._batcher.update_later(self._attempts, self._attempt_op(
+            write.attempt_key, write.user_id, write.request_id, None, failed=False))
+        update = self._update(UserStatus(write.user_id, State.SUBMITTED, write.request_id))
+        user = self._batcher.update_later(self._users, UpdateOne({"_id": write.user_id, **_OPEN}, update, upsert=True))
         attempt.result()
-        return self._write(user_id, request_id, self._submitted(request_id), first=user)
+        return self._user(write.user_id, write.request_id, update, user)
 
-    def _submitted(self, request_id: str) -> dict[str, Any]:
-        return {"$set": {"registration_status": "submitted", "legacy_request_id": request_id,
-                         "registration_updated_at": self._clock()},
-                "$unset": {"registration_error": ""}}
+    def _status(self, write: UserStatus) -> bool:
+        update = self._update(write)
+        first = self._batcher.update_later(self._users, UpdateOne({"_id": write.user_id, **_OPEN}, update, upsert=True))
+        return self._user(write.user_id, write.request_id, update, first)
 
-    def record_submitted(self, user_id: str, request_id: str) -> bool:
-        return self._write(user_id, request_id, self._submitted(request_id))
+    def _update(self, write: UserStatus) -> dict[str, Any]:
+        fields: dict[str, Any] = {"registration_status": write.status.value, "legacy_request_id": write.request_id,
+                                  "registration_updated_at": self._clock()}
+        if write.status is State.FAILED and write.error is not None:
+            fields["registration_error"] = {"stage": write.error.stage, "reason": write.error.reason}
+            return {"$set": fields}
+        return {"$set": fields, "$unset": {"registration_error": ""}}
 
-    def record_registered(self, user_id: str, request_id: str) -> bool:
-        return self._write(user_id, request_id, {
-            "$set": {"registration_status": "registered", "legacy_request_id": request_id,
-                     "registration_updated_at": self._clock()},
-            "$unset": {"registration_error": ""},
-        })
-
-    def record_failed(self, user_id: str, request_id: str | None, error: FailureError) -> bool:
-        return self._write(user_id, request_id, {
-            "$set": {"registration_status": "failed", "legacy_request_id": request_id,
-                     "registration_updated_at": self._clock(),
-                     "registration_error": {"stage": error.stage, "reason": error.reason}},
-        })
+    def _user(self, user_id: str, request_id: str | None, update: dict[str, Any], first: Future[bool]) -> bool:
+        """Whether the user's document took `update`. An upsert whose filter excludes the existing
+        document meets its `_id` and is refused as a duplicate key: the document is final, and
+        only a failure of another attempt may still be replaced."""
+        if first.result():
+            return True
+        result = self._users.update_one({"_id": user_id, **_failed_by_another_attempt(request_id)}, update)
+        return result.matched_count > 0
 
     def ping(self) -> bool:
         try:

@@ -15,11 +15,11 @@ def main() -> None:
     settings = process.load_settings("poller", poller_settings, os.environ)
     process.setup_logging("poller", settings)
     mongo, legacy = process.adapters(settings)
-    poller = Poller(settings, store=mongo, legacy=legacy)
+    poller = Poller(settings, legacy=legacy)
     queues = poller_queues(pending=settings.pending_queue, failed=settings.failed_queue,
                            delays=poller.policy.tiers())
-    process.serve("poller", settings, poller, queues=queues, consume=settings.pending_queue, store=mongo,
-                  metrics=metrics)
+    process.serve("poller", settings, queues=queues, consume=settings.pending_queue, store=mongo,
+                  handler=lambda _durable: poller, metrics=metrics.EDGE, finished=metrics.finished)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ def main() -> None:
     settings = process.load_settings("submitter", submitter_settings, os.environ)
     process.setup_logging("submitter", settings)
     mongo, legacy = process.adapters(settings)
-    submitter = Submitter(settings, store=mongo, legacy=legacy)
     queues = submitter_queues(inbound=settings.inbound_queue, pending=settings.pending_queue,
                               failed=settings.failed_queue, first_delay_s=settings.poll_first_delay_s)
-    process.serve("submitter", settings, submitter, queues=queues, consume=settings.inbound_queue, store=mongo,
-                  metrics=metrics)
+    process.serve("submitter", settings, queues=queues, consume=settings.inbound_queue, store=mongo,
+                  handler=lambda durable: Submitter(settings, store=mongo, legacy=legacy, durable=durable),
+                  metrics=metrics.EDGE, finished=metrics.finished)
 
 
 if __name__ == "__main__":

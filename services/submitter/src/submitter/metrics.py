@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
-CONSUMED = Counter("submitter_messages_consumed_total", "Inbound messages taken from the broker")
+from regbridge.lifecycle import SUBMIT_OUTCOMES, Stage
+from regbridge.metrics import ServiceMetrics
+from regbridge.plans import Failure, Finish
+
+EDGE = ServiceMetrics("submitter", consumed="Inbound messages taken from the broker")
 SUBMISSIONS = Counter("submitter_submissions_total", "Legacy submissions by result", ["result"])
 RETRIES = Counter("submitter_submit_retries_total", "Submissions scheduled for another try")
 FAILURES = Counter("submitter_failures_total", "Failure records published, by stage", ["stage"])
-STORE_RETRIES = Counter("submitter_store_retries_total", "MongoDB operations retried during an outage")
-RECONNECTS = Counter("submitter_broker_reconnects_total", "Broker connections lost")
 LEGACY_SECONDS = Histogram("submitter_legacy_request_seconds", "Duration of POST /v1/registrations",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-QUEUE_MESSAGES = Gauge("submitter_queue_messages",
-                       "Ready messages in each queue this service declared, read every 10 s", ["queue"])
+# Results beside the legacy API's answers: a user registered already, or a request id on record.
+ALREADY_REGISTERED = "already_registered"
+RESUMED = "resumed"
+# The stages a submitter's failure record can carry.
+STAGES = (Stage.VALIDATION, Stage.SUBMIT, Stage.STORE)
+
+
+def finished(plan: Finish | Failure) -> None:
+    if isinstance(plan, Failure):
+        FAILURES.labels(plan.error.stage).inc()
 
 
 def _create_label_values() -> None:
     """Every label value the service can use, at zero from the start: rate() and increase() cannot
     count a series' first increment, so one created on first use hides the first burst."""
-    for result in ("accepted", "rejected", "transient", "already_registered", "resumed"):
+    for result in (*(outcome.label for outcome in SUBMIT_OUTCOMES), ALREADY_REGISTERED, RESUMED):
         SUBMISSIONS.labels(result)
-    for stage in ("validation", "submit"):
+    for stage in STAGES:
         FAILURES.labels(stage)
 
 

@@ -1,10 +1,10 @@
-"""The submitter's handler: one inbound registration in, one POST, one hand-on or failure out.
+"""The submitter's handler: one inbound registration in; one POST; a plan out.
 
-Order of effects, so that a crash at any point loses nothing:
-  201 → record the attempt's request id and `submitted` (MongoDB) → publish the pending
-  message (confirmed) → ack. A redelivered message whose attempt already has a request id is
-  handed on again without a second POST.
-  failure → publish the failure record (confirmed) → record `failed` → ack.
+A 201 becomes a Forward: the attempt's request id and the user's `submitted` are written,
+then the pending message goes to the first wait queue. A redelivered message whose attempt
+has a request id on record is handed on again without a second POST. A busy legacy API is
+retried in process (Retry), a refusal or a spent budget is a Failure. `regbridge.executor`
+carries the plan out.
 """
 
 from __future__ import annotations
@@ -13,22 +13,14 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
 
 from regbridge.amqp import Delivery
-from regbridge.durable import HandBack, until_stored
+from regbridge.durable import Durable
+from regbridge.executor import Job
 from regbridge.legacy_http import Legacy
-from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, SubmitPolicy
-from regbridge.messages import (
-    DecodeError,
-    FailureError,
-    FailureRecord,
-    PendingMessage,
-    Registration,
-    publish_mark,
-)
-from regbridge.process import CONFIRM_TIMEOUT_S, Broker, persistent, poison_reason
+from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, State, SubmitPolicy
+from regbridge.messages import DecodeError, FailureError, PendingMessage, Registration, publish_mark
+from regbridge.plans import AttemptAccepted, Failure, Finish, Forward, Plan, Requeue, Retry, Subject, UserStatus, Write
 from regbridge.settings import SubmitterSettings
 from regbridge.store import Store
 from regbridge.topology import first_hop
@@ -38,149 +30,105 @@ log = logging.getLogger("submitter")
 
 
 class Submitter:
-    def __init__(self, settings: SubmitterSettings, *, store: Store, legacy: Legacy,
+    def __init__(self, settings: SubmitterSettings, *, store: Store, legacy: Legacy, durable: Durable,
                  clock: Callable[[], float] = time.time, rng: Callable[[], float] = random.random) -> None:
-        self._s = settings
+        self._max_bytes = settings.max_message_bytes
         self._store = store
         self._legacy = legacy
+        self._durable = durable
         self._clock = clock
         self._rng = rng
         self._policy = SubmitPolicy(settings.submit_max_attempts, settings.submit_backoff_base_s,
                                     settings.submit_backoff_max_s)
         self._first_hop = first_hop(settings.pending_queue, settings.poll_first_delay_s)
-        self.broker: Broker  # set once the runtime exists (it needs this handler first)
 
-    def handle(self, delivery: Delivery) -> None:
+    def _decode(self, delivery: Delivery) -> Registration:
+        props = delivery.properties
+        return Registration.decode(delivery.body, message_id=props.message_id, max_bytes=self._max_bytes,
+                                   publish_mark=publish_mark(props.headers, props.timestamp))
+
+    def subject(self, delivery: Delivery) -> Subject:
         try:
-            props = delivery.properties
-            registration = Registration.decode(delivery.body, message_id=props.message_id,
-                                               max_bytes=self._s.max_message_bytes,
-                                               publish_mark=publish_mark(props.headers, props.timestamp))
+            return _subject(delivery, self._decode(delivery))
+        except DecodeError as exc:
+            return Subject(exc.original, exc.user_id, message_id=delivery.properties.message_id)
+
+    def handle(self, job: Job) -> Plan:
+        delivery = job.delivery
+        try:
+            registration = self._decode(delivery)
         except DecodeError as exc:
             log.warning("invalid message: %s", exc.reason,
                         extra={"event": "invalid", "stage": Stage.VALIDATION, "reason": exc.reason})
-            self._fail(delivery, original=exc.original, user_id=exc.user_id, attempt_key=None,
-                       error=FailureError(Stage.VALIDATION, exc.reason), attempts=0)
-            return
-        try:
-            self._start(delivery, registration)
-        except HandBack:
-            self.broker.nack(delivery, requeue=True)
-        except Exception as exc:
-            reason = poison_reason(delivery, exc)
-            if reason is None:
-                raise  # the runtime logs it and requeues after a pause
-            log.exception("giving up on a message: %s", reason,
-                          extra={"event": "poison", "user_id": registration.user_id})
-            self._fail(delivery, original=dict(registration.payload), user_id=registration.user_id,
-                       attempt_key=registration.attempt_key, error=FailureError(Stage.VALIDATION, reason), attempts=0)
+            return Failure(Subject(exc.original, exc.user_id, message_id=delivery.properties.message_id),
+                           FailureError(Stage.VALIDATION, exc.reason))
+        if job.attempt > 1:
+            return self._submit(job, registration)
+        return self._start(job, registration)
 
-    def _stored(self, operation: Callable[[], Any]) -> Any:
-        return until_stored(operation, stopping=self.broker.stopping, on_retry=metrics.STORE_RETRIES.inc)
-
-    def _start(self, delivery: Delivery, reg: Registration) -> None:
-        user = self._stored(lambda: self._store.user(reg.user_id))
-        if user.status == "registered":
+    def _start(self, job: Job, reg: Registration) -> Plan:
+        user = self._durable(lambda: self._store.user(reg.user_id))
+        if user.status == State.REGISTERED:
             log.info("already registered; not submitted again",
                      extra={"event": "already_registered", "user_id": reg.user_id})
-            metrics.SUBMISSIONS.labels("already_registered").inc()
-            self.broker.ack(delivery)
-            return
-        if not delivery.redelivered:
+            metrics.SUBMISSIONS.labels(metrics.ALREADY_REGISTERED).inc()
+            return Finish(_subject(job.delivery, reg))
+        if not job.delivery.redelivered:
             if user.status is not None:
                 # A new attempt (a replay, or the same message published again): what an earlier
                 # attempt of this message recorded must not make a later redelivery of this one
-                # look finished. A user never seen before has no attempts: no write needed.
-                self._stored(lambda: self._store.reset_attempt(reg.attempt_key))
-        else:
-            attempt = self._stored(lambda: self._store.attempt(reg.attempt_key))
-            if attempt is not None and attempt.failed:
-                # Its failure record is already out. The user's status may not be, if the crash
-                # came between the two writes: write it again (an idempotent write), then ack.
-                if attempt.error is not None:
-                    error = attempt.error
-                    self._stored(lambda: self._store.record_failed(reg.user_id, attempt.request_id, error))
-                self.broker.ack(delivery)
-                return
-            if attempt is not None and attempt.request_id:
-                log.info("redelivered with a request id on record; not submitted again",
-                         extra={"event": "resumed", "user_id": reg.user_id, "request_id": attempt.request_id})
-                metrics.SUBMISSIONS.labels("resumed").inc()
-                self._hand_on(delivery, reg, attempt.request_id, attempts=1)
-                return
-        self._submit(delivery, reg, 1)
+                # look finished, so it is cleared before the POST. A user never seen before has
+                # no attempts: no write needed.
+                self._durable(lambda: self._store.reset_attempt(reg.attempt_key))
+            return self._submit(job, reg)
+        attempt = self._durable(lambda: self._store.attempt(reg.attempt_key))
+        if attempt is not None and attempt.failed:
+            # Its record is out; the executor finishes what the crash may have left unwritten.
+            error = attempt.error or FailureError(Stage.VALIDATION, "failed in an earlier delivery")
+            return Failure(_subject(job.delivery, reg, attempt.request_id), error)
+        if attempt is not None and attempt.request_id:
+            log.info("redelivered with a request id on record; not submitted again",
+                     extra={"event": "resumed", "user_id": reg.user_id, "request_id": attempt.request_id})
+            metrics.SUBMISSIONS.labels(metrics.RESUMED).inc()
+            return self._hand_on(job, reg, attempt.request_id,
+                                 (UserStatus(reg.user_id, State.SUBMITTED, attempt.request_id),))
+        return self._submit(job, reg)
 
-    def _submit(self, delivery: Delivery, reg: Registration, attempt: int) -> None:
-        if not self.broker.current(delivery):
-            return  # the connection dropped: its redelivery will submit it, not a second POST now
+    def _submit(self, job: Job, reg: Registration) -> Plan:
+        if not job.current():
+            return Requeue()  # the connection dropped: its redelivery submits it, not a second POST now
         with metrics.LEGACY_SECONDS.time():
             outcome = self._legacy.submit(reg.body)
-        decision = self._policy.decide(outcome, attempt=attempt, jitter=self._rng())
-        metrics.SUBMISSIONS.labels(type(outcome).__name__.lower()).inc()
+        metrics.SUBMISSIONS.labels(outcome.label).inc()
+        decision = self._policy.decide(outcome, attempt=job.attempt, jitter=self._rng())
         if isinstance(decision, HandOn):
-            # The request id is on record before anything else: from here a redelivery of this
-            # message resumes with it instead of submitting again.
-            self._stored(lambda: self._store.record_accepted(reg.attempt_key, user_id=reg.user_id,
-                                                             request_id=decision.request_id))
-            self._hand_on(delivery, reg, decision.request_id, attempts=attempt, recorded=True)
-        elif isinstance(decision, RetrySubmit):
+            return self._hand_on(job, reg, decision.request_id,
+                                 (AttemptAccepted(reg.attempt_key, reg.user_id, decision.request_id),))
+        if isinstance(decision, RetrySubmit):
             metrics.RETRIES.inc()
             log.info("legacy API busy; retrying in %.2f s", decision.delay_s,
-                     extra={"event": "submit_retry", "user_id": reg.user_id, "attempt": attempt,
+                     extra={"event": "submit_retry", "user_id": reg.user_id, "attempt": job.attempt,
                             "delay_s": round(decision.delay_s, 3)})
-            self.broker.defer(delivery, decision.delay_s, lambda: self._retry(delivery, reg, attempt + 1))
-        elif isinstance(decision, Fail):
-            self._fail(delivery, original=dict(reg.payload), user_id=reg.user_id, attempt_key=reg.attempt_key,
-                       error=FailureError(decision.stage, decision.reason, decision.http_status),
-                       attempts=attempt)
+            return Retry(decision.delay_s, job.attempt + 1)
+        assert isinstance(decision, Fail)
+        return Failure(_subject(job.delivery, reg, attempts=job.attempt),
+                       FailureError(decision.stage, decision.reason, decision.http_status))
 
-    def _retry(self, delivery: Delivery, reg: Registration, attempt: int) -> None:
-        try:
-            self._submit(delivery, reg, attempt)
-        except HandBack:
-            self.broker.nack(delivery, requeue=True)
-
-    def _hand_on(self, delivery: Delivery, reg: Registration, request_id: str, *, attempts: int,
-                 recorded: bool = False) -> None:
-        if not recorded:
-            self._stored(lambda: self._store.record_submitted(reg.user_id, request_id))
+    def _hand_on(self, job: Job, reg: Registration, request_id: str, writes: tuple[Write, ...]) -> Forward:
+        subject = _subject(job.delivery, reg, request_id, job.attempt)
         pending = PendingMessage(
             request_id=request_id, user_id=reg.user_id, payload=reg.payload, attempt_key=reg.attempt_key,
-            submitted_at=self._clock(), message_id=reg.message_id, received_at=_published_at(delivery),
-            submit_attempts=attempts,
+            submitted_at=self._clock(), message_id=reg.message_id, received_at=subject.received_at,
+            submit_attempts=job.attempt,
         )
         log.info("submitted", extra={"event": "submitted", "user_id": reg.user_id, "request_id": request_id})
-        # Acked when the broker confirms it; handed back if it does not.
-        self.broker.forward(delivery, self._first_hop, pending.encode(), persistent(reg.message_id))
+        return Forward(subject, self._first_hop, pending.encode(), writes)
 
-    def _fail(self, delivery: Delivery, *, original: Any, user_id: str | None, attempt_key: str | None,
-              error: FailureError, attempts: int) -> None:
-        record = FailureRecord(original=original, user_id=user_id, legacy_request_id=None, error=error,
-                               attempts=attempts, failed_at=datetime.fromtimestamp(self._clock(), UTC))
-        if not self._publish(self._s.failed_queue, record.encode(), delivery.properties.message_id, delivery):
-            return
-        # The attempt's mark first: from then on a redelivery is acked without a second record.
-        # Between the confirm and this write lies the one window where a crash duplicates a record.
-        if attempt_key is not None:
-            self._stored(lambda: self._store.record_attempt_failed(attempt_key, user_id=user_id, request_id=None,
-                                                                   error=error))
-        if user_id is not None:
-            self._stored(lambda: self._store.record_failed(user_id, None, error))
-        metrics.FAILURES.labels(error.stage).inc()
-        log.warning("failed: %s", error.reason, extra={"event": "failed", "user_id": user_id,
-                                                        "stage": error.stage, "reason": error.reason})
-        self.broker.ack(delivery)
 
-    def _publish(self, queue: str, body: bytes, message_id: str | None, delivery: Delivery) -> bool:
-        """Publish and wait for the confirm; on failure hand the inbound message back."""
-        try:
-            self.broker.publish(queue, body, persistent(message_id)).result(timeout=CONFIRM_TIMEOUT_S)
-        except Exception as exc:
-            log.warning("publish to %s not confirmed (%s); message handed back", queue, exc,
-                        extra={"event": "publish_failed", "queue": queue})
-            self.broker.nack(delivery, requeue=True)
-            return False
-        return True
+def _subject(delivery: Delivery, reg: Registration, request_id: str | None = None, attempts: int = 0) -> Subject:
+    return Subject(original=dict(reg.payload), user_id=reg.user_id, attempt_key=reg.attempt_key,
+                   request_id=request_id, attempts=attempts, message_id=delivery.properties.message_id,
+                   received_at=_published_at(delivery))
 
 
 def _published_at(delivery: Delivery) -> float:

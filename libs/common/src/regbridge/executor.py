@@ -1,0 +1,247 @@
+"""The one place that turns a plan into effects, in the one order the guarantees need.
+
+    Forward   writes → publish (confirmed) → ack      the request id is on record before the hand-on
+    Finish    writes → ack                            the outcome is stored before the ack
+    Failure   record (confirmed) → attempt's mark → user's status → ack
+    Retry     the delivery stays unacked; the handler runs again after the delay
+    Requeue   nack with requeue
+
+Each delivery is settled once: acked or nacked here, or, when its channel is gone first,
+handed back by the broker itself. Nothing is acked before what it led to is durable: a write
+is waited out through an outage, a publish waits for the broker's confirm, and anything short
+of that hands the delivery back.
+
+A Failure publishes no record for an attempt whose mark says its record is out already: it
+only finishes the user's status. The one window left is a crash between a record's confirm
+and its attempt's mark (see docs/guarantees.md).
+
+A write that MongoDB refuses for good (a schema validator, a document too large) turns a
+Forward or a Finish into a `store` Failure, so that nothing loops on it. Within a Failure it
+is logged and counted: the record on the failure queue is out, and it is what counts.
+
+A handler that raises an unexpected error leaves the delivery to the runtime, which hands it
+back after a pause; on its POISON_DELIVERIES-th delivery it becomes a `validation` Failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pika.spec import BasicProperties
+
+from regbridge.amqp import Delivery
+from regbridge.durable import Durable, HandBack
+from regbridge.lifecycle import Stage
+from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord
+from regbridge.plans import Failure, Finish, Forward, Plan, Requeue, Retry, Subject, Write, failure_writes
+from regbridge.store import Store, WriteRefused
+
+log = logging.getLogger(__name__)
+
+# How long a failure record's publish may wait for its confirm before the delivery goes back.
+CONFIRM_TIMEOUT_S = 30.0
+# A message whose handling raised an unexpected error this many times becomes a failure record
+# instead of going round for ever.
+POISON_DELIVERIES = 10
+
+
+class Broker(Protocol):
+    """The part of the AMQP runtime the executor uses; unit tests pass a fake."""
+
+    stopping: threading.Event
+
+    def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]: ...
+    def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None: ...
+    def current(self, delivery: Delivery) -> bool: ...
+    def ack(self, delivery: Delivery) -> None: ...
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None: ...
+    def defer(self, delivery: Delivery, delay_s: float, work: Callable[[], None]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a handler: the delivery, the submit attempt a retry resumes at, and whether
+    the delivery's channel still stands (a POST for a delivery that the broker hands out again
+    is better left to that delivery)."""
+
+    delivery: Delivery
+    attempt: int = 1
+    current: Callable[[], bool] = lambda: True
+
+
+class Handler(Protocol):
+    def handle(self, job: Job) -> Plan:
+        """Reads, at most one legacy call, and the plan; raises `HandBack` when it must stop."""
+        ...
+
+    def subject(self, delivery: Delivery) -> Subject:
+        """What a failure record of `delivery` says, read from its body alone."""
+        ...
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Observer:
+    """Metrics at the edge: told of each outcome once its ack is on its way."""
+
+    finished: Callable[[Finish | Failure], None] = _nothing
+    store_refused: Callable[[], None] = _nothing
+
+
+def persistent(message_id: str | None) -> BasicProperties:
+    return BasicProperties(delivery_mode=2, content_type="application/json", message_id=message_id)
+
+
+def delivery_count(delivery: Delivery) -> int:
+    """How many times the broker delivered this message before."""
+    count = (delivery.properties.headers or {}).get("x-delivery-count")
+    if isinstance(count, int):
+        return count
+    return 1 if delivery.redelivered else 0
+
+
+def poison_reason(delivery: Delivery, exc: Exception) -> str | None:
+    """A failure reason once `delivery` has failed too often, else None: hand it back again."""
+    count = delivery_count(delivery)
+    if count + 1 < POISON_DELIVERIES:
+        return None
+    return f"could not be processed in {count + 1} deliveries (last error: {type(exc).__name__})"
+
+
+class Executor:
+    def __init__(self, handler: Handler, *, broker: Broker, store: Store, durable: Durable, failed_queue: str,
+                 clock: Callable[[], float], observer: Observer | None = None) -> None:
+        self._handler = handler
+        self._broker = broker
+        self._store = store
+        self._durable = durable
+        self._failed_queue = failed_queue
+        self._clock = clock
+        self._observer = observer or Observer()
+
+    def run(self, delivery: Delivery) -> None:
+        """The runtime's entry point, on a worker thread."""
+        self._run(delivery, 1)
+
+    def _run(self, delivery: Delivery, attempt: int) -> None:
+        try:
+            self.carry_out(delivery, self._handler.handle(Job(delivery, attempt, lambda: self._broker.current(delivery))))
+        except HandBack:
+            self._broker.nack(delivery, requeue=True)
+        except Exception as exc:
+            reason = poison_reason(delivery, exc)
+            if reason is None:
+                raise  # the runtime logs it and hands it back after a pause
+            log.exception("giving up on a message: %s", reason, extra={"event": "poison"})
+            self.carry_out(delivery, Failure(self._subject(delivery), FailureError(Stage.VALIDATION, reason)))
+
+    def _subject(self, delivery: Delivery) -> Subject:
+        try:
+            return self._handler.subject(delivery)
+        except Exception:  # the poison path must not fail the way the handler did
+            text = delivery.body[:TRUNCATED_ORIGINAL_CHARS].decode("utf-8", errors="replace")
+            return Subject(original=text, message_id=delivery.properties.message_id)
+
+    def carry_out(self, delivery: Delivery, plan: Plan) -> None:
+        try:
+            if isinstance(plan, Forward):
+                self._forward(delivery, plan)
+            elif isinstance(plan, Finish):
+                self._finish(delivery, plan)
+            elif isinstance(plan, Failure):
+                self._fail(delivery, plan)
+            elif isinstance(plan, Retry):
+                self._broker.defer(delivery, plan.delay_s, lambda: self._run(delivery, plan.attempt))
+            elif isinstance(plan, Requeue):
+                self._broker.nack(delivery, requeue=True)
+        except HandBack:
+            self._broker.nack(delivery, requeue=True)
+
+    def _write(self, write: Write) -> bool:
+        return self._durable(lambda: self._store.apply(write))
+
+    def _refused(self, subject: Subject, exc: WriteRefused) -> Failure:
+        self._observer.store_refused()
+        log.error("MongoDB refused a write for good: %s", exc.reason,
+                  extra={"event": "store_refused", "user_id": subject.user_id, "reason": exc.reason})
+        return Failure(subject, FailureError(Stage.STORE, exc.reason))
+
+    def _forward(self, delivery: Delivery, plan: Forward) -> None:
+        try:
+            for write in plan.writes:
+                self._write(write)
+        except WriteRefused as exc:
+            self._fail(delivery, self._refused(plan.subject, exc))
+            return
+        # Acked when the broker confirms it; handed back if it does not.
+        self._broker.forward(delivery, plan.queue, plan.body, persistent(plan.subject.message_id))
+
+    def _finish(self, delivery: Delivery, plan: Finish) -> None:
+        try:
+            recorded = all([self._write(write) for write in plan.writes])
+        except WriteRefused as exc:
+            self._fail(delivery, self._refused(plan.subject, exc))
+            return
+        self._broker.ack(delivery)
+        if plan.registered:
+            log.info("registered" if recorded else "registered already, or this attempt failed already",
+                     extra={"event": "registered", "user_id": plan.subject.user_id,
+                            "request_id": plan.subject.request_id, "outcome": "registered" if recorded else "duplicate"})
+        self._observer.finished(plan)
+
+    def _fail(self, delivery: Delivery, plan: Failure) -> None:
+        subject, error = plan.subject, plan.error
+        marked = self._marked_failed(subject, error)
+        if marked is not None:
+            log.info("failure already recorded for this attempt",
+                     extra={"event": "duplicate", "user_id": subject.user_id, "request_id": subject.request_id})
+            error = marked
+        elif not self._publish_record(delivery, subject, error):
+            return
+        for write in failure_writes(subject, error):
+            try:
+                self._write(write)
+            except WriteRefused as exc:
+                self._observer.store_refused()
+                log.error("MongoDB refused a failure's write; its record is out: %s", exc.reason,
+                          extra={"event": "store_refused", "user_id": subject.user_id, "reason": exc.reason})
+        self._broker.ack(delivery)
+        if marked is None:
+            log.warning("failed: %s", error.reason, extra={"event": "failed", "user_id": subject.user_id,
+                                                            "request_id": subject.request_id, "stage": error.stage,
+                                                            "reason": error.reason})
+            self._observer.finished(Failure(subject, error))
+
+    def _marked_failed(self, subject: Subject, error: FailureError) -> FailureError | None:
+        """The error of this attempt's record if one is out already, else None."""
+        key = subject.attempt_key
+        if key is None:
+            return None
+        attempt = self._durable(lambda: self._store.attempt(key))
+        if attempt is None or not attempt.failed or attempt.request_id != subject.request_id:
+            return None
+        return attempt.error or error
+
+    def _publish_record(self, delivery: Delivery, subject: Subject, error: FailureError) -> bool:
+        """Publish the failure record and wait for its confirm; if none comes, hand the delivery back."""
+        record = FailureRecord(original=subject.original, user_id=subject.user_id,
+                               legacy_request_id=subject.request_id, error=error, attempts=subject.attempts,
+                               failed_at=datetime.fromtimestamp(self._clock(), UTC))
+        future = self._broker.publish(self._failed_queue, record.encode(), persistent(subject.message_id))
+        try:
+            future.result(timeout=CONFIRM_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("publish to %s not confirmed (%s); message handed back", self._failed_queue, exc,
+                        extra={"event": "publish_failed", "queue": self._failed_queue})
+            self._broker.nack(delivery, requeue=True)
+            return False
+        return True

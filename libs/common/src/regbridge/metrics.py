@@ -1,0 +1,21 @@
+"""The metrics every service keeps at the runtime's edge, each under the service's prefix."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+from prometheus_client.metrics import MetricWrapperBase
+
+
+class ServiceMetrics:
+    def __init__(self, prefix: str, *, consumed: str) -> None:
+        self.consumed = Counter(f"{prefix}_messages_consumed_total", consumed)
+        self.reconnects = Counter(f"{prefix}_broker_reconnects_total", "Broker connections lost")
+        self.store_retries = Counter(f"{prefix}_store_retries_total", "MongoDB operations retried during an outage")
+        self.store_refused = Counter(f"{prefix}_store_refused_total",
+                                     "MongoDB writes refused for good: each a `store` failure, or a failure's "
+                                     "status left unwritten beside its record")
+        self.queue_messages = Gauge(f"{prefix}_queue_messages",
+                                    "Ready messages in each queue this service declared, read every 10 s", ["queue"])
+
+    def all(self) -> tuple[MetricWrapperBase, ...]:
+        return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages)

@@ -1,0 +1,127 @@
+"""What a handler decided, as data: the effects of one delivery, for `regbridge.executor`.
+
+A handler reads what it needs, makes its one call to the legacy API and returns one plan. It
+never acks, nacks or publishes and holds no broker: the executor carries every plan out in
+the one order the guarantees need, so a test of a handler asserts on the plan alone.
+
+Pure code: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from regbridge.lifecycle import State
+from regbridge.messages import FailureError
+
+# ---- store writes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptAccepted:
+    """The attempt's request id and the user's `submitted`: from here a redelivery resumes
+    with the request id instead of submitting again."""
+
+    attempt_key: str
+    user_id: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class UserStatus:
+    """The user's registration fields, under the status rule of `lifecycle.may_record`."""
+
+    user_id: str
+    status: State
+    request_id: str | None
+    error: FailureError | None = None
+
+
+@dataclass(frozen=True)
+class AttemptFailed:
+    """The attempt's failure is on the failure queue: a redelivery publishes no second record."""
+
+    attempt_key: str
+    user_id: str | None
+    request_id: str | None
+    error: FailureError
+
+
+Write = AttemptAccepted | UserStatus | AttemptFailed
+
+
+# ---- who a plan is about --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a failure record of this delivery says, whichever step fails."""
+
+    original: Any
+    user_id: str | None = None
+    attempt_key: str | None = None
+    request_id: str | None = None
+    attempts: int = 0
+    message_id: str | None = None
+    received_at: float | None = None  # epoch seconds the inbound message entered the system
+
+
+# ---- plans ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Hand the registration on: `writes`, then a confirmed publish of `body` to `queue`, then
+    the ack. A write refused for good makes it a `store` failure instead."""
+
+    subject: Subject
+    queue: str
+    body: bytes
+    writes: tuple[Write, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A success, or nothing left to do: `writes`, then the ack. A write refused for good
+    makes it a `store` failure instead."""
+
+    subject: Subject
+    writes: tuple[Write, ...] = ()
+    registered: bool = False  # the legacy system completed it (what the poller counts)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A terminal failure: one record on the failure queue (confirmed), the attempt's mark,
+    the user's `failed`, then the ack. No second record for an attempt already marked."""
+
+    subject: Subject
+    error: FailureError
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Hold the delivery unacked and run the handler again at `attempt` after `delay_s`."""
+
+    delay_s: float
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Give the delivery back to the broker untouched (the service is stopping)."""
+
+
+Plan = Forward | Finish | Failure | Retry | Requeue
+
+
+def failure_writes(subject: Subject, error: FailureError) -> tuple[Write, ...]:
+    """What a failure writes after its record is out: the attempt's mark first (it ends the
+    window for a second record), then the user's status."""
+    writes: list[Write] = []
+    if subject.attempt_key is not None:
+        writes.append(AttemptFailed(subject.attempt_key, subject.user_id, subject.request_id, error))
+    if subject.user_id is not None:
+        writes.append(UserStatus(subject.user_id, State.FAILED, subject.request_id, error))
+    return tuple(writes)

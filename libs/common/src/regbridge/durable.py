@@ -46,7 +46,7 @@ class Durable:
         self._max_delay_s = max_delay_s
 
     def __call__(self, operation: Callable[[], T]) -> T:
-        delay = 0.1
+        delay = min(0.1, self._max_delay_s)
         while True:
             try:
                 return operation()

@@ -142,7 +142,11 @@ class Executor:
             if reason is None:
                 raise  # the runtime logs it and hands it back after a pause
             log.exception("giving up on a message: %s", reason, extra={"event": "poison"})
-            self.carry_out(delivery, Failure(self._subject(delivery), FailureError(Stage.VALIDATION, reason)))
+            try:
+                self._fail(delivery, Failure(self._subject(delivery), FailureError(Stage.VALIDATION, reason)),
+                           poisoned=True)
+            except HandBack:
+                self._broker.nack(delivery, requeue=True)
 
     def _subject(self, delivery: Delivery) -> Subject:
         try:
@@ -198,9 +202,9 @@ class Executor:
                             "request_id": plan.subject.request_id, "outcome": "registered" if recorded else "duplicate"})
         self._observer.finished(plan)
 
-    def _fail(self, delivery: Delivery, plan: Failure) -> None:
+    def _fail(self, delivery: Delivery, plan: Failure, *, poisoned: bool = False) -> None:
         subject, error = plan.subject, plan.error
-        marked = self._marked_failed(subject, error)
+        marked = self._marked_failed(subject, error, poisoned)
         if marked is not None:
             log.info("failure already recorded for this attempt",
                      extra={"event": "duplicate", "user_id": subject.user_id, "request_id": subject.request_id})
@@ -210,10 +214,14 @@ class Executor:
         for write in failure_writes(subject, error):
             try:
                 self._write(write)
-            except WriteRefused as exc:
+            except HandBack:
+                raise
+            except Exception as exc:
+                # The record is out and is what counts: handing the delivery back now would
+                # only publish another. An outage is waited out above; this is anything else.
                 self._observer.store_refused()
-                log.error("MongoDB refused a failure's write; its record is out: %s", exc.reason,
-                          extra={"event": "store_refused", "user_id": subject.user_id, "reason": exc.reason})
+                log.error("a failure's write did not go through; its record is out: %s", exc,
+                          extra={"event": "store_refused", "user_id": subject.user_id})
         self._broker.ack(delivery)
         if marked is None:
             log.warning("failed: %s", error.reason, extra={"event": "failed", "user_id": subject.user_id,
@@ -221,12 +229,22 @@ class Executor:
                                                             "reason": error.reason})
             self._observer.finished(Failure(subject, error))
 
-    def _marked_failed(self, subject: Subject, error: FailureError) -> FailureError | None:
-        """The error of this attempt's record if one is out already, else None."""
+    def _marked_failed(self, subject: Subject, error: FailureError, poisoned: bool) -> FailureError | None:
+        """The error of this attempt's record if one is out already, else None. A message that
+        is poison because the store keeps erroring cannot wait for the store: its record goes
+        out unchecked (a second record is better than none)."""
         key = subject.attempt_key
         if key is None:
             return None
-        attempt = self._durable(lambda: self._store.attempt(key))
+        try:
+            attempt = self._durable(lambda: self._store.attempt(key))
+        except HandBack:
+            raise
+        except Exception:
+            if not poisoned:
+                raise  # the runtime hands it back; it counts towards POISON_DELIVERIES
+            log.exception("cannot read the attempt before a failure record", extra={"event": "attempt_unreadable"})
+            return None
         if attempt is None or not attempt.failed or attempt.request_id != subject.request_id:
             return None
         return attempt.error or error

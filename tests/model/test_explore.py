@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from world import FAULTS, INBOUND, NOW, PENDING, Fault, Message, NotSettled, World
 
 from regbridge.lifecycle import State
 from regbridge.messages import PendingMessage, Registration
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt
-from world import FAILED, FAULTS, INBOUND, NOW, PENDING, Fault, Message, NotSettled, World
 
 SUBMITTER = submitter_settings({"SUBMIT_MAX_ATTEMPTS": "3", "SUBMIT_BACKOFF_BASE_S": "1",
                                 "SUBMIT_BACKOFF_MAX_S": "4", "POLL_FIRST_DELAY_S": "10", "POLL_INTERVAL_S": "2"})

@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 from pika.spec import BasicProperties
 from pymongo.errors import AutoReconnect, OperationFailure
@@ -251,7 +252,7 @@ class World:
         for queue in (INBOUND, PENDING):
             if self.queues[queue]:
                 delivery = self.deliver(queue)
-                self._guarded(delivery, lambda: self.executors[queue].run(delivery))
+                self._guarded(delivery, partial(self.executors[queue].run, delivery))
                 return True
         return self._advance()
 
@@ -312,7 +313,7 @@ class ModelBroker:
         world, generation = self.world, self.world.generation
         mode = world.at("publish", properties.message_id)
         future: Future[None] = Future()
-        if generation != world.generation and mode is None or mode == "nack":
+        if (generation != world.generation and mode is None) or mode == "nack":
             future.set_exception(PublishError("the broker refused the message (nack)"))
             return future
         delay = _ttl(routing_key)

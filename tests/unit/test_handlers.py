@@ -19,6 +19,8 @@ from pymongo.errors import AutoReconnect, OperationFailure
 
 from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
+from regbridge.durable import Durable
+from regbridge.executor import POISON_DELIVERIES, Executor, Handler
 from regbridge.lifecycle import (
     Accepted,
     Completed,
@@ -27,14 +29,12 @@ from regbridge.lifecycle import (
     PollOutcome,
     Processing,
     Rejected,
+    State,
     SubmitOutcome,
     Transient,
     may_record,
 )
 from regbridge.messages import FailureError, FailureRecord, PendingMessage
-from regbridge.durable import Durable
-from regbridge.executor import POISON_DELIVERIES, Executor, Handler
-from regbridge.lifecycle import State
 from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus, Write
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt, UserState, WriteRefused

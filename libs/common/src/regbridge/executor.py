@@ -134,7 +134,8 @@ class Executor:
 
     def _run(self, delivery: Delivery, attempt: int) -> None:
         try:
-            self.carry_out(delivery, self._handler.handle(Job(delivery, attempt, lambda: self._broker.current(delivery))))
+            plan = self._handler.handle(Job(delivery, attempt, lambda: self._broker.current(delivery)))
+            self.carry_out(delivery, plan)
         except HandBack:
             self._broker.nack(delivery, requeue=True)
         except Exception as exc:
@@ -197,9 +198,10 @@ class Executor:
             return
         self._broker.ack(delivery)
         if plan.registered:
+            outcome = "registered" if recorded else "duplicate"
             log.info("registered" if recorded else "registered already, or this attempt failed already",
                      extra={"event": "registered", "user_id": plan.subject.user_id,
-                            "request_id": plan.subject.request_id, "outcome": "registered" if recorded else "duplicate"})
+                            "request_id": plan.subject.request_id, "outcome": outcome})
         self._observer.finished(plan)
 
     def _fail(self, delivery: Delivery, plan: Failure, *, poisoned: bool = False) -> None:

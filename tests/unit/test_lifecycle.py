@@ -1,4 +1,4 @@
-"""The pure life of a registration: transition table, submit and poll policies, answer classification."""
+"""The pure life of a registration: the submit and poll policies, answer classification."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from regbridge.lifecycle import (
-    TRANSITIONS,
+    POLL_OUTCOMES,
+    SUBMIT_OUTCOMES,
     Accepted,
     Completed,
     Decision,
     Fail,
     HandOn,
-    IllegalTransition,
     LegacyFailed,
     NotFound,
     Outcome,
@@ -27,15 +27,13 @@ from regbridge.lifecycle import (
     Rejected,
     RetrySubmit,
     Stage,
-    State,
+    SubmitOutcome,
     SubmitPolicy,
     Transient,
     classify_poll,
     classify_submit,
     may_record,
-    next_state,
     parse_retry_after,
-    transition,
     valid_request_id,
 )
 
@@ -53,89 +51,35 @@ OUTCOMES: list[Outcome] = [
 DECISIONS: list[Decision] = [HandOn("AB583C-X"), RetrySubmit(1.0), PollAfter(2.0), Register(),
                              Fail(Stage.SUBMIT, "x")]
 
-# ---- the transition table ---------------------------------------------------------------------
+# ---- the moves the policies make --------------------------------------------------------------
+# The state machine is the two policies: RECEIVED's moves are SubmitPolicy's, SUBMITTED's are
+# PollPolicy's, and REGISTERED and FAILED have none. Whatever the budget or the age, each
+# outcome leads only to these decisions.
+SUBMIT_MOVES: dict[type, set[type]] = {Accepted: {HandOn}, Rejected: {Fail}, Transient: {RetrySubmit, Fail}}
+POLL_MOVES: dict[type, set[type]] = {Processing: {PollAfter, Fail}, Transient: {PollAfter, Fail},
+                                     Completed: {Register}, LegacyFailed: {Fail}, NotFound: {Fail}}
 
 
-@pytest.mark.parametrize(
-    ("state", "outcome", "decision", "target"),
-    [
-        (State.RECEIVED, Accepted("A"), HandOn("A"), State.SUBMITTED),
-        (State.RECEIVED, Rejected("bad", 400), Fail(Stage.SUBMIT, "bad", 400), State.FAILED),
-        (State.RECEIVED, Transient("busy", 503), RetrySubmit(1.0), State.RECEIVED),
-        (State.RECEIVED, Transient("busy", 503), Fail(Stage.SUBMIT, "gave up", 503), State.FAILED),
-        (State.SUBMITTED, Processing(), PollAfter(2.0), State.SUBMITTED),
-        (State.SUBMITTED, Processing(), Fail(Stage.TIMEOUT, "late", 200), State.FAILED),
-        (State.SUBMITTED, Transient("busy", 503), PollAfter(2.0), State.SUBMITTED),
-        (State.SUBMITTED, Transient("busy", 503), Fail(Stage.TIMEOUT, "late", 503), State.FAILED),
-        (State.SUBMITTED, Completed(), Register(), State.REGISTERED),
-        (State.SUBMITTED, LegacyFailed("no"), Fail(Stage.LEGACY, "no", 200), State.FAILED),
-        (State.SUBMITTED, NotFound("gone"), Fail(Stage.POLL, "gone", 404), State.FAILED),
-    ],
-)
-def test_every_table_entry(state: State, outcome: Outcome, decision: Decision, target: State) -> None:
-    assert target in TRANSITIONS[(state, type(outcome))]
-    assert transition(state, outcome, decision) is target
+@pytest.mark.parametrize(("outcome", "attempt"),
+                         list(itertools.product([o for o in OUTCOMES if type(o) in SUBMIT_MOVES], [1, 2, 5, 6, 9])))
+def test_the_submit_policy_makes_only_its_moves(outcome: SubmitOutcome, attempt: int) -> None:
+    decision = SubmitPolicy(6, 0.5, 30).decide(outcome, attempt=attempt, jitter=0.3)
+    assert type(decision) in SUBMIT_MOVES[type(outcome)]
+    assert not isinstance(decision, PollAfter | Register)
 
 
-def test_the_table_has_exactly_these_entries() -> None:
-    assert {
-        (State.RECEIVED, Accepted): (State.SUBMITTED,),
-        (State.RECEIVED, Rejected): (State.FAILED,),
-        (State.RECEIVED, Transient): (State.RECEIVED, State.FAILED),
-        (State.SUBMITTED, Processing): (State.SUBMITTED, State.FAILED),
-        (State.SUBMITTED, Transient): (State.SUBMITTED, State.FAILED),
-        (State.SUBMITTED, Completed): (State.REGISTERED,),
-        (State.SUBMITTED, LegacyFailed): (State.FAILED,),
-        (State.SUBMITTED, NotFound): (State.FAILED,),
-    } == TRANSITIONS
+@pytest.mark.parametrize(("outcome", "age"), list(itertools.product(
+    [o for o in OUTCOMES if type(o) in POLL_MOVES], [0, 10, 299, 300, 5000])))
+def test_the_poll_policy_makes_only_its_moves(outcome: PollOutcome, age: float) -> None:
+    decision = PollPolicy(10, 2, 300).decide(outcome, age_s=age)
+    assert type(decision) in POLL_MOVES[type(outcome)]
+    assert not isinstance(decision, HandOn | RetrySubmit)
 
 
-@pytest.mark.parametrize(
-    ("decision", "state"),
-    [(HandOn("A"), State.SUBMITTED), (RetrySubmit(1), State.RECEIVED), (PollAfter(1), State.SUBMITTED),
-     (Register(), State.REGISTERED), (Fail(Stage.POLL, "x"), State.FAILED)],
-)
-def test_next_state(decision: Decision, state: State) -> None:
-    assert next_state(State.RECEIVED, decision) is state
-
-
-@pytest.mark.parametrize(
-    ("state", "outcome", "decision"),
-    list(itertools.product(State, OUTCOMES, DECISIONS)),
-)
-def test_transition_allows_exactly_what_the_table_says(state: State, outcome: Outcome, decision: Decision) -> None:
-    allowed = TRANSITIONS.get((state, type(outcome)), ())
-    target = next_state(state, decision)
-    if target in allowed:
-        assert transition(state, outcome, decision) is target
-    else:
-        with pytest.raises(IllegalTransition):
-            transition(state, outcome, decision)
-
-
-@pytest.mark.parametrize(
-    ("state", "outcome", "decision"),
-    [
-        (State.RECEIVED, Completed(), Register()),  # registered without ever being submitted
-        (State.RECEIVED, Accepted("A"), Register()),
-        (State.RECEIVED, Rejected("bad", 400), RetrySubmit(1.0)),  # a permanent refusal retried
-        (State.SUBMITTED, Accepted("A"), HandOn("A")),
-        (State.SUBMITTED, Completed(), Fail(Stage.LEGACY, "x")),
-        (State.SUBMITTED, LegacyFailed("no"), PollAfter(2.0)),
-        (State.SUBMITTED, NotFound("gone"), PollAfter(2.0)),
-        (State.REGISTERED, Processing(), PollAfter(2.0)),  # never backwards
-        (State.REGISTERED, Completed(), Register()),
-        (State.FAILED, Completed(), Register()),
-        (State.FAILED, Accepted("A"), HandOn("A")),
-    ],
-)
-def test_illegal_moves_raise(state: State, outcome: Outcome, decision: Decision) -> None:
-    with pytest.raises(IllegalTransition):
-        transition(state, outcome, decision)
-
-
-def test_terminal_states_have_no_way_out() -> None:
-    assert not any(state in (State.REGISTERED, State.FAILED) for state, _ in TRANSITIONS)
+def test_metric_labels_are_named_and_distinct() -> None:
+    labels = [o.label for o in (*SUBMIT_OUTCOMES, *POLL_OUTCOMES)]
+    assert sorted(set(labels)) == ["accepted", "completed", "legacyfailed", "notfound", "processing", "rejected",
+                                   "transient"]
 
 
 # ---- SubmitPolicy -----------------------------------------------------------------------------

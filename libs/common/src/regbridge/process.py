@@ -100,7 +100,6 @@ def serve(name: str, settings: CommonSettings, service: Handles, *, queues: Sequ
         url=settings.rabbitmq_url,
         queues=queues,
         consume=[consume],
-        handler=service.handle,
         workers=settings.workers,
         prefetch=settings.prefetch,
         reconnect_max_s=settings.reconnect_max_s,
@@ -111,10 +110,11 @@ def serve(name: str, settings: CommonSettings, service: Handles, *, queues: Sequ
         name=name,
     )
     service.broker = runtime
-    run(name, settings, runtime, store)
+    run(name, settings, runtime, store, service.handle)
 
 
-def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore) -> None:
+def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore,
+        handler: Callable[[Delivery], None]) -> None:
     """Serve probes and metrics, wire SIGTERM/SIGINT to a graceful stop, turn the I/O loop."""
     probe = health.Probe(store.ping).start()
 
@@ -133,7 +133,7 @@ def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoS
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("%s starting", name, extra={"event": "starting"})
-    runtime.run()
+    runtime.run(handler)
 
 
 def setup_logging(name: str, settings: CommonSettings) -> None:

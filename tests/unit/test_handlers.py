@@ -142,12 +142,6 @@ class FakeStore:
         self._check()
         return self.attempts.get(key)
 
-    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
-        self._check()
-        self.attempts[key] = Attempt(request_id, False)
-        self.attempt_users[key] = user_id
-        self.log.append(f"attempt:{request_id}")
-
     def reset_attempt(self, key: str) -> None:
         self._check()
         if key in self.attempts:
@@ -172,7 +166,10 @@ class FakeStore:
         return True
 
     def record_accepted(self, key: str, *, user_id: str, request_id: str) -> bool:
-        self.record_attempt(key, user_id=user_id, request_id=request_id)
+        self._check()
+        self.attempts[key] = Attempt(request_id, False)
+        self.attempt_users[key] = user_id
+        self.log.append(f"attempt:{request_id}")
         return self.record_submitted(user_id, request_id)
 
     def record_submitted(self, user_id: str, request_id: str) -> bool:

@@ -43,7 +43,6 @@ class Store(Protocol):
 
     def user(self, user_id: str) -> UserState: ...
     def attempt(self, key: str) -> Attempt | None: ...
-    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None: ...
     def reset_attempt(self, key: str) -> None: ...
     def record_attempt_failed(self, key: str, *, user_id: str | None, request_id: str | None,
                               error: FailureError | None = None) -> None: ...
@@ -103,14 +102,6 @@ class MongoStore:
         failure = (FailureError(str(error.get("stage")), str(error.get("reason")), error.get("http_status"))
                    if isinstance(error, dict) else None)
         return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")), failure)
-
-    def record_attempt(self, key: str, *, user_id: str, request_id: str) -> None:
-        self._update(self._attempts, UpdateOne(
-            {"_id": key},
-            {"$set": {"user_id": user_id, "legacy_request_id": request_id, "failed": False,
-                      "updated_at": self._clock()}},
-            upsert=True,
-        ))
 
     def reset_attempt(self, key: str) -> None:
         """A message delivered anew is a new attempt: forget what an earlier one got."""

@@ -59,11 +59,11 @@ def test_writes_follow_the_status_rule(store: Any, start: tuple[str, str | None]
 def test_attempts_are_recorded_and_replaced(store: Any) -> None:
     mongo_store, _ = store
     assert mongo_store.attempt("k") is None
-    mongo_store.record_attempt("k", user_id="u", request_id="R1")
+    assert mongo_store.record_accepted("k", user_id="u", request_id="R1")
     assert mongo_store.attempt("k").request_id == "R1" and not mongo_store.attempt("k").failed
     mongo_store.record_attempt_failed("k", user_id="u", request_id="R1")
     assert mongo_store.attempt("k").failed
-    mongo_store.record_attempt("k", user_id="u", request_id="R2")  # a new attempt of the same message
+    assert mongo_store.record_accepted("k", user_id="u", request_id="R2")  # a new attempt of the same message
     assert mongo_store.attempt("k").request_id == "R2" and not mongo_store.attempt("k").failed
 
 

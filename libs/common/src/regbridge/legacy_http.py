@@ -1,11 +1,12 @@
 """The HTTP adapter for the legacy adaptation layer: bytes in, lifecycle outcomes out.
 
-One pooled `requests.Session` shared by the worker threads, with `trust_env` off so that no
-proxy or netrc from the environment sneaks in, and its adapter's pool sized to the workers.
-Calls go straight to that adapter's urllib3 connection pool: in the profile, requests' per-call
-machinery (merging settings, cookies, hooks, preparing the request) cost as much CPU as the
-HTTP exchange itself, and none of it is used here. The meaning of each answer is decided by
-the pure `lifecycle.classify_*` functions; this module only moves bytes.
+Calls go to a urllib3 connection pool shared by the worker threads and sized to them, not
+through `requests`: its per-call machinery (merging settings, cookies, hooks, preparing the
+request) costs as much CPU as the HTTP exchange itself, and none of it is used here. urllib3
+reads nothing from the environment, so no proxy or netrc sneaks in; it follows no redirect and
+retries nothing (the lifecycle decides what to retry), and it verifies TLS certificates. The
+meaning of each answer is decided by the pure `lifecycle.classify_*` functions; this module
+only moves bytes.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
-import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 
 from regbridge.lifecycle import PollOutcome, SubmitOutcome, Transient, classify_poll, classify_submit
 
@@ -32,12 +31,8 @@ class LegacyClient:
         base = base_url.rstrip("/")
         self._prefix = urlsplit(base).path
         self._timeout = urllib3.Timeout(connect=min(timeout_s, 3.0), read=timeout_s)
-        self._session = requests.Session()
-        self._session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0, pool_block=False)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._pool = adapter.poolmanager.connection_from_url(base)
+        self._manager = urllib3.PoolManager(num_pools=1, maxsize=pool_size, block=False, cert_reqs="CERT_REQUIRED")
+        self._pool = self._manager.connection_from_url(base)
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> urllib3.BaseHTTPResponse | Transient:
         try:
@@ -64,4 +59,4 @@ class LegacyClient:
         return classify_poll(response.status, response.data, response.headers.get("Retry-After"))
 
     def close(self) -> None:
-        self._session.close()
+        self._manager.clear()

@@ -1,0 +1,85 @@
+"""Publisher confirms and returns on the current channel, on the I/O thread.
+
+Each publish gets the channel's next sequence number and a future. The broker's ack settles
+it, a nack fails it; with `mandatory`, an unroutable message is returned before its ack, and
+its future fails too. Sequence numbers are per channel: a lost channel fails every future
+still open, and the next channel counts from 1 again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from regbridge.amqp.model import PublishError
+
+# Carried on what we publish, so that a returned (unroutable) message names its confirm.
+PUBLISH_SEQ_HEADER = "x-regbridge-seq"
+
+
+class Confirms:
+    def __init__(self, on_unroutable: Callable[[], None]) -> None:
+        # A return means a queue is missing: the caller gets the topology declared again.
+        self._on_unroutable = on_unroutable
+        self._next_seq = 0
+        self._unconfirmed: dict[int, Future[None]] = {}
+        self._returned: set[int] = set()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._unconfirmed)
+
+    def attach(self, channel: Channel, then: Callable[[], None]) -> None:
+        """Put a fresh channel in confirm mode, then call `then`."""
+        self._next_seq = 0
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: then())
+
+    def publish(self, channel: Channel, routing_key: str, body: bytes, properties: BasicProperties,
+                future: Future[None]) -> None:
+        """Publish to the default exchange with `mandatory`; `future` settles on the confirm."""
+        self._next_seq += 1
+        seq = self._next_seq
+        properties.headers = {**(properties.headers or {}), PUBLISH_SEQ_HEADER: seq}
+        try:
+            channel.basic_publish("", routing_key, body, properties, mandatory=True)
+        except Exception as exc:  # a closing channel raises here; the caller hands the work back
+            future.set_exception(PublishError(f"publish failed: {exc}"))
+            return
+        self._unconfirmed[seq] = future
+
+    def fail_all(self, why: str) -> None:
+        """The channel is gone, and with it every confirm still to come."""
+        failed, self._unconfirmed = self._unconfirmed, {}
+        self._returned.clear()
+        for future in failed.values():
+            if not future.done():
+                future.set_exception(PublishError(f"unconfirmed when the {why}"))
+
+    def _on_return(self, _ch: Channel, _method: Basic.Return, properties: BasicProperties, _body: bytes) -> None:
+        seq = (properties.headers or {}).get(PUBLISH_SEQ_HEADER)
+        if isinstance(seq, int):
+            self._returned.add(seq)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        ack = isinstance(method, Basic.Ack)
+        tags = (
+            [s for s in self._unconfirmed if s <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        )
+        for seq in tags:
+            future = self._unconfirmed.pop(seq, None)
+            if future is None:
+                continue
+            if not ack:
+                future.set_exception(PublishError("the broker refused the message (nack)"))
+            elif seq in self._returned:
+                self._returned.discard(seq)
+                future.set_exception(PublishError("unroutable: no queue took the message"))
+                self._on_unroutable()
+            else:
+                future.set_result(None)

@@ -1,0 +1,220 @@
+"""The connection and its channel, on the I/O thread: connect with backoff, declare, consume.
+
+Each channel goes through the same steps: declare every queue, confirm mode, per-consumer
+prefetch, consume. Any channel error (a refused declare, a dead tag acked) ends the connection
+too: one way back, through a fresh connection that declares everything again.
+
+A delivery tag is valid only on the channel that delivered it. Every channel gets the next
+generation and every delivery carries it; after a reconnect, acks and nacks of older
+generations are dropped: the broker has already put those messages back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+from pika.adapters.select_connection import IOLoop
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from regbridge.amqp.model import Delivery
+from regbridge.redact import redact_url
+from regbridge.topology import QueueSpec
+
+log = logging.getLogger(__name__)
+
+# How often queue depths are read for the metrics: slow, since each read is a broker round trip.
+DEPTH_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    url: str
+    queues: Sequence[QueueSpec]  # declared on every connect
+    consume: Sequence[str]
+    prefetch: int
+    reconnect_max_s: float
+
+
+@dataclass(frozen=True)
+class LinkEvents:
+    """What the link tells its owner, on the I/O thread."""
+
+    enable_confirms: Callable[[Channel, Callable[[], None]], None]  # then call the second argument
+    delivered: Callable[[Delivery], None]
+    channel_lost: Callable[[str], None]
+    disconnected: Callable[[], None]  # a consuming channel lost while not stopping
+    queue_depth: Callable[[str, int], None]
+
+
+class BrokerLink:
+    def __init__(self, settings: LinkSettings, ioloop: IOLoop, events: LinkEvents) -> None:
+        self._settings = settings
+        self._params = pika.URLParameters(settings.url)
+        self._ioloop = ioloop
+        self._events = events
+        self._connection: pika.SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._consumer_tags: list[str] = []
+        self._reconnect_delay = 0.0
+        self._stopping = False
+        # Read by worker threads too: plain values, written only here on the I/O thread.
+        self.generation = 0
+        self.ready = False  # channel open, confirms on, consumers started
+
+    def current(self, delivery: Delivery) -> bool:
+        """Whether the channel that delivered `delivery` is still the one consuming."""
+        return delivery.generation == self.generation and self.ready
+
+    def open_channel(self) -> Channel | None:
+        """The channel to publish on, or None while there is no ready one."""
+        channel = self._channel
+        return channel if self.ready and channel is not None and channel.is_open else None
+
+    def settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
+        channel = self._channel
+        if delivery.generation != self.generation or channel is None or not channel.is_open:
+            log.debug("dropping a settle of a delivery from a closed channel")
+            return
+        if ack:
+            channel.basic_ack(delivery.delivery_tag)
+        else:
+            channel.basic_nack(delivery.delivery_tag, requeue=requeue)
+
+    # ---- connecting ---------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        log.info("connecting to %s", redact_url(self._settings.url), extra={"event": "connecting"})
+        self._connection = pika.SelectConnection(
+            self._params,
+            on_open_callback=lambda connection: connection.channel(on_open_callback=self._on_channel_open),
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop,
+        )
+
+    def _schedule_reconnect(self) -> None:
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        self._reconnect_delay = min(self._settings.reconnect_max_s, max(0.25, self._reconnect_delay * 2))
+        delay = self._reconnect_delay * random.uniform(0.5, 1.0)
+        log.warning("broker unavailable; reconnecting in %.2f s", delay, extra={"event": "reconnect_wait"})
+        self._ioloop.call_later(delay, self.connect)
+
+    def _on_connection_open_error(self, _conn: Any, error: BaseException) -> None:
+        # Some of pika's errors stringify to nothing: name the type, and what it carries.
+        reason = redact_url(f"{type(error).__name__}: {error!r}")
+        log.warning("cannot connect to the broker: %s", reason, extra={"event": "connect_failed"})
+        self._connection = None
+        self._schedule_reconnect()
+
+    def _on_connection_closed(self, _conn: Any, reason: BaseException) -> None:
+        self._lose_channel(f"connection closed: {reason}")
+        self._connection = None
+        if self._stopping:
+            self._ioloop.stop()
+        else:
+            log.warning("connection lost: %s", redact_url(str(reason)), extra={"event": "disconnected"})
+            self._schedule_reconnect()
+
+    # ---- a channel's steps --------------------------------------------------------------------
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        self.generation += 1
+        channel.add_on_close_callback(self._on_channel_closed)
+        self._declare(channel, list(self._settings.queues))
+
+    def _declare(self, channel: Channel, remaining: list[QueueSpec]) -> None:
+        if not remaining:
+            self._events.enable_confirms(channel, lambda: self._set_qos(channel))
+            return
+        spec = remaining[0]
+        channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments),
+                              callback=lambda _f: self._declare(channel, remaining[1:]))
+
+    def _set_qos(self, channel: Channel) -> None:
+        # Per-consumer prefetch (quorum queues refuse global QoS), sized to what the pool holds.
+        channel.basic_qos(prefetch_count=self._settings.prefetch, callback=lambda _f: self._start_consuming(channel))
+
+    def _start_consuming(self, channel: Channel) -> None:
+        if self._stopping:
+            self.close()
+            return
+        generation = self.generation
+        self._consumer_tags = [
+            channel.basic_consume(name, lambda ch, m, p, b, q=name: self._on_message(q, generation, m, p, b))
+            for name in self._settings.consume
+        ]
+        self.ready = True
+        self._reconnect_delay = 0.0
+        consumed = ", ".join(self._settings.consume) or "nothing"
+        log.info("connected; consuming %s", consumed, extra={"event": "connected"})
+        self._measure_depths(channel, generation)
+
+    def _on_message(self, queue_name: str, generation: int, method: Basic.Deliver, properties: BasicProperties,
+                    body: bytes) -> None:
+        self._events.delivered(Delivery(body, properties, bool(method.redelivered), method.delivery_tag,
+                                        queue_name, generation, time.time()))
+
+    def _measure_depths(self, channel: Channel, generation: int) -> None:
+        """Every DEPTH_EVERY_S, a passive declare of each queue this service declared (so it
+        exists) reports its ready messages, without a management API."""
+        if generation != self.generation or not channel.is_open or self._stopping:
+            return
+        for spec in self._settings.queues:
+            channel.queue_declare(spec.name, passive=True, callback=lambda frame, q=spec.name:
+                                  self._events.queue_depth(q, frame.method.message_count))
+        self._ioloop.call_later(DEPTH_EVERY_S, lambda: self._measure_depths(channel, generation))
+
+    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
+        level = logging.INFO if self._stopping else logging.WARNING
+        log.log(level, "channel closed: %s", reason, extra={"event": "channel_closed"})
+        self._lose_channel(f"channel closed: {reason}")
+        self._close_connection()
+
+    def _lose_channel(self, why: str) -> None:
+        unexpected = self.ready and not self._stopping
+        self.ready = False
+        self._channel = None
+        self._consumer_tags = []
+        if unexpected:
+            self._events.disconnected()
+        self._events.channel_lost(why)
+
+    # ---- ending -------------------------------------------------------------------------------
+
+    def restart(self) -> None:
+        """Close the connection on the loop's next turn; the reconnect declares everything again."""
+        self._ioloop.call_later(0, self._close_connection)
+
+    def stop_consuming(self) -> None:
+        """No new deliveries; no reconnect from now on."""
+        self._stopping = True
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            for tag in self._consumer_tags:
+                channel.basic_cancel(tag)
+
+    def close(self) -> None:
+        """Close the connection; the loop stops once it is closed."""
+        conn = self._connection
+        if conn is not None and (conn.is_open or conn.is_opening):
+            conn.close()
+        elif conn is None or conn.is_closed:
+            self._ioloop.stop()
+
+    def _close_connection(self) -> None:
+        conn = self._connection
+        if conn is not None and conn.is_open:
+            conn.close()

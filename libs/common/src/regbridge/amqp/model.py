@@ -1,0 +1,36 @@
+"""What the runtime hands out and takes in: deliveries, the handler, hooks, the publish error."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pika.spec import BasicProperties
+
+
+class PublishError(RuntimeError):
+    """The broker did not take the message: do not treat the publish as done."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    body: bytes
+    properties: BasicProperties
+    redelivered: bool
+    delivery_tag: int
+    queue: str
+    # Which channel delivered it: its tag means nothing on any other.
+    generation: int
+    received_at: float
+
+
+Handler = Callable[[Delivery], None]
+
+
+@dataclass(frozen=True)
+class RuntimeHooks:
+    """Observers at the edge (metrics); all optional and called on the I/O thread."""
+
+    on_disconnected: Callable[[], None] = lambda: None
+    on_delivery: Callable[[Delivery], None] = lambda d: None
+    on_queue_depth: Callable[[str, int], None] = lambda queue, messages: None

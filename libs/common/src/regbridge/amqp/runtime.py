@@ -1,0 +1,141 @@
+"""`AmqpRuntime`: the parts of the package put together, and the calls other threads may make."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+from pika.adapters.select_connection import IOLoop
+from pika.spec import BasicProperties
+
+from regbridge.amqp.calls import CallQueue
+from regbridge.amqp.confirms import Confirms
+from regbridge.amqp.link import BrokerLink, LinkEvents, LinkSettings
+from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks
+from regbridge.amqp.pool import WorkerPool
+from regbridge.amqp.shutdown import GracefulStop
+from regbridge.topology import QueueSpec
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+
+
+class AmqpRuntime:
+    """Consumes `consume` queues into a pool of `workers` threads running the handler given to `run`."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        queues: Sequence[QueueSpec],
+        consume: Sequence[str],
+        workers: int,
+        prefetch: int,
+        reconnect_max_s: float = 10.0,
+        shutdown_timeout_s: float = 30.0,
+        hooks: RuntimeHooks | None = None,
+        name: str = "amqp",
+    ) -> None:
+        self._hooks = hooks or RuntimeHooks()
+        self._ioloop = IOLoop()
+        self._calls = CallQueue(self._ioloop)
+        self._confirms = Confirms(on_unroutable=self._restart_link)
+        self._link = BrokerLink(
+            LinkSettings(url, list(queues), list(consume), prefetch, reconnect_max_s),
+            self._ioloop,
+            LinkEvents(enable_confirms=self._confirms.attach, delivered=self._delivered,
+                       channel_lost=self._confirms.fail_all, disconnected=self._hooks.on_disconnected,
+                       queue_depth=self._hooks.on_queue_depth),
+        )
+        self._pool = WorkerPool(workers=workers, name=name, calls=self._calls, ioloop=self._ioloop, link=self._link)
+        self._stop = GracefulStop(timeout_s=shutdown_timeout_s, ioloop=self._ioloop, link=self._link,
+                                  pool=self._pool, confirms=self._confirms)
+        self.last_tick = time.monotonic()
+        # Set as soon as a stop is asked for; workers waiting out an outage watch it.
+        self.stopping = threading.Event()
+
+    # ---- what other threads may call --------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._link.ready
+
+    def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
+        """Publish to the default exchange with `mandatory`; the future settles on the confirm."""
+        future: Future[None] = Future()
+
+        def send() -> None:
+            channel = self._link.open_channel()
+            if channel is None:
+                future.set_exception(PublishError("not connected to the broker"))
+            else:
+                self._confirms.publish(channel, routing_key, body, properties, future)
+
+        self._calls.submit(send, on_closed=lambda: future.set_exception(PublishError("runtime stopped")))
+        return future
+
+    def current(self, delivery: Delivery) -> bool:
+        """False once the channel that delivered it is gone: the broker will deliver it again,
+        so work not yet done on it (a POST) is better left to that delivery."""
+        return self._link.current(delivery)
+
+    def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None:
+        """Publish, and ack `delivery` once the broker confirms it (nack it back if not).
+
+        The worker does not wait: the confirm settles the delivery on the I/O thread, so a
+        hop costs no blocking round trip and no second hand-over to the I/O thread.
+        """
+
+        def settle(future: Future[None]) -> None:
+            ok = future.exception() is None
+            self._calls.call(lambda: self._link.settle(delivery, ack=ok, requeue=True))
+
+        self.publish(routing_key, body, properties).add_done_callback(settle)
+
+    def ack(self, delivery: Delivery) -> None:
+        self._calls.submit(lambda: self._link.settle(delivery, ack=True, requeue=False))
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        self._calls.submit(lambda: self._link.settle(delivery, ack=False, requeue=requeue))
+
+    def defer(self, delivery: Delivery, delay_s: float, work: Callable[[], None]) -> None:
+        """Run `work` on a worker after `delay_s`, holding `delivery` unacked meanwhile.
+
+        No thread sleeps out the delay: a timer on the I/O thread puts the work back in the
+        pool's queue. On shutdown a deferred delivery is handed back (nacked with requeue).
+        """
+        self._calls.submit(lambda: self._pool.defer(delivery, delay_s, work))
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop; safe to call from a signal handler or any thread."""
+        self.stopping.set()
+        self._calls.submit(self._stop.begin)
+
+    # ---- the I/O thread -----------------------------------------------------------------------
+
+    def run(self, handler: Handler) -> None:
+        """Turn the I/O loop, giving each delivery to `handler` on a worker, until stopped;
+        reconnects on its own. Call once, from the thread that is to be the I/O thread."""
+        self._calls.bind()
+        self._pool.start(handler)
+        self._ioloop.add_callback_threadsafe(self._link.connect)
+        self._ioloop.call_later(TICK_S, self._tick)
+        self._ioloop.start()
+        self._calls.close()
+        self._pool.end()
+        log.info("stopped", extra={"event": "stopped"})
+
+    def _tick(self) -> None:
+        self.last_tick = time.monotonic()
+        self._ioloop.call_later(TICK_S, self._tick)
+
+    def _delivered(self, delivery: Delivery) -> None:
+        self._hooks.on_delivery(delivery)
+        self._pool.submit(delivery)
+
+    def _restart_link(self) -> None:
+        self._link.restart()

@@ -227,7 +227,7 @@ def test_safe_view_hides_credentials() -> None:
     # Everything else is there, unchanged.
     assert view["submit_max_attempts"] == s.submit_max_attempts
     assert view["poll_first_delay_s"] == 10.0
-    assert set(view) == set(SubmitterSettings.__dataclass_fields__)
+    assert set(view) == set(SubmitterSettings.setting_names())
 
 
 def test_safe_view_of_the_defaults_hides_the_guest_password() -> None:

@@ -626,7 +626,7 @@ def test_environment_is_the_contract_and_the_service_accepts_it(
         loaded = parse(recording)
         defaults = parse({})
         assert recording.asked <= set(env), f"the chart does not set {sorted(recording.asked - set(env))}"
-        differ = {k for k in defaults.__dataclass_fields__ if getattr(loaded, k) != getattr(defaults, k)}
+        differ = {k for k in defaults.setting_names() if getattr(loaded, k) != getattr(defaults, k)}
         if not values:
             assert differ == {"rabbitmq_url", "mongodb_uri", "legacy_api_url"}, differ
             assert loaded.legacy_api_url == "http://legacy-sim:8080"

@@ -326,6 +326,26 @@ def test_every_bad_setting_is_named_and_no_url_is_echoed() -> None:
     assert "s3cret" not in message and caught.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RABBITMQ_URL", "amqp://u:pa/ss-SECRETPART@127.0.0.1:5672/%2F"),  # unescaped '/' in the password
+        ("RABBITMQ_URL", "amqp://u:SECRETPART@127.0.0.1:notaport/%2F"),
+        ("MONGODB_URI", "mongodb://u:pa?ss-SECRETPART@db:27017/"),
+    ],
+)
+def test_settings_refuse_the_urls_the_services_refuse(name: str, value: str) -> None:
+    with pytest.raises(CliError) as caught:
+        from_env({name: value})
+    assert f"{name}: expected a URL" in str(caught.value)
+    assert "SECRETPART" not in str(caught.value) and caught.value.code == 2
+
+
+def test_a_mongodb_seed_list_is_accepted() -> None:
+    uri = "mongodb://u:p@db1:27017,db2:27017/?replicaSet=rs0"
+    assert from_env({"MONGODB_URI": uri}).mongodb_uri == uri
+
+
 def test_errors_never_carry_credentials() -> None:
     assert str(CliError("cannot reach amqp://bob:s3cret@host:5672/v")) == "cannot reach amqp://***@host:5672/v"
 

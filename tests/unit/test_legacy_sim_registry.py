@@ -323,6 +323,22 @@ def test_a_bad_value_names_its_variable(environ: dict[str, str], named: str) -> 
         load_config([], environ)
 
 
+def test_every_bad_value_is_named_at_once_by_where_it_came_from() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--seed", "x"], {"HTTP_PORT": "eighty", "LEGACY_SIM_POST_503_RATE": "often",
+                                      "LEGACY_SIM_LATENCY_MAX_S": "1"})
+    message = str(caught.value)
+    for named in ("--seed='x'", "HTTP_PORT='eighty'", "LEGACY_SIM_POST_503_RATE='often'"):
+        assert named in message
+    assert "LATENCY" not in message
+
+
+def test_only_the_mapping_given_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEGACY_SIM_SEED", "7")
+    assert load_config([], {}).seed is None
+    assert Config().seed is None
+
+
 def test_patch_changes_only_the_given_fields() -> None:
     config = apply_patch(Config(), {"post_503_rate": 1, "down": True, "fail_prefix": None})
     assert config.post_503_rate == 1.0

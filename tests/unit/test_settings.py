@@ -227,7 +227,7 @@ def test_safe_view_hides_credentials() -> None:
     # Everything else is there, unchanged.
     assert view["submit_max_attempts"] == s.submit_max_attempts
     assert view["poll_first_delay_s"] == 10.0
-    assert set(view) == set(SubmitterSettings.__dataclass_fields__)
+    assert set(view) == set(SubmitterSettings.setting_names())
 
 
 def test_safe_view_of_the_defaults_hides_the_guest_password() -> None:
@@ -263,3 +263,37 @@ def test_safe_view_hides_a_password_holding_slashes_and_ats() -> None:
     view = settings.safe_view()
     assert "SECRETPART" not in str(view)
     assert view["rabbitmq_url"] == "amqp://***@rabbit:5672/%2F"
+
+
+def test_repr_and_str_never_show_a_url() -> None:
+    settings = submitter_settings({
+        "RABBITMQ_URL": "amqp://bob:pa55word-rmq@broker-host:5672/%2F",
+        "MONGODB_URI": "mongodb://alice:pa55word-mongo@mongo-host:27017/",
+        "LEGACY_API_URL": "https://svc:pa55word-http@legacy-host:8443",
+    })
+    for text in (repr(settings), str(settings)):
+        assert "pa55word" not in text
+        assert "-host" not in text
+    assert isinstance(settings.legacy_api_url, str)
+    assert settings.legacy_api_url == "https://svc:pa55word-http@legacy-host:8443"
+
+
+def test_settings_are_frozen() -> None:
+    settings = poller_settings({})
+    with pytest.raises(ValueError):
+        settings.workers = 1
+
+
+def test_only_the_mapping_given_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKERS", "3")
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://from-the-process:5672/%2F")
+    settings = submitter_settings({})
+    assert settings.workers == 64
+    assert settings.rabbitmq_url == CONTRACT_DEFAULTS["rabbitmq_url"]
+
+
+def test_prefetch_follows_workers_unless_set() -> None:
+    assert poller_settings({}).prefetch == 16 * 8
+    assert poller_settings({"WORKERS": "2", "PREFETCH": "5"}).prefetch == 5
+    # A bad WORKERS is named once; the prefetch it would have given is not a second error.
+    assert _error(poller_settings, {"WORKERS": "none"}).count("expected") == 1

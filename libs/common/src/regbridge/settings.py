@@ -1,64 +1,43 @@
-"""Typed settings, one object per service, built once in `main()` from the environment.
+"""Typed settings, one class per program, each object built once in `main()` from the environment.
 
-Nothing here reads `os.environ` at import time: `from_env` takes the mapping, so tests pass a
-dict. Every bad value is reported by its variable name, all at once, before anything starts.
+One mechanism serves every program of the bridge: a pydantic-settings model fed only the mapping
+that `from_env` is given (main() passes os.environ, tests pass a dict); nothing reads the
+environment at import time. A field's type says how its variable's text is parsed and what the
+error says was expected; every bad variable is named at once, in one `SettingsError`. Empty or
+blank values mean "use the default". A URL may hold credentials: it is kept as a secret, never
+echoed in an error or a repr, and logged only through `safe_view()`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import partial
+from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from regbridge.redact import redact_url_value
 
-T = TypeVar("T")
+# A field that holds a secret is named `<setting>_secret`; its plain value is the property
+# `<setting>`, and its variable is `<SETTING>` like any other's.
+SECRET_SUFFIX = "_secret"
 
 
 class SettingsError(ValueError):
     """One or more environment variables are invalid; the message names each of them."""
 
 
-class _Reader:
-    """Collects every problem instead of stopping at the first, so one start-up shows them all."""
+@dataclass(frozen=True)
+class Expect:
+    """What a variable must hold, as its error says it; a secret one's value is never shown."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.errors: list[str] = []
-
-    def get(self, name: str, default: T, parse: Callable[[str], T], what: str, *, secret: bool = False) -> T:
-        raw = self.env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return parse(raw.strip())
-        except (ValueError, TypeError):
-            # A URL may hold credentials however malformed it is: never echo one back.
-            shown = " (value not shown: it may hold credentials)" if secret else f", got {raw!r}"
-            self.errors.append(f"{name}: expected {what}{shown}")
-            return default
-
-    def text(self, name: str, default: str) -> str:
-        return self.get(name, default, _non_empty, "a non-empty string")
-
-    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
-        return self.get(name, default, lambda v: _url(v, schemes), f"a URL ({'/'.join(schemes)})", secret=True)
-
-    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
-        what = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"
-        return self.get(name, default, lambda v: _seconds(v, allow_zero), what)
-
-    def count(self, name: str, default: int, *, minimum: int = 1) -> int:
-        return self.get(name, default, lambda v: _count(v, minimum), f"a whole number >= {minimum}")
-
-    def port(self, name: str, default: int) -> int:
-        return self.get(name, default, _port, "a TCP port (0-65535)")
-
-    def done(self) -> None:
-        if self.errors:
-            raise SettingsError("invalid configuration: " + "; ".join(self.errors))
+    what: str
+    secret: bool = False
 
 
 def _non_empty(value: str) -> str:
@@ -81,16 +60,21 @@ def _url(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
-def _seconds(value: str, allow_zero: bool) -> float:
+def _base_url(value: str) -> str:
+    # Paths are appended to it.
+    return _url(value, ("http", "https")).rstrip("/")
+
+
+def _seconds(value: str, *, allow_zero: bool) -> float:
     number = float(value)
     if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
         raise ValueError
     return number
 
 
-def _count(value: str, minimum: int) -> int:
+def _count(value: str) -> int:
     number = int(value)
-    if number < minimum:
+    if number < 1:
         raise ValueError
     return number
 
@@ -102,82 +86,6 @@ def _port(value: str) -> int:
     return number
 
 
-@dataclass(frozen=True, kw_only=True)
-class CommonSettings:
-    """What both services share: where things are, and the registration's timing."""
-
-    rabbitmq_url: str
-    mongodb_uri: str
-    mongodb_database: str
-    mongodb_collection: str
-    legacy_api_url: str
-    inbound_queue: str
-    pending_queue: str
-    failed_queue: str
-    poll_first_delay_s: float
-    poll_interval_s: float
-    poll_deadline_s: float
-    http_port: int
-    log_level: str
-    # Tuning knobs: named by the project, defaults that work.
-    workers: int
-    prefetch: int
-    legacy_timeout_s: float
-    max_message_bytes: int
-    shutdown_timeout_s: float
-    reconnect_max_s: float
-
-    @property
-    def attempts_collection(self) -> str:
-        # Bookkeeping of each inbound message's latest attempt (see regbridge.store).
-        return f"{self.mongodb_collection}.attempts"
-
-    def safe_view(self) -> dict[str, Any]:
-        """The settings as they may be logged: credentials removed from every URL."""
-        view = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for key in ("rabbitmq_url", "mongodb_uri", "legacy_api_url"):
-            view[key] = redact_url_value(view[key])
-        return view
-
-
-@dataclass(frozen=True, kw_only=True)
-class SubmitterSettings(CommonSettings):
-    submit_max_attempts: int
-    submit_backoff_base_s: float
-    submit_backoff_max_s: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class PollerSettings(CommonSettings):
-    pass
-
-
-def _common(r: _Reader, *, default_port: int, default_workers: int) -> dict[str, Any]:
-    workers = r.count("WORKERS", default_workers)
-    return {
-        "rabbitmq_url": r.url("RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps")),
-        "mongodb_uri": r.url("MONGODB_URI", "mongodb://localhost:27017", ("mongodb", "mongodb+srv")),
-        "mongodb_database": r.text("MONGODB_DATABASE", "registry"),
-        "mongodb_collection": r.text("MONGODB_COLLECTION", "users"),
-        "legacy_api_url": r.url("LEGACY_API_URL", "http://localhost:8080", ("http", "https")).rstrip("/"),
-        "inbound_queue": r.text("INBOUND_QUEUE", "registrations"),
-        "pending_queue": r.text("PENDING_QUEUE", "registrations.pending"),
-        "failed_queue": r.text("FAILED_QUEUE", "registrations.failed"),
-        "poll_first_delay_s": r.seconds("POLL_FIRST_DELAY_S", 10.0, allow_zero=True),
-        "poll_interval_s": r.seconds("POLL_INTERVAL_S", 2.0),
-        "poll_deadline_s": r.seconds("POLL_DEADLINE_S", 300.0),
-        "http_port": r.port("HTTP_PORT", default_port),
-        "log_level": r.get("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
-        "workers": workers,
-        # Beyond the workers, room for hops whose confirm is on its way (they hold no thread).
-        "prefetch": r.count("PREFETCH", workers * 8),
-        "legacy_timeout_s": r.seconds("LEGACY_TIMEOUT_S", 10.0),
-        "max_message_bytes": r.count("MAX_MESSAGE_BYTES", 64 * 1024),
-        "shutdown_timeout_s": r.seconds("SHUTDOWN_TIMEOUT_S", 30.0),
-        "reconnect_max_s": r.seconds("RECONNECT_MAX_S", 10.0),
-    }
-
-
 def _log_level(value: str) -> str:
     level = value.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -185,21 +93,181 @@ def _log_level(value: str) -> str:
     return level
 
 
-def submitter_settings(env: Mapping[str, str]) -> SubmitterSettings:
-    r = _Reader(env)
-    common = _common(r, default_port=8081, default_workers=64)
-    settings = SubmitterSettings(
-        **common,
-        submit_max_attempts=r.count("SUBMIT_MAX_ATTEMPTS", 6),
-        submit_backoff_base_s=r.seconds("SUBMIT_BACKOFF_BASE_S", 0.5),
-        submit_backoff_max_s=r.seconds("SUBMIT_BACKOFF_MAX_S", 30.0),
+# The kinds of value a variable holds: each parses the variable's text and says what it expects.
+Text = Annotated[str, BeforeValidator(_non_empty), Expect("a non-empty string")]
+Seconds = Annotated[float, BeforeValidator(partial(_seconds, allow_zero=False)), Expect("a number of seconds > 0")]
+SecondsOrZero = Annotated[
+    float, BeforeValidator(partial(_seconds, allow_zero=True)), Expect("a number of seconds >= 0")
+]
+Count = Annotated[int, BeforeValidator(_count), Expect("a whole number >= 1")]
+Port = Annotated[int, BeforeValidator(_port), Expect("a TCP port (0-65535)")]
+LogLevel = Annotated[str, BeforeValidator(_log_level), Expect("DEBUG, INFO, WARNING or ERROR")]
+AmqpUrl = Annotated[
+    SecretStr, BeforeValidator(partial(_url, schemes=("amqp", "amqps"))), Expect("a URL (amqp/amqps)", secret=True)
+]
+MongoUrl = Annotated[
+    SecretStr,
+    BeforeValidator(partial(_url, schemes=("mongodb", "mongodb+srv"))),
+    Expect("a URL (mongodb/mongodb+srv)", secret=True),
+]
+HttpUrl = Annotated[SecretStr, BeforeValidator(_base_url), Expect("a URL (http/https)", secret=True)]
+
+
+def variable_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return field.removesuffix(SECRET_SUFFIX).upper()
+
+
+class EnvSettings(BaseSettings):
+    """The one way a program of the bridge reads its environment. A subclass declares fields
+    with the types above; `from_env` builds it or raises one SettingsError naming every bad
+    variable."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="ignore",
+        alias_generator=variable_name,
+        # The validators parse a variable's text; a default is a value already.
+        validate_default=False,
+        # Defence in depth: a ValidationError never leaves from_env, but if one did it would
+        # not carry a value that may hold credentials.
+        hide_input_in_errors=True,
     )
-    r.done()
-    return settings
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the mapping from_env is given: never os.environ or a file behind the caller's back.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Self:
+        expected = cls._expectations()
+        given: dict[str, Any] = {}
+        # Only the variables this program reads are looked up (deployment tests record them).
+        for name in expected:
+            raw = env.get(name)
+            if raw is not None and raw.strip():
+                given[name] = raw.strip()
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            # A default computed from a bad variable fails too: that variable is already named.
+            errors = [error for error in exc.errors() if error["type"] != "default_factory_not_called"]
+            problems = [_problem(error, expected, env) for error in errors]
+            raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+    @classmethod
+    def _expectations(cls) -> dict[str, Expect]:
+        """Each variable read, with what it must hold."""
+        return {
+            variable_name(name): next(m for m in field.metadata if isinstance(m, Expect))
+            for name, field in cls.model_fields.items()
+        }
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """The settings as callers read them: secret fields under their plain names."""
+        return [name.removesuffix(SECRET_SUFFIX) for name in cls.model_fields]
+
+    def safe_view(self) -> dict[str, Any]:
+        """The settings as they may be logged: credentials removed from every URL."""
+        return {
+            name.removesuffix(SECRET_SUFFIX): redact_url_value(value.get_secret_value())
+            if isinstance(value, SecretStr)
+            else value
+            for name, value in self
+        }
+
+
+def _problem(error: ErrorDetails, expected: Mapping[str, Expect], env: Mapping[str, str]) -> str:
+    name = str(error["loc"][0])
+    expect = expected[name]
+    if error["type"] == "missing":
+        shown = " (not set)"
+    elif expect.secret:
+        # A URL may hold credentials however malformed it is: never echo one back.
+        shown = " (value not shown: it may hold credentials)"
+    else:
+        shown = f", got {env[name]!r}"
+    return f"{name}: expected {expect.what}{shown}"
+
+
+class PipelineSettings(EnvSettings):
+    """Where the pipeline lives, as every program that touches it sees it: the broker, MongoDB,
+    the queues and the delays that name the wait queues."""
+
+    rabbitmq_url_secret: AmqpUrl = SecretStr("amqp://guest:guest@localhost:5672/%2F")
+    mongodb_uri_secret: MongoUrl = SecretStr("mongodb://localhost:27017")
+    mongodb_database: Text = "registry"
+    mongodb_collection: Text = "users"
+    inbound_queue: Text = "registrations"
+    pending_queue: Text = "registrations.pending"
+    failed_queue: Text = "registrations.failed"
+    poll_first_delay_s: SecondsOrZero = 10.0
+    poll_interval_s: Seconds = 2.0
+    max_message_bytes: Count = 64 * 1024
+
+    @property
+    def rabbitmq_url(self) -> str:
+        return self.rabbitmq_url_secret.get_secret_value()
+
+    @property
+    def mongodb_uri(self) -> str:
+        return self.mongodb_uri_secret.get_secret_value()
+
+
+def _eight_per_worker(settings: dict[str, Any]) -> int:
+    # Beyond the workers, room for hops whose confirm is on its way (they hold no thread).
+    return int(settings["workers"]) * 8
+
+
+class CommonSettings(PipelineSettings):
+    """What both services share: the pipeline, the legacy API, the registration's deadline, and
+    the tuning knobs (named by the project, defaults that work)."""
+
+    legacy_api_url_secret: HttpUrl = SecretStr("http://localhost:8080")
+    poll_deadline_s: Seconds = 300.0
+    http_port: Port
+    log_level: LogLevel = "INFO"
+    workers: Count
+    prefetch: Count = Field(default_factory=_eight_per_worker)
+    legacy_timeout_s: Seconds = 10.0
+    shutdown_timeout_s: Seconds = 30.0
+    reconnect_max_s: Seconds = 10.0
+
+    @property
+    def legacy_api_url(self) -> str:
+        return self.legacy_api_url_secret.get_secret_value()
+
+    @property
+    def attempts_collection(self) -> str:
+        # Bookkeeping of each inbound message's latest attempt (see regbridge.store).
+        return f"{self.mongodb_collection}.attempts"
+
+
+class SubmitterSettings(CommonSettings):
+    http_port: Port = 8081
+    workers: Count = 64
+    submit_max_attempts: Count = 6
+    submit_backoff_base_s: Seconds = 0.5
+    submit_backoff_max_s: Seconds = 30.0
+
+
+class PollerSettings(CommonSettings):
+    http_port: Port = 8082
+    workers: Count = 16
+
+
+def submitter_settings(env: Mapping[str, str]) -> SubmitterSettings:
+    return SubmitterSettings.from_env(env)
 
 
 def poller_settings(env: Mapping[str, str]) -> PollerSettings:
-    r = _Reader(env)
-    settings = PollerSettings(**_common(r, default_port=8082, default_workers=16))
-    r.done()
-    return settings
+    return PollerSettings.from_env(env)

@@ -1,4 +1,10 @@
-"""Settings of legacy-sim: one frozen dataclass, built in main() from the CLI and environment.
+"""Settings of legacy-sim: one frozen pydantic-settings model, built in main() from the CLI and
+the environment.
+
+The same mechanism as the bridge's programs (regbridge.settings): pydantic-settings fed only the
+mapping it is given, each field's Annotated type parsing its text. The base class is not shared:
+legacy-sim is built from its own folder, without the bridge's code, and an empty value is a value
+here (LEGACY_SIM_FAIL_PREFIX="" turns the forced failures off).
 
 The runtime-tunable fields (latencies and faults) can be changed through PATCH /admin/config;
 the app then swaps in a new Config made by `apply_patch`, so a Config is never mutated.
@@ -7,42 +13,17 @@ the app then swaps in a new Config made by `apply_patch`, so a Config is never m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Self
+
+from pydantic import BeforeValidator, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable, flag or field."""
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    latency_min_s: float = 10.0
-    latency_max_s: float = 20.0
-    accept_latency_s: float = 0.03
-    post_503_rate: float = 0.0
-    get_503_rate: float = 0.0
-    retry_after_s: float = 1.0
-    # None (or "") disables the forced failures.
-    fail_prefix: str | None = "FAIL"
-    down: bool = False
-    response_delay_s: float = 0.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        # Only the cross-field rule lives here; single values are checked by their parsers.
-        if self.latency_min_s > self.latency_max_s:
-            raise ConfigError(
-                f"latency_min_s ({self.latency_min_s}) must not exceed latency_max_s ({self.latency_max_s})"
-            )
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---- parsers of text values (environment and CLI); each raises ValueError with the reason ----
@@ -108,31 +89,73 @@ def _prefix(raw: str) -> str | None:
     return raw or None
 
 
-@dataclass(frozen=True, slots=True)
-class _Setting:
-    field: str
-    env: str
-    parse: Callable[[str], object]
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.field.replace("_", "-")
+Host = Annotated[str, BeforeValidator(_host)]
+Port = Annotated[int, BeforeValidator(_port)]
+Seconds = Annotated[float, BeforeValidator(_non_negative)]
+Rate = Annotated[float, BeforeValidator(_rate)]
+Switch = Annotated[bool, BeforeValidator(_bool)]
+Prefix = Annotated[str | None, BeforeValidator(_prefix)]
+Seed = Annotated[int | None, BeforeValidator(_int)]
 
 
-_SETTINGS: tuple[_Setting, ...] = (
-    _Setting("host", "LEGACY_SIM_HOST", _host),
-    _Setting("port", "HTTP_PORT", _port),
-    _Setting("latency_min_s", "LEGACY_SIM_LATENCY_MIN_S", _non_negative),
-    _Setting("latency_max_s", "LEGACY_SIM_LATENCY_MAX_S", _non_negative),
-    _Setting("accept_latency_s", "LEGACY_SIM_ACCEPT_LATENCY_S", _non_negative),
-    _Setting("post_503_rate", "LEGACY_SIM_POST_503_RATE", _rate),
-    _Setting("get_503_rate", "LEGACY_SIM_GET_503_RATE", _rate),
-    _Setting("retry_after_s", "LEGACY_SIM_RETRY_AFTER_S", _non_negative),
-    _Setting("fail_prefix", "LEGACY_SIM_FAIL_PREFIX", _prefix),
-    _Setting("down", "LEGACY_SIM_DOWN", _bool),
-    _Setting("response_delay_s", "LEGACY_SIM_RESPONSE_DELAY_S", _non_negative),
-    _Setting("seed", "LEGACY_SIM_SEED", _int),
-)
+def variable_name(field: str) -> str:
+    """The environment variable that sets `field`: the port is HTTP_PORT, as for every service."""
+    return "HTTP_PORT" if field == "port" else f"LEGACY_SIM_{field.upper()}"
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="ignore",
+        alias_generator=variable_name,
+        # The validators parse a variable's text; a default is a value already.
+        validate_default=False,
+    )
+
+    host: Host = "127.0.0.1"
+    port: Port = 8080
+    latency_min_s: Seconds = 10.0
+    latency_max_s: Seconds = 20.0
+    accept_latency_s: Seconds = 0.03
+    post_503_rate: Rate = 0.0
+    get_503_rate: Rate = 0.0
+    retry_after_s: Seconds = 1.0
+    # None (or "") disables the forced failures.
+    fail_prefix: Prefix = "FAIL"
+    down: Switch = False
+    response_delay_s: Seconds = 0.0
+    seed: Seed = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only what load_config hands over: never os.environ behind the caller's back.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _latency_range(self) -> Self:
+        return self.checked()
+
+    def checked(self) -> Self:
+        """Self, once the cross-field rule holds; single values are checked by their parsers."""
+        if self.latency_min_s > self.latency_max_s:
+            raise ConfigError(
+                f"latency_min_s ({self.latency_min_s}) must not exceed latency_max_s ({self.latency_max_s})"
+            )
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump()
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -140,35 +163,37 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="legacy-sim",
         description="Fake of the legacy registration adaptation layer. Flags override the environment.",
     )
-    for setting in _SETTINGS:
+    for field in Config.model_fields:
         # Kept as text so that flags and variables share one parser and one kind of error message.
-        parser.add_argument(setting.flag, dest=setting.field, metavar="V", help=f"overrides {setting.env}")
+        parser.add_argument(flag_name(field), dest=field, metavar="V", help=f"overrides {variable_name(field)}")
     return parser
 
 
 def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Config:
-    """Builds the Config from CLI flags (which win) and environment variables."""
+    """Builds the Config from CLI flags (which win) and environment variables; one ConfigError
+    names every bad value by the flag or variable it came from."""
     args = build_arg_parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    for setting in _SETTINGS:
-        flag_value: str | None = getattr(args, setting.field)
+    given: dict[str, tuple[str, str]] = {}  # variable -> (where it came from, its text)
+    for field in Config.model_fields:
+        variable, flag_value = variable_name(field), getattr(args, field)
         if flag_value is not None:
-            raw, source = flag_value, setting.flag
-        elif setting.env in environ:
-            raw, source = environ[setting.env], setting.env
-        else:
-            continue
-        try:
-            values[setting.field] = setting.parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{source}={raw!r}: {exc}") from None
+            given[variable] = (flag_name(field), flag_value)
+        elif variable in environ:
+            given[variable] = (variable, environ[variable])
+    texts: dict[str, Any] = {variable: raw for variable, (_, raw) in given.items()}
     try:
-        return Config(**values)
-    except ConfigError as exc:
+        return Config(**texts)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_problem(error, given) for error in exc.errors())) from None
+
+
+def _problem(error: ErrorDetails, given: Mapping[str, tuple[str, str]]) -> str:
+    reason = error.get("ctx", {}).get("error", error["msg"])
+    if not error["loc"]:
         # The only cross-field rule is the latency range.
-        raise ConfigError(
-            f"LEGACY_SIM_LATENCY_MIN_S/LEGACY_SIM_LATENCY_MAX_S (or --latency-min-s/--latency-max-s): {exc}"
-        ) from None
+        return f"LEGACY_SIM_LATENCY_MIN_S/LEGACY_SIM_LATENCY_MAX_S (or --latency-min-s/--latency-max-s): {reason}"
+    source, raw = given[str(error["loc"][0])]
+    return f"{source}={raw!r}: {reason}"
 
 
 # ---- PATCH /admin/config: JSON values, so types are checked rather than parsed ----
@@ -218,7 +243,7 @@ def apply_patch(config: Config, patch: object) -> Config:
             changes[field] = value or None
         else:
             changes[field] = _json_number(field, value)
-    return dataclasses.replace(config, **changes)
+    return config.model_copy(update=changes).checked()
 
 
 def format_retry_after(seconds: float) -> str:

@@ -20,7 +20,7 @@ from pymongo.errors import AutoReconnect, OperationFailure
 from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
 from regbridge.durable import Durable
-from regbridge.executor import POISON_DELIVERIES, Executor, Handler
+from regbridge.executor import POISON_DELIVERIES, Executor, Handler, Job
 from regbridge.lifecycle import (
     Accepted,
     Completed,
@@ -35,7 +35,7 @@ from regbridge.lifecycle import (
     may_record,
 )
 from regbridge.messages import FailureError, FailureRecord, PendingMessage
-from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus, Write
+from regbridge.plans import AttemptAccepted, AttemptFailed, Failure, Finish, Forward, Requeue, Retry, UserStatus, Write
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt, UserState, WriteRefused
 from regbridge.topology import wait_queue_name
@@ -795,3 +795,76 @@ def test_poller_duplicate_after_the_attempt_mark_finishes_the_status() -> None:
     rig.executor.run(pending_delivery(pending(polls=1), tag=22))
     assert rig.store.users["u-000123"].status == "failed"
     assert rig.broker.acks == [22] and failure_records(rig.broker) == []
+
+
+# ---- writes MongoDB refuses for good -----------------------------------------------------------
+
+
+def test_submitter_accepted_but_the_user_write_refused_is_one_store_failure() -> None:
+    rig = submitter_rig(Accepted("AB583C-X"))
+    rig.store.refuse.add(AttemptAccepted)
+    rig.executor.run(delivery(BODY, tag=31))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "store" and "Document failed validation" in record.error.reason
+    assert record.legacy_request_id == "AB583C-X"
+    assert rig.broker.on(FIRST_HOP) == []
+    assert rig.broker.acks == [31] and rig.broker.nacks == []
+    assert rig.log == ["refused:AttemptAccepted", "publish:registrations.failed", "attempt-failed:AB583C-X",
+                       "failed:AB583C-X", "ack:31"]
+
+
+def test_poller_completed_but_registered_refused_is_one_store_failure_and_no_loop() -> None:
+    rig = poller_rig(Completed(), Completed(), age=15.0)
+    rig.store.refuse.add(UserStatus)
+    msg = pending(polls=1)
+    rig.executor.run(pending_delivery(msg, tag=32))
+    rig.executor.run(pending_delivery(msg, tag=33, redelivered=True))  # a duplicate pending message
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "store" and record.legacy_request_id == "AB583C-X"
+    assert rig.store.attempts["u-000123|mid:m-1"] == Attempt("AB583C-X", True)
+    assert rig.broker.acks == [32, 33] and rig.broker.nacks == []
+
+
+def test_a_failure_whose_status_write_is_refused_is_still_acked_once() -> None:
+    rig = poller_rig(LegacyFailed("rejected by the legacy system"), age=17.0)
+    rig.store.refuse.add(UserStatus)
+    rig.executor.run(pending_delivery(pending(polls=1), tag=34))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "legacy"
+    assert rig.broker.acks == [34]
+
+
+# ---- the handlers' plans, without an executor ---------------------------------------------------
+
+
+def test_the_submitter_plans_a_forward_with_the_request_id_written_first() -> None:
+    rig = submitter_rig(Accepted("AB583C-X"))
+    plan = rig.submitter.handle(Job(delivery(BODY, tag=35)))
+    assert isinstance(plan, Forward)
+    assert plan.queue == FIRST_HOP
+    assert plan.writes == (AttemptAccepted("u-000123|mid:m-1", "u-000123", "AB583C-X"),)
+    assert PendingMessage.decode(plan.body).request_id == "AB583C-X"
+    assert rig.broker.log == []  # a handler touches no broker
+
+
+def test_the_submitter_plans_a_retry_for_a_busy_api() -> None:
+    rig = submitter_rig(Transient("legacy API busy: HTTP 503", 503))
+    assert rig.submitter.handle(Job(delivery(BODY))) == Retry(0.75, 2)
+
+
+def test_the_submitter_plans_a_requeue_when_the_channel_is_gone_before_the_post() -> None:
+    rig = submitter_rig()
+    assert rig.submitter.handle(Job(delivery(BODY), current=lambda: False)) == Requeue()
+    assert rig.legacy.submitted == []
+
+
+def test_the_poller_plans_finish_wait_and_failure() -> None:
+    rig = poller_rig(Completed(), Processing(), NotFound("unknown", 404), age=15.0)
+    finish = rig.poller.handle(Job(pending_delivery(pending(polls=1))))
+    assert isinstance(finish, Finish) and finish.registered
+    assert finish.writes == (UserStatus("u-000123", State.REGISTERED, "AB583C-X"),)
+    wait = rig.poller.handle(Job(pending_delivery(pending(polls=1))))
+    assert isinstance(wait, Forward) and wait.queue == "registrations.pending.wait.2000ms" and wait.writes == ()
+    failure = rig.poller.handle(Job(pending_delivery(pending(polls=1))))
+    assert isinstance(failure, Failure) and failure.error == FailureError("poll", "unknown", 404)
+    assert failure.subject.attempt_key == "u-000123|mid:m-1" and failure.subject.request_id == "AB583C-X"

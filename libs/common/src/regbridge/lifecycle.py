@@ -82,12 +82,17 @@ class Completed:
 
 @dataclass(frozen=True)
 class LegacyFailed:
+    """The legacy system finished the registration and refused it; `reason` is its own."""
+
     label: ClassVar[str] = "legacyfailed"
     reason: str
 
 
 @dataclass(frozen=True)
 class NotFound:
+    """The status endpoint does not know the request id (404), or refused the request for
+    good (another 4xx): polling again cannot help."""
+
     label: ClassVar[str] = "notfound"
     reason: str
     http_status: int | None = 404

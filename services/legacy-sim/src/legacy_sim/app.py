@@ -41,9 +41,8 @@ class Simulator:
 
     async def submit(self, raw: bytes) -> Response:
         registry = self.registry
-        refusal = await self.unavailable(self.config.post_503_rate)
+        refusal = await self.unavailable(self.config.post_503_rate, registry.count_post_503)
         if refusal is not None:
-            registry.count_post_503()
             return refusal
         config = self.config
         if config.accept_latency_s > 0:
@@ -64,9 +63,8 @@ class Simulator:
 
     async def status(self, request_id: str) -> Response:
         registry = self.registry
-        refusal = await self.unavailable(self.config.get_503_rate)
+        refusal = await self.unavailable(self.config.get_503_rate, registry.count_get_503)
         if refusal is not None:
-            registry.count_get_503()
             return refusal
         status = registry.poll(request_id)
         if status is None:
@@ -75,12 +73,14 @@ class Simulator:
             return _json(200, {"request_id": request_id, "status": status, "reason": FAILED_REASON})
         return _json(200, {"request_id": request_id, "status": status})
 
-    async def unavailable(self, rate_503: float) -> Response | None:
-        """Applies the slow mode, then answers 503 when down or when the fault dice say so."""
+    async def unavailable(self, rate_503: float, count: Callable[[], None]) -> Response | None:
+        """Applies the slow mode, then answers 503 (and counts it) when down or when the fault
+        dice say so."""
         config = self.config
         if config.response_delay_s > 0:
             await asyncio.sleep(config.response_delay_s)
         if config.down or (rate_503 > 0 and self.rng.random() < rate_503):
+            count()
             return Response(
                 content=_UNAVAILABLE,
                 status_code=503,

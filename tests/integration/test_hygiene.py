@@ -105,7 +105,7 @@ def test_credentials_never_show_in_a_live_run(stack: Stack, broker: Broker, user
     ):
         stack.env["RABBITMQ_URL"] = f"amqp://{user}:{quote(password, safe='')}@127.0.0.1:5672/{vhost}"
         if mongo.process is not None:  # our own SecantusDB: credentials must work there
-            assert mongo_uri is not None, "SecantusDB no longer takes a user with a password"
+            assert mongo_uri is not None, "SecantusDB must take a user with a password"
         if mongo_uri is not None:
             stack.env["MONGODB_URI"] = mongo_uri
         secrets = rabbit_secrets + mongo_secrets

@@ -10,9 +10,10 @@ import pytest
 from harness import Mongo
 from pymongo import MongoClient
 
-from regbridge.lifecycle import may_record
+from regbridge.lifecycle import State, may_record
 from regbridge.messages import FailureError
-from regbridge.store import MongoStore, connect
+from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus
+from regbridge.store import Attempt, MongoStore, connect
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +40,8 @@ def test_writes_follow_the_status_rule(store: Any, start: tuple[str, str | None]
     before = users.find_one({"_id": "u"})
     allowed = may_record(start[0] if start else None, start[1] if start else None, request_id)
 
-    if write == "submitted":
-        written = mongo_store.record_submitted("u", request_id)
-    elif write == "registered":
-        written = mongo_store.record_registered("u", request_id)
-    else:
-        written = mongo_store.record_failed("u", request_id, FailureError("legacy", "no"))
+    error = FailureError("legacy", "no") if write == "failed" else None
+    written = mongo_store.apply(UserStatus("u", State(write), request_id, error))
 
     after = users.find_one({"_id": "u"})
     assert written == allowed
@@ -59,11 +56,14 @@ def test_writes_follow_the_status_rule(store: Any, start: tuple[str, str | None]
 def test_attempts_are_recorded_and_replaced(store: Any) -> None:
     mongo_store, _ = store
     assert mongo_store.attempt("k") is None
-    assert mongo_store.record_accepted("k", user_id="u", request_id="R1")
+    assert mongo_store.apply(AttemptAccepted("k", "u", "R1"))
     assert mongo_store.attempt("k").request_id == "R1" and not mongo_store.attempt("k").failed
-    mongo_store.record_attempt_failed("k", user_id="u", request_id="R1")
+    mongo_store.apply(AttemptFailed("k", "u", "R1", FailureError("legacy", "no", 200)))
     assert mongo_store.attempt("k").failed
-    assert mongo_store.record_accepted("k", user_id="u", request_id="R2")  # a new attempt of the same message
+    assert mongo_store.attempt("k").error == FailureError("legacy", "no", 200)
+    mongo_store.reset_attempt("k")  # a new publish of the same message clears it before its POST
+    assert mongo_store.attempt("k") == Attempt(None, False)
+    assert mongo_store.apply(AttemptAccepted("k", "u", "R2"))
     assert mongo_store.attempt("k").request_id == "R2" and not mongo_store.attempt("k").failed
 
 
@@ -72,7 +72,7 @@ def test_operator_shaped_ids_are_plain_values(store: Any, mongo: Mongo, database
     users.insert_many([{"_id": "a", "registration_status": "registered"}, {"_id": "b"}])
     # A user id is always a string by the time it reaches the store; '$gt' is just text here.
     assert mongo_store.user("$gt").status is None
-    assert mongo_store.record_submitted("$gt", "R9")
+    assert mongo_store.apply(UserStatus("$gt", State.SUBMITTED, "R9"))
     client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
     assert client[database]["users"].find_one({"_id": "a"})["registration_status"] == "registered"
     client.close()
@@ -87,7 +87,7 @@ def test_concurrent_operations_share_round_trips_and_keep_their_own_answers(stor
                        for i in range(0, 200, 2)])  # the even ones may not be written again
 
     def one(i: int) -> tuple[bool, str | None]:
-        written = mongo_store.record_submitted(f"reg-{i}", f"R{i}")
+        written = mongo_store.apply(UserStatus(f"reg-{i}", State.SUBMITTED, f"R{i}"))
         return written, mongo_store.user(f"reg-{i}").status
 
     with ThreadPoolExecutor(32) as pool:
@@ -102,10 +102,10 @@ def test_concurrent_operations_share_round_trips_and_keep_their_own_answers(stor
 
 def test_record_accepted_writes_the_attempt_and_the_user_together(store: Any) -> None:
     mongo_store, users = store
-    assert mongo_store.record_accepted("k1", user_id="new", request_id="R1")
+    assert mongo_store.apply(AttemptAccepted("k1", "new", "R1"))
     assert mongo_store.attempt("k1").request_id == "R1"
     assert users.find_one({"_id": "new"})["registration_status"] == "submitted"
     users.insert_one({"_id": "done", "registration_status": "registered", "legacy_request_id": "R0"})
-    assert not mongo_store.record_accepted("k2", user_id="done", request_id="R2")
+    assert not mongo_store.apply(AttemptAccepted("k2", "done", "R2"))
     assert mongo_store.attempt("k2").request_id == "R2"  # the attempt is on record all the same
     assert users.find_one({"_id": "done"})["legacy_request_id"] == "R0"

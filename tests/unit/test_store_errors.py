@@ -41,7 +41,8 @@ def _bulk_error(details: dict[str, Any]) -> BulkWriteError:
 
 def test_a_write_concern_not_met_is_not_a_success() -> None:
     concern = {"writeConcernErrors": [{"code": 64, "errmsg": "waiting for replication timed out"}]}
-    future = Batcher().update_later(Collection(_bulk_error(concern)), UpdateOne({"_id": "u"}, {"$set": {"a": 1}}))
+    collection: Any = Collection(_bulk_error(concern))
+    future = Batcher().update_later(collection, UpdateOne({"_id": "u"}, {"$set": {"a": 1}}))
     with pytest.raises(WriteConcernError) as raised:
         future.result(timeout=5)
     assert retryable(raised.value)

@@ -3,9 +3,8 @@
 Each worker hands one operation (an update, or a lookup by `_id`) to the batcher and waits for
 its own answer, exactly as if it had made the call itself; a single thread sends whatever has
 gathered meanwhile as one `bulk_write` (unordered) or one `find({"_id": {"$in": ...}})` per
-collection. The ack order does not change: a worker still acks only once its own write is
-acknowledged. What changes is the server's work: one batch of 100 costs it far less than 100
-single writes, and the client's pool stays small.
+collection. A worker still acks only once its own write is acknowledged; the server does far
+less work for one batch of 100 than for 100 single writes, and the client's pool stays small.
 """
 
 from __future__ import annotations

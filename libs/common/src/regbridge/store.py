@@ -120,8 +120,8 @@ class MongoStore:
 
     def reset_attempt(self, key: str) -> None:
         """A message delivered anew is a new attempt: forget what an earlier one got."""
-        self._batcher.update(self._attempts, UpdateOne(
-            {"_id": key}, {"$set": {"legacy_request_id": None, "failed": False, "error": None, "updated_at": self._clock()}}))
+        cleared = {"legacy_request_id": None, "failed": False, "error": None, "updated_at": self._clock()}
+        self._batcher.update(self._attempts, UpdateOne({"_id": key}, {"$set": cleared}))
 
     def apply(self, write: Write) -> bool:
         try:

@@ -68,6 +68,6 @@ class Poller:
 
 
 def _subject(msg: PendingMessage) -> Subject:
-    return Subject(original=dict(msg.payload), user_id=msg.user_id, attempt_key=msg.attempt_key,
+    return Subject(original=msg.payload, user_id=msg.user_id, attempt_key=msg.attempt_key,
                    request_id=msg.request_id, attempts=msg.submit_attempts + msg.polls, message_id=msg.message_id,
                    received_at=msg.received_at)

@@ -126,7 +126,7 @@ class Submitter:
 
 
 def _subject(delivery: Delivery, reg: Registration, request_id: str | None = None, attempts: int = 0) -> Subject:
-    return Subject(original=dict(reg.payload), user_id=reg.user_id, attempt_key=reg.attempt_key,
+    return Subject(original=reg.payload, user_id=reg.user_id, attempt_key=reg.attempt_key,
                    request_id=request_id, attempts=attempts, message_id=delivery.properties.message_id,
                    received_at=_published_at(delivery))
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from pika.spec import BasicProperties
 from pymongo.errors import AutoReconnect, OperationFailure
@@ -30,7 +31,7 @@ from pymongo.errors import AutoReconnect, OperationFailure
 from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
 from regbridge.durable import Durable
-from regbridge.executor import Executor
+from regbridge.executor import ERRORS_HEADER, Executor
 from regbridge.lifecycle import (
     Accepted,
     Completed,
@@ -90,6 +91,7 @@ class Message:
     message_id: str | None
     deliveries: int = 0  # how often the broker delivered it before
     due: float = 0.0  # when a wait queue dead-letters it
+    headers: dict[str, Any] | None = None  # as published
 
 
 def lineage_of_key(attempt_key: str) -> str | None:
@@ -109,10 +111,12 @@ class Windows:
     # A message published again under a failed attempt's key, taken before it clears that attempt.
     uncleared: set[str] = field(default_factory=set)
     taken_for_earlier: set[str] = field(default_factory=set)
+    # A copy sent round after an error is out; the delivery it copies is not yet acked.
+    copy_unacked: set[str] = field(default_factory=set)
 
     def fault_fired(self) -> None:
-        self.dup_posts_allowed |= self.post_unrecorded
-        self.dup_records_allowed |= self.record_unmarked
+        self.dup_posts_allowed |= self.post_unrecorded | self.copy_unacked
+        self.dup_records_allowed |= self.record_unmarked | self.copy_unacked
         self.taken_for_earlier |= self.uncleared
 
 
@@ -202,12 +206,17 @@ class World:
         if queue == INBOUND and message.deliveries == 0 and message.message_id is not None and any(
                 lineage_of_key(k) == message.message_id and a.failed for k, a in self.store.attempts.items()):
             self.windows.uncleared.add(message.message_id)
-        headers = {"x-delivery-count": message.deliveries} if message.deliveries else None
-        props = BasicProperties(message_id=message.message_id, headers=headers, delivery_mode=2)
+        headers = dict(message.headers or {})
+        if message.deliveries:
+            headers["x-delivery-count"] = message.deliveries
+        props = BasicProperties(message_id=message.message_id, headers=headers or None, delivery_mode=2)
         return Delivery(message.body, props, message.deliveries > 0, tag, queue, self.generation, self.now)
 
-    def enqueue(self, queue: str, body: bytes, message_id: str | None, delay_s: float = 0.0) -> None:
-        self.queues[queue].append(Message(body, message_id, due=self.now + delay_s))
+    def enqueue(self, queue: str, body: bytes, message_id: str | None, delay_s: float = 0.0,
+                headers: dict[str, Any] | None = None) -> None:
+        self.queues[queue].append(Message(body, message_id, due=self.now + delay_s, headers=headers))
+        if ERRORS_HEADER in (headers or {}) and message_id is not None:
+            self.windows.copy_unacked.add(message_id)
         if queue == FAILED and message_id is not None:
             self.windows.record_unmarked.add(message_id)
 
@@ -222,6 +231,7 @@ class World:
             return
         lineage = message.message_id
         self.acked.append(lineage)
+        self.windows.copy_unacked.discard(lineage or "")
         assert lineage is None or lineage in self.windows.taken_for_earlier or self.continues(lineage), (
             f"{lineage} acked from {queue} before its outcome was durable")
         if lineage is not None and not self._has_attempt(lineage):
@@ -317,7 +327,7 @@ class ModelBroker:
             future.set_exception(PublishError("the broker refused the message (nack)"))
             return future
         delay = _ttl(routing_key)
-        world.enqueue(routing_key, body, properties.message_id, delay)
+        world.enqueue(routing_key, body, properties.message_id, delay, properties.headers)
         if mode == "lost_confirm":  # the broker has it; the channel died before its confirm
             world.windows.fault_fired()  # the record is out, unconfirmed: inside the window
             world.lose_channel()

@@ -20,7 +20,7 @@ from pymongo.errors import AutoReconnect, OperationFailure
 from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
 from regbridge.durable import Durable
-from regbridge.executor import POISON_DELIVERIES, Executor, Handler, Job
+from regbridge.executor import ERROR_PAUSE_S, ERRORS_HEADER, POISON_DELIVERIES, Executor, Handler, Job
 from regbridge.lifecycle import (
     Accepted,
     Completed,
@@ -747,15 +747,21 @@ def test_submitter_unexpected_error_goes_back_until_the_limit_then_fails() -> No
         raise OperationFailure("not authorized")
 
     rig.store.user = broken  # type: ignore[method-assign]
-    with pytest.raises(OperationFailure):
-        rig.executor.run(_with_deliveries(delivery(BODY, tag=3), POISON_DELIVERIES - 2))
+    rig.executor.run(_with_deliveries(delivery(BODY, tag=3), POISON_DELIVERIES - 2))
+    # Not yet poison: after a pause, a copy with its error counted goes round, and the
+    # delivery is acked on the copy's confirm.
     assert rig.broker.published == [] and rig.broker.acks == []
+    assert rig.broker.run_deferred() == ERROR_PAUSE_S
+    [copy] = rig.broker.on(INBOUND)
+    assert copy.body == BODY and copy.properties.message_id == "m-1"
+    assert copy.properties.headers == {ERRORS_HEADER: POISON_DELIVERIES - 1}
+    assert rig.broker.acks == [3]
 
     rig.executor.run(_with_deliveries(delivery(BODY, tag=4), POISON_DELIVERIES - 1))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and record.user_id == "u-000123"
     assert f"in {POISON_DELIVERIES} deliveries" in record.error.reason and "OperationFailure" in record.error.reason
-    assert rig.broker.acks == [4]
+    assert rig.broker.acks == [3, 4]
 
 
 def test_poller_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
@@ -770,13 +776,14 @@ def test_poller_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
 
     rig.store.apply = broken  # type: ignore[method-assign]
     msg = pending(polls=1)
-    with pytest.raises(OperationFailure):
-        rig.executor.run(_with_deliveries(pending_delivery(msg, tag=5), 0))
+    rig.executor.run(_with_deliveries(pending_delivery(msg, tag=5), 0))
+    rig.broker.run_deferred()
+    assert [p.properties.headers for p in rig.broker.on(PENDING)] == [{ERRORS_HEADER: 1}]
     rig.legacy.status_outcomes.append(Completed())
     rig.executor.run(_with_deliveries(pending_delivery(msg, tag=6), POISON_DELIVERIES))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and record.legacy_request_id == "AB583C-X"
-    assert rig.broker.acks == [6]
+    assert rig.broker.acks == [5, 6]
 
 
 def test_submitter_redelivered_after_the_attempt_mark_but_before_the_status_finishes_it() -> None:
@@ -868,3 +875,29 @@ def test_the_poller_plans_finish_wait_and_failure() -> None:
     failure = rig.poller.handle(Job(pending_delivery(pending(polls=1))))
     assert isinstance(failure, Failure) and failure.error == FailureError("poll", "unknown", 404)
     assert failure.subject.attempt_key == "u-000123|mid:m-1" and failure.subject.request_id == "AB583C-X"
+
+
+def test_a_copy_sent_round_after_an_error_is_not_taken_for_a_new_attempt() -> None:
+    """On a broker that does not count requeues, the executor's own count still ends the loop,
+    and the copy resumes with the request id on record instead of POSTing again."""
+    rig = submitter_rig()
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt("REQ-9", False)
+    rig.store.users["u-000123"] = UserDoc("submitted", "REQ-9")
+    copy = Delivery(BODY, BasicProperties(message_id="m-1", headers={ERRORS_HEADER: 3}), False, 40, INBOUND, 1, NOW)
+    rig.executor.run(copy)
+    assert rig.legacy.submitted == []
+    assert [p.request_id for p in pending_messages(rig.broker)] == ["REQ-9"]
+
+
+def test_the_own_error_count_makes_a_message_poison_without_x_delivery_count() -> None:
+    rig = submitter_rig()
+
+    def broken(user_id: str) -> UserState:
+        raise OperationFailure("not authorized")
+
+    rig.store.user = broken  # type: ignore[method-assign]
+    headers = {ERRORS_HEADER: POISON_DELIVERIES - 1}
+    rig.executor.run(Delivery(BODY, BasicProperties(message_id="m-1", headers=headers), False, 41, INBOUND, 1, NOW))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation"
+    assert rig.broker.acks == [41] and rig.broker.deferred == []

@@ -19,8 +19,9 @@ A write that MongoDB refuses for good (a schema validator, a document too large)
 Forward or a Finish into a `store` Failure, so that nothing loops on it. Within a Failure it
 is logged and counted: the record on the failure queue is out, and it is what counts.
 
-A handler that raises an unexpected error leaves the delivery to the runtime, which hands it
-back after a pause; on its POISON_DELIVERIES-th delivery it becomes a `validation` Failure.
+A handler that raises an unexpected error sends the message round again after a pause, as a
+copy that carries its count of errors (ERRORS_HEADER); on its POISON_DELIVERIES-th failed
+handling it becomes a `validation` Failure.
 """
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ from regbridge.store import Store, WriteRefused
 
 log = logging.getLogger(__name__)
 
-# How long a failure record's publish may wait for its confirm before the delivery goes back.
-CONFIRM_TIMEOUT_S = 30.0
 # A message whose handling raised an unexpected error this many times becomes a failure record
 # instead of going round for ever.
 POISON_DELIVERIES = 10
+# How long a message whose handling raised waits before it goes round again: never a tight loop.
+ERROR_PAUSE_S = 2.0
+# The executor's own count of a message's failed handlings, carried on the copy it hands back.
+# `x-delivery-count` alone cannot be trusted for this: some RabbitMQ versions do not raise it on
+# a requeue, and on others every requeue counts against a delivery limit.
+ERRORS_HEADER = "x-regbridge-errors"
+# Headers the broker sets on a delivery; a copy published anew must not carry them.
+_BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
+                   "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
 
 class Broker(Protocol):
@@ -73,6 +81,12 @@ class Job:
     delivery: Delivery
     attempt: int = 1
     current: Callable[[], bool] = lambda: True
+
+    @property
+    def redelivered(self) -> bool:
+        """Whether this message was taken before: redelivered by the broker, or a copy this
+        service sent round again after an error."""
+        return self.delivery.redelivered or ERRORS_HEADER in (self.delivery.properties.headers or {})
 
 
 class Handler(Protocol):
@@ -101,20 +115,34 @@ def persistent(message_id: str | None) -> BasicProperties:
     return BasicProperties(delivery_mode=2, content_type="application/json", message_id=message_id)
 
 
-def delivery_count(delivery: Delivery) -> int:
-    """How many times the broker delivered this message before."""
-    count = (delivery.properties.headers or {}).get("x-delivery-count")
-    if isinstance(count, int):
-        return count
+def errors_before(delivery: Delivery) -> int:
+    """How many times handling this message raised before, by the broker's count or ours."""
+    headers = delivery.properties.headers or {}
+    counts = [headers.get("x-delivery-count"), headers.get(ERRORS_HEADER)]
+    found = [c for c in counts if isinstance(c, int) and not isinstance(c, bool)]
+    if found:
+        return max(found)
     return 1 if delivery.redelivered else 0
 
 
 def poison_reason(delivery: Delivery, exc: Exception) -> str | None:
     """A failure reason once `delivery` has failed too often, else None: hand it back again."""
-    count = delivery_count(delivery)
+    count = errors_before(delivery)
     if count + 1 < POISON_DELIVERIES:
         return None
     return f"could not be processed in {count + 1} deliveries (last error: {type(exc).__name__})"
+
+
+def counted_copy(delivery: Delivery) -> BasicProperties:
+    """The delivery's properties for a copy that goes round again, with one more error counted."""
+    props = delivery.properties
+    headers = {k: v for k, v in (props.headers or {}).items() if k not in _BROKER_HEADERS}
+    headers[ERRORS_HEADER] = errors_before(delivery) + 1
+    return BasicProperties(content_type=props.content_type, content_encoding=props.content_encoding,
+                           headers=headers, delivery_mode=props.delivery_mode or 2, priority=props.priority,
+                           correlation_id=props.correlation_id, reply_to=props.reply_to,
+                           message_id=props.message_id, timestamp=props.timestamp, type=props.type,
+                           app_id=props.app_id)
 
 
 class Executor:
@@ -141,13 +169,24 @@ class Executor:
         except Exception as exc:
             reason = poison_reason(delivery, exc)
             if reason is None:
-                raise  # the runtime logs it and hands it back after a pause
+                log.exception("handling failed; the message goes round again in %.0f s", ERROR_PAUSE_S,
+                              extra={"event": "handler_error"})
+                self._go_round(delivery)
+                return
             log.exception("giving up on a message: %s", reason, extra={"event": "poison"})
             try:
                 self._fail(delivery, Failure(self._subject(delivery), FailureError(Stage.VALIDATION, reason)),
                            poisoned=True)
             except HandBack:
                 self._broker.nack(delivery, requeue=True)
+
+    def _go_round(self, delivery: Delivery) -> None:
+        """After a pause, a copy with its error counted goes to the back of its queue, and the
+        delivery is acked on the copy's confirm (handed back if none comes). A requeue would
+        leave the count to the broker, which may not keep it, and would wear out a delivery
+        limit."""
+        self._broker.defer(delivery, ERROR_PAUSE_S, lambda: self._broker.forward(
+            delivery, delivery.queue, delivery.body, counted_copy(delivery)))
 
     def _subject(self, delivery: Delivery) -> Subject:
         try:
@@ -258,7 +297,10 @@ class Executor:
                                failed_at=datetime.fromtimestamp(self._clock(), UTC))
         future = self._broker.publish(self._failed_queue, record.encode(), persistent(subject.message_id))
         try:
-            future.result(timeout=CONFIRM_TIMEOUT_S)
+            # No timeout of its own: the runtime settles every publish (a confirm, a nack, a
+            # return, a lost channel, a stop). Giving up while the broker merely holds the
+            # connection blocked (an alarm) would hand back a record that may still go out.
+            future.result()
         except Exception as exc:
             log.warning("publish to %s not confirmed (%s); message handed back", self._failed_queue, exc,
                         extra={"event": "publish_failed", "queue": self._failed_queue})

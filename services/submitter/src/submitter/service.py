@@ -73,7 +73,7 @@ class Submitter:
                      extra={"event": "already_registered", "user_id": reg.user_id})
             metrics.SUBMISSIONS.labels(metrics.ALREADY_REGISTERED).inc()
             return Finish(_subject(job.delivery, reg))
-        if not job.delivery.redelivered:
+        if not job.redelivered:
             if user.status is not None:
                 # A new attempt (a replay, or the same message published again): what an earlier
                 # attempt of this message recorded must not make a later redelivery of this one

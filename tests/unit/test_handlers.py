@@ -328,7 +328,7 @@ def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
     assert_persistent(published, "m-1")
     assert PendingMessage.decode(published.body) == PendingMessage(
         request_id="AB583C-X", user_id="u-000123", payload=REGISTRATION, attempt_key="u-000123|mid:m-1",
-        submitted_at=NOW, message_id="m-1", received_at=NOW - 2, submit_attempts=1, polls=0,
+        submitted_at=NOW, message_id="m-1", received_at=NOW - 2, submit_attempts=1, polls=0, waited_s=10.0,
     )
     assert rig.broker.acks == [3]
     assert rig.broker.on(FAILED) == []
@@ -553,7 +553,8 @@ def test_poller_too_early_waits_without_polling(age: float, tier: float) -> None
     assert queue == f"{PENDING}.wait.{int(tier * 1000)}ms"
     [published] = rig.broker.published
     assert published.routing_key == queue
-    assert PendingMessage.decode(published.body) == msg  # not a poll: the count stays 0
+    # Not a poll: the count stays 0; the broker holds it for the tier.
+    assert PendingMessage.decode(published.body) == msg.waited(tier)
     assert_persistent(published, "m-1")
     assert rig.broker.acks == [2]
     assert rig.log == [f"publish:{queue}", "ack:2"]
@@ -570,7 +571,7 @@ def test_poller_processing_waits_the_interval_with_one_more_poll_counted() -> No
     rig.executor.run(pending_delivery(pending(polls=2), tag=3))
     [published] = rig.broker.published
     assert published.routing_key == wait_queue_name(PENDING, 2.0) == "registrations.pending.wait.2000ms"
-    assert PendingMessage.decode(published.body) == pending(polls=3)
+    assert PendingMessage.decode(published.body) == pending(polls=3).waited(2.0)
     assert_persistent(published, "m-1")
     assert rig.broker.acks == [3]
     assert rig.log == ["publish:registrations.pending.wait.2000ms", "ack:3"]
@@ -901,3 +902,28 @@ def test_the_own_error_count_makes_a_message_poison_without_x_delivery_count() -
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation"
     assert rig.broker.acks == [41] and rig.broker.deferred == []
+
+
+# ---- clocks that disagree between hosts ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("skew", [-2.0, -0.5, 0.0, 0.5, 2.0])
+def test_a_skewed_clock_adds_no_wait_hop(skew: float) -> None:
+    """The poller's clock `skew` seconds off the submitter's: a registration back from the first
+    wait queue (10 s, served by the broker) is polled at once, whichever way the clocks differ."""
+    rig = poller_rig(Processing(), age=10.0 + skew)
+    rig.executor.run(pending_delivery(pending(polls=0).waited(10.0)))
+    assert rig.legacy.polled == ["AB583C-X"]
+    [published] = rig.broker.published
+    assert published.routing_key == "registrations.pending.wait.2000ms"
+
+
+@pytest.mark.parametrize("skew", [-2.0, 2.0])
+def test_a_skewed_clock_moves_the_deadline_by_no_more_than_the_skew(skew: float) -> None:
+    real_age = 300.0 - 2.5  # 2.5 s before the deadline: no skew of up to 2 s may end it
+    rig = poller_rig(Processing(), age=real_age + skew)
+    rig.executor.run(pending_delivery(pending(polls=20).waited(real_age - 5)))
+    assert failure_records(rig.broker) == []
+    late = poller_rig(Processing(), age=300.0 + 2.5 + skew)
+    late.executor.run(pending_delivery(pending(polls=20).waited(290.0)))
+    assert [r.error.stage for r in failure_records(late.broker)] == ["timeout"]

@@ -287,7 +287,7 @@ def _pending(**overrides: Any) -> PendingMessage:
 
 
 PENDING_FIELDS = ["request_id", "user_id", "payload", "attempt_key", "submitted_at", "message_id", "received_at",
-                  "submit_attempts", "polls"]
+                  "submit_attempts", "polls", "waited_s"]
 
 
 def _check_pending(body: bytes) -> None:
@@ -354,6 +354,19 @@ def test_pending_encoding_is_compact_json_with_every_field() -> None:
     data = json.loads(_pending().encode())
     assert sorted(data) == sorted(PENDING_FIELDS)
     assert data["payload"] == REGISTRATION
+
+
+def test_waited_adds_up_what_the_broker_held_it_for_and_bounds_its_age() -> None:
+    msg = _pending().waited(10.0).waited(2.0)
+    assert msg.waited_s == 12.0
+    assert msg.age_s(msg.submitted_at + 5.0) == 12.0  # a clock behind: the broker's count wins
+    assert msg.age_s(msg.submitted_at + 30.0) == 30.0
+
+
+def test_a_pending_message_without_waited_s_reads_as_never_waited() -> None:
+    data = json.loads(_pending().encode())
+    del data["waited_s"]
+    assert PendingMessage.decode(json.dumps(data).encode()).waited_s == 0.0
 
 
 def test_polled_counts_one_more_poll_and_keeps_the_rest() -> None:

@@ -146,6 +146,9 @@ class PendingMessage:
     received_at: float | None = None  # epoch seconds when the inbound message was taken
     submit_attempts: int = 1
     polls: int = 0
+    # Seconds the broker has held it in wait queues, by their TTLs: a lower bound of its age
+    # that no host's clock enters, so a clock behind the submitter's adds no wait.
+    waited_s: float = 0.0
 
     def encode(self) -> bytes:
         # Every field, by its own name: the poller's decode reads the same names back.
@@ -171,6 +174,7 @@ class PendingMessage:
                 received_at=_optional_float(data, "received_at"),
                 submit_attempts=_require(data, "submit_attempts", int),
                 polls=_require(data, "polls", int),
+                waited_s=_optional_float(data, "waited_s") or 0.0,
             )
         except (ValueError, OverflowError) as exc:
             raise DecodeError(f"pending message is malformed: {exc}",
@@ -181,6 +185,14 @@ class PendingMessage:
 
     def polled(self) -> PendingMessage:
         return PendingMessage(**{**self.__dict__, "polls": self.polls + 1})
+
+    def waited(self, delay_s: float) -> PendingMessage:
+        return PendingMessage(**{**self.__dict__, "waited_s": self.waited_s + delay_s})
+
+    def age_s(self, now: float) -> float:
+        """Its age by this host's clock, never less than the broker has held it: a clock behind
+        the submitter's adds no wait, one ahead moves the deadline by no more than the skew."""
+        return max(now - self.submitted_at, self.waited_s)
 
 
 def _require(data: Any, key: str, kind: type | tuple[type, ...]) -> Any:

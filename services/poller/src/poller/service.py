@@ -47,14 +47,14 @@ class Poller:
             return Failure(Subject(exc.original, exc.user_id, message_id=job.delivery.properties.message_id),
                            FailureError(Stage.VALIDATION, exc.reason))
         if msg.polls == 0:
-            wait = self.policy.first_wait(age_s=self._clock() - msg.submitted_at)
+            wait = self.policy.first_wait(age_s=msg.age_s(self._clock()))
             if wait is not None:
                 return self._wait(msg, wait)
         with metrics.LEGACY_SECONDS.time():
             outcome = self._legacy.status(msg.request_id)
         metrics.POLLS.labels(outcome.label).inc()
         polled = msg.polled()
-        decision = self.policy.decide(outcome, age_s=self._clock() - msg.submitted_at)
+        decision = self.policy.decide(outcome, age_s=msg.age_s(self._clock()))
         if isinstance(decision, PollAfter):
             return self._wait(polled, decision.delay_s)
         if isinstance(decision, Register):
@@ -64,7 +64,7 @@ class Poller:
         return Failure(_subject(polled), FailureError(decision.stage, decision.reason, decision.http_status))
 
     def _wait(self, msg: PendingMessage, delay_s: float) -> Forward:
-        return Forward(_subject(msg), wait_queue_name(self._pending_queue, delay_s), msg.encode())
+        return Forward(_subject(msg), wait_queue_name(self._pending_queue, delay_s), msg.waited(delay_s).encode())
 
 
 def _subject(msg: PendingMessage) -> Subject:

@@ -41,6 +41,8 @@ class Submitter:
         self._policy = SubmitPolicy(settings.submit_max_attempts, settings.submit_backoff_base_s,
                                     settings.submit_backoff_max_s)
         self._first_hop = first_hop(settings.pending_queue, settings.poll_first_delay_s)
+        # What the first hop's wait queue holds it for (none when it goes straight to pending).
+        self._first_wait_s = settings.poll_first_delay_s if self._first_hop != settings.pending_queue else 0.0
 
     def _decode(self, delivery: Delivery) -> Registration:
         props = delivery.properties
@@ -119,7 +121,7 @@ class Submitter:
         pending = PendingMessage(
             request_id=request_id, user_id=reg.user_id, payload=reg.payload, attempt_key=reg.attempt_key,
             submitted_at=self._clock(), message_id=reg.message_id, received_at=subject.received_at,
-            submit_attempts=job.attempt,
+            submit_attempts=job.attempt, waited_s=self._first_wait_s,
         )
         log.info("submitted", extra={"event": "submitted", "user_id": reg.user_id, "request_id": request_id})
         return Forward(subject, self._first_hop, pending.encode(), writes)

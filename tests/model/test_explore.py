@@ -107,8 +107,12 @@ SCENARIOS = [
 LINEAGES = {USER: MID}
 
 
-def run(scenario: Scenario, faults: list[Fault]) -> World:
-    world = World(faults, submitter=SUBMITTER, poller=POLLER, submits=scenario.submits, statuses=scenario.statuses)
+BROKERS = ["4.0", "4.3"]
+
+
+def run(scenario: Scenario, faults: list[Fault], broker: str = "4.0") -> World:
+    world = World(faults, submitter=SUBMITTER, poller=POLLER, submits=scenario.submits, statuses=scenario.statuses,
+                  broker_version=broker)
     world.users_of.update(LINEAGES)
     scenario.setup(world)
     world.run()
@@ -117,6 +121,7 @@ def run(scenario: Scenario, faults: list[Fault]) -> World:
 
 def check(scenario: Scenario, world: World) -> None:
     assert not world.busy(), world.describe()
+    assert not world.dropped, f"{len(world.dropped)} messages dropped by the delivery limit"
     records = [r for mid, r in world.records() if mid == MID]
     stages = {r.error.stage for r in records}
     user = world.store.users.get(USER)
@@ -195,24 +200,26 @@ def double_faults(scenario: Scenario) -> Iterator[list[Fault]]:
 EXPLORED: Counter[str] = Counter()
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-def test_every_single_fault_settles_with_one_outcome(scenario: Scenario) -> None:
+def test_every_single_fault_settles_with_one_outcome(scenario: Scenario, broker: str) -> None:
     for faults in single_faults(scenario):
-        _explore(scenario, faults)
+        _explore(scenario, faults, broker)
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-def test_a_crash_during_recovery_settles_with_one_outcome(scenario: Scenario) -> None:
+def test_a_crash_during_recovery_settles_with_one_outcome(scenario: Scenario, broker: str) -> None:
     for faults in double_faults(scenario):
-        _explore(scenario, faults)
+        _explore(scenario, faults, broker)
 
 
-def _explore(scenario: Scenario, faults: list[Fault]) -> None:
+def _explore(scenario: Scenario, faults: list[Fault], broker: str) -> None:
     try:
-        world = run(scenario, faults)
+        world = run(scenario, faults, broker)
         check(scenario, world)
     except (AssertionError, NotSettled) as exc:
-        raise AssertionError(f"{scenario.name} with {faults}: {exc}") from exc
+        raise AssertionError(f"{scenario.name} on RabbitMQ {broker} with {faults}: {exc}") from exc
     EXPLORED["runs"] += 1
     EXPLORED["faults fired"] += len(world.fired)
 
@@ -221,6 +228,6 @@ def test_zz_report_the_count_of_runs(capsys: pytest.CaptureFixture[str]) -> None
     """Prints how many runs the explorer made (run with -s to see it in the output)."""
     with capsys.disabled():
         print(f"\nexplorer: {EXPLORED['runs']} runs, {EXPLORED['faults fired']} faults fired, "
-              f"{len(SCENARIOS)} scenarios")
+              f"{len(SCENARIOS)} scenarios, brokers {', '.join(BROKERS)}")
     if EXPLORED["runs"]:
         assert EXPLORED["runs"] > 1000

@@ -10,8 +10,9 @@ invariants.
 
 The broker model: at-least-once redelivery (`redelivered`, `x-delivery-count`), confirms that
 can be refused or lost with the channel, dead-lettering from the wait queues that can
-duplicate, settles dropped when their channel is gone. The store model applies the status
-rule of `lifecycle.may_record` as MongoStore's filters do.
+duplicate, settles dropped when their channel is gone, and RabbitMQ 4.x's delivery limit of 20,
+counted the way 4.0-4.2 count it (every return) or the way 4.3 does (no requeueing nack).
+The store model applies the status rule of `lifecycle.may_record` as MongoStore's filters do.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ INBOUND = "registrations"
 PENDING = "registrations.pending"
 FAILED = "registrations.failed"
 NOW = 1_800_000_000.0
+# RabbitMQ 4.x's default delivery limit on quorum queues.
+DELIVERY_LIMIT = 20
 
 # The ways each kind of effect can fail, besides the process dying just before it.
 FAULTS: dict[str, tuple[str, ...]] = {
@@ -89,7 +92,8 @@ class Fault:
 class Message:
     body: bytes
     message_id: str | None
-    deliveries: int = 0  # how often the broker delivered it before
+    deliveries: int = 0  # how often it went back to its queue
+    counted: int = 0  # of those, what the broker counts (`x-delivery-count`, the delivery limit)
     due: float = 0.0  # when a wait queue dead-letters it
     headers: dict[str, Any] | None = None  # as published
 
@@ -122,7 +126,9 @@ class Windows:
 
 class World:
     def __init__(self, faults: Iterable[Fault], *, submitter: SubmitterSettings, poller: PollerSettings,
-                 submits: list[str], statuses: list[str]) -> None:
+                 submits: list[str], statuses: list[str], broker_version: str = "4.0") -> None:
+        self.broker_version = broker_version
+        self.dropped: list[Message] = []
         self.faults = {f.index: f.mode for f in faults}
         self.fired: list[tuple[str, str]] = []
         self.points: list[str] = []
@@ -188,8 +194,18 @@ class World:
     def _hand_back(self, which: Callable[[int], bool]) -> None:
         for tag in [t for t, (_, _, gen) in self.in_hand.items() if which(gen)]:
             queue, message, _ = self.in_hand.pop(tag)
-            message.deliveries += 1
-            self.queues[queue].insert(0, message)
+            self._return(queue, message, nacked=False)
+
+    def _return(self, queue: str, message: Message, *, nacked: bool) -> None:
+        """A message goes back to the head of its queue. RabbitMQ 4.0-4.2 count every return
+        against a delivery limit of 20 and drop a message past it; 4.3 counts no requeueing nack."""
+        message.deliveries += 1
+        if not (nacked and self.broker_version == "4.3"):
+            message.counted += 1
+        if message.counted > DELIVERY_LIMIT:
+            self.dropped.append(message)
+            return
+        self.queues[queue].insert(0, message)
 
     def lose_channel(self) -> None:
         """Every delivery in hand goes back to the broker; settles of them are dropped."""
@@ -207,8 +223,8 @@ class World:
                 lineage_of_key(k) == message.message_id and a.failed for k, a in self.store.attempts.items()):
             self.windows.uncleared.add(message.message_id)
         headers = dict(message.headers or {})
-        if message.deliveries:
-            headers["x-delivery-count"] = message.deliveries
+        if message.counted:
+            headers["x-delivery-count"] = message.counted
         props = BasicProperties(message_id=message.message_id, headers=headers or None, delivery_mode=2)
         return Delivery(message.body, props, message.deliveries > 0, tag, queue, self.generation, self.now)
 
@@ -226,8 +242,7 @@ class World:
         assert delivery.delivery_tag in self.in_hand, f"delivery {delivery.delivery_tag} settled twice"
         queue, message, _ = self.in_hand.pop(delivery.delivery_tag)
         if not ack:
-            message.deliveries += 1
-            self.queues[queue].insert(0, message)
+            self._return(queue, message, nacked=True)
             return
         lineage = message.message_id
         self.acked.append(lineage)

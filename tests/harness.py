@@ -108,10 +108,11 @@ class Broker:
             spec = work_queue(name)
             self.channel.queue_declare(name, durable=True, arguments=dict(spec.arguments))
 
-    def publish(self, queue: str, body: bytes | Mapping[str, Any], *, message_id: str | None = None) -> None:
+    def publish(self, queue: str, body: bytes | Mapping[str, Any], *, message_id: str | None = None,
+                timestamp: int | None = None) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.channel.basic_publish("", queue, data, pika.BasicProperties(delivery_mode=2, message_id=message_id),
-                                   mandatory=True)
+        properties = pika.BasicProperties(delivery_mode=2, message_id=message_id, timestamp=timestamp)
+        self.channel.basic_publish("", queue, data, properties, mandatory=True)
 
     def drain(self, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
         """Take (and ack) everything on `queue` now."""

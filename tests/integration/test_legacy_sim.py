@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,9 @@ from typing import Any
 import pytest
 import requests
 from harness import wait_until
+
+from regbridge.legacy_http import LegacyClient
+from regbridge.lifecycle import Accepted, Transient
 
 pytestmark = pytest.mark.integration
 
@@ -292,6 +297,70 @@ def test_accept_latency_delays_the_201(sim: Sim) -> None:
     started = time.monotonic()
     assert sim.post(VALID).status_code == 201
     assert time.monotonic() - started >= 0.2
+
+
+# ---- Idempotency-Key ----
+
+
+def keyed(sim: Sim, key: str, body: dict[str, Any] = VALID) -> requests.Response:
+    return sim.http.post(sim.url("/v1/registrations"), json=body, headers={"Idempotency-Key": key},
+                         timeout=TIMEOUT_S)
+
+
+def test_the_same_key_gets_the_same_201_and_registers_nothing(sim: Sim) -> None:
+    first = keyed(sim, "u-1|mid:m-1")
+    again = keyed(sim, "u-1|mid:m-1")
+    assert first.status_code == again.status_code == 201
+    assert again.content == first.content
+    assert again.headers["Location"] == first.headers["Location"]
+    other = keyed(sim, "u-1|mid:m-2")  # another attempt of the same user
+    unkeyed = [sim.submit(), sim.submit()]  # no key: each POST registers
+    assert len({first.json()["request_id"], other.json()["request_id"], *unkeyed}) == 4
+    stats = sim.stats()
+    assert stats["submissions_total"] == 4
+    assert stats["submissions_by_user"] == {"u-1": 4}
+    assert stats["idempotent_replays_total"] == 1
+    assert stats["idempotency_keys"] == 2
+    metrics = sim.http.get(sim.url("/metrics"), timeout=TIMEOUT_S).text
+    assert "\nlegacy_sim_idempotent_replays_total 1\n" in metrics
+
+
+def test_posts_with_one_key_at_the_same_time_register_once(sim: Sim) -> None:
+    sim.patch_config(accept_latency_s=0.3)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: keyed(sim, "u-1|mid:at-once"), range(8)))
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.json()["request_id"] for a in answers}) == 1
+    summary = sim.stats(summary=True)
+    assert (summary["submissions_total"], summary["idempotent_replays_total"]) == (1, 7)
+
+
+def test_a_post_that_timed_out_is_registered_once_through_its_retry(sim: Sim) -> None:
+    # The bridge's own client: the first POST outlasts its read timeout, yet the sim registers it.
+    client = LegacyClient(sim.base_url, timeout_s=0.2, pool_size=2)
+    body = json.dumps({**VALID, "user_id": "usuário-ç"}).encode()  # a key sent as its digest
+    key = "usuário-ç|mid:m-1"
+    try:
+        sim.patch_config(accept_latency_s=0.5)
+        lost = client.submit(body, key)
+        assert isinstance(lost, Transient) and "timed out" in lost.reason
+        wait_until(lambda: sim.stats(summary=True)["submissions_total"] == 1, timeout=5,
+                   what="the timed-out POST to be registered")
+        sim.patch_config(accept_latency_s=0.0)
+        retried = client.submit(body, key)
+    finally:
+        client.close()
+    [request_id] = sim.stats()["requests"]
+    assert retried == Accepted(request_id)
+    summary = sim.stats(summary=True)
+    assert (summary["submissions_total"], summary["idempotent_replays_total"]) == (1, 1)
+
+
+def test_a_key_over_255_characters_is_refused(sim: Sim) -> None:
+    response = keyed(sim, "k" * 256)
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json()["error"]
+    assert keyed(sim, "k" * 255).status_code == 201
 
 
 # ---- admin ----

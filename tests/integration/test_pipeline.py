@@ -172,14 +172,36 @@ def test_a_new_attempt_after_a_failure_can_register(stack: Stack, broker: Broker
     outcomes.wait(registered=0, failed=1)
     failed_rid = users.find_one({"_id": "retry-me"})["legacy_request_id"]
     legacy.configure(fail_prefix="")
-    # The failure record's original, republished: a new attempt from the start.
-    broker.publish(INBOUND, outcomes.failures[0]["original"], message_id="first")
+    # The failure record's original, republished under the same message_id with a timestamp:
+    # a new attempt from the start, under an attempt key of its own.
+    broker.publish(INBOUND, outcomes.failures[0]["original"], message_id="first", timestamp=int(time.time()))
     outcomes.wait(registered=1, failed=1)
     doc = users.find_one({"_id": "retry-me"})
     assert doc["registration_status"] == "registered"
     assert doc["legacy_request_id"] != failed_rid
     assert "registration_error" not in doc
     assert legacy.stats()["submissions_by_user"] == {"retry-me": 2}
+
+
+def test_published_again_under_the_same_attempt_key_ends_as_before(stack: Stack, broker: Broker, users: Any,
+                                                                   legacy: LegacySim) -> None:
+    # No timestamp and the same message_id: the same attempt key, so the same Idempotency-Key.
+    # legacy-sim answers with the first request id, and the message ends as that attempt did.
+    stack.start("submitter")
+    stack.start("poller")
+    broker.publish(INBOUND, good("same-key", name="FAIL then fixed"), message_id="first")
+    outcomes = Outcomes(broker, users)
+    outcomes.wait(registered=0, failed=1)
+    legacy.configure(fail_prefix="")
+    broker.publish(INBOUND, outcomes.failures[0]["original"], message_id="first")
+    outcomes.wait(registered=0, failed=2)
+    first, second = outcomes.failures
+    assert second["legacy_request_id"] == first["legacy_request_id"]
+    assert second["error"]["stage"] == "legacy"
+    assert users.find_one({"_id": "same-key"})["registration_status"] == "failed"
+    stats = legacy.stats()
+    assert stats["submissions_by_user"] == {"same-key": 1}
+    assert stats["idempotent_replays_total"] == 1
 
 
 def test_hundreds_in_flight_each_get_their_exact_outcome(stack: Stack, broker: Broker, users: Any,

@@ -17,7 +17,9 @@ Invariants, after every run:
 - no status moves backwards within an attempt;
 - at most one failure record and one POST per message, unless a fault struck inside a window
   that docs/guarantees.md lists (a POST whose request id is not yet on record; a failure
-  record whose attempt is not yet marked).
+  record whose attempt is not yet marked);
+- at most one registration per message, inside those windows too: the model legacy API honours
+  the Idempotency-Key, so a POST made again is answered with the first one's request id.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from world import FAULTS, INBOUND, NOW, PENDING, Fault, Message, NotSettled, World
+from world import FAULTS, INBOUND, NOW, PENDING, Fault, Message, NotSettled, World, lineage_of_key
 
 from regbridge.lifecycle import State
 from regbridge.messages import PendingMessage, Registration
@@ -53,19 +55,23 @@ class Scenario:
     posts: int = 1  # POSTs a clean run makes (at most)
 
 
+def _key() -> str:
+    return Registration.decode(BODY, message_id=MID, max_bytes=65536).attempt_key
+
+
 def _redelivered_with_request_id(world: World) -> None:
-    key = Registration.decode(BODY, message_id=MID, max_bytes=65536).attempt_key
+    key = _key()
     world.store.attempts[key] = Attempt("R0", False)
     world.store.users[USER] = ("submitted", "R0", None)
-    world.legacy.registered["R0"] = MID
+    world.legacy.seed("R0", MID, key)
     world.queues[INBOUND].append(Message(BODY, MID, deliveries=1))
 
 
 def _pending_twice(world: World) -> None:
-    key = Registration.decode(BODY, message_id=MID, max_bytes=65536).attempt_key
+    key = _key()
     world.store.attempts[key] = Attempt("R0", False)
     world.store.users[USER] = ("submitted", "R0", None)
-    world.legacy.registered["R0"] = MID
+    world.legacy.seed("R0", MID, key)
     pending = PendingMessage(request_id="R0", user_id=USER, payload=json.loads(BODY), attempt_key=key,
                              submitted_at=NOW - 12, message_id=MID, received_at=NOW - 12, polls=1)
     # Two copies, as at-least-once dead-lettering can make: two pollers take one each.
@@ -78,10 +84,18 @@ def _already_registered(world: World) -> None:
 
 
 def _replay_after_a_failure(world: World) -> None:
-    key = Registration.decode(BODY, message_id=MID, max_bytes=65536).attempt_key
-    world.store.attempts[key] = Attempt("OLD", True)
+    # The legacy API no longer holds the earlier attempt's key (it is past its retention), so
+    # the POST registers anew.
+    world.store.attempts[_key()] = Attempt("OLD", True)
     world.store.users[USER] = ("failed", "OLD", {"stage": "legacy", "reason": "no"})
     world.queues[INBOUND].append(Message(BODY, MID))
+
+
+def _republished_within_the_retention(world: World) -> None:
+    # The same, but the legacy API still holds the key: the POST gets the earlier request id,
+    # and the message ends as that attempt did (docs/guarantees.md lists it).
+    _replay_after_a_failure(world)
+    world.legacy.seed("OLD", MID, _key())
 
 
 def _invalid(world: World) -> None:
@@ -102,6 +116,8 @@ SCENARIOS = [
     Scenario("two pollers on one id, failed", "legacy", statuses=["failed"], setup=_pending_twice, posts=0),
     Scenario("user registered already", "registered", setup=_already_registered, posts=0),
     Scenario("a new attempt after a failure", "registered", setup=_replay_after_a_failure),
+    Scenario("published again under a key the legacy API holds", "legacy", statuses=["failed"],
+             setup=_republished_within_the_retention),
 ]
 # The lineage (inbound message_id) of each user, for the model's windows.
 LINEAGES = {USER: MID}
@@ -155,10 +171,14 @@ def check(scenario: Scenario, world: World) -> None:
         assert len(records) <= 1, f"{len(records)} failure records"
     else:
         assert len(records) <= 1 + len(world.fired)  # one more for each fault inside the window
+    # POSTs may repeat inside the windows; registrations may not, the key sees to it.
     posts = world.legacy.posts_of[MID]
     budget = scenario.posts + (1 if scenario.setup is _replay_after_a_failure else 0)
     allowed = max(1, budget) + (len(world.fired) if MID in world.windows.dup_posts_allowed else 0)
     assert posts <= allowed, f"{posts} POSTs"
+    registrations = sum(n for key, n in world.legacy.registrations_of.items() if lineage_of_key(key) == MID)
+    held = scenario.setup is _republished_within_the_retention
+    assert registrations <= (0 if held else min(1, budget)), f"{registrations} registrations"
     # The user's document agrees with the outcome, unless MongoDB refused that write.
     if records and user is not None and not refused and not poisoned and scenario.setup is not _already_registered:
         assert user[0] == State.FAILED

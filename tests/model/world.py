@@ -471,7 +471,9 @@ def _kind(write: Write) -> str:
 
 
 class ModelLegacy:
-    """The legacy API: POSTs answered from a script, each request id's status from another."""
+    """The legacy API: POSTs answered from a script, each request id's status from another. It
+    honours the Idempotency-Key as legacy-sim does: a POST whose key it holds is answered with
+    that key's request id and registers nothing."""
 
     def __init__(self, world: World, submits: list[str], statuses: list[str]) -> None:
         self.world = world
@@ -479,10 +481,17 @@ class ModelLegacy:
         self.statuses = statuses
         self.posts = 0
         self.registered: dict[str, str] = {}  # request id → lineage
+        self.request_id_of_key: dict[str, str] = {}
         self.polls: Counter[str] = Counter()
-        self.posts_of: Counter[str] = Counter()
+        self.posts_of: Counter[str] = Counter()  # accepted POSTs per lineage, replayed ones included
+        self.registrations_of: Counter[str] = Counter()  # registrations made in the run, per attempt key
 
-    def submit(self, body: bytes) -> SubmitOutcome:
+    def seed(self, request_id: str, lineage: str, idempotency_key: str) -> None:
+        """A registration made before the run, its key still held."""
+        self.registered[request_id] = lineage
+        self.request_id_of_key[idempotency_key] = request_id
+
+    def submit(self, body: bytes, idempotency_key: str) -> SubmitOutcome:
         lineage = self.world.users_of.get(json.loads(body)["user_id"])
         mode = self.world.at("post", lineage)
         self.world.windows.uncleared.discard(lineage or "")  # a POST comes only after the clearing
@@ -496,8 +505,12 @@ class ModelLegacy:
             return Transient("legacy API timed out: ReadTimeoutError")
         if answer == "reject":
             return Rejected("rejected by the legacy API: cpf: must have 11 digits", 400)
-        request_id = f"R{len(self.registered) + 1}"
-        self.registered[request_id] = lineage or ""
+        request_id = self.request_id_of_key.get(idempotency_key)
+        if request_id is None:
+            request_id = f"R{len(self.registered) + 1}"
+            self.registered[request_id] = lineage or ""
+            self.request_id_of_key[idempotency_key] = request_id
+            self.registrations_of[idempotency_key] += 1
         if lineage is not None:
             self.posts_of[lineage] += 1
             self.world.windows.post_unrecorded.add(lineage)

@@ -197,10 +197,12 @@ class FakeLegacy:
         self.submit_outcomes = list(submits)
         self.status_outcomes = list(statuses)
         self.submitted: list[bytes] = []
+        self.keys: list[str] = []  # the Idempotency-Key of each POST
         self.polled: list[str] = []
 
-    def submit(self, body: bytes) -> SubmitOutcome:
+    def submit(self, body: bytes, idempotency_key: str) -> SubmitOutcome:
         self.submitted.append(body)
+        self.keys.append(idempotency_key)
         assert self.submit_outcomes, "unexpected POST to the legacy API"
         return self.submit_outcomes.pop(0)
 
@@ -340,6 +342,7 @@ def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
     rig = submitter_rig(Accepted("AB583C-X"))
     rig.executor.run(delivery(BODY, message_id=None))
     key = "u-000123|sha256:" + hashlib.sha256(BODY).hexdigest()
+    assert rig.legacy.keys == [key]
     assert rig.store.attempts == {key: Attempt("AB583C-X", False)}
     [published] = rig.broker.on(FIRST_HOP)
     assert published.properties.message_id is None
@@ -395,6 +398,8 @@ def test_submitter_busy_defers_then_the_retry_succeeds() -> None:
     assert [delay for delay, _ in rig.broker.deferred] == [0.75]  # base 1 s, jitter 0.5 → [0.5, 1]
     rig.broker.run_deferred()
     assert len(rig.legacy.submitted) == 2
+    # Both POSTs name the one attempt: an adapter that honours the key registers it once.
+    assert rig.legacy.keys == ["u-000123|mid:m-1", "u-000123|mid:m-1"]
     [pending] = pending_messages(rig.broker)
     assert pending.request_id == "AB583C-X"
     assert pending.submit_attempts == 2

@@ -35,6 +35,7 @@ def submit(
     user_id: str | None = "u-1",
     latency: tuple[float, float] = (10.0, 20.0),
     fail_prefix: str | None = "FAIL",
+    key: str | None = None,
 ) -> str:
     return registry.submit(
         user_id=user_id,
@@ -42,7 +43,13 @@ def submit(
         latency_min_s=latency[0],
         latency_max_s=latency[1],
         fail_prefix=fail_prefix,
+        idempotency_key=key,
     )
+
+
+def post(registry: Registry, key: str) -> str:
+    """What the app does with a POST that carries a key: replay it, or register it under the key."""
+    return registry.replay(key) or submit(registry, key=key)
 
 
 # ---- request ids ----
@@ -220,6 +227,67 @@ def test_reset_clears_everything() -> None:
     assert stats["requests"] == {}
     assert stats["submissions_by_user"] == {}
     assert registry.poll(rid) is None
+
+
+# ---- idempotency keys ----
+
+
+def test_a_known_key_gets_its_request_id_again_and_registers_nothing() -> None:
+    registry, _ = make_registry()
+    first = post(registry, "u-1|mid:m-1")
+    assert post(registry, "u-1|mid:m-1") == first
+    assert post(registry, "u-1|mid:m-1") == first
+    other = post(registry, "u-1|mid:m-2")  # another attempt of the same user registers
+    assert other != first
+    summary = registry.summary()
+    assert summary["submissions_total"] == 2
+    assert summary["idempotent_replays_total"] == 2
+    assert summary["idempotency_keys"] == 2
+    assert registry.stats()["submissions_by_user"] == {"u-1": 2}
+
+
+def test_a_key_is_kept_24_hours_then_forgotten() -> None:
+    registry, clock = make_registry()
+    first = post(registry, "k")
+    clock.now += 24 * 3600 - 1
+    assert registry.replay("k") == first
+    clock.now += 1
+    assert registry.replay("k") is None
+    assert registry.summary()["idempotency_keys"] == 0
+    again = post(registry, "k")  # registered anew, and kept under the key from now on
+    assert again != first and registry.replay("k") == again
+
+
+def test_the_key_store_holds_one_day_of_keys_however_long_it_runs() -> None:
+    registry, clock = make_registry()
+    for hour in range(72):
+        for n in range(10):
+            post(registry, f"k-{hour}-{n}")
+        clock.now += 3600
+    # The last 24 hours' keys, the older ones dropped as new POSTs came.
+    assert registry.summary()["idempotency_keys"] == 24 * 10
+    assert registry.summary()["submissions_total"] == 72 * 10
+
+
+def test_an_expired_key_behind_a_live_one_is_not_replayed() -> None:
+    registry, clock = make_registry()
+    clock.now = 2000.0
+    post(registry, "later")
+    clock.now = 1000.0  # the wall clock was set back
+    post(registry, "earlier")
+    clock.now = 1000.0 + 24 * 3600
+    assert registry.replay("earlier") is None
+    assert registry.replay("later") is not None
+
+
+def test_reset_forgets_the_keys() -> None:
+    registry, _ = make_registry()
+    post(registry, "k")
+    post(registry, "k")
+    registry.reset()
+    assert registry.replay("k") is None
+    assert registry.summary()["idempotent_replays_total"] == 0
+    assert registry.summary()["idempotency_keys"] == 0
 
 
 # ---- validation ----

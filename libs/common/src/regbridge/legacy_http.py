@@ -7,10 +7,19 @@ reads nothing from the environment, so no proxy or netrc sneaks in; it follows n
 retries nothing (the lifecycle decides what to retry), and it verifies TLS certificates. The
 meaning of each answer is decided by the pure `lifecycle.classify_*` functions; this module
 only moves bytes.
+
+Every POST carries an `Idempotency-Key` header naming the registration's attempt, so that an
+adapter honouring it answers a repeated POST (after a timeout, a lost answer, a crash before
+the request id was recorded) with the first POST's request id instead of a second
+registration (docs/legacy-adapter.md). The key holds a user id and a message id: it is never
+logged here, and travels only in the header.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Mapping
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
@@ -19,10 +28,25 @@ import urllib3
 from regbridge.lifecycle import PollOutcome, SubmitOutcome, Transient, classify_poll, classify_submit
 
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Visible ASCII only, as many characters as the OpenAPI description allows: anything else (a
+# user id in another script, a control character, a long message id) could not travel in a
+# header as it is, or would be refused.
+_HEADER_SAFE = re.compile(r"[!-~]{1,255}")
+
+
+def idempotency_header(attempt_key: str) -> str:
+    """The header's value for an attempt key: the key itself when it is visible ASCII of at most
+    255 characters, else `sha256:` and the hex digest of its UTF-8 bytes. Either way the same
+    attempt always sends the same value; the two forms never meet, since an attempt key always
+    holds a `|` and a digest never does."""
+    if _HEADER_SAFE.fullmatch(attempt_key):
+        return attempt_key
+    return "sha256:" + hashlib.sha256(attempt_key.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 class Legacy(Protocol):
-    def submit(self, body: bytes) -> SubmitOutcome: ...
+    def submit(self, body: bytes, idempotency_key: str) -> SubmitOutcome: ...
     def status(self, request_id: str) -> PollOutcome: ...
 
 
@@ -34,10 +58,11 @@ class LegacyClient:
         self._manager = urllib3.PoolManager(num_pools=1, maxsize=pool_size, block=False, cert_reqs="CERT_REQUIRED")
         self._pool = self._manager.connection_from_url(base)
 
-    def _call(self, method: str, path: str, body: bytes | None = None) -> urllib3.BaseHTTPResponse | Transient:
+    def _call(self, method: str, path: str, body: bytes | None = None,
+              headers: Mapping[str, str] = _JSON) -> urllib3.BaseHTTPResponse | Transient:
         try:
             response: urllib3.BaseHTTPResponse = self._pool.urlopen(
-                method, self._prefix + path, body=body, headers=_JSON, retries=False, redirect=False,
+                method, self._prefix + path, body=body, headers=headers, retries=False, redirect=False,
                 timeout=self._timeout, preload_content=True, assert_same_host=False)
             return response
         except urllib3.exceptions.HTTPError as exc:
@@ -45,8 +70,9 @@ class LegacyClient:
             kind = "timed out" if isinstance(exc, urllib3.exceptions.TimeoutError) else "unreachable"
             return Transient(f"legacy API {kind}: {type(exc).__name__}")
 
-    def submit(self, body: bytes) -> SubmitOutcome:
-        response = self._call("POST", "/v1/registrations", body)
+    def submit(self, body: bytes, idempotency_key: str) -> SubmitOutcome:
+        headers = {**_JSON, IDEMPOTENCY_HEADER: idempotency_header(idempotency_key)}
+        response = self._call("POST", "/v1/registrations", body, headers)
         if isinstance(response, Transient):
             return response
         return classify_submit(response.status, response.data, response.headers.get("Retry-After"))

@@ -2,6 +2,9 @@
 
 The /v1 routes are the hot path of every benchmark, so they skip pydantic entirely: the raw
 body is parsed by hand and each response is encoded once into a plain Response.
+
+A POST's `Idempotency-Key` is honoured as the OpenAPI description says: a key seen in the last
+24 hours gets the first POST's 201 again and registers nothing (`Registry.replay`).
 """
 
 from __future__ import annotations
@@ -23,11 +26,17 @@ from legacy_sim.validation import InvalidRegistration, parse_registration
 _JSON = "application/json"
 _UNKNOWN_ID = b'{"error":"unknown request id"}'
 _UNAVAILABLE = b'{"error":"service unavailable, retry later"}'
+_KEY_HEADER = b"idempotency-key"  # ASGI gives header names in lower case
+KEY_MAX_CHARS = 255
 
 
 def _json(status_code: int, body: Any, headers: dict[str, str] | None = None) -> Response:
     content = json.dumps(body, separators=(",", ":")).encode()
     return Response(content=content, status_code=status_code, headers=headers, media_type=_JSON)
+
+
+def _accepted(request_id: str) -> Response:
+    return _json(201, {"request_id": request_id}, {"Location": f"/v1/registrations/{request_id}"})
 
 
 class Simulator:
@@ -39,7 +48,7 @@ class Simulator:
         self.rng = random.Random(config.seed)
         self.registry = Registry(clock=clock, rng=self.rng)
 
-    async def submit(self, raw: bytes) -> Response:
+    async def submit(self, raw: bytes, idempotency_key: str | None = None) -> Response:
         registry = self.registry
         refusal = await self.unavailable(self.config.post_503_rate, registry.count_post_503)
         if refusal is not None:
@@ -47,6 +56,15 @@ class Simulator:
         config = self.config
         if config.accept_latency_s > 0:
             await asyncio.sleep(config.accept_latency_s)
+        # From here to the registration nothing awaits: a POST with the same key that came in
+        # meanwhile either registered already (and this one replays it) or comes after this one.
+        if idempotency_key is not None:
+            if len(idempotency_key) > KEY_MAX_CHARS:
+                registry.count_rejection()
+                return _json(400, {"error": f"Idempotency-Key: longer than {KEY_MAX_CHARS} characters"})
+            known = registry.replay(idempotency_key)
+            if known is not None:
+                return _accepted(known)
         try:
             body = parse_registration(raw)
         except InvalidRegistration as exc:
@@ -58,8 +76,9 @@ class Simulator:
             latency_min_s=config.latency_min_s,
             latency_max_s=config.latency_max_s,
             fail_prefix=config.fail_prefix,
+            idempotency_key=idempotency_key,
         )
-        return _json(201, {"request_id": request_id}, {"Location": f"/v1/registrations/{request_id}"})
+        return _accepted(request_id)
 
     async def status(self, request_id: str) -> Response:
         registry = self.registry
@@ -117,7 +136,7 @@ class FastPath:
                     body += message.get("body", b"")
                     if not message.get("more_body"):
                         break
-                await _send(send, await self.sim.submit(body))
+                await _send(send, await self.sim.submit(body, _idempotency_key(scope)))
                 return
             if method == "GET" and path.startswith(_PREFIX + "/"):
                 request_id = path[len(_PREFIX) + 1:]
@@ -125,6 +144,14 @@ class FastPath:
                     await _send(send, await self.sim.status(request_id))
                     return
         await self.app(scope, receive, send)
+
+
+def _idempotency_key(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == _KEY_HEADER:
+            # An empty value names no attempt: the POST is taken as one without a key.
+            return value.decode("latin-1") or None
+    return None
 
 
 async def _send(send: Send, response: Response) -> None:
@@ -184,6 +211,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> Fas
 
 _METRICS = (
     ("legacy_sim_submissions_total", "counter", "Registrations accepted with 201", "submissions_total"),
+    ("legacy_sim_idempotent_replays_total", "counter", "POSTs answered with an earlier 201 for their Idempotency-Key",
+     "idempotent_replays_total"),
     ("legacy_sim_rejections_total", "counter", "Registrations refused with 400", "rejected_total"),
     ("legacy_sim_polls_total", "counter", "Status polls of known request ids", "polls_total"),
     ("legacy_sim_detections_total", "counter", "Registrations whose final status was polled", "detected_total"),

@@ -100,7 +100,7 @@ class Submitter:
         if not job.current():
             return Requeue()  # the connection dropped: its redelivery submits it, not a second POST now
         with metrics.LEGACY_SECONDS.time():
-            outcome = self._legacy.submit(reg.body)
+            outcome = self._legacy.submit(reg.body, reg.attempt_key)
         metrics.SUBMISSIONS.labels(outcome.label).inc()
         decision = self._policy.decide(outcome, attempt=job.attempt, jitter=self._rng())
         if isinstance(decision, HandOn):

@@ -61,8 +61,8 @@ def test_attempts_are_recorded_and_replaced(store: Any) -> None:
     mongo_store.apply(AttemptFailed("k", "u", "R1", FailureError("legacy", "no", 200)))
     assert mongo_store.attempt("k").failed
     assert mongo_store.attempt("k").error == FailureError("legacy", "no", 200)
-    mongo_store.reset_attempt("k")  # a new publish of the same message clears it before its POST
-    assert mongo_store.attempt("k") == Attempt(None, False)
+    mongo_store.reset_attempt("k", "p2")  # a new publish of the same message clears it before its POST
+    assert mongo_store.attempt("k") == Attempt(None, False, publish="p2")
     assert mongo_store.apply(AttemptAccepted("k", "u", "R2"))
     assert mongo_store.attempt("k").request_id == "R2" and not mongo_store.attempt("k").failed
 

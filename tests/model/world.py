@@ -416,11 +416,10 @@ class ModelStore:
         self._point("read", lineage_of_key(key))
         return self.attempts.get(key)
 
-    def reset_attempt(self, key: str) -> None:
+    def reset_attempt(self, key: str, publish: str) -> None:
         self._point("reset", lineage_of_key(key))
         self.world.windows.uncleared.discard(lineage_of_key(key) or "")
-        if key in self.attempts:
-            self.attempts[key] = Attempt(None, False)
+        self.attempts[key] = Attempt(None, False, publish=publish)
 
     def apply(self, write: Write) -> bool:
         lineage = (self.world.users_of.get(write.user_id) if isinstance(write, UserStatus)

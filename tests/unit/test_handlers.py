@@ -152,11 +152,10 @@ class FakeStore:
             return found
         return Attempt(found.request_id, found.failed, self.attempt_errors.get(key))
 
-    def reset_attempt(self, key: str) -> None:
+    def reset_attempt(self, key: str, publish: str) -> None:
         self._check()
-        if key in self.attempts:
-            self.attempts[key] = Attempt(None, False)
-            self.log.append("attempt:reset")
+        self.attempts[key] = Attempt(None, False, publish=publish)
+        self.log.append("attempt:reset")
 
     def apply(self, write: Write) -> bool:
         self._check()

@@ -39,6 +39,9 @@ class Attempt:
     request_id: str | None
     failed: bool
     error: FailureError | None = None  # what the failure record said, to finish its recording
+    # Set when a later publish of the message cleared an earlier attempt: part of its
+    # Idempotency-Key, so that the legacy API tells the two apart.
+    publish: str | None = None
 
 
 class WriteRefused(RuntimeError):
@@ -55,7 +58,7 @@ class Store(Protocol):
 
     def user(self, user_id: str) -> UserState: ...
     def attempt(self, key: str) -> Attempt | None: ...
-    def reset_attempt(self, key: str) -> None: ...
+    def reset_attempt(self, key: str, publish: str) -> None: ...
 
     def apply(self, write: Write) -> bool:
         """Carry out `write`; False when the status rule left the document as it was. Raises
@@ -116,12 +119,14 @@ class MongoStore:
         error = doc.get("error")
         failure = (FailureError(str(error.get("stage")), str(error.get("reason")), error.get("http_status"))
                    if isinstance(error, dict) else None)
-        return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")), failure)
+        return Attempt(doc.get("legacy_request_id"), bool(doc.get("failed")), failure, doc.get("publish"))
 
-    def reset_attempt(self, key: str) -> None:
-        """A message delivered anew is a new attempt: forget what an earlier one got."""
-        cleared = {"legacy_request_id": None, "failed": False, "error": None, "updated_at": self._clock()}
-        self._batcher.update(self._attempts, UpdateOne({"_id": key}, {"$set": cleared}))
+    def reset_attempt(self, key: str, publish: str) -> None:
+        """A message published anew is a new attempt: forget what an earlier one got, and keep
+        the new publish's mark (upserted, so that a redelivery finds it)."""
+        cleared = {"legacy_request_id": None, "failed": False, "error": None, "publish": publish,
+                   "updated_at": self._clock()}
+        self._batcher.update(self._attempts, UpdateOne({"_id": key}, {"$set": cleared}, upsert=True))
 
     def apply(self, write: Write) -> bool:
         try:

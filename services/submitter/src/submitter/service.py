@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 
@@ -31,13 +32,15 @@ log = logging.getLogger("submitter")
 
 class Submitter:
     def __init__(self, settings: SubmitterSettings, *, store: Store, legacy: Legacy, durable: Durable,
-                 clock: Callable[[], float] = time.time, rng: Callable[[], float] = random.random) -> None:
+                 clock: Callable[[], float] = time.time, rng: Callable[[], float] = random.random,
+                 publish_mark: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:
         self._max_bytes = settings.max_message_bytes
         self._store = store
         self._legacy = legacy
         self._durable = durable
         self._clock = clock
         self._rng = rng
+        self._publish_mark = publish_mark
         self._policy = SubmitPolicy(settings.submit_max_attempts, settings.submit_backoff_base_s,
                                     settings.submit_backoff_max_s)
         self._first_hop = first_hop(settings.pending_queue, settings.poll_first_delay_s)
@@ -65,7 +68,8 @@ class Submitter:
             return Failure(Subject(exc.original, exc.user_id, message_id=delivery.properties.message_id),
                            FailureError(Stage.VALIDATION, exc.reason))
         if job.attempt > 1:
-            return self._submit(job, registration)
+            attempt = self._durable(lambda: self._store.attempt(registration.attempt_key))
+            return self._submit(job, registration, attempt.publish if attempt is not None else None)
         return self._start(job, registration)
 
     def _start(self, job: Job, reg: Registration) -> Plan:
@@ -79,10 +83,14 @@ class Submitter:
             if user.status is not None:
                 # A new attempt (a replay, or the same message published again): what an earlier
                 # attempt of this message recorded must not make a later redelivery of this one
-                # look finished, so it is cleared before the POST. A user never seen before has
-                # no attempts: no write needed.
-                self._durable(lambda: self._store.reset_attempt(reg.attempt_key))
-            return self._submit(job, reg)
+                # look finished, so it is cleared before the POST, and it gets a mark of its own
+                # for the Idempotency-Key: a legacy API that still holds the earlier attempt's
+                # key must not answer this one with that attempt's request id. A user never seen
+                # before has no attempts: no write needed.
+                publish = self._publish_mark()
+                self._durable(lambda: self._store.reset_attempt(reg.attempt_key, publish))
+                return self._submit(job, reg, publish)
+            return self._submit(job, reg, None)
         attempt = self._durable(lambda: self._store.attempt(reg.attempt_key))
         if attempt is not None and attempt.failed:
             # Its record is out; the executor finishes what the crash may have left unwritten.
@@ -94,13 +102,14 @@ class Submitter:
             metrics.SUBMISSIONS.labels(metrics.RESUMED).inc()
             return self._hand_on(job, reg, attempt.request_id,
                                  (UserStatus(reg.user_id, State.SUBMITTED, attempt.request_id),))
-        return self._submit(job, reg)
+        return self._submit(job, reg, attempt.publish if attempt is not None else None)
 
-    def _submit(self, job: Job, reg: Registration) -> Plan:
+    def _submit(self, job: Job, reg: Registration, publish: str | None) -> Plan:
         if not job.current():
             return Requeue()  # the connection dropped: its redelivery submits it, not a second POST now
+        key = reg.attempt_key if publish is None else f"{reg.attempt_key}|publish:{publish}"
         with metrics.LEGACY_SECONDS.time():
-            outcome = self._legacy.submit(reg.body, reg.attempt_key)
+            outcome = self._legacy.submit(reg.body, key)
         metrics.SUBMISSIONS.labels(outcome.label).inc()
         decision = self._policy.decide(outcome, attempt=job.attempt, jitter=self._rng())
         if isinstance(decision, HandOn):

@@ -18,7 +18,7 @@ from regbridge.amqp import Delivery
 from regbridge.durable import Durable
 from regbridge.executor import Job
 from regbridge.legacy_http import Legacy
-from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, State, SubmitPolicy
+from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, State, SubmitPolicy, Transient
 from regbridge.messages import DecodeError, FailureError, PendingMessage, Registration, publish_mark
 from regbridge.plans import AttemptAccepted, Failure, Finish, Forward, Plan, Requeue, Retry, Subject, UserStatus, Write
 from regbridge.settings import SubmitterSettings
@@ -99,6 +99,9 @@ class Submitter:
             return Requeue()  # the connection dropped: its redelivery submits it, not a second POST now
         with metrics.LEGACY_SECONDS.time():
             outcome = self._legacy.submit(reg.body)
+        if isinstance(outcome, Transient) and not outcome.sent:
+            # Nothing reached the legacy API: the budget counts its answers, not our restraint.
+            return Retry(outcome.retry_after_s or 0.0, job.attempt)
         metrics.SUBMISSIONS.labels(outcome.label).inc()
         decision = self._policy.decide(outcome, attempt=job.attempt, jitter=self._rng())
         if isinstance(decision, HandOn):

@@ -600,6 +600,14 @@ def test_poller_transient_before_the_deadline_waits_the_interval() -> None:
     assert rig.broker.on(FAILED) == []
 
 
+def test_poller_poll_held_back_waits_the_interval_and_is_not_a_poll() -> None:
+    rig = poller_rig(Transient("not sent: the circuit breaker is open", retry_after_s=3.0, sent=False), age=50.0)
+    rig.executor.run(pending_delivery(pending(polls=1)))
+    [published] = rig.broker.published
+    assert published.routing_key == "registrations.pending.wait.2000ms"
+    assert PendingMessage.decode(published.body).polls == 1
+
+
 def test_poller_wait_publish_failure_hands_the_message_back() -> None:
     rig = poller_rig(Processing(), age=12.0)
     rig.broker.refuse.add("registrations.pending.wait.2000ms")

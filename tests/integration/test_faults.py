@@ -152,9 +152,11 @@ def test_legacy_down_for_a_while(stack: Stack, broker: Broker, users: Any, legac
     wait_until(lambda: submissions_so_far(legacy) >= 50, timeout=30, what="work in flight")
     legacy.configure(down=True)
     began = time.monotonic()
-    # Down until both endpoints have refused a fair number of calls.
-    wait_until(lambda: (s := legacy.stats(summary=True))["post_503_total"] >= 100 and s["get_503_total"] >= 50,
+    # Down until both services' circuit breakers have opened (LEGACY_BREAKER_FAILURES refusals
+    # in a row on each endpoint), and on through an open period, so that probes fail too.
+    wait_until(lambda: (s := legacy.stats(summary=True))["post_503_total"] >= 10 and s["get_503_total"] >= 10,
                timeout=30, what="the outage to be felt on both endpoints")
+    time.sleep(6)
     outage = time.monotonic() - began
     legacy.configure(down=False)
     assert check_exact(Outcomes(broker, users), expected) == 0

@@ -429,6 +429,20 @@ def test_submitter_gives_up_when_the_budget_is_spent() -> None:
     assert rig.broker.acks == [9]
 
 
+def test_submitter_call_held_back_by_the_breaker_spends_no_attempt() -> None:
+    busy = Transient("legacy API busy: HTTP 503", 503)
+    held = Transient("not sent: the circuit breaker is open", retry_after_s=2.5, sent=False)
+    rig = submitter_rig(busy, held, held, busy, held, busy)
+    rig.executor.run(delivery(BODY, tag=9))
+    delays = [rig.broker.run_deferred() for _ in range(5)]
+    # A held call waits as long as the breaker says, and the backoff goes on where it was.
+    assert delays == [0.75, 2.5, 2.5, 1.5, 2.5]
+    [record] = failure_records(rig.broker)
+    assert record.error == FailureError("submit", "gave up after 3 attempts: legacy API busy: HTTP 503", 503)
+    assert record.attempts == 3
+    assert rig.broker.acks == [9]
+
+
 def test_submitter_redelivered_with_a_request_id_on_record_is_not_submitted_again() -> None:
     rig = submitter_rig()
     rig.store.attempts["u-000123|mid:m-1"] = Attempt("REQ-9", False)
@@ -589,6 +603,14 @@ def test_poller_transient_before_the_deadline_waits_the_interval() -> None:
     assert published.routing_key == "registrations.pending.wait.2000ms"
     assert PendingMessage.decode(published.body).polls == 2
     assert rig.broker.on(FAILED) == []
+
+
+def test_poller_poll_held_back_waits_the_interval_and_is_not_a_poll() -> None:
+    rig = poller_rig(Transient("not sent: the circuit breaker is open", retry_after_s=3.0, sent=False), age=50.0)
+    rig.executor.run(pending_delivery(pending(polls=1)))
+    [published] = rig.broker.published
+    assert published.routing_key == "registrations.pending.wait.2000ms"
+    assert PendingMessage.decode(published.body).polls == 1
 
 
 def test_poller_wait_publish_failure_hands_the_message_back() -> None:
@@ -862,6 +884,11 @@ def test_the_submitter_plans_a_forward_with_the_request_id_written_first() -> No
 def test_the_submitter_plans_a_retry_for_a_busy_api() -> None:
     rig = submitter_rig(Transient("legacy API busy: HTTP 503", 503))
     assert rig.submitter.handle(Job(delivery(BODY))) == Retry(0.75, 2)
+
+
+def test_the_submitter_plans_a_retry_at_the_same_attempt_for_a_call_held_back() -> None:
+    rig = submitter_rig(Transient("not sent: the rate cap", retry_after_s=0.2, sent=False))
+    assert rig.submitter.handle(Job(delivery(BODY), attempt=2)) == Retry(0.2, 2)
 
 
 def test_the_submitter_plans_a_requeue_when_the_channel_is_gone_before_the_post() -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
+from regbridge.breaker import Limits
 from regbridge.settings import (
     CommonSettings,
     PollerSettings,
@@ -97,6 +98,14 @@ def test_every_variable_is_read(build: Build) -> None:
     assert s.attempts_collection == "people.attempts"
 
 
+@pytest.mark.parametrize("build", BUILDERS)
+def test_breaker_limits_are_read(build: Build) -> None:
+    assert build({}).breaker_limits() == Limits(max_rps=1000.0, failures=10, probe_rps=5.0, open_s=5.0, ramp_s=10.0)
+    s = build({"LEGACY_MAX_RPS": "50", "LEGACY_BREAKER_FAILURES": "3", "LEGACY_BREAKER_PROBE_RPS": "0.5",
+               "LEGACY_BREAKER_OPEN_S": "2.5", "LEGACY_BREAKER_RAMP_S": "30"})
+    assert s.breaker_limits() == Limits(max_rps=50.0, failures=3, probe_rps=0.5, open_s=2.5, ramp_s=30.0)
+
+
 def test_blank_values_fall_back_to_defaults() -> None:
     s = poller_settings({"POLL_INTERVAL_S": "  ", "INBOUND_QUEUE": ""})
     assert s.poll_interval_s == 2.0
@@ -144,6 +153,11 @@ def test_first_delay_may_be_zero_but_interval_and_deadline_may_not() -> None:
         ("MONGODB_URI", "mongodb://"),
         ("LEGACY_API_URL", "ftp://legacy"),
         ("LEGACY_API_URL", "localhost:8080"),
+        ("LEGACY_MAX_RPS", "0"),
+        ("LEGACY_BREAKER_FAILURES", "0"),
+        ("LEGACY_BREAKER_PROBE_RPS", "fast"),
+        ("LEGACY_BREAKER_OPEN_S", "-1"),
+        ("LEGACY_BREAKER_RAMP_S", "inf"),
     ],
 )
 def test_bad_value_is_reported_by_name(name: str, value: str) -> None:

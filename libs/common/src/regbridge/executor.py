@@ -81,6 +81,7 @@ class Job:
     delivery: Delivery
     attempt: int = 1
     current: Callable[[], bool] = lambda: True
+    resumed: bool = False  # a Retry's run: the handler's reads before its call are done
 
     @property
     def redelivered(self) -> bool:
@@ -160,9 +161,9 @@ class Executor:
         """The runtime's entry point, on a worker thread."""
         self._run(delivery, 1)
 
-    def _run(self, delivery: Delivery, attempt: int) -> None:
+    def _run(self, delivery: Delivery, attempt: int, resumed: bool = False) -> None:
         try:
-            plan = self._handler.handle(Job(delivery, attempt, lambda: self._broker.current(delivery)))
+            plan = self._handler.handle(Job(delivery, attempt, lambda: self._broker.current(delivery), resumed))
             self.carry_out(delivery, plan)
         except HandBack:
             self._broker.nack(delivery, requeue=True)
@@ -204,7 +205,7 @@ class Executor:
             elif isinstance(plan, Failure):
                 self._fail(delivery, plan)
             elif isinstance(plan, Retry):
-                self._broker.defer(delivery, plan.delay_s, lambda: self._run(delivery, plan.attempt))
+                self._broker.defer(delivery, plan.delay_s, lambda: self._run(delivery, plan.attempt, resumed=True))
             elif isinstance(plan, Requeue):
                 self._broker.nack(delivery, requeue=True)
         except HandBack:

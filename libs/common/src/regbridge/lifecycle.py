@@ -62,12 +62,14 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Transient:
-    """Worth trying again: 429, 5xx, a timeout, a refused connection, an unreadable answer."""
+    """Worth trying again: 429, 5xx, a timeout, a refused connection, an unreadable answer; or,
+    with `sent` False, a call held back before any request (`regbridge.legacy_guard`)."""
 
     label: ClassVar[str] = "transient"
     reason: str
     http_status: int | None = None
     retry_after_s: float | None = None
+    sent: bool = True
 
 
 @dataclass(frozen=True)

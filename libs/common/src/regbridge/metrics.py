@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
+from regbridge.breaker import Hold, State
+
 
 class ServiceMetrics:
     def __init__(self, prefix: str, *, consumed: str) -> None:
@@ -16,6 +18,21 @@ class ServiceMetrics:
                                      "status left unwritten beside its record")
         self.queue_messages = Gauge(f"{prefix}_queue_messages",
                                     "Ready messages in each queue this service declared, read every 10 s", ["queue"])
+        self.breaker_state = Gauge(f"{prefix}_legacy_breaker_state",
+                                   "The legacy API's circuit breaker: 1 for the state it is in, 0 for the others",
+                                   ["state"])
+        self.legacy_not_sent = Counter(f"{prefix}_legacy_calls_not_sent_total",
+                                       "Legacy API calls held back without a request: the breaker open, or "
+                                       "the rate cap reached", ["reason"])
+        # Every label value at zero from the start: rate() cannot count a series' first increment.
+        self.set_breaker_state(State.CLOSED)
+        for hold in Hold:
+            self.legacy_not_sent.labels(hold)
+
+    def set_breaker_state(self, state: str) -> None:
+        for each in State:
+            self.breaker_state.labels(each).set(1.0 if each == state else 0.0)
 
     def all(self) -> tuple[MetricWrapperBase, ...]:
-        return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages)
+        return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages,
+                self.breaker_state, self.legacy_not_sent)

@@ -12,8 +12,10 @@ from typing import TypeVar
 
 from regbridge import health, logs
 from regbridge.amqp import AmqpRuntime, Delivery, RuntimeHooks
+from regbridge.breaker import Breaker
 from regbridge.durable import Durable
 from regbridge.executor import Executor, Handler, Observer
+from regbridge.legacy_guard import GuardedLegacy, GuardHooks
 from regbridge.legacy_http import LegacyClient
 from regbridge.metrics import ServiceMetrics
 from regbridge.plans import Failure, Finish
@@ -33,12 +35,17 @@ def load_settings(name: str, build: Callable[[Mapping[str, str]], S], env: Mappi
         raise SystemExit(2) from None
 
 
-def adapters(settings: CommonSettings) -> tuple[MongoStore, LegacyClient]:
-    """The MongoDB store and the legacy API client, sized to the service's pool."""
+def adapters(settings: CommonSettings, metrics: ServiceMetrics) -> tuple[MongoStore, GuardedLegacy]:
+    """The MongoDB store and the legacy API client, sized to the service's pool; the client
+    behind the replica's circuit breaker and rate cap."""
     mongo = MongoStore(connect(settings.mongodb_uri, pool_size=max(2, settings.workers // 4)),
                        settings.mongodb_database, settings.mongodb_collection, settings.attempts_collection)
-    return mongo, LegacyClient(settings.legacy_api_url, timeout_s=settings.legacy_timeout_s,
-                               pool_size=settings.workers)
+    client = LegacyClient(settings.legacy_api_url, timeout_s=settings.legacy_timeout_s, pool_size=settings.workers)
+    # Monotonic: a step of the wall clock must neither open nor hold the breaker.
+    breaker = Breaker(settings.breaker_limits(), clock=time.monotonic)
+    hooks = GuardHooks(held=lambda reason: metrics.legacy_not_sent.labels(reason).inc(),
+                       state=metrics.set_breaker_state)
+    return mongo, GuardedLegacy(client, breaker, hooks)
 
 
 def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], Handler], queues: Sequence[QueueSpec],

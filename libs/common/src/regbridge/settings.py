@@ -21,6 +21,7 @@ from pydantic import BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from regbridge.breaker import Limits
 from regbridge.redact import redact_url_value
 
 # A field that holds a secret is named `<setting>_secret`; its plain value is the property
@@ -100,6 +101,8 @@ SecondsOrZero = Annotated[
     float, BeforeValidator(partial(_seconds, allow_zero=True)), Expect("a number of seconds >= 0")
 ]
 Count = Annotated[int, BeforeValidator(_count), Expect("a whole number >= 1")]
+# A rate parses as a duration does: a finite number above zero.
+PerSecond = Annotated[float, BeforeValidator(partial(_seconds, allow_zero=False)), Expect("a number per second > 0")]
 Port = Annotated[int, BeforeValidator(_port), Expect("a TCP port (0-65535)")]
 LogLevel = Annotated[str, BeforeValidator(_log_level), Expect("DEBUG, INFO, WARNING or ERROR")]
 AmqpUrl = Annotated[
@@ -228,7 +231,23 @@ def _eight_per_worker(settings: dict[str, Any]) -> int:
     return int(settings["workers"]) * 8
 
 
-class CommonSettings(PipelineSettings):
+class LegacyLimitSettings(EnvSettings):
+    """How hard a replica may press the legacy API: a rate cap, and a circuit breaker that backs
+    off from a failing API (`regbridge.breaker`)."""
+
+    legacy_max_rps: PerSecond = 1000.0
+    legacy_breaker_failures: Count = 10
+    legacy_breaker_probe_rps: PerSecond = 5.0
+    legacy_breaker_open_s: Seconds = 5.0
+    legacy_breaker_ramp_s: Seconds = 10.0
+
+    def breaker_limits(self) -> Limits:
+        return Limits(max_rps=self.legacy_max_rps, failures=self.legacy_breaker_failures,
+                      probe_rps=self.legacy_breaker_probe_rps, open_s=self.legacy_breaker_open_s,
+                      ramp_s=self.legacy_breaker_ramp_s)
+
+
+class CommonSettings(PipelineSettings, LegacyLimitSettings):
     """What both services share: the pipeline, the legacy API, the registration's deadline, and
     the tuning knobs (named by the project, defaults that work)."""
 

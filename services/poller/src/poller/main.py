@@ -14,7 +14,7 @@ from regbridge.topology import poller_queues
 def main() -> None:
     settings = process.load_settings("poller", poller_settings, os.environ)
     process.setup_logging("poller", settings)
-    mongo, legacy = process.adapters(settings)
+    mongo, legacy = process.adapters(settings, metrics.EDGE)
     poller = Poller(settings, legacy=legacy)
     queues = poller_queues(pending=settings.pending_queue, failed=settings.failed_queue,
                            delays=poller.policy.tiers())

@@ -17,7 +17,7 @@ from poller import metrics
 from regbridge.amqp import Delivery
 from regbridge.executor import Job
 from regbridge.legacy_http import Legacy
-from regbridge.lifecycle import Fail, PollAfter, PollPolicy, Register, Stage, State
+from regbridge.lifecycle import Fail, PollAfter, PollPolicy, Register, Stage, State, Transient
 from regbridge.messages import DecodeError, FailureError, PendingMessage
 from regbridge.plans import Failure, Finish, Forward, Plan, Subject, UserStatus
 from regbridge.settings import PollerSettings
@@ -52,8 +52,11 @@ class Poller:
                 return self._wait(msg, wait)
         with metrics.LEGACY_SECONDS.time():
             outcome = self._legacy.status(msg.request_id)
-        metrics.POLLS.labels(outcome.label).inc()
-        polled = msg.polled()
+        # A poll the breaker or the cap held back reached nobody: it is neither counted nor a poll.
+        held = isinstance(outcome, Transient) and not outcome.sent
+        if not held:
+            metrics.POLLS.labels(outcome.label).inc()
+        polled = msg if held else msg.polled()
         decision = self.policy.decide(outcome, age_s=msg.age_s(self._clock()))
         if isinstance(decision, PollAfter):
             return self._wait(polled, decision.delay_s)

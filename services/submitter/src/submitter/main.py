@@ -14,7 +14,7 @@ from submitter.service import Submitter
 def main() -> None:
     settings = process.load_settings("submitter", submitter_settings, os.environ)
     process.setup_logging("submitter", settings)
-    mongo, legacy = process.adapters(settings)
+    mongo, legacy = process.adapters(settings, metrics.EDGE)
     queues = submitter_queues(inbound=settings.inbound_queue, pending=settings.pending_queue,
                               failed=settings.failed_queue, first_delay_s=settings.poll_first_delay_s)
     process.serve("submitter", settings, queues=queues, consume=settings.inbound_queue, store=mongo,

@@ -19,7 +19,7 @@ from regbridge.amqp import Delivery
 from regbridge.durable import Durable
 from regbridge.executor import Job
 from regbridge.legacy_http import Legacy
-from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, State, SubmitPolicy
+from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, State, SubmitPolicy, Transient
 from regbridge.messages import DecodeError, FailureError, PendingMessage, Registration, publish_mark
 from regbridge.plans import AttemptAccepted, Failure, Finish, Forward, Plan, Requeue, Retry, Subject, UserStatus, Write
 from regbridge.settings import SubmitterSettings
@@ -67,7 +67,7 @@ class Submitter:
                         extra={"event": "invalid", "stage": Stage.VALIDATION, "reason": exc.reason})
             return Failure(Subject(exc.original, exc.user_id, message_id=delivery.properties.message_id),
                            FailureError(Stage.VALIDATION, exc.reason))
-        if job.attempt > 1:
+        if job.resumed:  # a retry: the reads are done; the publish's mark is on record
             attempt = self._durable(lambda: self._store.attempt(registration.attempt_key))
             return self._submit(job, registration, attempt.publish if attempt is not None else None)
         return self._start(job, registration)
@@ -110,6 +110,9 @@ class Submitter:
         key = reg.attempt_key if publish is None else f"{reg.attempt_key}|publish:{publish}"
         with metrics.LEGACY_SECONDS.time():
             outcome = self._legacy.submit(reg.body, key)
+        if isinstance(outcome, Transient) and not outcome.sent:
+            # Nothing reached the legacy API: the budget counts its answers, not our restraint.
+            return Retry(outcome.retry_after_s or 0.0, job.attempt)
         metrics.SUBMISSIONS.labels(outcome.label).inc()
         decision = self._policy.decide(outcome, attempt=job.attempt, jitter=self._rng())
         if isinstance(decision, HandOn):

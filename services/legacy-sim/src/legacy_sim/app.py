@@ -41,6 +41,7 @@ class Simulator:
 
     async def submit(self, raw: bytes) -> Response:
         registry = self.registry
+        registry.note_post()
         refusal = await self.unavailable(self.config.post_503_rate, registry.count_post_503)
         if refusal is not None:
             return refusal

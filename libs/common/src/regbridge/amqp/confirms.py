@@ -3,7 +3,9 @@
 Each publish gets the channel's next sequence number and a future. The broker's ack settles
 it, a nack fails it; with `mandatory`, an unroutable message is returned before its ack, and
 its future fails too. Sequence numbers are per channel: a lost channel fails every future
-still open, and the next channel counts from 1 again.
+still open, and the next channel counts from 1 again. Every future settles one of these ways,
+or when the runtime stops (`fail_all` once the I/O loop has ended), so a worker may wait on
+one without a timeout, even while a broker alarm holds the confirms back.
 """
 
 from __future__ import annotations

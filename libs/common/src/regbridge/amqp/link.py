@@ -56,7 +56,6 @@ class LinkEvents:
 class BrokerLink:
     def __init__(self, settings: LinkSettings, ioloop: IOLoop, events: LinkEvents) -> None:
         self._settings = settings
-        self._params = pika.URLParameters(settings.url)
         self._ioloop = ioloop
         self._events = events
         self._connection: pika.SelectConnection | None = None
@@ -64,7 +63,7 @@ class BrokerLink:
         self._consumer_tags: list[str] = []
         self._reconnect_delay = 0.0
         self._stopping = False
-        # Read by worker threads too: plain values, written only here on the I/O thread.
+        # Read by other threads too: plain values, written only here on the I/O thread.
         self.generation = 0
         self.ready = False  # channel open, confirms on, consumers started
 
@@ -76,6 +75,11 @@ class BrokerLink:
         """The channel to publish on, or None while there is no ready one."""
         channel = self._channel
         return channel if self.ready and channel is not None and channel.is_open else None
+
+    @property
+    def closed(self) -> bool:
+        conn = self._connection
+        return conn is None or conn.is_closed
 
     def settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
         channel = self._channel
@@ -91,11 +95,10 @@ class BrokerLink:
 
     def connect(self) -> None:
         if self._stopping:
-            self._ioloop.stop()
             return
         log.info("connecting to %s", redact_url(self._settings.url), extra={"event": "connecting"})
         self._connection = pika.SelectConnection(
-            self._params,
+            pika.URLParameters(self._settings.url),
             on_open_callback=lambda connection: connection.channel(on_open_callback=self._on_channel_open),
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
@@ -104,7 +107,6 @@ class BrokerLink:
 
     def _schedule_reconnect(self) -> None:
         if self._stopping:
-            self._ioloop.stop()
             return
         self._reconnect_delay = min(self._settings.reconnect_max_s, max(0.25, self._reconnect_delay * 2))
         delay = self._reconnect_delay * random.uniform(0.5, 1.0)
@@ -122,7 +124,7 @@ class BrokerLink:
         self._lose_channel(f"connection closed: {reason}")
         self._connection = None
         if self._stopping:
-            self._ioloop.stop()
+            log.info("connection closed: %s", redact_url(str(reason)), extra={"event": "closed"})
         else:
             log.warning("connection lost: %s", redact_url(str(reason)), extra={"event": "disconnected"})
             self._schedule_reconnect()
@@ -207,12 +209,10 @@ class BrokerLink:
                 channel.basic_cancel(tag)
 
     def close(self) -> None:
-        """Close the connection; the loop stops once it is closed."""
+        """Close the connection (`closed` tells when it is)."""
         conn = self._connection
         if conn is not None and (conn.is_open or conn.is_opening):
             conn.close()
-        elif conn is None or conn.is_closed:
-            self._ioloop.stop()
 
     def _close_connection(self) -> None:
         conn = self._connection

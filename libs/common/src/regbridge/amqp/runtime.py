@@ -79,9 +79,10 @@ class AmqpRuntime:
         return future
 
     def current(self, delivery: Delivery) -> bool:
-        """False once the channel that delivered it is gone: the broker will deliver it again,
-        so work not yet done on it (a POST) is better left to that delivery."""
-        return self._link.current(delivery)
+        """False once the channel that delivered it is gone, or once a stop has begun: the
+        broker will deliver it again, so work not yet done on it (a POST) is better left to
+        that delivery. The stop hands the delivery back."""
+        return not self.stopping.is_set() and self._link.current(delivery)
 
     def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None:
         """Publish, and ack `delivery` once the broker confirms it (nack it back if not).
@@ -125,7 +126,10 @@ class AmqpRuntime:
         self._ioloop.add_callback_threadsafe(self._link.connect)
         self._ioloop.call_later(TICK_S, self._tick)
         self._ioloop.start()
+        # What was queued for the loop runs now, against no connection; then every confirm
+        # still open fails, so that no worker waits on a publish for ever.
         self._calls.close()
+        self._confirms.fail_all("runtime stopped")
         self._pool.end()
         log.info("stopped", extra={"event": "stopped"})
 

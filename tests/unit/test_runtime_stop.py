@@ -1,0 +1,120 @@
+"""The runtime's stop, without a broker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from pika.spec import BasicProperties
+
+from regbridge.amqp import AmqpRuntime, Delivery
+from regbridge.amqp.calls import CallQueue
+from regbridge.amqp.pool import WorkerPool
+from regbridge.amqp.shutdown import GracefulStop
+
+# ---- the stop --------------------------------------------------------------------------------------
+
+
+class Loop:
+    def __init__(self) -> None:
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.stopped_at: float | None = None
+
+    def add_callback_threadsafe(self, callback: Callable[[], None]) -> None:
+        callback()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.timers.append((time.monotonic() + delay, callback))
+
+    def stop(self) -> None:
+        self.stopped_at = time.monotonic()
+
+    def run_until_stopped(self, limit_s: float = 10.0) -> None:
+        ends = time.monotonic() + limit_s
+        while self.stopped_at is None:
+            assert time.monotonic() < ends, "the loop was never stopped"
+            due = [t for t in self.timers if t[0] <= time.monotonic()]
+            for timer in due:
+                self.timers.remove(timer)
+                timer[1]()
+            time.sleep(0.005)
+
+
+@dataclass
+class Link:
+    answers_close: bool = True
+    generation: int = 1
+    closed: bool = False
+    calls: list[str] = field(default_factory=list)
+    settled: list[int] = field(default_factory=list)
+
+    def stop_consuming(self) -> None:
+        self.calls.append("stop_consuming")
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closed = self.answers_close
+
+    def settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
+        self.settled.append(delivery.delivery_tag)
+
+
+@dataclass
+class Confirms:
+    pending: bool = False
+
+
+def delivery(tag: int) -> Delivery:
+    return Delivery(b"{}", BasicProperties(), False, tag, "q", 1, time.time())
+
+
+def stop(timeout_s: float, link: Link, *, in_hand: int = 0, pending: bool = False) -> tuple[Loop, WorkerPool]:
+    loop = Loop()
+    pool = WorkerPool(workers=0, name="t", calls=CallQueue(loop), ioloop=loop, link=link)  # type: ignore[arg-type]
+    pool.start(lambda d: None)
+    pool.in_hand = in_hand  # work running on workers that never finish
+    pool.defer(delivery(1), 60, lambda: None)
+    graceful = GracefulStop(timeout_s=timeout_s, ioloop=loop, link=link, pool=pool,  # type: ignore[arg-type]
+                            confirms=Confirms(pending))  # type: ignore[arg-type]
+    graceful.begin()
+    return loop, pool
+
+
+def test_an_idle_stop_hands_back_what_is_held_closes_and_stops_the_loop_at_once() -> None:
+    link = Link()
+    began = time.monotonic()
+    loop, pool = stop(5.0, link)
+    loop.run_until_stopped()
+    assert link.calls == ["stop_consuming", "close"] and link.settled == [1]
+    assert loop.stopped_at is not None and loop.stopped_at - began < 0.5
+    assert pool.in_hand == 0
+
+
+@pytest.mark.parametrize("answers_close, in_hand, pending", [(True, 1, False), (True, 0, True), (False, 0, False)])
+def test_work_that_never_ends_or_a_close_never_answered_still_stops_within_the_timeout(
+        answers_close: bool, in_hand: int, pending: bool) -> None:
+    timeout_s = 2.0
+    link = Link(answers_close=answers_close)
+    began = time.monotonic()
+    loop, _ = stop(timeout_s, link, in_hand=in_hand, pending=pending)
+    loop.run_until_stopped()
+    assert loop.stopped_at is not None
+    took = loop.stopped_at - began
+    # Stopped before the timeout, with a margin for the process to exit (0.2 s here).
+    assert took < timeout_s - 0.1
+    assert "close" in link.calls
+
+
+# ---- what the executor asks the runtime -------------------------------------------------------------
+
+
+def test_a_delivery_is_no_longer_current_once_a_stop_is_asked_for() -> None:
+    runtime = AmqpRuntime(url="amqp://guest:guest@127.0.0.1:1/%2F", queues=[], consume=[], workers=1, prefetch=1)
+    link = runtime._link  # a channel that stands, without a broker
+    link.ready = True
+    link.generation = 1
+    assert runtime.current(delivery(1))
+    runtime.request_stop()
+    assert not runtime.current(delivery(1))

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Stack
-from harness import Broker, LegacySim, Service, wait_until
-from outcomes import INBOUND, Outcomes, check_exact, good
+from harness import Broker, LegacySim, Mongo, Service, service_env, wait_until
+from outcomes import INBOUND, PENDING, Outcomes, check_exact, good
+
+from regbridge.amqp import AmqpRuntime, TopologyConflict
+from regbridge.process import EXIT_TOPOLOGY_CONFLICT
+from regbridge.topology import wait_queue, wait_queue_name, work_queue
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +88,65 @@ def test_sigterm_with_a_slow_legacy_api_starts_no_post_after_the_signal(
     stack.start("poller")
     assert check_exact(Outcomes(broker, users), expected) == 0
     assert second_submissions(legacy) == 0
+
+
+# ---- a queue that exists with other arguments ---------------------------------------------------
+
+CONFLICTS = {
+    # Someone declared the inbound queue first, as a classic queue.
+    "classic inbound": (INBOUND, {}, "x-queue-type"),
+    # A wait queue of this name with another TTL (an older version, a hand-made queue).
+    "wait queue TTL": (wait_queue_name(PENDING, 0.3),
+                       {**wait_queue(PENDING, 0.3).arguments, "x-message-ttl": 500}, "x-message-ttl"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFLICTS))
+def test_a_queue_with_other_arguments_stops_the_service_with_one_clear_error(
+        case: str, amqp_url: str, mongo: Mongo, database: str, legacy: LegacySim, tmp_path: Path) -> None:
+    queue, arguments, differs = CONFLICTS[case]
+    broker = Broker(amqp_url)
+    broker.channel.queue_declare(queue, durable=True, arguments=arguments)
+    broker.close()
+    env = service_env(rabbitmq_url=amqp_url, mongodb_uri=mongo.uri, database=database, legacy_url=legacy.url)
+    submitter = Service("submitter", env, tmp_path / "submitter.log").start()
+    assert submitter.process is not None
+    began = time.monotonic()
+    code = submitter.process.wait(30)
+    print(f"exited with {code} after {time.monotonic() - began:.2f} s")
+    # Not a reconnect loop: one connection, one error naming the queue and the argument, an exit
+    # status an orchestrator shows (EX_CONFIG).
+    assert code == EXIT_TOPOLOGY_CONFLICT
+    log = entries(submitter)
+    errors = [entry for entry in log if entry["level"] in ("error", "critical")]
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert error["event"] == "topology_conflict" and error["queue"] == queue
+    assert repr(queue) in error["msg"] and repr(differs) in error["msg"]
+    assert "PRECONDITION_FAILED" in error["msg"]
+    assert sum(1 for entry in log if entry.get("event") == "connecting") == 1
+    assert not [entry for entry in log if entry.get("event") == "reconnect_wait"]
+
+
+def test_a_runtime_that_meets_a_conflict_is_not_alive_and_raises(amqp_url: str) -> None:
+    broker = Broker(amqp_url)
+    broker.channel.queue_declare(INBOUND, durable=True)  # classic
+    broker.close()
+    runtime = AmqpRuntime(url=amqp_url, queues=[work_queue(INBOUND)], consume=[INBOUND], workers=1, prefetch=1,
+                          shutdown_timeout_s=5)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runtime.run(lambda _delivery: None)
+        except BaseException as exc:
+            raised.append(exc)
+
+    assert runtime.alive()  # a loop turning, no conflict known yet
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], TopologyConflict)
+    assert "'x-queue-type'" in str(raised[0])
+    assert not runtime.alive() and not runtime.connected

@@ -1,4 +1,4 @@
-"""The runtime's stop, without a broker."""
+"""The runtime's stop and its reading of a refused declare, without a broker."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp import AmqpRuntime, Delivery
 from regbridge.amqp.calls import CallQueue
+from regbridge.amqp.link import conflict_message
 from regbridge.amqp.pool import WorkerPool
 from regbridge.amqp.shutdown import GracefulStop
 
@@ -118,3 +119,21 @@ def test_a_delivery_is_no_longer_current_once_a_stop_is_asked_for() -> None:
     assert runtime.current(delivery(1))
     runtime.request_stop()
     assert not runtime.current(delivery(1))
+    assert runtime.alive()
+
+
+# ---- a refused declare ---------------------------------------------------------------------------
+
+
+def test_a_conflict_names_the_queue_the_argument_and_the_broker_s_words() -> None:
+    text = ("PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'registrations.pending.wait.300ms' "
+            "in vhost '/': received '300' but current is '500'")
+    message = conflict_message("registrations.pending.wait.300ms", text)
+    assert message.startswith("queue 'registrations.pending.wait.300ms' exists with other arguments")
+    assert "argument 'x-message-ttl' differs" in message
+    assert text in message and "docs/operations.md" in message
+
+
+def test_a_conflict_without_the_usual_wording_still_names_the_queue() -> None:
+    message = conflict_message("registrations", "PRECONDITION_FAILED - something else")
+    assert "'registrations'" in message and "its arguments differ" in message

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from regbridge import health, logs
-from regbridge.amqp import AmqpRuntime, Delivery, RuntimeHooks
+from regbridge.amqp import AmqpRuntime, Delivery, RuntimeHooks, TopologyConflict
 from regbridge.durable import Durable
 from regbridge.executor import Executor, Handler, Observer
 from regbridge.legacy_http import LegacyClient
@@ -23,6 +23,9 @@ from regbridge.topology import QueueSpec
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
+# The exit status of a service stopped by a queue it cannot declare (sysexits' EX_CONFIG): a
+# restart does not help, an operator does (docs/operations.md).
+EXIT_TOPOLOGY_CONFLICT = 78
 
 
 def load_settings(name: str, build: Callable[[Mapping[str, str]], S], env: Mapping[str, str]) -> S:
@@ -68,16 +71,14 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
 
 def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore,
         handler: Callable[[Delivery], None]) -> None:
-    """Serve probes and metrics, wire SIGTERM/SIGINT to a graceful stop, turn the I/O loop."""
+    """Serve probes and metrics, wire SIGTERM/SIGINT to a graceful stop, turn the I/O loop.
+    Exits with EXIT_TOPOLOGY_CONFLICT when a queue cannot be declared (the runtime logged why)."""
     probe = health.Probe(store.ping).start()
-
-    def live() -> bool:
-        return time.monotonic() - runtime.last_tick < 30.0
 
     def ready() -> dict[str, bool]:
         return {"broker": runtime.connected, "mongodb": probe.ok}
 
-    health.serve(health.create_app(live=live, ready=ready), settings.http_port)
+    health.serve(health.create_app(live=runtime.alive, ready=ready), settings.http_port)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum, extra={"event": "signal"})
@@ -86,7 +87,10 @@ def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoS
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("%s starting", name, extra={"event": "starting"})
-    runtime.run(handler)
+    try:
+        runtime.run(handler)
+    except TopologyConflict:
+        raise SystemExit(EXIT_TOPOLOGY_CONFLICT) from None
 
 
 def setup_logging(name: str, settings: CommonSettings) -> None:

@@ -15,7 +15,7 @@ The parts, each in its module:
 - `runtime`: `AmqpRuntime`, which puts them together behind the calls handlers make.
 """
 
-from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks
+from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks, TopologyConflict
 from regbridge.amqp.runtime import AmqpRuntime
 
-__all__ = ["AmqpRuntime", "Delivery", "Handler", "PublishError", "RuntimeHooks"]
+__all__ = ["AmqpRuntime", "Delivery", "Handler", "PublishError", "RuntimeHooks", "TopologyConflict"]

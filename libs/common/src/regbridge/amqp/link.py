@@ -1,8 +1,10 @@
 """The connection and its channel, on the I/O thread: connect with backoff, declare, consume.
 
 Each channel goes through the same steps: declare every queue, confirm mode, per-consumer
-prefetch, consume. Any channel error (a refused declare, a dead tag acked) ends the connection
-too: one way back, through a fresh connection that declares everything again.
+prefetch, consume. Any channel error (a dead tag acked, a queue deleted under us) ends the
+connection too: one way back, through a fresh connection that declares everything again. The
+one error that no reconnect can cure is a queue that exists with other arguments (406
+PRECONDITION_FAILED on its declare): that is reported as a conflict, once, and the owner stops.
 
 A delivery tag is valid only on the channel that delivered it. Every channel gets the next
 generation and every delivery carries it; after a reconnect, acks and nacks of older
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from typing import Any
 import pika
 from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
+from pika.exceptions import ChannelClosedByBroker
 from pika.spec import Basic, BasicProperties
 
 from regbridge.amqp.model import Delivery
@@ -31,6 +35,17 @@ log = logging.getLogger(__name__)
 
 # How often queue depths are read for the metrics: slow, since each read is a broker round trip.
 DEPTH_EVERY_S = 10.0
+PRECONDITION_FAILED = 406
+_INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)'")
+
+
+def conflict_message(queue: str, reply_text: str) -> str:
+    """What an operator needs from a refused declare: the queue, the argument, the broker's words."""
+    found = _INEQUIVALENT_ARG.search(reply_text)
+    argument = f"argument {found.group(1)!r} differs" if found else "its arguments differ"
+    return (f"queue {queue!r} exists with other arguments than this service declares: {argument} "
+            f"(broker: {reply_text}). Reconnecting cannot fix this; migrate the queue "
+            f"(docs/operations.md, \"Changing a queue's arguments\") or point the service at another name")
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,7 @@ class LinkEvents:
     channel_lost: Callable[[str], None]
     disconnected: Callable[[], None]  # a consuming channel lost while not stopping
     queue_depth: Callable[[str, int], None]
+    conflict: Callable[[str], None]  # a queue exists with other arguments: stop, do not reconnect
 
 
 class BrokerLink:
@@ -63,6 +79,7 @@ class BrokerLink:
         self._consumer_tags: list[str] = []
         self._reconnect_delay = 0.0
         self._stopping = False
+        self._declaring: str | None = None  # the queue whose declare is on its way
         # Read by other threads too: plain values, written only here on the I/O thread.
         self.generation = 0
         self.ready = False  # channel open, confirms on, consumers started
@@ -139,9 +156,11 @@ class BrokerLink:
 
     def _declare(self, channel: Channel, remaining: list[QueueSpec]) -> None:
         if not remaining:
+            self._declaring = None
             self._events.enable_confirms(channel, lambda: self._set_qos(channel))
             return
         spec = remaining[0]
+        self._declaring = spec.name
         channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments),
                               callback=lambda _f: self._declare(channel, remaining[1:]))
 
@@ -180,9 +199,17 @@ class BrokerLink:
         self._ioloop.call_later(DEPTH_EVERY_S, lambda: self._measure_depths(channel, generation))
 
     def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
-        level = logging.INFO if self._stopping else logging.WARNING
-        log.log(level, "channel closed: %s", reason, extra={"event": "channel_closed"})
+        declaring, self._declaring = self._declaring, None
         self._lose_channel(f"channel closed: {reason}")
+        if (declaring is not None and isinstance(reason, ChannelClosedByBroker)
+                and reason.reply_code == PRECONDITION_FAILED):
+            message = conflict_message(declaring, reason.reply_text)
+            log.error("%s", message, extra={"event": "topology_conflict", "queue": declaring,
+                                            "reason": reason.reply_text})
+            self._events.conflict(message)
+        else:
+            level = logging.INFO if self._stopping else logging.WARNING
+            log.log(level, "channel closed: %s", reason, extra={"event": "channel_closed"})
         self._close_connection()
 
     def _lose_channel(self, why: str) -> None:

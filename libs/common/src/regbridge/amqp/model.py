@@ -1,4 +1,4 @@
-"""What the runtime hands out and takes in: deliveries, the handler, hooks, the publish error."""
+"""What the runtime hands out and takes in: deliveries, the handler, hooks, the errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pika.spec import BasicProperties
 
 class PublishError(RuntimeError):
     """The broker did not take the message: do not treat the publish as done."""
+
+
+class TopologyConflict(RuntimeError):
+    """A queue exists with arguments other than those this service declares. Reconnecting
+    cannot fix it: someone has to migrate the queue (docs/operations.md)."""
 
 
 @dataclass(frozen=True)

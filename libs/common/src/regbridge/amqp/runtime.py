@@ -14,7 +14,7 @@ from pika.spec import BasicProperties
 from regbridge.amqp.calls import CallQueue
 from regbridge.amqp.confirms import Confirms
 from regbridge.amqp.link import BrokerLink, LinkEvents, LinkSettings
-from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks
+from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks, TopologyConflict
 from regbridge.amqp.pool import WorkerPool
 from regbridge.amqp.shutdown import GracefulStop
 from regbridge.topology import QueueSpec
@@ -22,6 +22,8 @@ from regbridge.topology import QueueSpec
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+# A loop whose last tick is older than this is stalled: liveness fails.
+STALLED_S = 30.0
 
 
 class AmqpRuntime:
@@ -49,7 +51,7 @@ class AmqpRuntime:
             self._ioloop,
             LinkEvents(enable_confirms=self._confirms.attach, delivered=self._delivered,
                        channel_lost=self._confirms.fail_all, disconnected=self._hooks.on_disconnected,
-                       queue_depth=self._hooks.on_queue_depth),
+                       queue_depth=self._hooks.on_queue_depth, conflict=self._conflict),
         )
         self._pool = WorkerPool(workers=workers, name=name, calls=self._calls, ioloop=self._ioloop, link=self._link)
         self._stop = GracefulStop(timeout_s=shutdown_timeout_s, ioloop=self._ioloop, link=self._link,
@@ -57,12 +59,19 @@ class AmqpRuntime:
         self.last_tick = time.monotonic()
         # Set as soon as a stop is asked for; workers waiting out an outage watch it.
         self.stopping = threading.Event()
+        # Why the runtime stopped on its own: a topology no reconnect can declare.
+        self.failure: str | None = None
 
     # ---- what other threads may call --------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._link.ready
+
+    def alive(self) -> bool:
+        """The I/O loop turns, and nothing has made the service unable to run (a topology
+        conflict): an orchestrator restarting it on a failed liveness probe is what it needs."""
+        return self.failure is None and time.monotonic() - self.last_tick < STALLED_S
 
     def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
         """Publish to the default exchange with `mandatory`; the future settles on the confirm."""
@@ -120,7 +129,8 @@ class AmqpRuntime:
 
     def run(self, handler: Handler) -> None:
         """Turn the I/O loop, giving each delivery to `handler` on a worker, until stopped;
-        reconnects on its own. Call once, from the thread that is to be the I/O thread."""
+        reconnects on its own. Call once, from the thread that is to be the I/O thread.
+        Raises `TopologyConflict` when it stopped because a queue cannot be declared."""
         self._calls.bind()
         self._pool.start(handler)
         self._ioloop.add_callback_threadsafe(self._link.connect)
@@ -132,6 +142,8 @@ class AmqpRuntime:
         self._confirms.fail_all("runtime stopped")
         self._pool.end()
         log.info("stopped", extra={"event": "stopped"})
+        if self.failure is not None:
+            raise TopologyConflict(self.failure)
 
     def _tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -143,3 +155,8 @@ class AmqpRuntime:
 
     def _restart_link(self) -> None:
         self._link.restart()
+
+    def _conflict(self, message: str) -> None:
+        self.failure = message
+        self.stopping.set()
+        self._stop.begin()

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from conftest import Stack
-from harness import Broker, LegacySim, Mongo, Service, service_env, wait_until
+from harness import Broker, LegacySim, Mongo, Service, rabbitmqctl, service_env, wait_until
 from outcomes import INBOUND, PENDING, Outcomes, check_exact, good
 
 from regbridge.amqp import AmqpRuntime, TopologyConflict
@@ -38,6 +42,16 @@ def logged(service: Service, event: str) -> list[dict[str, Any]]:
 
 def logged_at(entry: dict[str, Any]) -> float:
     return datetime.fromisoformat(entry["ts"]).timestamp()
+
+
+def metric(service: Service, name: str) -> float:
+    text = requests.get(f"{service.http}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def vhost_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
 
 
 def second_submissions(legacy: LegacySim) -> int:
@@ -150,3 +164,47 @@ def test_a_runtime_that_meets_a_conflict_is_not_alive_and_raises(amqp_url: str) 
     assert len(raised) == 1 and isinstance(raised[0], TopologyConflict)
     assert "'x-queue-type'" in str(raised[0])
     assert not runtime.alive() and not runtime.connected
+
+
+# ---- a queue that refuses hops ------------------------------------------------------------------
+
+
+@contextmanager
+def policy(vhost: str, name: str, pattern: str, definition: dict[str, Any]) -> Iterator[None]:
+    rabbitmqctl("set_policy", "-p", vhost, name, pattern, json.dumps(definition), "--apply-to", "queues")
+    try:
+        yield
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", "-p", vhost, name], capture_output=True, timeout=60)
+
+
+def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, users: Any, legacy: LegacySim,
+                                                amqp_url: str) -> None:
+    # The poll interval's wait queue takes nothing (a length limit of 0, reject-publish): every
+    # still-processing registration's hop to it is refused by the broker.
+    n = 20
+    legacy.configure(latency_min_s=15.0, latency_max_s=15.0)
+    stack.env["POLL_DEADLINE_S"] = "120"
+    interval_queue = wait_queue_name(PENDING, 0.2)
+    with policy(vhost_of(amqp_url), "refuse-polls", f"^{re.escape(interval_queue)}$",
+                {"max-length": 0, "overflow": "reject-publish"}):
+        stack.start("submitter")
+        poller = stack.start("poller")
+        for i in range(n):
+            broker.publish(INBOUND, good(f"hop-{i}"), message_id=f"hop-{i}")
+        wait_until(lambda: metric(poller, "poller_hops_refused_total") >= n, timeout=30,
+                   what="every registration's hop refused once")
+        before = legacy.stats(summary=True)["polls_total"]
+        window = 10.0
+        time.sleep(window)
+        polls = legacy.stats(summary=True)["polls_total"] - before
+        refused = metric(poller, "poller_hops_refused_total")
+        print(f"{polls} polls in {window:.0f} s for {n} registrations whose hop is refused; {refused:.0f} refusals")
+        # A delivery handed back at once would be polled again at once: hundreds a second. Held
+        # back for a pause that doubles while the queue keeps refusing, each registration is
+        # polled about once in the window.
+        assert polls / window <= n / 5
+        assert len(logged(poller, "hop_refused")) >= 1
+    # The limit lifted, every registration still gets its outcome, and none was submitted twice.
+    Outcomes(broker, users).wait(registered=n, failed=0, timeout=90)
+    assert second_submissions(legacy) == 0

@@ -1,4 +1,4 @@
-"""The runtime's stop and its reading of a refused declare, without a broker."""
+"""The runtime's stop, its reading of a refused declare and its refused-hop pauses, without a broker."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp import AmqpRuntime, Delivery
 from regbridge.amqp.calls import CallQueue
+from regbridge.amqp.hops import HOP_PAUSE_MAX_S, RefusedHops
 from regbridge.amqp.link import conflict_message
 from regbridge.amqp.pool import WorkerPool
 from regbridge.amqp.shutdown import GracefulStop
@@ -137,3 +138,60 @@ def test_a_conflict_names_the_queue_the_argument_and_the_broker_s_words() -> Non
 def test_a_conflict_without_the_usual_wording_still_names_the_queue() -> None:
     message = conflict_message("registrations", "PRECONDITION_FAILED - something else")
     assert "'registrations'" in message and "its arguments differ" in message
+
+
+# ---- refused hops --------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hops(clock: Clock, jitter: float = 1.0) -> RefusedHops:
+    return RefusedHops(base_s=1.0, max_s=HOP_PAUSE_MAX_S, rng=lambda: jitter, clock=clock)
+
+
+def test_refusals_that_keep_coming_double_the_pause_up_to_its_cap() -> None:
+    clock = Clock()
+    refused = hops(clock)
+    pauses = []
+    for _ in range(8):
+        pauses.append(refused.refused("wait"))
+        clock.now += 0.1
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert refused.streak("wait") == 8
+
+
+def test_the_pause_is_jittered_but_never_under_half_its_step() -> None:
+    clock = Clock()
+    assert hops(clock, jitter=0.0).refused("wait") == 0.5
+
+
+def test_each_queue_has_its_own_streak() -> None:
+    clock = Clock()
+    refused = hops(clock)
+    refused.refused("a")
+    refused.refused("a")
+    assert refused.refused("b") == 1.0
+    assert refused.streak("a") == 2 and refused.streak("b") == 1
+
+
+def test_a_delivery_refused_again_after_its_own_pause_still_counts_as_the_same_streak() -> None:
+    clock = Clock()
+    refused = hops(clock)
+    pause = refused.refused("wait")
+    clock.now += pause + 0.5  # its pause, then the handler's legacy call and the publish
+    assert refused.refused("wait") == 2.0
+
+
+def test_a_queue_quiet_for_twice_its_step_starts_over() -> None:
+    clock = Clock()
+    refused = hops(clock)
+    for _ in range(3):
+        refused.refused("wait")  # step now 4 s
+    clock.now += 8.5
+    assert refused.refused("wait") == 1.0

@@ -16,6 +16,10 @@ class ServiceMetrics:
                                      "status left unwritten beside its record")
         self.queue_messages = Gauge(f"{prefix}_queue_messages",
                                     "Ready messages in each queue this service declared, read every 10 s", ["queue"])
+        self.hops_refused = Counter(f"{prefix}_hops_refused_total",
+                                    "Publishes to the next queue that the broker refused (a nack, such as a length "
+                                    "limit with reject-publish); each message goes back after a growing pause")
 
     def all(self) -> tuple[MetricWrapperBase, ...]:
-        return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages)
+        return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages,
+                self.hops_refused)

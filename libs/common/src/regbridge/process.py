@@ -59,7 +59,8 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
         shutdown_timeout_s=settings.shutdown_timeout_s,
         hooks=RuntimeHooks(on_delivery=lambda d: metrics.consumed.inc(),
                            on_disconnected=metrics.reconnects.inc,
-                           on_queue_depth=lambda queue, n: metrics.queue_messages.labels(queue).set(n)),
+                           on_queue_depth=lambda queue, n: metrics.queue_messages.labels(queue).set(n),
+                           on_hop_refused=lambda queue: metrics.hops_refused.inc()),
         name=name,
     )
     durable = Durable(runtime.stopping, on_retry=metrics.store_retries.inc)

@@ -17,7 +17,7 @@ from typing import Any
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from regbridge.amqp.model import PublishError
+from regbridge.amqp.model import PublishError, PublishRefused
 
 # Carried on what we publish, so that a returned (unroutable) message names its confirm.
 PUBLISH_SEQ_HEADER = "x-regbridge-seq"
@@ -78,7 +78,7 @@ class Confirms:
             if future is None:
                 continue
             if not ack:
-                future.set_exception(PublishError("the broker refused the message (nack)"))
+                future.set_exception(PublishRefused("the broker refused the message (nack)"))
             elif seq in self._returned:
                 self._returned.discard(seq)
                 future.set_exception(PublishError("unroutable: no queue took the message"))

@@ -12,6 +12,11 @@ class PublishError(RuntimeError):
     """The broker did not take the message: do not treat the publish as done."""
 
 
+class PublishRefused(PublishError):
+    """The broker nacked the message: the queue would not take it (a length limit with
+    `reject-publish`, for one). Trying again at once would only be refused again."""
+
+
 class TopologyConflict(RuntimeError):
     """A queue exists with arguments other than those this service declares. Reconnecting
     cannot fix it: someone has to migrate the queue (docs/operations.md)."""
@@ -39,3 +44,4 @@ class RuntimeHooks:
     on_disconnected: Callable[[], None] = lambda: None
     on_delivery: Callable[[Delivery], None] = lambda d: None
     on_queue_depth: Callable[[str, int], None] = lambda queue, messages: None
+    on_hop_refused: Callable[[str], None] = lambda queue: None

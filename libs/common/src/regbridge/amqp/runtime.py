@@ -13,8 +13,9 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp.calls import CallQueue
 from regbridge.amqp.confirms import Confirms
+from regbridge.amqp.hops import RefusedHops
 from regbridge.amqp.link import BrokerLink, LinkEvents, LinkSettings
-from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks, TopologyConflict
+from regbridge.amqp.model import Delivery, Handler, PublishError, PublishRefused, RuntimeHooks, TopologyConflict
 from regbridge.amqp.pool import WorkerPool
 from regbridge.amqp.shutdown import GracefulStop
 from regbridge.topology import QueueSpec
@@ -56,6 +57,7 @@ class AmqpRuntime:
         self._pool = WorkerPool(workers=workers, name=name, calls=self._calls, ioloop=self._ioloop, link=self._link)
         self._stop = GracefulStop(timeout_s=shutdown_timeout_s, ioloop=self._ioloop, link=self._link,
                                   pool=self._pool, confirms=self._confirms)
+        self._hops = RefusedHops()
         self.last_tick = time.monotonic()
         # Set as soon as a stop is asked for; workers waiting out an outage watch it.
         self.stopping = threading.Event()
@@ -94,17 +96,16 @@ class AmqpRuntime:
         return not self.stopping.is_set() and self._link.current(delivery)
 
     def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None:
-        """Publish, and ack `delivery` once the broker confirms it (nack it back if not).
+        """Publish, and ack `delivery` once the broker confirms it; if not, hand it back.
 
         The worker does not wait: the confirm settles the delivery on the I/O thread, so a
-        hop costs no blocking round trip and no second hand-over to the I/O thread.
+        hop costs no blocking round trip and no second hand-over to the I/O thread. A hop the
+        broker refuses (a nack) goes back only after a pause that grows while that queue keeps
+        refusing, so that its redelivery does not repeat the handler's legacy call in a loop
+        (`hops`).
         """
-
-        def settle(future: Future[None]) -> None:
-            ok = future.exception() is None
-            self._calls.call(lambda: self._link.settle(delivery, ack=ok, requeue=True))
-
-        self.publish(routing_key, body, properties).add_done_callback(settle)
+        self.publish(routing_key, body, properties).add_done_callback(
+            lambda future: self._calls.call(lambda: self._hop_settled(delivery, routing_key, future)))
 
     def ack(self, delivery: Delivery) -> None:
         self._calls.submit(lambda: self._link.settle(delivery, ack=True, requeue=False))
@@ -155,6 +156,21 @@ class AmqpRuntime:
 
     def _restart_link(self) -> None:
         self._link.restart()
+
+    def _hop_settled(self, delivery: Delivery, queue: str, future: Future[None]) -> None:
+        error = future.exception()
+        if error is None:
+            self._link.settle(delivery, ack=True, requeue=False)
+        elif isinstance(error, PublishRefused):
+            pause = self._hops.refused(queue)
+            self._hooks.on_hop_refused(queue)
+            streak = self._hops.streak(queue)
+            log.log(logging.WARNING if streak == 1 else logging.DEBUG,
+                    "%s refused a hop (%d in a row); its message goes back in %.1f s", queue, streak, pause,
+                    extra={"event": "hop_refused", "queue": queue, "delay_s": round(pause, 3)})
+            self._pool.pause_then_hand_back(delivery, pause)
+        else:
+            self._link.settle(delivery, ack=False, requeue=True)
 
     def _conflict(self, message: str) -> None:
         self.failure = message

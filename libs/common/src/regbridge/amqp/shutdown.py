@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 DRAIN_EVERY_S = 0.05
 # Kept for closing the connection: a fifth of the timeout, at most 2 s.
 CLOSE_SHARE, CLOSE_GRACE_S = 0.2, 2.0
-# Kept for the process to exit once the loop stops: a tenth of the timeout, at most 0.5 s.
-EXIT_SHARE, EXIT_GRACE_S = 0.1, 0.5
+# Kept for the process to exit once the loop stops (pymongo's monitor threads alone take about
+# 0.5 s to end): a fifth of the timeout, at most 1 s.
+EXIT_SHARE, EXIT_GRACE_S = 0.2, 1.0
 
 
 class GracefulStop:

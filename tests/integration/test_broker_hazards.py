@@ -18,7 +18,7 @@ import pytest
 import requests
 from conftest import Stack
 from harness import Broker, LegacySim, Mongo, Service, rabbitmqctl, service_env, wait_until
-from outcomes import INBOUND, PENDING, Outcomes, check_exact, good
+from outcomes import INBOUND, PENDING, Outcomes, check_exact, good, mixed_load
 
 from regbridge.amqp import AmqpRuntime, TopologyConflict
 from regbridge.process import EXIT_TOPOLOGY_CONFLICT
@@ -48,6 +48,11 @@ def metric(service: Service, name: str) -> float:
     text = requests.get(f"{service.http}/metrics", timeout=5).text
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def readiness(service: Service) -> tuple[int, dict[str, bool]]:
+    response = requests.get(f"{service.http}/readyz", timeout=2)
+    return response.status_code, response.json()
 
 
 def vhost_of(url: str) -> str:
@@ -208,3 +213,81 @@ def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, us
     # The limit lifted, every registration still gets its outcome, and none was submitted twice.
     Outcomes(broker, users).wait(registered=n, failed=0, timeout=90)
     assert second_submissions(legacy) == 0
+
+
+# ---- a broker alarm ------------------------------------------------------------------------------
+
+
+@contextmanager
+def memory_alarm() -> Iterator[None]:
+    """A memory alarm on the shared test broker, for as short a time as the caller needs: the
+    previous watermark is read first and always restored."""
+    previous = subprocess.run(["rabbitmqctl", "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+                              check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    absolute = re.fullmatch(r"\{absolute,\s*(\d+)\}", previous)
+    restore = ["absolute", absolute.group(1)] if absolute else [previous]
+    float(restore[-1])  # a value we can set back, or no alarm at all
+    rabbitmqctl("set_vm_memory_high_watermark", "0.000001")
+    try:
+        yield
+    finally:
+        rabbitmqctl("set_vm_memory_high_watermark", *restore)
+
+
+def slow_pipeline(stack: Stack, legacy: LegacySim) -> tuple[Service, Service]:
+    """A submitter and a poller that take about ten seconds over 200 registrations, so that
+    both are publishing when the alarm comes (reading and setting it takes seconds)."""
+    legacy.configure(response_delay_s=0.2)
+    stack.env["WORKERS"] = "4"
+    return stack.start("submitter"), stack.start("poller")
+
+
+def blocked_everywhere(*services: Service) -> bool:
+    return all(readiness(s) == (503, {"broker": True, "publishing": False, "mongodb": True}) for s in services)
+
+
+def test_a_memory_alarm_blocks_publishing_reports_it_and_every_registration_ends_once(
+        stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    submitter, poller = slow_pipeline(stack, legacy)
+    expected = mixed_load(broker, 200, seed=21)
+    wait_until(lambda: legacy.stats(summary=True)["submissions_total"] >= 20, timeout=30, what="work in flight")
+    with memory_alarm():
+        raised = time.monotonic()
+        wait_until(lambda: blocked_everywhere(submitter, poller), timeout=6,
+                   what="/readyz of both services to report publishing blocked")
+        # Held a few seconds with confirms not coming: nothing may give up on them.
+        time.sleep(max(0.0, 6 - (time.monotonic() - raised)))
+        assert blocked_everywhere(submitter, poller)
+    wait_until(lambda: submitter.ready() and poller.ready(), timeout=30, what="both ready again")
+    for service in (submitter, poller):
+        assert logged(service, "broker_blocked") and logged(service, "broker_unblocked")
+        assert metric(service, f"{service.name}_broker_blocks_total") >= 1
+        assert metric(service, f"{service.name}_broker_blocked") == 0
+    # Exactly one outcome each, and not one duplicate failure record.
+    assert check_exact(Outcomes(broker, users), expected) == 0
+    assert second_submissions(legacy) == 0
+
+
+def test_sigterm_while_the_broker_blocks_publishing_ends_within_the_deadline(
+        stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    timeout_s = 4.0
+    stack.env["SHUTDOWN_TIMEOUT_S"] = str(timeout_s)
+    submitter, poller = slow_pipeline(stack, legacy)
+    expected = mixed_load(broker, 200, seed=22)
+    wait_until(lambda: legacy.stats(summary=True)["submissions_total"] >= 20, timeout=30, what="work in flight")
+    with memory_alarm():
+        wait_until(lambda: blocked_everywhere(submitter), timeout=6, what="the submitter blocked")
+        began = time.monotonic()
+        assert submitter.terminate(timeout=timeout_s + 5) == 0
+        took = time.monotonic() - began
+    print(f"the submitter stopped in {took:.2f} s while blocked")
+    # The confirms never came: the futures failed when the runtime stopped, on time.
+    assert took < timeout_s
+    submitter.start()
+    submitter.wait_ready()
+    # A failure record the broker read only after the alarm is the documented window of a
+    # connection lost with a record unconfirmed: identical copies, never a conflicting one.
+    extra = check_exact(Outcomes(broker, users), expected)
+    print(f"extra identical failure records: {extra}")
+    assert extra <= 4
+    assert poller.process is not None and poller.process.poll() is None

@@ -120,7 +120,7 @@ def test_a_delivery_is_no_longer_current_once_a_stop_is_asked_for() -> None:
     assert runtime.current(delivery(1))
     runtime.request_stop()
     assert not runtime.current(delivery(1))
-    assert runtime.alive()
+    assert runtime.publishing and runtime.alive()
 
 
 # ---- a refused declare ---------------------------------------------------------------------------

@@ -19,7 +19,16 @@ class ServiceMetrics:
         self.hops_refused = Counter(f"{prefix}_hops_refused_total",
                                     "Publishes to the next queue that the broker refused (a nack, such as a length "
                                     "limit with reject-publish); each message goes back after a growing pause")
+        self.broker_blocked = Gauge(f"{prefix}_broker_blocked",
+                                    "1 while the broker blocks this service's publishing (a memory or disk alarm)")
+        self.broker_blocks = Counter(f"{prefix}_broker_blocks_total",
+                                     "Times the broker blocked this service's publishing (a memory or disk alarm)")
 
     def all(self) -> tuple[MetricWrapperBase, ...]:
         return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages,
-                self.hops_refused)
+                self.hops_refused, self.broker_blocked, self.broker_blocks)
+
+    def blocked(self, blocked: bool) -> None:
+        self.broker_blocked.set(1 if blocked else 0)
+        if blocked:
+            self.broker_blocks.inc()

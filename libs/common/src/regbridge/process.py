@@ -60,7 +60,8 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
         hooks=RuntimeHooks(on_delivery=lambda d: metrics.consumed.inc(),
                            on_disconnected=metrics.reconnects.inc,
                            on_queue_depth=lambda queue, n: metrics.queue_messages.labels(queue).set(n),
-                           on_hop_refused=lambda queue: metrics.hops_refused.inc()),
+                           on_hop_refused=lambda queue: metrics.hops_refused.inc(),
+                           on_blocked=metrics.blocked),
         name=name,
     )
     durable = Durable(runtime.stopping, on_retry=metrics.store_retries.inc)
@@ -77,7 +78,7 @@ def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoS
     probe = health.Probe(store.ping).start()
 
     def ready() -> dict[str, bool]:
-        return {"broker": runtime.connected, "mongodb": probe.ok}
+        return {"broker": runtime.connected, "publishing": runtime.publishing, "mongodb": probe.ok}
 
     health.serve(health.create_app(live=runtime.alive, ready=ready), settings.http_port)
 

@@ -6,6 +6,10 @@ connection too: one way back, through a fresh connection that declares everythin
 one error that no reconnect can cure is a queue that exists with other arguments (406
 PRECONDITION_FAILED on its declare): that is reported as a conflict, once, and the owner stops.
 
+A broker alarm (memory, disk) blocks the connection's publishing: the broker says so with
+`connection.blocked` and stops reading from the socket, so confirms stop coming until it lifts
+the block. The link reports both edges; nothing times out on it.
+
 A delivery tag is valid only on the channel that delivered it. Every channel gets the next
 generation and every delivery carries it; after a reconnect, acks and nacks of older
 generations are dropped: the broker has already put those messages back.
@@ -67,6 +71,7 @@ class LinkEvents:
     disconnected: Callable[[], None]  # a consuming channel lost while not stopping
     queue_depth: Callable[[str, int], None]
     conflict: Callable[[str], None]  # a queue exists with other arguments: stop, do not reconnect
+    blocked: Callable[[bool], None]  # the broker blocks (True) or lets through (False) our publishing
 
 
 class BrokerLink:
@@ -83,6 +88,7 @@ class BrokerLink:
         # Read by other threads too: plain values, written only here on the I/O thread.
         self.generation = 0
         self.ready = False  # channel open, confirms on, consumers started
+        self.blocked = False  # the broker holds back this connection's publishing (an alarm)
 
     def current(self, delivery: Delivery) -> bool:
         """Whether the channel that delivered `delivery` is still the one consuming."""
@@ -114,13 +120,15 @@ class BrokerLink:
         if self._stopping:
             return
         log.info("connecting to %s", redact_url(self._settings.url), extra={"event": "connecting"})
-        self._connection = pika.SelectConnection(
+        self._connection = connection = pika.SelectConnection(
             pika.URLParameters(self._settings.url),
             on_open_callback=lambda connection: connection.channel(on_open_callback=self._on_channel_open),
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self._ioloop,
         )
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(lambda _conn, _frame: self._set_blocked(False))
 
     def _schedule_reconnect(self) -> None:
         if self._stopping:
@@ -140,11 +148,26 @@ class BrokerLink:
     def _on_connection_closed(self, _conn: Any, reason: BaseException) -> None:
         self._lose_channel(f"connection closed: {reason}")
         self._connection = None
+        self._set_blocked(False)  # a block belongs to its connection; the next one starts free
         if self._stopping:
             log.info("connection closed: %s", redact_url(str(reason)), extra={"event": "closed"})
         else:
             log.warning("connection lost: %s", redact_url(str(reason)), extra={"event": "disconnected"})
             self._schedule_reconnect()
+
+    def _on_blocked(self, _conn: Any, frame: Any) -> None:
+        reason = getattr(frame.method, "reason", None) or "no reason given"
+        log.warning("the broker blocks publishing (%s): confirms wait until it lifts the block", reason,
+                    extra={"event": "broker_blocked", "reason": reason})
+        self._set_blocked(True)
+
+    def _set_blocked(self, blocked: bool) -> None:
+        if blocked == self.blocked:
+            return
+        self.blocked = blocked
+        if not blocked:
+            log.info("the broker lets publishing through again", extra={"event": "broker_unblocked"})
+        self._events.blocked(blocked)
 
     # ---- a channel's steps --------------------------------------------------------------------
 

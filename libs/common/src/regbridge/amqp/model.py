@@ -45,3 +45,6 @@ class RuntimeHooks:
     on_delivery: Callable[[Delivery], None] = lambda d: None
     on_queue_depth: Callable[[str, int], None] = lambda queue, messages: None
     on_hop_refused: Callable[[str], None] = lambda queue: None
+    # True when the broker blocks this connection's publishing (a memory or disk alarm), False
+    # when it lifts the block or the connection ends.
+    on_blocked: Callable[[bool], None] = lambda blocked: None

@@ -52,7 +52,8 @@ class AmqpRuntime:
             self._ioloop,
             LinkEvents(enable_confirms=self._confirms.attach, delivered=self._delivered,
                        channel_lost=self._confirms.fail_all, disconnected=self._hooks.on_disconnected,
-                       queue_depth=self._hooks.on_queue_depth, conflict=self._conflict),
+                       queue_depth=self._hooks.on_queue_depth, conflict=self._conflict,
+                       blocked=self._hooks.on_blocked),
         )
         self._pool = WorkerPool(workers=workers, name=name, calls=self._calls, ioloop=self._ioloop, link=self._link)
         self._stop = GracefulStop(timeout_s=shutdown_timeout_s, ioloop=self._ioloop, link=self._link,
@@ -69,6 +70,11 @@ class AmqpRuntime:
     @property
     def connected(self) -> bool:
         return self._link.ready
+
+    @property
+    def publishing(self) -> bool:
+        """False while a broker alarm blocks this connection's publishing."""
+        return not self._link.blocked
 
     def alive(self) -> bool:
         """The I/O loop turns, and nothing has made the service unable to run (a topology

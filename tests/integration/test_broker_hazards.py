@@ -185,12 +185,14 @@ def policy(vhost: str, name: str, pattern: str, definition: dict[str, Any]) -> I
 
 def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, users: Any, legacy: LegacySim,
                                                 amqp_url: str) -> None:
-    # The poll interval's wait queue takes nothing (a length limit of 0, reject-publish): every
-    # still-processing registration's hop to it is refused by the broker.
+    # The poll interval's wait queue has a length limit of 0 with reject-publish: the broker
+    # refuses the still-processing registrations' hops to it. A quorum queue checks the limit
+    # against a count that lags, so it lets one message in whenever it is empty; a 2 s interval
+    # keeps that one there long enough that the refusals are nearly all there is.
     n = 20
     legacy.configure(latency_min_s=15.0, latency_max_s=15.0)
-    stack.env["POLL_DEADLINE_S"] = "120"
-    interval_queue = wait_queue_name(PENDING, 0.2)
+    stack.env.update(POLL_INTERVAL_S="2", POLL_DEADLINE_S="120")
+    interval_queue = wait_queue_name(PENDING, 2.0)
     with policy(vhost_of(amqp_url), "refuse-polls", f"^{re.escape(interval_queue)}$",
                 {"max-length": 0, "overflow": "reject-publish"}):
         stack.start("submitter")

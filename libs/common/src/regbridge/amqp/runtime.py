@@ -172,7 +172,8 @@ class AmqpRuntime:
             self._hooks.on_hop_refused(queue)
             streak = self._hops.streak(queue)
             log.log(logging.WARNING if streak == 1 else logging.DEBUG,
-                    "%s refused a hop (%d in a row); its message goes back in %.1f s", queue, streak, pause,
+                    "%s refused a hop (%d in this run of refusals); its message goes back in %.1f s",
+                    queue, streak, pause,
                     extra={"event": "hop_refused", "queue": queue, "delay_s": round(pause, 3)})
             self._pool.pause_then_hand_back(delivery, pause)
         else:

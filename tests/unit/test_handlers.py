@@ -364,6 +364,9 @@ def test_submitter_failure_record_publish_failure_hands_the_message_back() -> No
     rig = submitter_rig(Rejected("rejected by the legacy API: bad cpf", 400))
     rig.broker.refuse.add(FAILED)
     rig.executor.run(delivery(BODY, tag=5))
+    # Handed back after a pause, never at once: a refusing failure queue is not asked in a loop.
+    assert rig.broker.nacks == []
+    assert rig.broker.run_deferred() == ERROR_PAUSE_S
     assert rig.broker.nacks == [(5, True)]
     assert rig.broker.acks == []
     # Nothing says "failed" while the failure record is not out.
@@ -682,6 +685,9 @@ def test_poller_failure_record_publish_failure_hands_back_and_records_nothing() 
     rig = poller_rig(LegacyFailed("no"), age=17.0)
     rig.broker.refuse.add(FAILED)
     rig.executor.run(pending_delivery(pending(polls=1), tag=11))
+    # Handed back after a pause, never at once: a refusing failure queue is not asked in a loop.
+    assert rig.broker.nacks == []
+    assert rig.broker.run_deferred() == ERROR_PAUSE_S
     assert rig.broker.nacks == [(11, True)]
     assert rig.broker.acks == []
     assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")

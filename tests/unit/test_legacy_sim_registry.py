@@ -437,3 +437,13 @@ def test_bad_patches_are_refused(patch: object) -> None:
 @pytest.mark.parametrize(("seconds", "header"), [(1.0, "1"), (0, "0"), (0.5, "0.5"), (2.25, "2.25")])
 def test_retry_after_is_written_as_given(seconds: float, header: str) -> None:
     assert format_retry_after(seconds) == header
+
+
+def test_each_post_arrival_is_stamped_and_a_reset_forgets_them() -> None:
+    registry, clock = make_registry()
+    registry.note_post()
+    clock.now += 2.5
+    registry.note_post()
+    assert registry.stats()["post_arrivals"] == [1000.0, 1002.5]
+    registry.reset()
+    assert registry.stats()["post_arrivals"] == []

@@ -193,10 +193,11 @@ def test_a_failing_handler_requeues_after_a_pause_never_at_once(make_pool: MakeP
     pool = make_pool(fail)
     pool.pool.submit(delivery(7))
     pool.until(lambda: bool(pool.loop.timers))
-    pool.idle()
     assert pool.link.settled == []
+    assert pool.pool.in_hand == 1  # held through the pause: a stop hands it back at once
     assert pool.loop.fire_timers() == [ERROR_PAUSE_S]
     assert pool.link.settled == [(7, False, True)]
+    pool.idle()
 
 
 def test_a_delivery_from_an_old_channel_is_not_run(handled: list[int], make_pool: MakePool) -> None:
@@ -222,7 +223,7 @@ def test_deferred_work_is_handed_back_at_stop_and_its_timer_then_does_nothing(
     pool = make_pool(lambda d: None)
     pool.pool.defer(delivery(4), 1.5, lambda: handled.append(4))
     pool.pool.defer(delivery(5), 3.0, lambda: handled.append(5))
-    pool.pool.hand_back(time.monotonic() + 60)
+    assert pool.pool.hand_back() == (0, 2)
     assert sorted(pool.link.settled) == [(4, False, True), (5, False, True)]
     assert pool.pool.in_hand == 0
     pool.loop.fire_timers()
@@ -238,17 +239,45 @@ def test_deferred_work_of_a_lost_channel_is_dropped_for_its_redelivery(handled: 
     assert pool.pool.in_hand == 0 and handled == [] and pool.link.settled == []
 
 
-def test_past_the_hand_back_deadline_work_not_started_goes_back(handled: list[int], make_pool: MakePool) -> None:
+def test_at_the_stop_work_queued_and_not_started_goes_back_at_once_and_running_work_finishes(
+        make_pool: MakePool
+) -> None:
+    release = threading.Event()
+    started: list[int] = []
+
+    def slow(d: Delivery) -> None:
+        started.append(d.delivery_tag)
+        release.wait(WAIT_S)
+
+    pool = make_pool(slow)  # two workers
+    for tag in range(1, 7):
+        pool.pool.submit(delivery(tag))
+    pool.until(lambda: len(started) == 2)
+    queued, held = pool.pool.hand_back()
+    assert (queued, held) == (4, 0)
+    running = set(started)
+    assert sorted(t for t, _, _ in pool.link.settled) == sorted(set(range(1, 7)) - running)
+    assert pool.pool.in_hand == 2  # the two running ones
+    release.set()
+    pool.idle()
+    assert set(started) == running  # nothing queued was started after the stop
+
+
+def test_after_the_stop_whatever_reaches_the_pool_goes_straight_back(handled: list[int],
+                                                                      make_pool: MakePool) -> None:
     pool = make_pool(lambda d: handled.append(d.delivery_tag))
-    pool.pool.hand_back(time.monotonic())
+    pool.pool.hand_back()
     pool.pool.submit(delivery(8))
-    pool.idle()
-    assert handled == [] and pool.link.settled == [(8, False, True)]
+    pool.pool.defer(delivery(9), 1.0, lambda: handled.append(9))
+    pool.pool.pause_then_hand_back(delivery(10), 1.0)
+    assert pool.link.settled == [(8, False, True), (9, False, True), (10, False, True)]
+    assert pool.loop.timers == [] and pool.pool.in_hand == 0
+    assert handled == []
 
 
-def test_before_the_hand_back_deadline_work_still_runs(handled: list[int], make_pool: MakePool) -> None:
-    pool = make_pool(lambda d: handled.append(d.delivery_tag))
-    pool.pool.hand_back(time.monotonic() + 60)
-    pool.pool.submit(delivery(9))
-    pool.idle()
-    assert handled == [9] and pool.link.settled == []
+def test_a_paused_hand_back_holds_the_delivery_then_requeues_it(make_pool: MakePool) -> None:
+    pool = make_pool(lambda d: None)
+    pool.pool.pause_then_hand_back(delivery(11), 4.0)
+    assert pool.link.settled == [] and pool.pool.in_hand == 1
+    assert pool.loop.fire_timers() == [4.0]
+    assert pool.link.settled == [(11, False, True)] and pool.pool.in_hand == 0

@@ -303,8 +303,10 @@ class Executor:
             # connection blocked (an alarm) would hand back a record that may still go out.
             future.result()
         except Exception as exc:
-            log.warning("publish to %s not confirmed (%s); message handed back", self._failed_queue, exc,
-                        extra={"event": "publish_failed", "queue": self._failed_queue})
-            self._broker.nack(delivery, requeue=True)
+            log.warning("publish to %s not confirmed (%s); message handed back in %.0f s", self._failed_queue, exc,
+                        ERROR_PAUSE_S, extra={"event": "publish_failed", "queue": self._failed_queue})
+            # After a pause: a failure queue that refuses (a length limit) must not be asked again
+            # at once, in a loop.
+            self._broker.defer(delivery, ERROR_PAUSE_S, lambda: self._broker.nack(delivery, requeue=True))
             return False
         return True

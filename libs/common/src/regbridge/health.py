@@ -1,7 +1,8 @@
 """`/healthz`, `/readyz` and `/metrics` on `HTTP_PORT`, served from a thread of their own.
 
-Nothing here touches pika: liveness reads the I/O loop's last tick, readiness reads flags and
-a cached store ping, so a slow broker or MongoDB never blocks the consume loop or the probe.
+Nothing here touches pika: liveness reads the I/O loop's last tick and whether the topology
+could be declared, readiness reads flags (connected, publishing not blocked by a broker alarm)
+and a cached store ping, so a slow broker or MongoDB never blocks the consume loop or the probe.
 """
 
 from __future__ import annotations

@@ -24,6 +24,13 @@ class ServiceMetrics:
         self.legacy_not_sent = Counter(f"{prefix}_legacy_calls_not_sent_total",
                                        "Legacy API calls held back without a request: the breaker open, or "
                                        "the rate cap reached", ["reason"])
+        self.hops_refused = Counter(f"{prefix}_hops_refused_total",
+                                    "Publishes to the next queue that the broker refused (a nack, such as a length "
+                                    "limit with reject-publish); each message goes back after a growing pause")
+        self.broker_blocked = Gauge(f"{prefix}_broker_blocked",
+                                    "1 while the broker blocks this service's publishing (a memory or disk alarm)")
+        self.broker_blocks = Counter(f"{prefix}_broker_blocks_total",
+                                     "Times the broker blocked this service's publishing (a memory or disk alarm)")
         # Every label value at zero from the start: rate() cannot count a series' first increment.
         self.set_breaker_state(State.CLOSED)
         for hold in Hold:
@@ -35,4 +42,9 @@ class ServiceMetrics:
 
     def all(self) -> tuple[MetricWrapperBase, ...]:
         return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages,
-                self.breaker_state, self.legacy_not_sent)
+                self.breaker_state, self.legacy_not_sent, self.hops_refused, self.broker_blocked, self.broker_blocks)
+
+    def blocked(self, blocked: bool) -> None:
+        self.broker_blocked.set(1 if blocked else 0)
+        if blocked:
+            self.broker_blocks.inc()

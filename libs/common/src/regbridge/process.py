@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from regbridge import health, logs
-from regbridge.amqp import AmqpRuntime, Delivery, RuntimeHooks
+from regbridge.amqp import AmqpRuntime, Delivery, RuntimeHooks, TopologyConflict
 from regbridge.breaker import Breaker
 from regbridge.durable import Durable
 from regbridge.executor import Executor, Handler, Observer
@@ -25,6 +25,9 @@ from regbridge.topology import QueueSpec
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
+# The exit status of a service stopped by a queue it cannot declare (sysexits' EX_CONFIG): a
+# restart does not help, an operator does (docs/operations.md).
+EXIT_TOPOLOGY_CONFLICT = 78
 
 
 def load_settings(name: str, build: Callable[[Mapping[str, str]], S], env: Mapping[str, str]) -> S:
@@ -63,7 +66,9 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
         shutdown_timeout_s=settings.shutdown_timeout_s,
         hooks=RuntimeHooks(on_delivery=lambda d: metrics.consumed.inc(),
                            on_disconnected=metrics.reconnects.inc,
-                           on_queue_depth=lambda queue, n: metrics.queue_messages.labels(queue).set(n)),
+                           on_queue_depth=lambda queue, n: metrics.queue_messages.labels(queue).set(n),
+                           on_hop_refused=lambda queue: metrics.hops_refused.inc(),
+                           on_blocked=metrics.blocked),
         name=name,
     )
     durable = Durable(runtime.stopping, on_retry=metrics.store_retries.inc)
@@ -75,16 +80,14 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
 
 def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoStore,
         handler: Callable[[Delivery], None]) -> None:
-    """Serve probes and metrics, wire SIGTERM/SIGINT to a graceful stop, turn the I/O loop."""
+    """Serve probes and metrics, wire SIGTERM/SIGINT to a graceful stop, turn the I/O loop.
+    Exits with EXIT_TOPOLOGY_CONFLICT when a queue cannot be declared (the runtime logged why)."""
     probe = health.Probe(store.ping).start()
 
-    def live() -> bool:
-        return time.monotonic() - runtime.last_tick < 30.0
-
     def ready() -> dict[str, bool]:
-        return {"broker": runtime.connected, "mongodb": probe.ok}
+        return {"broker": runtime.connected, "publishing": runtime.publishing, "mongodb": probe.ok}
 
-    health.serve(health.create_app(live=live, ready=ready), settings.http_port)
+    health.serve(health.create_app(live=runtime.alive, ready=ready), settings.http_port)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum, extra={"event": "signal"})
@@ -93,7 +96,10 @@ def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoS
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("%s starting", name, extra={"event": "starting"})
-    runtime.run(handler)
+    try:
+        runtime.run(handler)
+    except TopologyConflict:
+        raise SystemExit(EXIT_TOPOLOGY_CONFLICT) from None
 
 
 def setup_logging(name: str, settings: CommonSettings) -> None:

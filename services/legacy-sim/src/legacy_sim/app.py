@@ -50,6 +50,7 @@ class Simulator:
 
     async def submit(self, raw: bytes, idempotency_key: str | None = None) -> Response:
         registry = self.registry
+        registry.note_post()
         refusal = await self.unavailable(self.config.post_503_rate, registry.count_post_503)
         if refusal is not None:
             return refusal

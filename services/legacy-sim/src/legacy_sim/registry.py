@@ -61,6 +61,9 @@ class Registry:
         self._post_503_total = 0
         self._get_503_total = 0
         self._detected_total = 0
+        # When each POST arrived, before any delay or fault: what a test of a stop compares
+        # with the moment of its signal.
+        self._post_arrivals: list[float] = []
         # A running sum keeps the summary O(1) however many registrations there are.
         self._detection_delay_sum_s = 0.0
 
@@ -130,6 +133,9 @@ class Registry:
             self._detection_delay_sum_s += now - registration.completes_at
         return registration.outcome
 
+    def note_post(self) -> None:
+        self._post_arrivals.append(self._clock())
+
     def count_rejection(self) -> None:
         self._rejected_total += 1
 
@@ -166,6 +172,7 @@ class Registry:
         stats = self.summary()
         stats["submissions_by_user"] = dict(self._submissions_by_user)
         stats["polls_by_request"] = {rid: reg.polls for rid, reg in self._requests.items()}
+        stats["post_arrivals"] = list(self._post_arrivals)
         stats["requests"] = {
             rid: {
                 "user_id": reg.user_id,

@@ -10,12 +10,13 @@ The parts, each in its module:
 - `calls`: the call queue into the I/O thread, with batched wake-ups;
 - `link`: connection and channel: connect with backoff, declare, consume, queue depths;
 - `confirms`: publisher confirms and returns of the current channel;
+- `hops`: how long a hop the broker refused waits before its delivery goes back;
 - `pool`: the worker threads, deferred work, and the count of what is in hand;
 - `shutdown`: the graceful stop;
 - `runtime`: `AmqpRuntime`, which puts them together behind the calls handlers make.
 """
 
-from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks
+from regbridge.amqp.model import Delivery, Handler, PublishError, PublishRefused, RuntimeHooks, TopologyConflict
 from regbridge.amqp.runtime import AmqpRuntime
 
-__all__ = ["AmqpRuntime", "Delivery", "Handler", "PublishError", "RuntimeHooks"]
+__all__ = ["AmqpRuntime", "Delivery", "Handler", "PublishError", "PublishRefused", "RuntimeHooks", "TopologyConflict"]

@@ -3,7 +3,9 @@
 Each publish gets the channel's next sequence number and a future. The broker's ack settles
 it, a nack fails it; with `mandatory`, an unroutable message is returned before its ack, and
 its future fails too. Sequence numbers are per channel: a lost channel fails every future
-still open, and the next channel counts from 1 again.
+still open, and the next channel counts from 1 again. Every future settles one of these ways,
+or when the runtime stops (`fail_all` once the I/O loop has ended), so a worker may wait on
+one without a timeout, even while a broker alarm holds the confirms back.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from regbridge.amqp.model import PublishError
+from regbridge.amqp.model import PublishError, PublishRefused
 
 # Carried on what we publish, so that a returned (unroutable) message names its confirm.
 PUBLISH_SEQ_HEADER = "x-regbridge-seq"
@@ -76,7 +78,7 @@ class Confirms:
             if future is None:
                 continue
             if not ack:
-                future.set_exception(PublishError("the broker refused the message (nack)"))
+                future.set_exception(PublishRefused("the broker refused the message (nack)"))
             elif seq in self._returned:
                 self._returned.discard(seq)
                 future.set_exception(PublishError("unroutable: no queue took the message"))

@@ -1,8 +1,14 @@
 """The connection and its channel, on the I/O thread: connect with backoff, declare, consume.
 
 Each channel goes through the same steps: declare every queue, confirm mode, per-consumer
-prefetch, consume. Any channel error (a refused declare, a dead tag acked) ends the connection
-too: one way back, through a fresh connection that declares everything again.
+prefetch, consume. Any channel error (a dead tag acked, a queue deleted under us) ends the
+connection too: one way back, through a fresh connection that declares everything again. The
+one error that no reconnect can cure is a queue that exists with other arguments (406
+PRECONDITION_FAILED on its declare): that is reported as a conflict, once, and the owner stops.
+
+A broker alarm (memory, disk) blocks the connection's publishing: the broker says so with
+`connection.blocked` and stops reading from the socket, so confirms stop coming until it lifts
+the block. The link reports both edges; nothing times out on it.
 
 A delivery tag is valid only on the channel that delivered it. Every channel gets the next
 generation and every delivery carries it; after a reconnect, acks and nacks of older
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +28,7 @@ from typing import Any
 import pika
 from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
+from pika.exceptions import ChannelClosedByBroker
 from pika.spec import Basic, BasicProperties
 
 from regbridge.amqp.model import Delivery
@@ -31,6 +39,17 @@ log = logging.getLogger(__name__)
 
 # How often queue depths are read for the metrics: slow, since each read is a broker round trip.
 DEPTH_EVERY_S = 10.0
+PRECONDITION_FAILED = 406
+_INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)'")
+
+
+def conflict_message(queue: str, reply_text: str) -> str:
+    """What an operator needs from a refused declare: the queue, the argument, the broker's words."""
+    found = _INEQUIVALENT_ARG.search(reply_text)
+    argument = f"argument {found.group(1)!r} differs" if found else "its arguments differ"
+    return (f"queue {queue!r} exists with other arguments than this service declares: {argument} "
+            f"(broker: {reply_text}). Reconnecting cannot fix this; migrate the queue "
+            f"(docs/operations.md, \"Changing a queue's arguments\") or point the service at another name")
 
 
 @dataclass(frozen=True)
@@ -51,12 +70,13 @@ class LinkEvents:
     channel_lost: Callable[[str], None]
     disconnected: Callable[[], None]  # a consuming channel lost while not stopping
     queue_depth: Callable[[str, int], None]
+    conflict: Callable[[str], None]  # a queue exists with other arguments: stop, do not reconnect
+    blocked: Callable[[bool], None]  # the broker blocks (True) or lets through (False) our publishing
 
 
 class BrokerLink:
     def __init__(self, settings: LinkSettings, ioloop: IOLoop, events: LinkEvents) -> None:
         self._settings = settings
-        self._params = pika.URLParameters(settings.url)
         self._ioloop = ioloop
         self._events = events
         self._connection: pika.SelectConnection | None = None
@@ -64,9 +84,11 @@ class BrokerLink:
         self._consumer_tags: list[str] = []
         self._reconnect_delay = 0.0
         self._stopping = False
-        # Read by worker threads too: plain values, written only here on the I/O thread.
+        self._declaring: str | None = None  # the queue whose declare is on its way
+        # Read by other threads too: plain values, written only here on the I/O thread.
         self.generation = 0
         self.ready = False  # channel open, confirms on, consumers started
+        self.blocked = False  # the broker holds back this connection's publishing (an alarm)
 
     def current(self, delivery: Delivery) -> bool:
         """Whether the channel that delivered `delivery` is still the one consuming."""
@@ -76,6 +98,11 @@ class BrokerLink:
         """The channel to publish on, or None while there is no ready one."""
         channel = self._channel
         return channel if self.ready and channel is not None and channel.is_open else None
+
+    @property
+    def closed(self) -> bool:
+        conn = self._connection
+        return conn is None or conn.is_closed
 
     def settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
         channel = self._channel
@@ -91,20 +118,20 @@ class BrokerLink:
 
     def connect(self) -> None:
         if self._stopping:
-            self._ioloop.stop()
             return
         log.info("connecting to %s", redact_url(self._settings.url), extra={"event": "connecting"})
-        self._connection = pika.SelectConnection(
-            self._params,
+        self._connection = connection = pika.SelectConnection(
+            pika.URLParameters(self._settings.url),
             on_open_callback=lambda connection: connection.channel(on_open_callback=self._on_channel_open),
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self._ioloop,
         )
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(lambda _conn, _frame: self._set_blocked(False))
 
     def _schedule_reconnect(self) -> None:
         if self._stopping:
-            self._ioloop.stop()
             return
         self._reconnect_delay = min(self._settings.reconnect_max_s, max(0.25, self._reconnect_delay * 2))
         delay = self._reconnect_delay * random.uniform(0.5, 1.0)
@@ -121,11 +148,26 @@ class BrokerLink:
     def _on_connection_closed(self, _conn: Any, reason: BaseException) -> None:
         self._lose_channel(f"connection closed: {reason}")
         self._connection = None
+        self._set_blocked(False)  # a block belongs to its connection; the next one starts free
         if self._stopping:
-            self._ioloop.stop()
+            log.info("connection closed: %s", redact_url(str(reason)), extra={"event": "closed"})
         else:
             log.warning("connection lost: %s", redact_url(str(reason)), extra={"event": "disconnected"})
             self._schedule_reconnect()
+
+    def _on_blocked(self, _conn: Any, frame: Any) -> None:
+        reason = getattr(frame.method, "reason", None) or "no reason given"
+        log.warning("the broker blocks publishing (%s): confirms wait until it lifts the block", reason,
+                    extra={"event": "broker_blocked", "reason": reason})
+        self._set_blocked(True)
+
+    def _set_blocked(self, blocked: bool) -> None:
+        if blocked == self.blocked:
+            return
+        self.blocked = blocked
+        if not blocked:
+            log.info("the broker lets publishing through again", extra={"event": "broker_unblocked"})
+        self._events.blocked(blocked)
 
     # ---- a channel's steps --------------------------------------------------------------------
 
@@ -137,9 +179,11 @@ class BrokerLink:
 
     def _declare(self, channel: Channel, remaining: list[QueueSpec]) -> None:
         if not remaining:
+            self._declaring = None
             self._events.enable_confirms(channel, lambda: self._set_qos(channel))
             return
         spec = remaining[0]
+        self._declaring = spec.name
         channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments),
                               callback=lambda _f: self._declare(channel, remaining[1:]))
 
@@ -178,9 +222,17 @@ class BrokerLink:
         self._ioloop.call_later(DEPTH_EVERY_S, lambda: self._measure_depths(channel, generation))
 
     def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
-        level = logging.INFO if self._stopping else logging.WARNING
-        log.log(level, "channel closed: %s", reason, extra={"event": "channel_closed"})
+        declaring, self._declaring = self._declaring, None
         self._lose_channel(f"channel closed: {reason}")
+        if (declaring is not None and isinstance(reason, ChannelClosedByBroker)
+                and reason.reply_code == PRECONDITION_FAILED):
+            message = conflict_message(declaring, reason.reply_text)
+            log.error("%s", message, extra={"event": "topology_conflict", "queue": declaring,
+                                            "reason": reason.reply_text})
+            self._events.conflict(message)
+        else:
+            level = logging.INFO if self._stopping else logging.WARNING
+            log.log(level, "channel closed: %s", reason, extra={"event": "channel_closed"})
         self._close_connection()
 
     def _lose_channel(self, why: str) -> None:
@@ -207,12 +259,10 @@ class BrokerLink:
                 channel.basic_cancel(tag)
 
     def close(self) -> None:
-        """Close the connection; the loop stops once it is closed."""
+        """Close the connection (`closed` tells when it is)."""
         conn = self._connection
         if conn is not None and (conn.is_open or conn.is_opening):
             conn.close()
-        elif conn is None or conn.is_closed:
-            self._ioloop.stop()
 
     def _close_connection(self) -> None:
         conn = self._connection

@@ -1,18 +1,21 @@
 """The worker threads, and the count of what they hold.
 
 Workers never touch pika: whatever they settle goes through the call queue to the I/O thread.
-`in_hand` counts deliveries given to the pool and not yet finished, deferred ones included; it
-is kept on the I/O thread, so shutdown can wait for it to reach zero.
+`in_hand` counts deliveries given to the pool and not yet finished, those held for later
+included (a deferred retry, a pause before a hand-back); it is kept on the I/O thread, so
+shutdown can wait for it to reach zero.
+
+Once a stop begins, nothing new starts: every delivery not yet started, queued or held, goes
+back to the broker at once, and so does anything that reaches the pool later. Only the work
+already running on a worker is let finish.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -47,10 +50,10 @@ class WorkerPool:
             threading.Thread(target=self._worker, name=f"{name}-worker-{i}", daemon=True) for i in range(workers)
         ]
         self._handler: Handler | None = None
-        self._deferred: dict[int, Delivery] = {}
+        self._held: dict[int, Delivery] = {}
         self._keys = itertools.count()
-        # Once past this instant, work not yet started goes straight back to the broker.
-        self._hand_back_at = math.inf
+        # Set on the I/O thread when a stop begins; workers read it before starting an item.
+        self._handing_back = False
         self.in_hand = 0
 
     def start(self, handler: Handler) -> None:
@@ -68,32 +71,64 @@ class WorkerPool:
     def submit(self, delivery: Delivery) -> None:
         handler = self._handler
         assert handler is not None, "the pool takes deliveries only once started"
-        self.in_hand += 1
-        self._work.put((delivery, lambda: handler(delivery)))
+        self._enqueue(delivery, lambda: handler(delivery))
 
     def defer(self, delivery: Delivery, delay_s: float, work: Work) -> None:
         """Put `work` in the queue after `delay_s`; `delivery` stays in hand meanwhile."""
-        key = next(self._keys)
-        self._deferred[key] = delivery
-        self.in_hand += 1
-        self._ioloop.call_later(delay_s, lambda: self._fire_deferred(key, work))
+        self._hold(delivery, delay_s, lambda d: self._enqueue(d, work))
 
-    def hand_back(self, deadline: float) -> None:
-        """Requeue deferred work now, and work not yet started once `deadline` (monotonic) passes."""
-        self._hand_back_at = deadline
-        for delivery in self._deferred.values():
+    def pause_then_hand_back(self, delivery: Delivery, delay_s: float) -> None:
+        """Keep `delivery` unacked for `delay_s`, then requeue it: its redelivery is not at once."""
+        self._hold(delivery, delay_s, self._give_back)
+
+    def hand_back(self) -> tuple[int, int]:
+        """A stop begins: requeue every delivery not yet started, now, and any that comes later.
+        Returns how many were queued for a worker and how many were held for later."""
+        self._handing_back = True
+        held = list(self._held.values())
+        self._held.clear()
+        queued: list[Delivery] = []
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # the pool is ending: leave the workers their signal
+                self._work.put(None)
+                break
+            queued.append(item[0])
+        for delivery in held + queued:
             self.in_hand -= 1
-            self._link.settle(delivery, ack=False, requeue=True)
-        self._deferred.clear()
+            self._give_back(delivery)
+        return len(queued), len(held)
 
-    def _fire_deferred(self, key: int, work: Work) -> None:
-        delivery = self._deferred.pop(key, None)
-        if delivery is None:  # handed back at shutdown already
+    def _enqueue(self, delivery: Delivery, work: Work) -> None:
+        if self._handing_back:
+            self._give_back(delivery)
             return
-        if delivery.generation != self._link.generation:
-            self.in_hand -= 1  # its channel is gone; the broker redelivers it
-            return
+        self.in_hand += 1
         self._work.put((delivery, work))
+
+    def _hold(self, delivery: Delivery, delay_s: float, then: Callable[[Delivery], None]) -> None:
+        if self._handing_back:
+            self._give_back(delivery)
+            return
+        key = next(self._keys)
+        self._held[key] = delivery
+        self.in_hand += 1
+        self._ioloop.call_later(delay_s, lambda: self._due(key, then))
+
+    def _due(self, key: int, then: Callable[[Delivery], None]) -> None:
+        delivery = self._held.pop(key, None)
+        if delivery is None:  # handed back at the stop already
+            return
+        self.in_hand -= 1
+        if delivery.generation != self._link.generation:
+            return  # its channel is gone; the broker redelivers it
+        then(delivery)
+
+    def _give_back(self, delivery: Delivery) -> None:
+        self._link.settle(delivery, ack=False, requeue=True)
 
     def _done(self) -> None:
         self.in_hand -= 1
@@ -109,18 +144,15 @@ class WorkerPool:
                 self._calls.submit(self._done)
 
     def _run(self, delivery: Delivery, work: Work) -> None:
-        def requeue() -> None:
-            self._link.settle(delivery, ack=False, requeue=True)
-
         try:
             if delivery.generation != self._link.generation:
                 return  # its channel is gone and its tag with it; the broker redelivers it
-            if time.monotonic() >= self._hand_back_at:
-                self._calls.submit(requeue)
+            if self._handing_back:  # taken from the queue just as the stop began
+                self._calls.submit(lambda: self._give_back(delivery))
                 return
             work()
         except Exception:
             log.exception("handler failed; the message goes back to its queue after a pause",
                           extra={"event": "handler_error"})
-            # Never drop it, never spin on it: requeue after a pause.
-            self._calls.submit(lambda: self._ioloop.call_later(ERROR_PAUSE_S, requeue))
+            # Never drop it, never spin on it: requeue after a pause (at once if stopping).
+            self._calls.submit(lambda: self.pause_then_hand_back(delivery, ERROR_PAUSE_S))

@@ -13,8 +13,9 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp.calls import CallQueue
 from regbridge.amqp.confirms import Confirms
+from regbridge.amqp.hops import RefusedHops
 from regbridge.amqp.link import BrokerLink, LinkEvents, LinkSettings
-from regbridge.amqp.model import Delivery, Handler, PublishError, RuntimeHooks
+from regbridge.amqp.model import Delivery, Handler, PublishError, PublishRefused, RuntimeHooks, TopologyConflict
 from regbridge.amqp.pool import WorkerPool
 from regbridge.amqp.shutdown import GracefulStop
 from regbridge.topology import QueueSpec
@@ -22,6 +23,8 @@ from regbridge.topology import QueueSpec
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+# A loop whose last tick is older than this is stalled: liveness fails.
+STALLED_S = 30.0
 
 
 class AmqpRuntime:
@@ -49,20 +52,34 @@ class AmqpRuntime:
             self._ioloop,
             LinkEvents(enable_confirms=self._confirms.attach, delivered=self._delivered,
                        channel_lost=self._confirms.fail_all, disconnected=self._hooks.on_disconnected,
-                       queue_depth=self._hooks.on_queue_depth),
+                       queue_depth=self._hooks.on_queue_depth, conflict=self._conflict,
+                       blocked=self._hooks.on_blocked),
         )
         self._pool = WorkerPool(workers=workers, name=name, calls=self._calls, ioloop=self._ioloop, link=self._link)
         self._stop = GracefulStop(timeout_s=shutdown_timeout_s, ioloop=self._ioloop, link=self._link,
                                   pool=self._pool, confirms=self._confirms)
+        self._hops = RefusedHops()
         self.last_tick = time.monotonic()
         # Set as soon as a stop is asked for; workers waiting out an outage watch it.
         self.stopping = threading.Event()
+        # Why the runtime stopped on its own: a topology no reconnect can declare.
+        self.failure: str | None = None
 
     # ---- what other threads may call --------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._link.ready
+
+    @property
+    def publishing(self) -> bool:
+        """False while a broker alarm blocks this connection's publishing."""
+        return not self._link.blocked
+
+    def alive(self) -> bool:
+        """The I/O loop turns, and nothing has made the service unable to run (a topology
+        conflict): an orchestrator restarting it on a failed liveness probe is what it needs."""
+        return self.failure is None and time.monotonic() - self.last_tick < STALLED_S
 
     def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
         """Publish to the default exchange with `mandatory`; the future settles on the confirm."""
@@ -79,22 +96,22 @@ class AmqpRuntime:
         return future
 
     def current(self, delivery: Delivery) -> bool:
-        """False once the channel that delivered it is gone: the broker will deliver it again,
-        so work not yet done on it (a POST) is better left to that delivery."""
-        return self._link.current(delivery)
+        """False once the channel that delivered it is gone, or once a stop has begun: the
+        broker will deliver it again, so work not yet done on it (a POST) is better left to
+        that delivery. The stop hands the delivery back."""
+        return not self.stopping.is_set() and self._link.current(delivery)
 
     def forward(self, delivery: Delivery, routing_key: str, body: bytes, properties: BasicProperties) -> None:
-        """Publish, and ack `delivery` once the broker confirms it (nack it back if not).
+        """Publish, and ack `delivery` once the broker confirms it; if not, hand it back.
 
         The worker does not wait: the confirm settles the delivery on the I/O thread, so a
-        hop costs no blocking round trip and no second hand-over to the I/O thread.
+        hop costs no blocking round trip and no second hand-over to the I/O thread. A hop the
+        broker refuses (a nack) goes back only after a pause that grows while that queue keeps
+        refusing, so that its redelivery does not repeat the handler's legacy call in a loop
+        (`hops`).
         """
-
-        def settle(future: Future[None]) -> None:
-            ok = future.exception() is None
-            self._calls.call(lambda: self._link.settle(delivery, ack=ok, requeue=True))
-
-        self.publish(routing_key, body, properties).add_done_callback(settle)
+        self.publish(routing_key, body, properties).add_done_callback(
+            lambda future: self._calls.call(lambda: self._hop_settled(delivery, routing_key, future)))
 
     def ack(self, delivery: Delivery) -> None:
         self._calls.submit(lambda: self._link.settle(delivery, ack=True, requeue=False))
@@ -119,15 +136,21 @@ class AmqpRuntime:
 
     def run(self, handler: Handler) -> None:
         """Turn the I/O loop, giving each delivery to `handler` on a worker, until stopped;
-        reconnects on its own. Call once, from the thread that is to be the I/O thread."""
+        reconnects on its own. Call once, from the thread that is to be the I/O thread.
+        Raises `TopologyConflict` when it stopped because a queue cannot be declared."""
         self._calls.bind()
         self._pool.start(handler)
         self._ioloop.add_callback_threadsafe(self._link.connect)
         self._ioloop.call_later(TICK_S, self._tick)
         self._ioloop.start()
+        # What was queued for the loop runs now, against no connection; then every confirm
+        # still open fails, so that no worker waits on a publish for ever.
         self._calls.close()
+        self._confirms.fail_all("runtime stopped")
         self._pool.end()
         log.info("stopped", extra={"event": "stopped"})
+        if self.failure is not None:
+            raise TopologyConflict(self.failure)
 
     def _tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -139,3 +162,24 @@ class AmqpRuntime:
 
     def _restart_link(self) -> None:
         self._link.restart()
+
+    def _hop_settled(self, delivery: Delivery, queue: str, future: Future[None]) -> None:
+        error = future.exception()
+        if error is None:
+            self._link.settle(delivery, ack=True, requeue=False)
+        elif isinstance(error, PublishRefused):
+            pause = self._hops.refused(queue)
+            self._hooks.on_hop_refused(queue)
+            streak = self._hops.streak(queue)
+            log.log(logging.WARNING if streak == 1 else logging.DEBUG,
+                    "%s refused a hop (%d in this run of refusals); its message goes back in %.1f s",
+                    queue, streak, pause,
+                    extra={"event": "hop_refused", "queue": queue, "delay_s": round(pause, 3)})
+            self._pool.pause_then_hand_back(delivery, pause)
+        else:
+            self._link.settle(delivery, ack=False, requeue=True)
+
+    def _conflict(self, message: str) -> None:
+        self.failure = message
+        self.stopping.set()
+        self._stop.begin()

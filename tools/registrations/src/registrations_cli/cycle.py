@@ -119,6 +119,9 @@ class Cycle:
             try:
                 held = self._take_all(channel)
                 self._send(channel, held)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                raise CliError(self._broken(f"the broker closed the channel ({exc.reply_code} "
+                                            f"{str(exc.reply_text)[:200]})")) from None
             except pika.exceptions.AMQPError as exc:
                 raise CliError(self._broken(f"lost the broker ({type(exc).__name__})")) from None
             # close-ok comes after the broker has handled every ack sent before it.

@@ -12,6 +12,7 @@ import pika
 import pytest
 from registrations_cli import rows
 from registrations_cli.broker import properties_view
+from registrations_cli.cycle import exact_copy
 from registrations_cli.errors import CliError
 from registrations_cli.main import build_parser
 from registrations_cli.progress import Progress, bar
@@ -368,3 +369,25 @@ def test_arguments() -> None:
         with pytest.raises(SystemExit) as caught:
             parser.parse_args(bad)
         assert caught.value.code == 2
+
+
+def test_a_copy_keeps_every_property_and_header_but_the_delivery_count() -> None:
+    original = pika.BasicProperties(
+        content_type="application/json", content_encoding="utf-8", delivery_mode=2, priority=1, correlation_id="c",
+        reply_to="r", expiration="60000", message_id="m-1", timestamp=1_800_000_000, type="failure", user_id="guest",
+        app_id="poller", cluster_id="x",
+        headers={"x-delivery-count": 3, "x-regbridge-seq": 7, "x-death": [{"count": 1, "queue": "q"}], "b": b"\xff"})
+    copy = exact_copy(original)
+    names = ("content_type", "content_encoding", "delivery_mode", "priority", "correlation_id", "reply_to",
+             "expiration", "message_id", "timestamp", "type", "user_id", "app_id", "cluster_id")
+    assert {n: getattr(copy, n) for n in names} == {n: getattr(original, n) for n in names}
+    assert copy.headers == {"x-regbridge-seq": 7, "x-death": [{"count": 1, "queue": "q"}], "b": b"\xff"}
+    assert original.headers["x-delivery-count"] == 3  # the original is left as it was
+    # Only the broker's count in the headers: none left.
+    assert exact_copy(pika.BasicProperties(headers={"x-delivery-count": 0})).headers is None
+
+
+def test_a_copy_keeps_a_float_header_as_its_text() -> None:
+    """pika reads AMQP floats but cannot write them: a foreign record carrying one must still go round."""
+    copy = exact_copy(pika.BasicProperties(headers={"ratio": 0.25, "nested": {"list": [1.5, True, 2]}}))
+    assert copy.headers == {"ratio": "0.25", "nested": {"list": ["1.5", True, 2]}}

@@ -1,10 +1,12 @@
-"""Queue declarations as data: durable quorum work queues, and TTL wait queues that dead-letter back."""
+"""Queue declarations as data: durable quorum work queues with an explicit delivery limit, and TTL
+wait queues that dead-letter back."""
 
 from __future__ import annotations
 
 import pytest
 
 from regbridge.topology import (
+    DELIVERY_LIMIT,
     QueueSpec,
     first_hop,
     poller_queues,
@@ -15,9 +17,11 @@ from regbridge.topology import (
 )
 
 
-def test_work_queue_is_quorum() -> None:
+def test_work_queue_is_quorum_with_an_explicit_delivery_limit() -> None:
     spec = work_queue("registrations")
-    assert spec == QueueSpec("registrations", {"x-queue-type": "quorum"})
+    assert spec == QueueSpec("registrations", {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT})
+    # Far above RabbitMQ 4.x's default of 20, and never -1, which 3.x takes literally.
+    assert DELIVERY_LIMIT >= 1000
 
 
 def test_work_queues_do_not_share_their_arguments() -> None:
@@ -66,7 +70,8 @@ def test_tiny_delay_still_has_a_positive_ttl() -> None:
 def test_submitter_queues() -> None:
     specs = submitter_queues(inbound="in", pending="pend", failed="dlq", first_delay_s=10.0)
     assert [s.name for s in specs] == ["in", "pend", "dlq", "pend.wait.10000ms"]
-    assert all(dict(s.arguments) == {"x-queue-type": "quorum"} for s in specs[:3])
+    assert all(dict(s.arguments) == {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+               for s in specs[:3])
     assert specs[3].arguments["x-message-ttl"] == 10000
     assert specs[3].arguments["x-dead-letter-routing-key"] == "pend"
 
@@ -83,6 +88,8 @@ def test_poller_queues_declare_one_wait_queue_per_delay() -> None:
     assert [s.name for s in specs] == ["pend", "dlq", "pend.wait.2000ms", "pend.wait.10000ms"]
     assert [s.arguments.get("x-message-ttl") for s in specs] == [None, None, 2000, 10000]
     assert all(s.arguments["x-dead-letter-routing-key"] == "pend" for s in specs[2:])
+    # A wait queue is never consumed: nothing is returned to it, and its arguments stay as they were.
+    assert [s.arguments.get("x-delivery-limit") for s in specs] == [DELIVERY_LIMIT, DELIVERY_LIMIT, None, None]
 
 
 def test_poller_queues_without_delays() -> None:

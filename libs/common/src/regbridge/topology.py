@@ -5,6 +5,15 @@ time (`x-message-ttl`, one queue per delay so expiry is always at the head), the
 it back to the pending queue. `at-least-once` dead-lettering with `reject-publish` overflow is
 the combination that never drops a message on the way back (RabbitMQ 3.10+); it can duplicate,
 which the poller tolerates.
+
+A queue the services consume (inbound, pending, failure) carries an explicit delivery limit
+(`DELIVERY_LIMIT`). RabbitMQ 4.0+ gives a quorum queue without one a limit of 20, and 4.0-4.2
+count every return toward it (a requeueing nack, the close of a channel holding the message):
+past it the message is dropped. The services return a message only when they must hand it back
+(a stop, a lost channel, a crash), and the operator's command browses by copying, never by
+returning, so no return is routine; the explicit limit keeps hand-backs from ever adding up to a
+drop. Why no dead-letter target instead, and how a policy combines with it: docs/design.md.
+A wait queue is never consumed, so nothing is ever returned to it: it keeps the default.
 """
 
 from __future__ import annotations
@@ -15,6 +24,10 @@ from typing import Any
 
 _QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 
+# High enough that hand-backs never reach it, and a positive number on purpose: 4.x reads -1 as
+# "no limit", but 3.x takes it literally and drops a message at its first return.
+DELIVERY_LIMIT = 1_000_000
+
 
 @dataclass(frozen=True)
 class QueueSpec:
@@ -23,7 +36,8 @@ class QueueSpec:
 
 
 def work_queue(name: str) -> QueueSpec:
-    return QueueSpec(name, dict(_QUORUM))
+    """A queue the services consume from (or, for the failure queue, the operator's command)."""
+    return QueueSpec(name, {**_QUORUM, "x-delivery-limit": DELIVERY_LIMIT})
 
 
 def wait_queue_name(pending_queue: str, delay_s: float) -> str:

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pika
-import pika.exceptions
 from pika.adapters.blocking_connection import BlockingConnection
 
 from . import broker
+from .cycle import Cycle, Record, Send
 from .errors import CliError
 from .records import Failure, Filter
 from .settings import CliSettings
@@ -24,16 +24,15 @@ from .timefmt import format_age
 REASON_WIDTH = 60
 
 
-def failures_of(held: list[broker.Held]) -> list[Failure]:
-    return [Failure.parse(h.position, h.body, message_id=h.properties.message_id,
-                          properties=broker.properties_view(h.properties)) for h in held]
+def failures_of(records: list[Record]) -> list[Failure]:
+    return [Failure.parse(r.position, r.body, message_id=r.properties.message_id,
+                          properties=broker.properties_view(r.properties)) for r in records]
 
 
 def read(connection: BlockingConnection, settings: CliSettings) -> list[Failure]:
-    """Every record on the failure queue, in order; the queue is left exactly as it was."""
+    """Every record on the failure queue, in order, by one cycle: the queue is left in its order."""
     broker.require_queue(connection, settings.failed_queue, settings)
-    with broker.Browse(connection, settings.failed_queue) as browse:
-        return failures_of(browse.read_all())
+    return failures_of(Cycle(connection, settings.failed_queue).run().records)
 
 
 def table(failures: list[Failure], now: datetime, *, indent: str = "") -> str:
@@ -108,51 +107,48 @@ class ReplayOptions:
 
 def replay(options: ReplayOptions, settings: CliSettings) -> int:
     """Republish each matching record's `original` to the inbound queue (same message_id), and
-    remove the record only once the broker has confirmed the republished message. A crash at
-    any point loses nothing: at worst a record stays behind whose registration was replayed."""
+    remove the record only once the broker has confirmed the republished message. One cycle of
+    the failure queue: the other records go round and keep their order, and the chosen ones are
+    sent last, so a replay that fails again at once lands behind them. A crash at any point loses
+    nothing: at worst a record stays behind whose registration was replayed."""
     failed, inbound = settings.failed_queue, settings.inbound_queue
     verb = "would replay" if options.dry_run else "replayed"
-    moved = 0
-    with broker.connect(settings) as connection:
-        at_start = broker.require_queue(connection, failed, settings)
-        broker.require_queue(connection, inbound, settings)
-        with broker.Browse(connection, failed) as browse:
-            held = browse.read_all()
-            chosen: list[tuple[broker.Held, Failure]] = []
-            for h, failure in zip(held, failures_of(held), strict=True):
-                # A record that arrived after the start (perhaps a replay failing again) waits for
-                # the next replay: this one never goes round in circles.
-                if h.position > at_start.ready or not options.filter.matches(failure):
-                    continue
-                if options.limit is not None and len(chosen) >= options.limit:
-                    break
-                if not failure.has_original:
-                    print(f"skipped #{failure.position}: {failure.reason} (no original to replay)", file=sys.stderr)
-                    continue
-                chosen.append((h, failure))
+    chosen: dict[int, Failure] = {}
 
-            channel = None if options.dry_run else connection.channel()
-            if channel is not None:
-                channel.confirm_delivery()
-            for h, failure in chosen:
-                if channel is not None:
-                    try:
-                        channel.basic_publish("", inbound, failure.replay_body(), _properties(failure, failed),
-                                              mandatory=True)
-                    except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-                        raise CliError(f"the broker did not take the replay of #{failure.position} to {inbound}; "
-                                       f"stopped after {moved} (that record and the rest are still on {failed})") \
-                            from None
-                    except pika.exceptions.AMQPError as exc:
-                        raise CliError(f"lost the broker ({type(exc).__name__}) while replaying #{failure.position}; "
-                                       f"{moved} replayed before it; it and the rest are still on {failed} "
-                                       f"(#{failure.position} may also have been replayed)") from None
-                    browse.ack(h)  # only now: its replay is confirmed
-                moved += 1
-                print(f"{verb} #{failure.position}  {failure.stage:<10}  user_id={failure.user_id or '-'}  "
-                      f"message_id={failure.message_id or '-'}")
-    left = len(held) - (0 if options.dry_run else moved)
-    print(f"{verb} {plural(moved, 'failure record')} to {inbound}; {left} left on {failed}"
+    def route(record: Record) -> Send | None:
+        [failure] = failures_of([record])
+        # Only the records there when the cycle started are taken, so a replay that fails again
+        # waits for the next replay: this one never goes round in circles.
+        if not options.filter.matches(failure):
+            return None
+        if options.limit is not None and len(chosen) >= options.limit:
+            return None
+        if not failure.has_original:
+            print(f"skipped #{failure.position}: {failure.reason} (no original to replay)", file=sys.stderr)
+            return None
+        chosen[record.position] = failure
+        return None if options.dry_run else Send(inbound, failure.replay_body(), _properties(failure, failed))
+
+    def report(record: Record) -> None:
+        failure = chosen[record.position]
+        print(f"{verb} #{failure.position}  {failure.stage:<10}  user_id={failure.user_id or '-'}  "
+              f"message_id={failure.message_id or '-'}")
+
+    with broker.connect(settings) as connection:
+        broker.require_queue(connection, failed, settings)
+        broker.require_queue(connection, inbound, settings)
+        cycle = Cycle(connection, failed, route, on_sent=report).run()
+    if options.dry_run:
+        for record in cycle.records:
+            if record.position in chosen:
+                report(record)
+    moved = len(cycle.sent)
+    if cycle.refused is not None:
+        record, why = cycle.refused
+        raise CliError(f"the broker did not take the replay of #{record.position} to {inbound} ({why}); stopped "
+                       f"after {moved}: that record and the rest are still on {failed}, behind the others")
+    done = len(chosen) if options.dry_run else moved
+    print(f"{verb} {plural(done, 'failure record')} to {inbound}; {len(cycle.records) - moved} left on {failed}"
           f"{' (nothing was moved: --dry-run)' if options.dry_run else ''}")
     return 0
 

@@ -250,3 +250,13 @@ def test_guard_holds_calls_over_the_cap() -> None:
     outcome = guard.submit(b"{}", "key-2")
     assert isinstance(outcome, Transient) and not outcome.sent and outcome.retry_after_s == pytest.approx(1.0)
     assert inner.calls == ["POST"] and held == ["rate_cap"]
+
+
+def test_an_odd_200_does_not_count_as_a_failing_api() -> None:
+    clock = FakeClock()
+    breaker = Breaker(Limits(max_rps=1000.0, failures=2, probe_rps=5.0, open_s=5.0, ramp_s=10.0), clock=clock)
+    odd = Transient("unknown status value 'weird' in the status answer", 200)
+    guard = GuardedLegacy(ScriptedLegacy(*([odd] * 10)), breaker)
+    for _ in range(10):
+        assert guard.status("R-1") == odd
+    assert guard.state is State.CLOSED

@@ -69,7 +69,7 @@ class GuardedLegacy:
         outcome = call()
         with self._lock:
             before = self._breaker.state
-            self._breaker.record(failed=isinstance(outcome, Transient))
+            self._breaker.record(failed=_failing(outcome))
             after = self._breaker.state
             rate = self._breaker.rate
         self._changed(before, after, outcome, rate)
@@ -88,6 +88,15 @@ class GuardedLegacy:
                      extra={"event": "breaker_closed"})
         else:
             log.info("legacy API circuit breaker half-open: probing", extra={"event": "breaker_half_open"})
+
+
+def _failing(outcome: Outcome) -> bool:
+    """Whether an answer says the API itself is failing: no answer (a timeout, a refused
+    connection), 429 or a 5xx. An odd 200 is an API that answers: no reason to back off."""
+    if not isinstance(outcome, Transient):
+        return False
+    status = outcome.http_status
+    return status is None or status == 429 or status >= 500
 
 
 def _held(refusal: Refusal) -> Transient:

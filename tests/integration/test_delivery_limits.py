@@ -256,6 +256,11 @@ def rotation_of(published: list[str], after: list[str]) -> int:
     assert len(after) - len(published) <= 2, f"{len(after) - len(published)} duplicates"
     for returned in (0, 1, 2):
         head, rest = after[:returned], after[returned:]
+        positions = sorted(published.index(m) for m in head)
+        if head and positions != list(range(positions[0], positions[0] + returned)):
+            continue  # what comes back is the record in hand and the one just before it
+        if head and rest and published.index(rest[0]) != (positions[-1] + 1) % len(published):
+            continue  # the rest starts with the record after the one in hand
         only_at_head = [m for m in head if m not in rest]
         ring = [m for m in published if m not in only_at_head]
         if len(rest) != len(ring) or not rest:

@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 test: install lint typecheck
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit

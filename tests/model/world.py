@@ -367,6 +367,9 @@ class ModelBroker:
             return
         self.world.settle(delivery, ack=True)
 
+    def hand_back(self, delivery: Delivery, queue: str, error: BaseException) -> None:
+        self.nack(delivery)  # the runtime's pause before it is time the model does not need
+
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         if self.world.at("nack", delivery.properties.message_id) == "lost":
             self.world.lose_channel()

@@ -70,6 +70,7 @@ class FakeBroker:
         self.published: list[Published] = []
         self.acks: list[int] = []
         self.nacks: list[tuple[int, bool]] = []
+        self.handed_back: list[tuple[int, str]] = []  # after a publish it led to failed
         self.deferred: list[tuple[float, Callable[[], None]]] = []
         self.refuse: set[str] = set()  # routing keys whose publish fails
         self.stale: set[int] = set()  # delivery tags whose channel is gone
@@ -102,6 +103,11 @@ class FakeBroker:
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         self.nacks.append((delivery.delivery_tag, requeue))
         self.log.append(f"nack:{delivery.delivery_tag}")
+
+    def hand_back(self, delivery: Delivery, queue: str, error: BaseException) -> None:
+        """As the runtime does, past its pause for a refusal: the delivery goes back."""
+        self.handed_back.append((delivery.delivery_tag, queue))
+        self.nack(delivery, requeue=True)
 
     def defer(self, delivery: Delivery, delay_s: float, work: Callable[[], None]) -> None:
         self.deferred.append((delay_s, work))
@@ -364,9 +370,8 @@ def test_submitter_failure_record_publish_failure_hands_the_message_back() -> No
     rig = submitter_rig(Rejected("rejected by the legacy API: bad cpf", 400))
     rig.broker.refuse.add(FAILED)
     rig.executor.run(delivery(BODY, tag=5))
-    # Handed back after a pause, never at once: a refusing failure queue is not asked in a loop.
-    assert rig.broker.nacks == []
-    assert rig.broker.run_deferred() == ERROR_PAUSE_S
+    # Handed back the way a refused hop is (after the runtime's pause, never in a loop).
+    assert rig.broker.handed_back == [(5, FAILED)]
     assert rig.broker.nacks == [(5, True)]
     assert rig.broker.acks == []
     # Nothing says "failed" while the failure record is not out.
@@ -685,9 +690,8 @@ def test_poller_failure_record_publish_failure_hands_back_and_records_nothing() 
     rig = poller_rig(LegacyFailed("no"), age=17.0)
     rig.broker.refuse.add(FAILED)
     rig.executor.run(pending_delivery(pending(polls=1), tag=11))
-    # Handed back after a pause, never at once: a refusing failure queue is not asked in a loop.
-    assert rig.broker.nacks == []
-    assert rig.broker.run_deferred() == ERROR_PAUSE_S
+    # Handed back the way a refused hop is (after the runtime's pause, never in a loop).
+    assert rig.broker.handed_back == [(11, FAILED)]
     assert rig.broker.nacks == [(11, True)]
     assert rig.broker.acks == []
     assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")

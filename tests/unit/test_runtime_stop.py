@@ -11,8 +11,9 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp import AmqpRuntime, Delivery
 from regbridge.amqp.calls import CallQueue
-from regbridge.amqp.hops import HOP_PAUSE_MAX_S, RefusedHops
+from regbridge.amqp.hops import HOP_PAUSE_MAX_S, HOP_PAUSE_S, RefusedHops
 from regbridge.amqp.link import conflict_message
+from regbridge.amqp.model import PublishError, PublishRefused
 from regbridge.amqp.pool import WorkerPool
 from regbridge.amqp.shutdown import GracefulStop
 
@@ -121,6 +122,19 @@ def test_a_delivery_is_no_longer_current_once_a_stop_is_asked_for() -> None:
     runtime.request_stop()
     assert not runtime.current(delivery(1))
     assert runtime.publishing and runtime.alive()
+
+
+def test_a_delivery_whose_publish_was_refused_goes_back_after_the_hop_pause_and_otherwise_at_once() -> None:
+    runtime = AmqpRuntime(url="amqp://guest:guest@127.0.0.1:1/%2F", queues=[], consume=[], workers=1, prefetch=1)
+    paused: list[tuple[int, float]] = []
+    settled: list[tuple[int, bool]] = []
+    runtime._pool.pause_then_hand_back = lambda d, s: paused.append((d.delivery_tag, s))  # type: ignore[method-assign]
+    runtime._link.settle = lambda d, *, ack, requeue: settled.append((d.delivery_tag, ack))  # type: ignore[method-assign]
+    runtime._calls.call = lambda callback: callback()  # type: ignore[method-assign]
+    runtime.hand_back(delivery(1), "registrations.failed", PublishRefused("the broker refused the message (nack)"))
+    runtime.hand_back(delivery(2), "registrations.failed", PublishError("unconfirmed when the channel closed"))
+    assert [tag for tag, _ in paused] == [1] and HOP_PAUSE_S / 2 <= paused[0][1] <= HOP_PAUSE_S
+    assert settled == [(2, False)]
 
 
 # ---- a refused declare ---------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class Broker(Protocol):
     def current(self, delivery: Delivery) -> bool: ...
     def ack(self, delivery: Delivery) -> None: ...
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None: ...
+    def hand_back(self, delivery: Delivery, queue: str, error: BaseException) -> None: ...
     def defer(self, delivery: Delivery, delay_s: float, work: Callable[[], None]) -> None: ...
 
 
@@ -303,10 +304,10 @@ class Executor:
             # connection blocked (an alarm) would hand back a record that may still go out.
             future.result()
         except Exception as exc:
-            log.warning("publish to %s not confirmed (%s); message handed back in %.0f s", self._failed_queue, exc,
-                        ERROR_PAUSE_S, extra={"event": "publish_failed", "queue": self._failed_queue})
-            # After a pause: a failure queue that refuses (a length limit) must not be asked again
-            # at once, in a loop.
-            self._broker.defer(delivery, ERROR_PAUSE_S, lambda: self._broker.nack(delivery, requeue=True))
+            log.warning("publish to %s not confirmed (%s); message handed back", self._failed_queue, exc,
+                        extra={"event": "publish_failed", "queue": self._failed_queue})
+            # As a refused hop is: a failure queue that refuses (a length limit) is not asked
+            # again at once, in a loop.
+            self._broker.hand_back(delivery, self._failed_queue, exc)
             return False
         return True

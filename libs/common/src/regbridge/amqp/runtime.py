@@ -163,11 +163,20 @@ class AmqpRuntime:
     def _restart_link(self) -> None:
         self._link.restart()
 
+    def hand_back(self, delivery: Delivery, queue: str, error: BaseException) -> None:
+        """Give `delivery` back after a publish to `queue` it led to failed: after the refused-hop
+        pause when the broker refused the publish, at once otherwise (`hops`)."""
+        self._calls.call(lambda: self._handed_back(delivery, queue, error))
+
     def _hop_settled(self, delivery: Delivery, queue: str, future: Future[None]) -> None:
         error = future.exception()
         if error is None:
             self._link.settle(delivery, ack=True, requeue=False)
-        elif isinstance(error, PublishRefused):
+        else:
+            self._handed_back(delivery, queue, error)
+
+    def _handed_back(self, delivery: Delivery, queue: str, error: BaseException) -> None:
+        if isinstance(error, PublishRefused):
             pause = self._hops.refused(queue)
             self._hooks.on_hop_refused(queue)
             streak = self._hops.streak(queue)

@@ -146,17 +146,19 @@ def test_legacy_down_for_a_while(stack: Stack, broker: Broker, users: Any, legac
     stack.env.update(SUBMIT_BACKOFF_BASE_S="0.2", SUBMIT_BACKOFF_MAX_S="2", SUBMIT_MAX_ATTEMPTS="8")
     # A slow intake, so that the outage meets registrations both before and after their POST.
     stack.env["WORKERS"] = "4"
-    stack.start("submitter")
-    stack.start("poller")
+    submitter = stack.start("submitter")
+    poller = stack.start("poller")
     expected = mixed_load(broker, 200, seed=13)
     wait_until(lambda: submissions_so_far(legacy) >= 50, timeout=30, what="work in flight")
     legacy.configure(down=True)
     began = time.monotonic()
     # Down until both services' circuit breakers have opened (LEGACY_BREAKER_FAILURES refusals
-    # in a row on each endpoint), and on through an open period, so that probes fail too.
-    wait_until(lambda: (s := legacy.stats(summary=True))["post_503_total"] >= 10 and s["get_503_total"] >= 10,
-               timeout=30, what="the outage to be felt on both endpoints")
-    time.sleep(6)
+    # in a row on each endpoint) and held calls back, and on until a probe of each has failed too.
+    wait_until(lambda: all(metric(s, f'{s.name}_legacy_calls_not_sent_total{{reason="breaker"}}') > 0
+                           for s in (submitter, poller)), timeout=30, what="both circuit breakers to open")
+    opened = legacy.stats(summary=True)
+    wait_until(lambda: (s := legacy.stats(summary=True))["post_503_total"] > opened["post_503_total"]
+               and s["get_503_total"] > opened["get_503_total"], timeout=30, what="a failed probe on each endpoint")
     outage = time.monotonic() - began
     legacy.configure(down=False)
     assert check_exact(Outcomes(broker, users), expected) == 0

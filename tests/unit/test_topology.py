@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from regbridge.topology import (
+    DEFAULT_GROUP_SIZE,
     DELIVERY_LIMIT,
+    GROUP_SIZE_ARG,
     QueueSpec,
     first_hop,
     poller_queues,
@@ -19,7 +21,8 @@ from regbridge.topology import (
 
 def test_work_queue_is_quorum_with_an_explicit_delivery_limit() -> None:
     spec = work_queue("registrations")
-    assert spec == QueueSpec("registrations", {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT})
+    assert spec == QueueSpec("registrations", {"x-queue-type": "quorum", GROUP_SIZE_ARG: 3,
+                                               "x-delivery-limit": DELIVERY_LIMIT})
     # Far above RabbitMQ 4.x's default of 20, and never -1, which 3.x takes literally.
     assert DELIVERY_LIMIT >= 1000
 
@@ -49,6 +52,7 @@ def test_wait_queue_dead_letters_back_to_pending_at_least_once() -> None:
     assert spec.name == "registrations.pending.wait.2000ms"
     assert dict(spec.arguments) == {
         "x-queue-type": "quorum",
+        GROUP_SIZE_ARG: DEFAULT_GROUP_SIZE,
         "x-message-ttl": 2000,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": "registrations.pending",
@@ -70,7 +74,7 @@ def test_tiny_delay_still_has_a_positive_ttl() -> None:
 def test_submitter_queues() -> None:
     specs = submitter_queues(inbound="in", pending="pend", failed="dlq", first_delay_s=10.0)
     assert [s.name for s in specs] == ["in", "pend", "dlq", "pend.wait.10000ms"]
-    assert all(dict(s.arguments) == {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+    assert all(dict(s.arguments) == {"x-queue-type": "quorum", GROUP_SIZE_ARG: 3, "x-delivery-limit": DELIVERY_LIMIT}
                for s in specs[:3])
     assert specs[3].arguments["x-message-ttl"] == 10000
     assert specs[3].arguments["x-dead-letter-routing-key"] == "pend"
@@ -94,3 +98,16 @@ def test_poller_queues_declare_one_wait_queue_per_delay() -> None:
 
 def test_poller_queues_without_delays() -> None:
     assert [s.name for s in poller_queues(pending="p", failed="f", delays=())] == ["p", "f"]
+
+
+def test_every_queue_is_created_on_the_configured_number_of_nodes() -> None:
+    specs = [*submitter_queues(inbound="in", pending="p", failed="f", first_delay_s=1.0, group_size=5),
+             *poller_queues(pending="p", failed="f", delays=(2.0,), group_size=5)]
+    assert {s.arguments[GROUP_SIZE_ARG] for s in specs} == {5}
+
+
+def test_a_queue_can_be_declared_with_the_group_size_it_exists_with() -> None:
+    spec = work_queue("q")
+    assert GROUP_SIZE_ARG not in spec.with_group_size(None).arguments
+    assert spec.with_group_size(7).arguments == {**spec.arguments, GROUP_SIZE_ARG: 7}
+    assert spec.with_group_size(7).with_group_size(3) == spec

@@ -7,6 +7,7 @@ and a cached store ping, so a slow broker or MongoDB never blocks the consume lo
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -38,7 +39,10 @@ class Probe:
             time.sleep(self._every_s)
 
 
-def create_app(*, live: Callable[[], bool], ready: Callable[[], dict[str, bool]]) -> FastAPI:
+def create_app(*, live: Callable[[], bool], ready: Callable[[], dict[str, bool]],
+               where: Callable[[], dict[str, str | None]] | None = None) -> FastAPI:
+    """`ready` holds the checks that decide readiness; `where` adds what the answer reports
+    beside them (the broker node), which decides nothing."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
@@ -51,7 +55,7 @@ def create_app(*, live: Callable[[], bool], ready: Callable[[], dict[str, bool]]
     def readyz() -> Response:
         checks = ready()
         ok = all(checks.values())
-        body = "{" + ",".join(f'"{k}":{str(v).lower()}' for k, v in checks.items()) + "}"
+        body = json.dumps({**checks, **(where() if where else {})}, separators=(",", ":"))
         return Response(body, status_code=200 if ok else 503, media_type="application/json")
 
     @app.get("/metrics")

@@ -70,6 +70,7 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
                            on_hop_refused=lambda queue: metrics.hops_refused.inc(),
                            on_blocked=metrics.blocked),
         name=name,
+        order=settings.rabbitmq_url_order,
     )
     durable = Durable(runtime.stopping, on_retry=metrics.store_retries.inc)
     executor = Executor(handler(durable), broker=runtime, store=store, durable=durable,
@@ -87,7 +88,10 @@ def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoS
     def ready() -> dict[str, bool]:
         return {"broker": runtime.connected, "publishing": runtime.publishing, "mongodb": probe.ok}
 
-    health.serve(health.create_app(live=runtime.alive, ready=ready), settings.http_port)
+    def where() -> dict[str, str | None]:
+        return {"broker_node": runtime.node}
+
+    health.serve(health.create_app(live=runtime.alive, ready=ready, where=where), settings.http_port)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum, extra={"event": "signal"})

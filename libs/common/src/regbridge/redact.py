@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from regbridge.brokers import split_urls
+
 # scheme://user:password@host  →  scheme://***@host ; also catches URLs inside longer text.
 # Greedy up to the last '@' before the path: clients split user-info there, so a password may
 # itself hold an '@'.
@@ -15,9 +17,13 @@ def redact_url(text: str) -> str:
     return _CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", text)
 
 
-def redact_url_value(url: str) -> str:
-    """A whole setting that is a URL: everything between '://' and its last '@' is user-info,
-    whatever characters the password holds."""
+def redact_url_value(value: str) -> str:
+    """A whole setting that is a URL, or several separated by commas: in each, everything between
+    '://' and its last '@' is user-info, whatever characters the password holds."""
+    return ",".join(_redact_one(url) for url in split_urls(value)) if value.strip() else value
+
+
+def _redact_one(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return redact_url(url)

@@ -22,6 +22,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from regbridge.breaker import Limits
+from regbridge.brokers import Order, split_urls
 from regbridge.redact import redact_url_value
 
 # A field that holds a secret is named `<setting>_secret`; its plain value is the property
@@ -59,6 +60,18 @@ def _url(value: str, schemes: tuple[str, ...]) -> str:
     if "," not in parts.netloc:  # a MongoDB seed list names several host:port pairs
         _ = parts.port  # raises ValueError on a port that is not a number
     return value
+
+
+def _amqp_urls(value: str) -> str:
+    """One broker URL, or several of one cluster separated by commas (`regbridge.brokers`)."""
+    urls = split_urls(value)
+    for url in urls:
+        _url(url, ("amqp", "amqps"))
+    return ",".join(urls)
+
+
+def _order(value: str) -> Order:
+    return Order(value.lower())
 
 
 def _base_url(value: str) -> str:
@@ -105,9 +118,10 @@ Count = Annotated[int, BeforeValidator(_count), Expect("a whole number >= 1")]
 PerSecond = Annotated[float, BeforeValidator(partial(_seconds, allow_zero=False)), Expect("a number per second > 0")]
 Port = Annotated[int, BeforeValidator(_port), Expect("a TCP port (0-65535)")]
 LogLevel = Annotated[str, BeforeValidator(_log_level), Expect("DEBUG, INFO, WARNING or ERROR")]
-AmqpUrl = Annotated[
-    SecretStr, BeforeValidator(partial(_url, schemes=("amqp", "amqps"))), Expect("a URL (amqp/amqps)", secret=True)
+AmqpUrls = Annotated[
+    SecretStr, BeforeValidator(_amqp_urls), Expect("a URL (amqp/amqps), or several separated by commas", secret=True)
 ]
+UrlOrder = Annotated[Order, BeforeValidator(_order), Expect("shuffled or listed")]
 MongoUrl = Annotated[
     SecretStr,
     BeforeValidator(partial(_url, schemes=("mongodb", "mongodb+srv"))),
@@ -206,7 +220,8 @@ class PipelineSettings(EnvSettings):
     """Where the pipeline lives, as every program that touches it sees it: the broker, MongoDB,
     the queues and the delays that name the wait queues."""
 
-    rabbitmq_url_secret: AmqpUrl = SecretStr("amqp://guest:guest@localhost:5672/%2F")
+    rabbitmq_url_secret: AmqpUrls = SecretStr("amqp://guest:guest@localhost:5672/%2F")
+    rabbitmq_url_order: UrlOrder = Order.SHUFFLED
     mongodb_uri_secret: MongoUrl = SecretStr("mongodb://localhost:27017")
     mongodb_database: Text = "registry"
     mongodb_collection: Text = "users"
@@ -220,6 +235,11 @@ class PipelineSettings(EnvSettings):
     @property
     def rabbitmq_url(self) -> str:
         return self.rabbitmq_url_secret.get_secret_value()
+
+    @property
+    def rabbitmq_urls(self) -> list[str]:
+        """Each broker of the cluster, as listed (the runtime and the command choose the order)."""
+        return split_urls(self.rabbitmq_url)
 
     @property
     def mongodb_uri(self) -> str:
@@ -260,6 +280,9 @@ class CommonSettings(PipelineSettings, LegacyLimitSettings):
     legacy_timeout_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     reconnect_max_s: Seconds = 10.0
+    # RabbitMQ starts a new quorum queue on at most this many nodes, and on every node of a
+    # smaller cluster: 3 is "all nodes, up to 3" (regbridge.topology).
+    quorum_initial_group_size: Count = 3
 
     @property
     def legacy_api_url(self) -> str:

@@ -14,6 +14,11 @@ past it the message is dropped. The services return a message only when they mus
 returning, so no return is routine; the explicit limit keeps hand-backs from ever adding up to a
 drop. Why no dead-letter target instead, and how a policy combines with it: docs/design.md.
 A wait queue is never consumed, so nothing is ever returned to it: it keeps the default.
+
+Every queue is created on `x-quorum-initial-group-size` nodes (RabbitMQ takes every node of a
+smaller cluster). The argument counts only when a queue is created, yet RabbitMQ compares it on
+every declare: a queue that exists with another value, or none, is declared with what it has
+(the link reads it from the broker's refusal) rather than reported as a conflict.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+GROUP_SIZE_ARG = "x-quorum-initial-group-size"
+# A majority of 3 survives the loss of any one node; more replicas cost every publish more.
+DEFAULT_GROUP_SIZE = 3
 
 # High enough that hand-backs never reach it, and a positive number on purpose: 4.x reads -1 as
 # "no limit", but 3.x takes it literally and drops a message at its first return.
@@ -34,10 +42,19 @@ class QueueSpec:
     name: str
     arguments: Mapping[str, Any] = field(default_factory=lambda: dict(_QUORUM))
 
+    def with_group_size(self, size: int | None) -> QueueSpec:
+        """The same queue declared with another initial group size (None: without one)."""
+        arguments = {k: v for k, v in self.arguments.items() if k != GROUP_SIZE_ARG}
+        return QueueSpec(self.name, arguments if size is None else {**arguments, GROUP_SIZE_ARG: size})
 
-def work_queue(name: str) -> QueueSpec:
+
+def _quorum(group_size: int) -> dict[str, Any]:
+    return {**_QUORUM, GROUP_SIZE_ARG: group_size}
+
+
+def work_queue(name: str, group_size: int = DEFAULT_GROUP_SIZE) -> QueueSpec:
     """A queue the services consume from (or, for the failure queue, the operator's command)."""
-    return QueueSpec(name, {**_QUORUM, "x-delivery-limit": DELIVERY_LIMIT})
+    return QueueSpec(name, {**_quorum(group_size), "x-delivery-limit": DELIVERY_LIMIT})
 
 
 def wait_queue_name(pending_queue: str, delay_s: float) -> str:
@@ -45,11 +62,11 @@ def wait_queue_name(pending_queue: str, delay_s: float) -> str:
     return f"{pending_queue}.wait.{round(delay_s * 1000)}ms"
 
 
-def wait_queue(pending_queue: str, delay_s: float) -> QueueSpec:
+def wait_queue(pending_queue: str, delay_s: float, group_size: int = DEFAULT_GROUP_SIZE) -> QueueSpec:
     return QueueSpec(
         wait_queue_name(pending_queue, delay_s),
         {
-            **_QUORUM,
+            **_quorum(group_size),
             "x-message-ttl": max(1, round(delay_s * 1000)),
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": pending_queue,
@@ -66,10 +83,13 @@ def first_hop(pending_queue: str, first_delay_s: float) -> str:
     return wait_queue_name(pending_queue, first_delay_s) if first_delay_s > 0 else pending_queue
 
 
-def submitter_queues(*, inbound: str, pending: str, failed: str, first_delay_s: float) -> list[QueueSpec]:
-    first = [wait_queue(pending, first_delay_s)] if first_delay_s > 0 else []
-    return [work_queue(inbound), work_queue(pending), work_queue(failed), *first]
+def submitter_queues(*, inbound: str, pending: str, failed: str, first_delay_s: float,
+                     group_size: int = DEFAULT_GROUP_SIZE) -> list[QueueSpec]:
+    first = [wait_queue(pending, first_delay_s, group_size)] if first_delay_s > 0 else []
+    return [work_queue(inbound, group_size), work_queue(pending, group_size), work_queue(failed, group_size), *first]
 
 
-def poller_queues(*, pending: str, failed: str, delays: Iterable[float]) -> list[QueueSpec]:
-    return [work_queue(pending), work_queue(failed), *(wait_queue(pending, d) for d in delays)]
+def poller_queues(*, pending: str, failed: str, delays: Iterable[float],
+                  group_size: int = DEFAULT_GROUP_SIZE) -> list[QueueSpec]:
+    return [work_queue(pending, group_size), work_queue(failed, group_size),
+            *(wait_queue(pending, d, group_size) for d in delays)]

@@ -16,7 +16,8 @@ def main() -> None:
     process.setup_logging("submitter", settings)
     mongo, legacy = process.adapters(settings, metrics.EDGE)
     queues = submitter_queues(inbound=settings.inbound_queue, pending=settings.pending_queue,
-                              failed=settings.failed_queue, first_delay_s=settings.poll_first_delay_s)
+                              failed=settings.failed_queue, first_delay_s=settings.poll_first_delay_s,
+                              group_size=settings.quorum_initial_group_size)
     process.serve("submitter", settings, queues=queues, consume=settings.inbound_queue, store=mongo,
                   handler=lambda durable: Submitter(settings, store=mongo, legacy=legacy, durable=durable),
                   metrics=metrics.EDGE, finished=metrics.finished)

@@ -3,6 +3,7 @@ Browsing a queue is `cycle.Cycle`."""
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -14,6 +15,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingConnection
 
+from regbridge.brokers import Order
+
 from .errors import CliError
 from .settings import CliSettings
 
@@ -22,13 +25,17 @@ from .settings import CliSettings
 def connect(settings: CliSettings) -> Iterator[BlockingConnection]:
     """A connection to the broker, or a one-line error saying why there is none."""
     where = settings.broker_shown
+    urls = settings.rabbitmq_urls
+    if settings.rabbitmq_url_order is Order.SHUFFLED:
+        random.shuffle(urls)
     try:
-        params = pika.URLParameters(settings.rabbitmq_url)
+        params = [pika.URLParameters(url) for url in urls]
     except Exception:
         raise CliError("RABBITMQ_URL is not a valid amqp URL (value not shown: it may hold credentials)") from None
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    params.blocked_connection_timeout = 30
+    for one in params:  # a node that does not answer gives way to the next one soon
+        one.connection_attempts = 1
+        one.socket_timeout = 5
+        one.blocked_connection_timeout = 30
     try:
         connection = pika.BlockingConnection(params)
     except pika.exceptions.ProbableAuthenticationError:

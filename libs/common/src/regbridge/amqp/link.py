@@ -10,6 +10,11 @@ A broker alarm (memory, disk) blocks the connection's publishing: the broker say
 `connection.blocked` and stops reading from the socket, so confirms stop coming until it lifts
 the block. The link reports both edges; nothing times out on it.
 
+The link knows every broker of the cluster (`regbridge.brokers`): a failed or lost connection
+moves on to the next node at once, and only a round in which every node failed waits out the
+backoff. A queue that exists with another initial group size (an argument that counts only at
+creation) is declared from then on with the value it has, on a fresh channel.
+
 A delivery tag is valid only on the channel that delivered it. Every channel gets the next
 generation and every delivery carries it; after a reconnect, acks and nacks of older
 generations are dropped: the broker has already put those messages back.
@@ -32,8 +37,9 @@ from pika.exceptions import ChannelClosedByBroker
 from pika.spec import Basic, BasicProperties
 
 from regbridge.amqp.model import Delivery
-from regbridge.redact import redact_url
-from regbridge.topology import QueueSpec
+from regbridge.brokers import Order, Rotation, node_of
+from regbridge.redact import redact_url, redact_url_value
+from regbridge.topology import GROUP_SIZE_ARG, QueueSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,19 @@ log = logging.getLogger(__name__)
 DEPTH_EVERY_S = 10.0
 PRECONDITION_FAILED = 406
 _INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)'")
+_CURRENT_VALUE = re.compile(r"but current is (?:none|the value '(-?\d+)')")
+# After a failed try, the next node is tried this soon (a round of them is not a backoff).
+NEXT_NODE_S = 0.05
+
+
+def existing_group_size(reply_text: str) -> tuple[bool, int | None]:
+    """From a refused declare: whether only the initial group size differs, and the value the
+    queue has (None: declared without one)."""
+    found = _INEQUIVALENT_ARG.search(reply_text)
+    current = _CURRENT_VALUE.search(reply_text)
+    if found is None or found.group(1) != GROUP_SIZE_ARG or current is None:
+        return False, None
+    return True, int(current.group(1)) if current.group(1) is not None else None
 
 
 def conflict_message(queue: str, reply_text: str) -> str:
@@ -54,11 +73,12 @@ def conflict_message(queue: str, reply_text: str) -> str:
 
 @dataclass(frozen=True)
 class LinkSettings:
-    url: str
+    urls: Sequence[str]  # every broker of the cluster
     queues: Sequence[QueueSpec]  # declared on every connect
     consume: Sequence[str]
     prefetch: int
     reconnect_max_s: float
+    order: Order = Order.SHUFFLED
 
 
 @dataclass(frozen=True)
@@ -85,10 +105,14 @@ class BrokerLink:
         self._reconnect_delay = 0.0
         self._stopping = False
         self._declaring: str | None = None  # the queue whose declare is on its way
+        self._adopted: dict[str, QueueSpec] = {}  # queues declared as they exist (group size)
+        self._brokers = Rotation(settings.urls, settings.order)
+        self._target = ""  # the URL being connected to, or connected to
         # Read by other threads too: plain values, written only here on the I/O thread.
         self.generation = 0
         self.ready = False  # channel open, confirms on, consumers started
         self.blocked = False  # the broker holds back this connection's publishing (an alarm)
+        self.node: str | None = None  # host:port of the broker while ready
 
     def current(self, delivery: Delivery) -> bool:
         """Whether the channel that delivered `delivery` is still the one consuming."""
@@ -119,9 +143,10 @@ class BrokerLink:
     def connect(self) -> None:
         if self._stopping:
             return
-        log.info("connecting to %s", redact_url(self._settings.url), extra={"event": "connecting"})
+        self._target = url = self._brokers.next()
+        log.info("connecting to %s", redact_url_value(url), extra={"event": "connecting", "node": node_of(url)})
         self._connection = connection = pika.SelectConnection(
-            pika.URLParameters(self._settings.url),
+            pika.URLParameters(url),
             on_open_callback=lambda connection: connection.channel(on_open_callback=self._on_channel_open),
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
@@ -133,9 +158,13 @@ class BrokerLink:
     def _schedule_reconnect(self) -> None:
         if self._stopping:
             return
+        if not self._brokers.round_failed:
+            self._ioloop.call_later(NEXT_NODE_S, self.connect)
+            return
+        self._brokers.start_round()
         self._reconnect_delay = min(self._settings.reconnect_max_s, max(0.25, self._reconnect_delay * 2))
         delay = self._reconnect_delay * random.uniform(0.5, 1.0)
-        log.warning("broker unavailable; reconnecting in %.2f s", delay, extra={"event": "reconnect_wait"})
+        log.warning("no broker available; reconnecting in %.2f s", delay, extra={"event": "reconnect_wait"})
         self._ioloop.call_later(delay, self.connect)
 
     def _on_connection_open_error(self, _conn: Any, error: BaseException) -> None:
@@ -182,7 +211,7 @@ class BrokerLink:
             self._declaring = None
             self._events.enable_confirms(channel, lambda: self._set_qos(channel))
             return
-        spec = remaining[0]
+        spec = self._adopted.get(remaining[0].name, remaining[0])
         self._declaring = spec.name
         channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments),
                               callback=lambda _f: self._declare(channel, remaining[1:]))
@@ -202,14 +231,23 @@ class BrokerLink:
         ]
         self.ready = True
         self._reconnect_delay = 0.0
+        self._brokers.start_round()
+        self.node = node_of(self._target)
         consumed = ", ".join(self._settings.consume) or "nothing"
-        log.info("connected; consuming %s", consumed, extra={"event": "connected"})
+        cluster = self._cluster_name()
+        log.info("connected to %s (cluster %s); consuming %s", self.node, cluster, consumed,
+                 extra={"event": "connected", "node": self.node, "cluster": cluster})
         self._measure_depths(channel, generation)
 
     def _on_message(self, queue_name: str, generation: int, method: Basic.Deliver, properties: BasicProperties,
                     body: bytes) -> None:
         self._events.delivered(Delivery(body, properties, bool(method.redelivered), method.delivery_tag,
                                         queue_name, generation, time.time()))
+
+    def _cluster_name(self) -> str:
+        properties = getattr(self._connection, "server_properties", None) or {}
+        name = properties.get("cluster_name", "")
+        return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)) or "unnamed"
 
     def _measure_depths(self, channel: Channel, generation: int) -> None:
         """Every DEPTH_EVERY_S, a passive declare of each queue this service declared (so it
@@ -226,6 +264,8 @@ class BrokerLink:
         self._lose_channel(f"channel closed: {reason}")
         if (declaring is not None and isinstance(reason, ChannelClosedByBroker)
                 and reason.reply_code == PRECONDITION_FAILED):
+            if self._adopt(declaring, reason.reply_text):
+                return
             message = conflict_message(declaring, reason.reply_text)
             log.error("%s", message, extra={"event": "topology_conflict", "queue": declaring,
                                             "reason": reason.reply_text})
@@ -235,9 +275,28 @@ class BrokerLink:
             log.log(level, "channel closed: %s", reason, extra={"event": "channel_closed"})
         self._close_connection()
 
+    def _adopt(self, queue: str, reply_text: str) -> bool:
+        """Declare `queue` with the initial group size it has, if that is all that differs, on a
+        fresh channel of the same connection. False when something else differs (a conflict)."""
+        only_group_size, size = existing_group_size(reply_text)
+        conn = self._connection
+        spec = next((s for s in self._settings.queues if s.name == queue), None)
+        if not only_group_size or spec is None or conn is None or not conn.is_open:
+            return False
+        adopted = spec.with_group_size(size)
+        if self._adopted.get(queue) == adopted:  # refused as it is: something else is wrong
+            return False
+        self._adopted[queue] = adopted
+        log.info("queue %r exists with %s %s; its members were chosen when it was created, so it is "
+                 "declared as it is", queue, GROUP_SIZE_ARG, "unset" if size is None else size,
+                 extra={"event": "group_size_adopted", "queue": queue})
+        conn.channel(on_open_callback=self._on_channel_open)
+        return True
+
     def _lose_channel(self, why: str) -> None:
         unexpected = self.ready and not self._stopping
         self.ready = False
+        self.node = None
         self._channel = None
         self._consumer_tags = []
         if unexpected:

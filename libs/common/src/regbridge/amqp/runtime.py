@@ -18,6 +18,7 @@ from regbridge.amqp.link import BrokerLink, LinkEvents, LinkSettings
 from regbridge.amqp.model import Delivery, Handler, PublishError, PublishRefused, RuntimeHooks, TopologyConflict
 from regbridge.amqp.pool import WorkerPool
 from regbridge.amqp.shutdown import GracefulStop
+from regbridge.brokers import Order, split_urls
 from regbridge.topology import QueueSpec
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class AmqpRuntime:
     def __init__(
         self,
         *,
-        url: str,
+        url: str,  # one broker URL, or several of one cluster separated by commas
         queues: Sequence[QueueSpec],
         consume: Sequence[str],
         workers: int,
@@ -42,13 +43,14 @@ class AmqpRuntime:
         shutdown_timeout_s: float = 30.0,
         hooks: RuntimeHooks | None = None,
         name: str = "amqp",
+        order: Order = Order.SHUFFLED,
     ) -> None:
         self._hooks = hooks or RuntimeHooks()
         self._ioloop = IOLoop()
         self._calls = CallQueue(self._ioloop)
         self._confirms = Confirms(on_unroutable=self._restart_link)
         self._link = BrokerLink(
-            LinkSettings(url, list(queues), list(consume), prefetch, reconnect_max_s),
+            LinkSettings(split_urls(url), list(queues), list(consume), prefetch, reconnect_max_s, order),
             self._ioloop,
             LinkEvents(enable_confirms=self._confirms.attach, delivered=self._delivered,
                        channel_lost=self._confirms.fail_all, disconnected=self._hooks.on_disconnected,
@@ -70,6 +72,11 @@ class AmqpRuntime:
     @property
     def connected(self) -> bool:
         return self._link.ready
+
+    @property
+    def node(self) -> str | None:
+        """host:port of the broker the service is connected to, None while it is not."""
+        return self._link.node
 
     @property
     def publishing(self) -> bool:

@@ -22,7 +22,7 @@ from outcomes import INBOUND, PENDING, Outcomes, check_exact, good, mixed_load
 
 from regbridge.amqp import AmqpRuntime, TopologyConflict
 from regbridge.process import EXIT_TOPOLOGY_CONFLICT
-from regbridge.topology import wait_queue, wait_queue_name, work_queue
+from regbridge.topology import GROUP_SIZE_ARG, submitter_queues, wait_queue, wait_queue_name, work_queue
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +117,11 @@ CONFLICTS = {
     # A wait queue of this name with another TTL (an older version, a hand-made queue).
     "wait queue TTL": (wait_queue_name(PENDING, 0.3),
                        {**wait_queue(PENDING, 0.3).arguments, "x-message-ttl": 500}, "x-message-ttl"),
+    # Another TTL, from a release that declared no initial group size: the group size is
+    # adopted, the TTL still stops the service.
+    "older wait queue TTL": (wait_queue_name(PENDING, 0.3),
+                             {**wait_queue(PENDING, 0.3).with_group_size(None).arguments, "x-message-ttl": 500},
+                             "x-message-ttl"),
 }
 
 
@@ -145,6 +150,32 @@ def test_a_queue_with_other_arguments_stops_the_service_with_one_clear_error(
     assert "PRECONDITION_FAILED" in error["msg"]
     assert sum(1 for entry in log if entry.get("event") == "connecting") == 1
     assert not [entry for entry in log if entry.get("event") == "reconnect_wait"]
+
+
+def test_queues_of_an_older_release_or_another_group_size_are_adopted_not_refused(
+        stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    # What a release before the group size declared (none), and a queue made on 5 nodes: both
+    # differ from the default of 3 only in an argument that counts at creation.
+    specs = submitter_queues(inbound=INBOUND, pending=PENDING, failed="registrations.failed", first_delay_s=0.3)
+    sizes = {INBOUND: None, PENDING: 5}
+    for spec in specs:
+        broker.channel.queue_delete(spec.name)
+        broker.channel.queue_declare(spec.name, durable=True,
+                                     arguments=dict(spec.with_group_size(sizes.get(spec.name, 3)).arguments))
+    submitter = stack.start("submitter")
+    stack.start("poller")
+    adopted = {entry["queue"] for entry in logged(submitter, "group_size_adopted")}
+    assert adopted == {spec.name for spec in specs if sizes.get(spec.name, 3) != 3} == {INBOUND, PENDING}
+    assert not logged(submitter, "topology_conflict") and not logged(submitter, "reconnect_wait")
+    assert sum(1 for entry in entries(submitter) if entry.get("event") == "connecting") == 1
+    expected = {f"old-{i}": "registered" for i in range(20)}
+    for user_id in expected:
+        broker.publish(INBOUND, good(user_id), message_id=user_id)
+    assert check_exact(Outcomes(broker, users), expected) == 0
+    # A queue made now by the services is created with the group size (3, one node here).
+    assert GROUP_SIZE_ARG in str(subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", broker.url.rsplit("/", 1)[1], "name", "arguments"],
+        check=True, capture_output=True, text=True, timeout=60).stdout)
 
 
 def test_a_runtime_that_meets_a_conflict_is_not_alive_and_raises(amqp_url: str) -> None:

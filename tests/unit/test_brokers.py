@@ -91,5 +91,7 @@ def test_only_a_difference_in_group_size_is_adopted() -> None:
     assert existing_group_size("PRECONDITION_FAILED - inequivalent arg 'x-quorum-initial-group-size' for queue "
                                "'q' in vhost '/': received none but current is the value '5' of type 'signedint'") \
         == (True, 5)
+    assert existing_group_size("PRECONDITION_FAILED - inequivalent arg 'x-quorum-initial-group-size' for queue "
+                               "'q' in vhost 'v': received '3' but current is '5'") == (True, 5)
     assert existing_group_size("PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost "
                                "'/': received none but current is the value '5' of type 'signedint'")[0] is False

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 DEPTH_EVERY_S = 10.0
 PRECONDITION_FAILED = 406
 _INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)'")
-_CURRENT_VALUE = re.compile(r"but current is (?:none|the value '(-?\d+)')")
+# RabbitMQ words it "current is none", "current is the value '5' of type ..." or "current is '5'".
+_CURRENT_VALUE = re.compile(r"but current is (?:none|(?:the value )?'(-?\d+)')")
 # After a failed try, the next node is tried this soon (a round of them is not a backoff).
 NEXT_NODE_S = 0.05
 

@@ -378,6 +378,21 @@ def test_prometheus_scrapes_every_copy_of_each_service(model: dict[str, Any]) ->
             assert sd["port"] == int(model["services"][name]["environment"]["HTTP_PORT"])
 
 
+def test_prometheus_scrapes_every_rabbitmq_node_that_runs(model: dict[str, Any],
+                                                          cluster_model: dict[str, Any]) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "rabbitmq"]
+    # Names, not static targets: a static target for a node that is not started (the single node
+    # under the cluster profile, the cluster's nodes without it) would be reported down.
+    assert "static_configs" not in job
+    (sd,) = job["dns_sd_configs"]
+    nodes = {name for name, service in cluster_model["services"].items()
+             if service["image"].startswith("rabbitmq:")}
+    assert sd["type"] == "A" and sd["port"] == 15692  # the rabbitmq_prometheus plugin
+    assert set(sd["names"]) == nodes == {"rabbitmq", *CLUSTER_NODES}
+    assert "rabbitmq" in model["services"]
+
+
 # ---- the Dockerfile ------------------------------------------------------------------------------
 
 

@@ -42,7 +42,10 @@ def main() -> int:
     queue = os.environ.get("INBOUND_QUEUE", "registrations")
     count = int(os.environ.get("SAMPLE_COUNT", "200"))
     run = uuid.uuid4().hex[:6]
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    # One URL, or the comma-separated URLs of a cluster's nodes (the `cluster` profile): pika tries
+    # them in turn until one takes the connection.
+    nodes = [pika.URLParameters(part.strip()) for part in url.split(",") if part.strip()]
+    connection = pika.BlockingConnection(nodes)
     try:
         channel = connection.channel()
         channel.confirm_delivery()

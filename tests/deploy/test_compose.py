@@ -23,16 +23,25 @@ from harness import fetch_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# The `cluster` profile: three RabbitMQ nodes, the env file that points the services at them, and
+# the RabbitMQ configuration through which they find each other.
+CLUSTER_ENV = ROOT / "deploy" / "compose" / "cluster.env"
+CLUSTER_CONF = ROOT / "deploy" / "compose" / "rabbitmq-cluster.conf"
+CLUSTER_NODES = ("rabbitmq-0", "rabbitmq-1", "rabbitmq-2")
+CLUSTER_ARGS = ("--env-file", str(CLUSTER_ENV), "--profile", "cluster")
 # One Dockerfile for the submitter and the poller; the build argument SERVICE picks which.
 DOCKERFILE = ROOT / "services" / "pipeline.Dockerfile"
 SERVICES = {"submitter": 8081, "poller": 8082}  # the bridge's services and their default HTTP_PORT
 EXPECTED = {"rabbitmq", "mongodb", "legacy-sim", "submitter", "poller", "prometheus", "grafana"}
-HOST_PORTS_ALLOWED = {"rabbitmq", "grafana", "prometheus"}
+HOST_PORTS_ALLOWED = {"rabbitmq", "rabbitmq-0", "grafana", "prometheus"}
 CONTRACT_VARIABLES = {"RABBITMQ_URL", "MONGODB_URI", "MONGODB_DATABASE", "MONGODB_COLLECTION", "LEGACY_API_URL",
                       "INBOUND_QUEUE", "PENDING_QUEUE", "FAILED_QUEUE", "HTTP_PORT"}
 # Variables of ours that reach credentials; a test sets them to show nothing is hard-coded.
-CREDENTIAL_VARIABLES = ("RABBITMQ_USER", "RABBITMQ_PASSWORD")
+CREDENTIAL_VARIABLES = ("RABBITMQ_USER", "RABBITMQ_PASSWORD", "RABBITMQ_ERLANG_COOKIE")
+# Variables that choose the broker; cluster.env sets them, a developer's shell must not.
+BROKER_VARIABLES = ("BRIDGE_RABBITMQ_URL", "RABBITMQ_STANDALONE_SCALE", "COMPOSE_PROFILES")
 DEV_DEFAULT = "guest"
+DEV_COOKIE = "regbridge-dev-cookie"
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +52,15 @@ def tools() -> dict[str, Path]:
 def compose(tools: dict[str, Path], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # Only the variables the file interpolates are controlled here: a developer's own
     # RABBITMQ_PASSWORD must not change what the test sees.
-    base = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
+    base = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES + BROKER_VARIABLES}
     return subprocess.run([str(tools["docker-compose"]), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
                            *args], capture_output=True, text=True, timeout=60, env={**base, **(env or {})})
 
 
-def rendered(tools: dict[str, Path], env: dict[str, str] | None = None) -> dict[str, Any]:
+def rendered(tools: dict[str, Path], env: dict[str, str] | None = None, *, cluster: bool = False) -> dict[str, Any]:
     """The model as Compose resolves it (anchors merged, variables interpolated, paths absolute)."""
-    done = compose(tools, "--profile", "demo", "config", "--format", "json", env=env)
+    done = compose(tools, *(CLUSTER_ARGS if cluster else ()), "--profile", "demo", "config", "--format", "json",
+                   env=env)
     assert done.returncode == 0, done.stderr
     model: dict[str, Any] = json.loads(done.stdout)
     return model
@@ -59,6 +69,19 @@ def rendered(tools: dict[str, Path], env: dict[str, str] | None = None) -> dict[
 @pytest.fixture(scope="module")
 def model(tools: dict[str, Path]) -> dict[str, Any]:
     return rendered(tools)
+
+
+@pytest.fixture(scope="module")
+def cluster_model(tools: dict[str, Path]) -> dict[str, Any]:
+    """`--env-file deploy/compose/cluster.env --profile cluster`, with the demo profile too."""
+    return rendered(tools, cluster=True)
+
+
+@pytest.fixture(params=["default", "cluster"])
+def any_model(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Each of the two models, for the checks that hold for both."""
+    found: dict[str, Any] = request.getfixturevalue("model" if request.param == "default" else "cluster_model")
+    return found
 
 
 def strings(node: Any) -> Iterator[str]:
@@ -75,7 +98,9 @@ def strings(node: Any) -> Iterator[str]:
 # ---- the compose binary's own validation -------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "demo"]], ids=["default", "demo-profile"])
+@pytest.mark.parametrize("profile", [[], ["--profile", "demo"], ["--profile", "cluster"],
+                                     [*CLUSTER_ARGS, "--profile", "demo"]],
+                         ids=["default", "demo-profile", "cluster-profile", "cluster-env-and-demo"])
 def test_compose_config_is_valid_without_warnings(tools: dict[str, Path], profile: list[str]) -> None:
     done = compose(tools, *profile, "config", "--quiet")
     assert done.returncode == 0, done.stderr
@@ -111,8 +136,8 @@ def test_every_part_of_the_pipeline_is_there(model: dict[str, Any]) -> None:
     assert services["grafana"]["image"].startswith("grafana/grafana")
 
 
-def test_every_service_has_a_healthcheck_or_waits_for_healthy_ones(model: dict[str, Any]) -> None:
-    for name, service in model["services"].items():
+def test_every_service_has_a_healthcheck_or_waits_for_healthy_ones(any_model: dict[str, Any]) -> None:
+    for name, service in any_model["services"].items():
         check = service.get("healthcheck") or {}
         if check and not check.get("disable"):
             assert check.get("test"), name
@@ -132,7 +157,10 @@ def test_infrastructure_health_checks_use_the_images_own_tools(model: dict[str, 
 @pytest.mark.parametrize("name", ["submitter", "poller"])
 def test_bridge_services_wait_for_healthy_dependencies(model: dict[str, Any], name: str) -> None:
     depends = model["services"][name]["depends_on"]
-    assert set(depends) == {"rabbitmq", "mongodb", "legacy-sim"}
+    assert {dep for dep, d in depends.items() if d.get("required", True)} == {"rabbitmq", "mongodb", "legacy-sim"}
+    # The cluster's nodes are waited for only when their profile is on.
+    assert {dep for dep, d in depends.items() if not d.get("required", True)} == set(CLUSTER_NODES)
+    assert not set(CLUSTER_NODES) & set(model["services"])
     assert {d["condition"] for d in depends.values()} == {"service_healthy"}
 
 
@@ -140,7 +168,8 @@ def test_grafana_waits_for_prometheus(model: dict[str, Any]) -> None:
     assert model["services"]["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
 
 
-def test_only_the_consoles_publish_host_ports_on_loopback(model: dict[str, Any]) -> None:
+def test_only_the_consoles_publish_host_ports_on_loopback(any_model: dict[str, Any]) -> None:
+    model = any_model
     for name, service in model["services"].items():
         ports = service.get("ports") or []
         if name not in HOST_PORTS_ALLOWED:
@@ -150,7 +179,9 @@ def test_only_the_consoles_publish_host_ports_on_loopback(model: dict[str, Any])
             continue
         for port in ports:
             assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond loopback"
-    assert {p["target"] for p in model["services"]["rabbitmq"]["ports"]} == {15672}  # management only
+    for name in ("rabbitmq", "rabbitmq-0"):
+        if name in model["services"]:
+            assert {p["target"] for p in model["services"][name]["ports"]} == {15672}  # management only
 
 
 @pytest.mark.parametrize(("name", "port"), SERVICES.items())
@@ -189,14 +220,17 @@ def test_bridge_environment_follows_the_contract(model: dict[str, Any], name: st
     assert int(grace.rstrip("s")) > 30
 
 
-def test_credentials_are_the_dev_defaults_only(model: dict[str, Any]) -> None:
+def test_credentials_are_the_dev_defaults_only(any_model: dict[str, Any]) -> None:
+    model = any_model
     for text in strings(model):
         for match in re.finditer(r"[a-z][a-z0-9+.-]*://([^/@\s]+)@", text):
             user, _, password = match.group(1).partition(":")
             assert (user, password) == (DEV_DEFAULT, DEV_DEFAULT), f"credentials in {text!r}"
     for name, service in model["services"].items():
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"PASS|SECRET|TOKEN|KEY", key):
+            if key == "RABBITMQ_ERLANG_COOKIE":
+                assert value == DEV_COOKIE, f"{name}: {key} is hard-coded"
+            elif re.search(r"PASS|SECRET|TOKEN|KEY|COOKIE", key):
                 assert value == DEV_DEFAULT, f"{name}: {key} is hard-coded"
 
 
@@ -209,6 +243,102 @@ def test_credentials_come_from_the_environment(tools: dict[str, Path]) -> None:
         url = urlsplit(services[name]["environment"]["RABBITMQ_URL"])
         assert (url.username, url.password) == ("bridge", "s3cret"), name
     assert not any(f"{DEV_DEFAULT}:{DEV_DEFAULT}@" in text for text in strings(model))
+
+
+# ---- the cluster profile -------------------------------------------------------------------------
+
+
+def rabbitmq_conf(path: Path) -> dict[str, str]:
+    """A rabbitmq.conf (the sysctl-like format): `key = value` lines, `#` comments."""
+    settings: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, sep, value = line.partition("=")
+            assert sep, f"not a `key = value` line in {path.name}: {line!r}"
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def cluster_urls(url: str) -> list[Any]:
+    return [urlsplit(part) for part in url.split(",")]
+
+
+def test_cluster_profile_has_three_nodes_of_the_same_broker(model: dict[str, Any],
+                                                            cluster_model: dict[str, Any]) -> None:
+    services = cluster_model["services"]
+    single = services["rabbitmq"]
+    volumes = set()
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["profiles"] == ["cluster"], name
+        assert node["image"] == single["image"], name
+        # The node name is rabbit@<hostname>, and its data directory is named after it: fixed.
+        assert node["hostname"] == name
+        assert "container_name" not in node
+        assert node["healthcheck"]["test"][1] == "rabbitmq-diagnostics", name
+        mounts = {v["target"]: v for v in node["volumes"]}
+        data = mounts["/var/lib/rabbitmq"]
+        assert data["type"] == "volume" and data["source"] in cluster_model["volumes"], name
+        volumes.add(data["source"])
+        conf = [v for v in node["volumes"] if v["type"] == "bind" and v["target"].startswith("/etc/rabbitmq/conf.d/")]
+        assert [(Path(v["source"]), v["target"].endswith(".conf"), v.get("read_only")) for v in conf] == \
+            [(CLUSTER_CONF, True, True)], name
+    assert len(volumes) == len(CLUSTER_NODES), "each node keeps its own data"
+    assert "rabbitmq-data" not in volumes
+    # The default model has none of them, and its single node is started.
+    assert not set(CLUSTER_NODES) & set(model["services"])
+    assert int(model["services"]["rabbitmq"].get("scale", 1)) == 1
+
+
+def test_cluster_nodes_share_the_erlang_cookie_and_the_users(cluster_model: dict[str, Any]) -> None:
+    services = cluster_model["services"]
+    envs = [services[name]["environment"] for name in CLUSTER_NODES]
+    cookies = {env["RABBITMQ_ERLANG_COOKIE"] for env in envs}
+    assert len(cookies) == 1 and all(cookies), cookies
+    single = services["rabbitmq"]["environment"]
+    for env in envs:
+        assert (env["RABBITMQ_DEFAULT_USER"], env["RABBITMQ_DEFAULT_PASS"]) == \
+            (single["RABBITMQ_DEFAULT_USER"], single["RABBITMQ_DEFAULT_PASS"])
+
+
+def test_cluster_nodes_list_each_other(cluster_model: dict[str, Any]) -> None:
+    conf = rabbitmq_conf(CLUSTER_CONF)
+    backend = conf["cluster_formation.peer_discovery_backend"]
+    assert backend in ("classic_config", "rabbit_peer_discovery_classic_config")
+    peer = re.compile(r"cluster_formation\.classic_config\.nodes\.\d+")
+    listed = sorted(value for key, value in conf.items() if peer.fullmatch(key))
+    hostnames = sorted(cluster_model["services"][name]["hostname"] for name in CLUSTER_NODES)
+    assert listed == [f"rabbit@{host}" for host in hostnames]
+
+
+@pytest.mark.parametrize("name", ["submitter", "poller", "sample-load"])
+def test_cluster_services_get_every_node(model: dict[str, Any], cluster_model: dict[str, Any], name: str) -> None:
+    services = cluster_model["services"]
+    urls = cluster_urls(services[name]["environment"]["RABBITMQ_URL"])
+    assert sorted(url.hostname for url in urls) == sorted(services[n]["hostname"] for n in CLUSTER_NODES)
+    (single,) = cluster_urls(model["services"][name]["environment"]["RABBITMQ_URL"])
+    for url in urls:
+        # The same broker as the single node's, reached through each node: scheme, port, vhost, user.
+        assert (url.scheme, url.port, url.path, url.username, url.password) == \
+            (single.scheme, single.port, single.path, single.username, single.password), url.hostname
+    if name != "sample-load":
+        depends = services[name]["depends_on"]
+        assert all(depends[n]["condition"] == "service_healthy" for n in CLUSTER_NODES)
+    # The single node runs no container; the services do not wait for it.
+    assert int(services["rabbitmq"]["scale"]) == 0
+
+
+def test_cluster_credentials_and_cookie_come_from_the_environment(tools: dict[str, Path]) -> None:
+    env = {"RABBITMQ_USER": "bridge", "RABBITMQ_PASSWORD": "s3cret", "RABBITMQ_ERLANG_COOKIE": "c00kie"}
+    services = rendered(tools, env=env, cluster=True)["services"]
+    for name in CLUSTER_NODES:
+        node = services[name]["environment"]
+        assert (node["RABBITMQ_DEFAULT_USER"], node["RABBITMQ_DEFAULT_PASS"]) == ("bridge", "s3cret")
+        assert node["RABBITMQ_ERLANG_COOKIE"] == "c00kie"
+    for name in ("submitter", "poller", "sample-load"):
+        urls = cluster_urls(services[name]["environment"]["RABBITMQ_URL"])
+        assert {(url.username, url.password) for url in urls} == {("bridge", "s3cret")}, name
 
 
 def test_prometheus_and_grafana_get_the_deploy_files(model: dict[str, Any]) -> None:
@@ -246,6 +376,21 @@ def test_prometheus_scrapes_every_copy_of_each_service(model: dict[str, Any]) ->
         assert sd["names"] == [name] and sd["type"] == "A"
         if name in SERVICES:
             assert sd["port"] == int(model["services"][name]["environment"]["HTTP_PORT"])
+
+
+def test_prometheus_scrapes_every_rabbitmq_node_that_runs(model: dict[str, Any],
+                                                          cluster_model: dict[str, Any]) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "rabbitmq"]
+    # Names, not static targets: a static target for a node that is not started (the single node
+    # under the cluster profile, the cluster's nodes without it) would be reported down.
+    assert "static_configs" not in job
+    (sd,) = job["dns_sd_configs"]
+    nodes = {name for name, service in cluster_model["services"].items()
+             if service["image"].startswith("rabbitmq:")}
+    assert sd["type"] == "A" and sd["port"] == 15692  # the rabbitmq_prometheus plugin
+    assert set(sd["names"]) == nodes == {"rabbitmq", *CLUSTER_NODES}
+    assert "rabbitmq" in model["services"]
 
 
 # ---- the Dockerfile ------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ CONTRACT_ENV = {"RABBITMQ_URL", "MONGODB_URI", "MONGODB_DATABASE", "MONGODB_COLL
                 "INBOUND_QUEUE", "PENDING_QUEUE", "FAILED_QUEUE", "POLL_FIRST_DELAY_S", "POLL_INTERVAL_S",
                 "POLL_DEADLINE_S", "HTTP_PORT"}
 TUNING_ENV = {"LOG_LEVEL", "WORKERS", "PREFETCH", "SHUTDOWN_TIMEOUT_S"}
+# Running against a RabbitMQ cluster (docs/configuration.md), and each chart's default.
+CLUSTER_ENV = {"RABBITMQ_URL_ORDER": "shuffled", "QUORUM_INITIAL_GROUP_SIZE": "3"}
 SECRET_ENV = ("RABBITMQ_URL", "MONGODB_URI")
 CRD_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
 
@@ -111,7 +113,8 @@ def full_values(chart: str) -> dict[str, Any]:
         "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 12},
         "config": {"logLevel": "DEBUG", "prefetch": 100, "pollFirstDelayS": 0.5, "maxMessageBytes": 1000000,
-                   "legacyApiUrl": "https://adapter.legacy.svc:8443"},
+                   "legacyApiUrl": "https://adapter.legacy.svc:8443", "rabbitmqUrlOrder": "listed",
+                   "quorumInitialGroupSize": 5},
     })
 
 
@@ -152,6 +155,9 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (BRIDGE, "legacy-url-with-credentials", {"config": {"legacyApiUrl": LEAKY_LEGACY_URL}},
      "config.legacyApiUrl must not carry credentials"),
     (BRIDGE, "workers-as-float", {"config": {"workers": 2.5}}, "/config/workers"),
+    (BRIDGE, "unknown-url-order", {"config": {"rabbitmqUrlOrder": "random"}}, "/config/rabbitmqUrlOrder"),
+    (BRIDGE, "quorum-group-of-zero", {"config": {"quorumInitialGroupSize": 0}}, "/config/quorumInitialGroupSize"),
+    (BRIDGE, "quorum-group-as-float", {"config": {"quorumInitialGroupSize": 2.5}}, "/config/quorumInitialGroupSize"),
     (BRIDGE, "secret-create-without-urls", {"secret": {"create": True}}, "/secret/rabbitmqUrl"),
     (BRIDGE, "secret-create-half", {"secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": ""}},
      "/secret/mongodbUri"),
@@ -620,7 +626,8 @@ def test_environment_is_the_contract_and_the_service_accepts_it(
     if spec.bridge:
         from regbridge import settings as bridge_settings
 
-        assert set(env) >= CONTRACT_ENV | TUNING_ENV, sorted(CONTRACT_ENV | TUNING_ENV - set(env))
+        assert set(env) >= CONTRACT_ENV | TUNING_ENV | set(CLUSTER_ENV), \
+            sorted(CONTRACT_ENV | TUNING_ENV | set(CLUSTER_ENV) - set(env))
         parse = getattr(bridge_settings, f"{spec.name}_settings")
         recording = Recording({**real, "RABBITMQ_URL": RABBITMQ_URL, "MONGODB_URI": MONGODB_URI})
         loaded = parse(recording)
@@ -652,6 +659,14 @@ def test_environment_is_the_contract_and_the_service_accepts_it(
         # Every setting legacy-sim reads is one the chart can set (the seed only when given).
         assert recording.asked <= set(env), sorted(recording.asked - set(env))
         assert (loaded.seed, loaded.post_503_rate, loaded.fail_prefix, loaded.latency_max_s) == (42, 0.05, None, 6.0)
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_cluster_settings_reach_the_environment(helm: ModuleType, chart: str) -> None:
+    """RABBITMQ_URL_ORDER and QUORUM_INITIAL_GROUP_SIZE: the services' defaults unless set."""
+    assert {k: environment(render(helm, chart, {}, chart))[k] for k in CLUSTER_ENV} == CLUSTER_ENV
+    env = environment(render(helm, chart, full_values(chart), "staging"))
+    assert (env["RABBITMQ_URL_ORDER"], env["QUORUM_INITIAL_GROUP_SIZE"]) == ("listed", "5")
 
 
 def test_the_charts_are_consistent() -> None:

@@ -17,6 +17,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 import harness
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `-n` with `--dist loadgroup`: the deployment checks share one worker (they fetch
+    their tools into one directory), and so does the cluster test."""
+    for item in items:
+        part = Path(str(item.path)).relative_to(Path(__file__).parent).parts[0]
+        if part in ("deploy", "cluster"):
+            item.add_marker(pytest.mark.xdist_group(part))
+
+
 def _need_broker() -> None:
     if not harness.port_open("127.0.0.1", 5672):
         message = "RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"

@@ -7,9 +7,12 @@ three. Registrations keep arriving at a steady rate while the test
   (b) brings it back,
   (c) restarts the three nodes one at a time, as a rolling upgrade does (each stop waits until
       every quorum queue keeps a majority without that node: `rabbitmq-upgrade
-      await_online_quorum_plus_one`).
-Then every registration is held to its exact outcome, the longest gap in progress is bounded,
-and the legacy API saw no second registration. The stall of each step is printed.
+      await_online_quorum_plus_one`),
+  (d) kills two nodes of three for a while, then brings them back: without a majority the
+      queues stop, and what the services report meanwhile is recorded.
+Then every registration is held to its exact outcome, the longest gap in progress through (a)
+to (c) is bounded, and the legacy API saw no second registration. The stall of each step is
+printed.
 
 RabbitMQ 4.0-4.2 count every return of a message (a channel closed with it unacked, as a lost
 node does) toward a delivery limit of 20 by default. That is modelled by a policy of 20 on every
@@ -46,6 +49,7 @@ MIN_REGISTRATIONS = 300
 PUBLISH_EVERY_S = 0.5  # a chunk of CHUNK registrations each time: 8 a second
 CHUNK = 4
 MAX_GAP_S = 30.0
+MAJORITY_LOST_S = 10.0  # how long (d) keeps two nodes down
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +152,17 @@ class Publisher:
             time.sleep(PUBLISH_EVERY_S)
 
 
-def node_of(service: Service) -> str | None:
+def readiness(service: Service) -> tuple[int, dict[str, Any]]:
     try:
         answer = requests.get(f"{service.http}/readyz", timeout=2)
     except requests.RequestException:
-        return None
-    return json.loads(answer.text).get("broker_node") if answer.status_code == 200 else None
+        return 0, {}
+    return answer.status_code, json.loads(answer.text)
+
+
+def node_of(service: Service) -> str | None:
+    status, body = readiness(service)
+    return body.get("broker_node") if status == 200 else None
 
 
 def test_losing_a_node_and_a_rolling_restart_stop_nothing_and_lose_nothing(
@@ -212,6 +221,10 @@ def run_the_steps(cluster: Cluster, stack: Stack, listed: dict[str, str], users:
             node.start()
             node.await_startup()
         step(f"rolling restart: {node.name}", restart)
+    majority_lost = time.monotonic()
+    seen = lose_the_majority(cluster, stack, progress, [first, second])
+    advanced(15)
+    majority_back = time.monotonic()
 
     publisher.stop.set()
     threads[1].join(120)
@@ -225,8 +238,10 @@ def run_the_steps(cluster: Cluster, stack: Stack, listed: dict[str, str], users:
           f"{finished - began:.1f} s; extra failure records: {extra}")
     for label, start, end in steps:
         print(f"  {label}: longest stall {progress.longest_gap(start, end):.2f} s (step took {end - start:.1f} s)")
-    whole = progress.longest_gap(began, finished)
-    print(f"  longest stall over the whole run: {whole:.2f} s; "
+    print(f"  two of three nodes down for {MAJORITY_LOST_S:.0f} s, then back: longest stall "
+          f"{progress.longest_gap(majority_lost, majority_back):.2f} s; {seen}")
+    whole = max(progress.longest_gap(began, majority_lost), progress.longest_gap(majority_back, finished))
+    print(f"  longest stall outside the majority loss: {whole:.2f} s; "
           f"failure queue now {cluster.messages().get(FAILED, 0)} records")
 
     assert whole <= MAX_GAP_S
@@ -237,3 +252,29 @@ def run_the_steps(cluster: Cluster, stack: Stack, listed: dict[str, str], users:
     assert extra <= 4 * len(steps)
     for service in stack.services:
         assert service.process is not None and service.process.poll() is None, f"{service.name} exited"
+
+
+def lose_the_majority(cluster: Cluster, stack: Stack, progress: Progress, lost: list[Node]) -> str:
+    """Kill `lost` (two of three), wait, bring them back. Returns what was seen meanwhile: how
+    many registrations finished after the first seconds (work already in hand may finish; no
+    new work is delivered), and the services' readiness."""
+    for node in lost:
+        node.kill()
+    # The outage lasts MAJORITY_LOST_S, sampled throughout; after its first seconds the work
+    # that was already in hand has finished or stopped.
+    killed = time.monotonic()
+    settled: int | None = None
+    states: set[tuple[str, int]] = set()
+    while time.monotonic() - killed < MAJORITY_LOST_S:
+        states.update((s.name, readiness(s)[0]) for s in stack.services)
+        if settled is None and time.monotonic() - killed >= 3:
+            settled = progress.count()
+        time.sleep(0.5)
+    assert settled is not None
+    finished_meanwhile = progress.count() - settled
+    for node in lost:
+        node.start()
+    for node in lost:
+        node.await_startup()
+    ready = sorted(f"{name} {'ready' if code == 200 else f'not ready ({code})'}" for name, code in states)
+    return f"{finished_meanwhile} finished while the majority was lost; readiness seen: {', '.join(ready)}"

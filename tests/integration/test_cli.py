@@ -396,3 +396,15 @@ def test_errors_are_one_line_without_credentials(tmp_path: Path) -> None:
         assert "s3cret" not in result.stderr and "bob" not in result.stderr
     result = cli({**env, "POLL_INTERVAL_S": "soon"}, "stats")
     assert result.returncode == 2 and "POLL_INTERVAL_S" in result.stderr
+
+
+def test_a_list_of_brokers_reaches_the_one_that_answers(stack: Stack, broker: Broker) -> None:
+    # The first node listed is down; the command goes on to the next, as the services do.
+    down = broker.url.replace("127.0.0.1:5672", "127.0.0.1:1").replace("guest:guest", "bob:s3cret")
+    env = {**stack.env, "RABBITMQ_URL": f"{down},{broker.url}", "RABBITMQ_URL_ORDER": "listed"}
+    broker.publish(FAILED, record("u-list", "legacy"), message_id="u-list")
+    assert "u-list" in ok(env, "failed", "list")
+    # Every node down: one line naming each node, credentials hidden.
+    result = cli({**env, "RABBITMQ_URL": f"{down},{down.replace(':1/', ':2/')}"}, "failed", "list")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "127.0.0.1:1" in result.stderr and "127.0.0.1:2" in result.stderr and "s3cret" not in result.stderr

@@ -124,6 +124,7 @@ def test_broker_connections_cut_under_load(stack: Stack, broker: Broker, users: 
     assert second_submissions(legacy) == 0
 
 
+@pytest.mark.exclusive  # the whole broker
 def test_broker_restart_under_load(stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
     submitter = stack.start("submitter")
     poller = stack.start("poller")

@@ -269,8 +269,11 @@ def memory_alarm() -> Iterator[None]:
 
 def slow_pipeline(stack: Stack, legacy: LegacySim) -> tuple[Service, Service]:
     """A submitter and a poller that take about ten seconds over 200 registrations, so that
-    both are publishing when the alarm comes (reading and setting it takes seconds)."""
-    legacy.configure(response_delay_s=0.2)
+    both are publishing when the alarm comes: reading and setting it takes seconds, and the
+    broker blocks a connection only when it next publishes. Each registration takes 1.5 to
+    2.5 s, so that the poller keeps sending ids back to wait (a publish) rather than only
+    finishing them (no publish)."""
+    legacy.configure(response_delay_s=0.2, latency_min_s=1.5, latency_max_s=2.5)
     stack.env["WORKERS"] = "4"
     return stack.start("submitter"), stack.start("poller")
 

@@ -103,7 +103,10 @@ def test_credentials_never_show_in_a_live_run(stack: Stack, broker: Broker, user
         rabbit_user(vhost) as (user, password, rabbit_secrets),
         mongo_user(mongo, database) as (mongo_uri, mongo_secrets),
     ):
-        stack.env["RABBITMQ_URL"] = f"amqp://{user}:{quote(password, safe='')}@127.0.0.1:5672/{vhost}"
+        # Two brokers, the first one down: its refusal is logged too, and the setting shown.
+        live = f"amqp://{user}:{quote(password, safe='')}@127.0.0.1:5672/{vhost}"
+        stack.env["RABBITMQ_URL"] = f"{live.replace(':5672/', ':1/')},{live}"
+        stack.env["RABBITMQ_URL_ORDER"] = "listed"
         if mongo.process is not None:  # our own SecantusDB: credentials must work there
             assert mongo_uri is not None, "SecantusDB must take a user with a password"
         if mongo_uri is not None:

@@ -18,11 +18,9 @@ $(STAMP): libs/common/pyproject.toml services/*/pyproject.toml tools/registratio
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# Most tests wait on latencies: three at a time. A test that changes the whole shared broker
-# (a restart, a memory alarm) runs alone afterwards.
+# Most tests wait on latencies: three at a time (docs/testing.md).
 test: install lint typecheck
-	$(BIN)/python -m pytest -q -n 3 --dist loadgroup -m "not exclusive" --durations=15 tests
-	$(BIN)/python -m pytest -q -m exclusive tests
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --durations=15 tests
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit

@@ -3,9 +3,12 @@ broker fails the run; on a developer's machine those tests are skipped with the 
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +18,18 @@ from pymongo import MongoClient
 sys.path.insert(0, str(Path(__file__).parent))
 
 import harness
+from rabbit_cluster import ClusterUnavailable, Node, ctl, rabbit_cluster
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `-n` with `--dist loadgroup`: the deployment checks share one worker (they fetch
-    their tools into one directory), and so does the cluster test."""
+    their tools into one directory), and so do the cluster test, and the tests on a broker of
+    their own (one node boots for them all)."""
     for item in items:
         part = Path(str(item.path)).relative_to(Path(__file__).parent).parts[0]
-        if part in ("deploy", "cluster"):
+        if item.get_closest_marker("own_broker"):
+            item.add_marker(pytest.mark.xdist_group("own_broker"))
+        elif part in ("deploy", "cluster"):
             item.add_marker(pytest.mark.xdist_group(part))
 
 
@@ -53,8 +60,36 @@ def legacy(legacy_session: harness.LegacySim) -> harness.LegacySim:
     return legacy_session
 
 
+@pytest.fixture(scope="session")
+def own_node() -> Iterator[Node]:
+    """A RabbitMQ node of the tests' own, for tests that restart a broker or raise its alarms:
+    the machine's broker, which the other tests share, is never touched."""
+    if os.geteuid() != 0 or shutil.which("rabbitmq-server") is None:
+        harness.unavailable("a broker of the tests' own runs as the rabbitmq user: it needs root and the "
+                            "rabbitmq-server package")
+    with ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(rabbit_cluster(1, prefix="solo"))
+        except ClusterUnavailable as exc:
+            harness.unavailable(f"cannot start a RabbitMQ node of the tests' own: {exc}")
+            raise
+        node = cluster.nodes[0]
+        harness.NODE_BY_PORT[node.port] = node.name
+        yield node
+
+
 @pytest.fixture
-def amqp_url() -> Iterator[str]:
+def amqp_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh vhost: on the machine's broker, or on the tests' own node for a test marked
+    `own_broker`."""
+    if request.node.get_closest_marker("own_broker"):
+        node: Node = request.getfixturevalue("own_node")
+        name = f"test-{uuid.uuid4().hex[:10]}"
+        ctl(node.name, "add_vhost", name)
+        ctl(node.name, "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:{node.port}/{name}"
+        ctl(node.name, "delete_vhost", name)
+        return
     _need_broker()
     with harness.vhost() as url:
         yield url

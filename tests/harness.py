@@ -19,6 +19,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import pika
 import requests
@@ -62,8 +63,18 @@ def port_open(host: str, port: int) -> bool:
 # ---- RabbitMQ ---------------------------------------------------------------------------------
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+# Brokers of the tests' own (`rabbit_cluster`), by AMQP port: `rabbitmqctl` must name their node.
+NODE_BY_PORT: dict[int, str] = {}
+
+
+def node_args(url: str) -> list[str]:
+    """`-n <node>` for a broker of the tests' own, nothing for the machine's broker."""
+    port = urlsplit(url).port or 5672
+    return ["-n", NODE_BY_PORT[port]] if port in NODE_BY_PORT else []
+
+
+def rabbitmqctl(*args: str, url: str = "") -> None:
+    subprocess.run(["rabbitmqctl", *node_args(url), "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 MANAGEMENT = "http://127.0.0.1:15672/api"
@@ -166,8 +177,9 @@ class Broker:
     def in_pipeline(self, exclude: str) -> int:
         """Messages, ready or unacknowledged, in every queue of this vhost but `exclude`."""
         vhost = self.url.rsplit("/", 1)[1]
-        out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "--no-table-headers", "name",
-                              "messages"], check=True, capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(["rabbitmqctl", *node_args(self.url), "-q", "list_queues", "-p", vhost,
+                              "--no-table-headers", "name", "messages"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
         total = 0
         for line in out.splitlines():
             name, _, count = line.rpartition("\t")

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import requests
 from conftest import Stack
-from harness import Broker, LegacySim, Mongo, Service, rabbitmqctl, service_env, wait_until
+from harness import Broker, LegacySim, Mongo, Service, node_args, rabbitmqctl, service_env, wait_until
 from outcomes import INBOUND, PENDING, Outcomes, check_exact, good, mixed_load
 
 from regbridge.amqp import AmqpRuntime, TopologyConflict
+from regbridge.brokers import node_of
 from regbridge.process import EXIT_TOPOLOGY_CONFLICT
 from regbridge.topology import GROUP_SIZE_ARG, submitter_queues, wait_queue, wait_queue_name, work_queue
 
@@ -252,19 +253,20 @@ def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, us
 
 
 @contextmanager
-def memory_alarm() -> Iterator[None]:
-    """A memory alarm on the shared test broker, for as short a time as the caller needs: the
-    previous watermark is read first and always restored."""
-    previous = subprocess.run(["rabbitmqctl", "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+def memory_alarm(url: str) -> Iterator[None]:
+    """A memory alarm on the broker of `url` (a node of the tests' own), for as short a time as
+    the caller needs: the previous watermark is read first and always restored."""
+    previous = subprocess.run(["rabbitmqctl", *node_args(url), "-q", "eval",
+                               "vm_memory_monitor:get_vm_memory_high_watermark()."],
                               check=True, capture_output=True, text=True, timeout=60).stdout.strip()
     absolute = re.fullmatch(r"\{absolute,\s*(\d+)\}", previous)
     restore = ["absolute", absolute.group(1)] if absolute else [previous]
     float(restore[-1])  # a value we can set back, or no alarm at all
-    rabbitmqctl("set_vm_memory_high_watermark", "0.000001")
+    rabbitmqctl("set_vm_memory_high_watermark", "0.000001", url=url)
     try:
         yield
     finally:
-        rabbitmqctl("set_vm_memory_high_watermark", *restore)
+        rabbitmqctl("set_vm_memory_high_watermark", *restore, url=url)
 
 
 def slow_pipeline(stack: Stack, legacy: LegacySim) -> tuple[Service, Service]:
@@ -284,18 +286,18 @@ def blocked_everywhere(*services: Service) -> bool:
         checks = {k: body.get(k) for k in ("broker", "publishing", "mongodb")}
         # Still connected while blocked: the answer names the node.
         return (status, checks) == (503, {"broker": True, "publishing": False, "mongodb": True}) \
-            and body.get("broker_node") == "127.0.0.1:5672"
+            and body.get("broker_node") == node_of(service.env["RABBITMQ_URL"])
 
     return all(blocked(s) for s in services)
 
 
-@pytest.mark.exclusive  # the whole broker
+@pytest.mark.own_broker  # restarts it, or raises its alarm
 def test_a_memory_alarm_blocks_publishing_reports_it_and_every_registration_ends_once(
         stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
     submitter, poller = slow_pipeline(stack, legacy)
     expected = mixed_load(broker, 200, seed=21)
     wait_until(lambda: legacy.stats(summary=True)["submissions_total"] >= 20, timeout=30, what="work in flight")
-    with memory_alarm():
+    with memory_alarm(broker.url):
         raised = time.monotonic()
         wait_until(lambda: blocked_everywhere(submitter, poller), timeout=15,
                    what="/readyz of both services to report publishing blocked")
@@ -312,7 +314,7 @@ def test_a_memory_alarm_blocks_publishing_reports_it_and_every_registration_ends
     assert second_submissions(legacy) == 0
 
 
-@pytest.mark.exclusive  # the whole broker
+@pytest.mark.own_broker  # restarts it, or raises its alarm
 def test_sigterm_while_the_broker_blocks_publishing_ends_within_the_deadline(
         stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
     timeout_s = 4.0
@@ -320,7 +322,7 @@ def test_sigterm_while_the_broker_blocks_publishing_ends_within_the_deadline(
     submitter, poller = slow_pipeline(stack, legacy)
     expected = mixed_load(broker, 200, seed=22)
     wait_until(lambda: legacy.stats(summary=True)["submissions_total"] >= 20, timeout=30, what="work in flight")
-    with memory_alarm():
+    with memory_alarm(broker.url):
         wait_until(lambda: blocked_everywhere(submitter), timeout=15, what="the submitter blocked")
         began = time.monotonic()
         assert submitter.terminate(timeout=timeout_s + 5) == 0

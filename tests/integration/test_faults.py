@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import Stack
-from harness import Broker, LegacySim, Mongo, Service, wait_until
+from harness import Broker, LegacySim, Mongo, Service, rabbitmqctl, wait_until
 from outcomes import INBOUND, Outcomes, check_exact, good, mixed_load
 
 pytestmark = pytest.mark.integration
@@ -124,18 +124,18 @@ def test_broker_connections_cut_under_load(stack: Stack, broker: Broker, users: 
     assert second_submissions(legacy) == 0
 
 
-@pytest.mark.exclusive  # the whole broker
+@pytest.mark.own_broker  # restarts it, or raises its alarm
 def test_broker_restart_under_load(stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
     submitter = stack.start("submitter")
     poller = stack.start("poller")
     expected = mixed_load(broker, 200, seed=12)
     wait_until(lambda: submissions_so_far(legacy) >= 40, timeout=30, what="work in flight")
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
+    rabbitmqctl("stop_app", url=broker.url)
     try:
         wait_until(lambda: not submitter.ready() and not poller.ready(), timeout=30,
                    what="both services to report not ready")
     finally:
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=120)
+        rabbitmqctl("start_app", url=broker.url)
     broker.reconnect()
     assert check_exact(Outcomes(broker, users), expected) <= 4
     assert metric(submitter, "submitter_broker_reconnects_total") >= 1

@@ -1,4 +1,6 @@
-"""A RabbitMQ cluster of three nodes on this machine, from the installed Debian package.
+"""RabbitMQ nodes of the tests' own on this machine, from the installed Debian package: a
+cluster of three, or one node that a test may restart or put under an alarm without touching
+the machine's broker.
 
 Each node runs as the `rabbitmq` user with its own node name (`rN@localhost`), AMQP and
 distribution ports, data and log directories, configuration file and an empty enabled-plugins
@@ -43,10 +45,11 @@ class Node:
     base: Path
     port: int
     dist_port: int
+    prefix: str = "r"
 
     @property
     def name(self) -> str:
-        return f"r{self.index}@localhost"
+        return f"{self.prefix}{self.index}@localhost"
 
     @property
     def url(self) -> str:
@@ -59,7 +62,7 @@ class Node:
 
     @property
     def dir(self) -> Path:
-        return self.base / f"r{self.index}"
+        return self.base / f"{self.prefix}{self.index}"
 
     def env(self) -> dict[str, str]:
         d = self.dir
@@ -137,8 +140,8 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, base: Path, size: int = 3) -> None:
-        self.nodes = [Node(i, base, free_port(), free_port()) for i in range(1, size + 1)]
+    def __init__(self, base: Path, size: int = 3, prefix: str = "r") -> None:
+        self.nodes = [Node(i, base, free_port(), free_port(), prefix) for i in range(1, size + 1)]
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -199,12 +202,13 @@ class Cluster:
 
 
 @contextmanager
-def rabbit_cluster(size: int = 3) -> Iterator[Cluster]:
-    """A fresh cluster, stopped and removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="rabbit-cluster-"))
+def rabbit_cluster(size: int = 3, prefix: str = "r") -> Iterator[Cluster]:
+    """A fresh cluster (of one node, with `size` 1), killed and removed afterwards. Node names
+    start with `prefix`: two clusters at once need two prefixes."""
+    base = Path(tempfile.mkdtemp(prefix=f"rabbit-{prefix}-"))
     shutil.chown(base, "rabbitmq", "rabbitmq")
     os.chmod(base, 0o755)
-    cluster = Cluster(base, size)
+    cluster = Cluster(base, size, prefix)
     try:
         for node in cluster.nodes:
             node.prepare()

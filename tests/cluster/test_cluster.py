@@ -187,6 +187,11 @@ def run_the_steps(cluster: Cluster, stack: Stack, listed: dict[str, str], users:
     pair_b = [stack.start(name, RABBITMQ_URL=listed[second.name]) for name in ("submitter", "poller")]
     assert [node_of(s) for s in pair_a] == [first.address] * 2
     assert [node_of(s) for s in pair_b] == [second.address] * 2
+    # QUORUM_INITIAL_GROUP_SIZE (3): every queue the services made has a member on each node.
+    members = ctl(first.name, "list_queues", "-p", "/", "--no-table-headers", "name", "members")
+    assert len(members.splitlines()) >= 4
+    for line in members.splitlines():
+        assert all(node.name in line for node in cluster.nodes), line
 
     progress = Progress(users)
     publisher = Publisher(ClusterBroker(cluster, first=2))

@@ -21,15 +21,17 @@ import harness
 from rabbit_cluster import ClusterUnavailable, Node, ctl, rabbit_cluster
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `-n` with `--dist loadgroup`: the deployment checks share one worker (they fetch
-    their tools into one directory), and so do the cluster test, and the tests on a broker of
-    their own (one node boots for them all)."""
+    their tools into one directory), and so do the cluster test, the explorer (its last test
+    reports the runs of them all), and the tests on a broker of their own (one node boots for
+    them all)."""
     for item in items:
         part = Path(str(item.path)).relative_to(Path(__file__).parent).parts[0]
         if item.get_closest_marker("own_broker"):
             item.add_marker(pytest.mark.xdist_group("own_broker"))
-        elif part in ("deploy", "cluster"):
+        elif part in ("deploy", "cluster", "model"):
             item.add_marker(pytest.mark.xdist_group(part))
 
 
@@ -69,7 +71,9 @@ def own_node() -> Iterator[Node]:
                             "rabbitmq-server package")
     with ExitStack() as stack:
         try:
-            cluster = stack.enter_context(rabbit_cluster(1, prefix="solo"))
+            # A node name of its own per pytest-xdist worker, should the group ever be split.
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            cluster = stack.enter_context(rabbit_cluster(1, prefix=f"solo-{worker}-"))
         except ClusterUnavailable as exc:
             harness.unavailable(f"cannot start a RabbitMQ node of the tests' own: {exc}")
             raise

@@ -12,8 +12,10 @@ their own cluster: the machine's own broker on 5672 is never part of it.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -22,9 +24,26 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import free_port
+from harness import port_open
 
 STARTUP_S = 90.0
+# Below the kernel's ephemeral range (32768 and up): no outgoing connection takes one of these
+# as its local port in the seconds between choosing it and the node binding it.
+QUIET_PORTS = range(21000, 29000)
+
+
+def quiet_port() -> int:
+    """A port below the ephemeral range that nothing listens on now."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(QUIET_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterUnavailable("no free port below the ephemeral range")
 
 
 class ClusterUnavailable(RuntimeError):
@@ -103,7 +122,9 @@ class Node:
         while time.monotonic() < deadline:
             try:
                 ctl(self.name, "await_startup", "--timeout", "10", timeout=30)
-                return
+                if port_open("127.0.0.1", self.port):
+                    return
+                last = f"started, but nothing listens on its AMQP port {self.port}"
             except (ClusterUnavailable, subprocess.TimeoutExpired) as exc:
                 last = str(exc)
                 time.sleep(0.5)
@@ -141,7 +162,7 @@ class Node:
 
 class Cluster:
     def __init__(self, base: Path, size: int = 3, prefix: str = "r") -> None:
-        self.nodes = [Node(i, base, free_port(), free_port(), prefix) for i in range(1, size + 1)]
+        self.nodes = [Node(i, base, quiet_port(), quiet_port(), prefix) for i in range(1, size + 1)]
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)

@@ -241,7 +241,13 @@ def run_the_steps(cluster: Cluster, stack: Stack, listed: dict[str, str], users:
     publisher.stop.set()
     threads[1].join(120)
     outcomes = Outcomes(ClusterBroker(cluster), users)
-    extra = check_exact(outcomes, publisher.expected, timeout=240)
+    try:
+        extra = check_exact(outcomes, publisher.expected, timeout=240)
+    except AssertionError as exc:
+        # Where the unfinished ones are, read before the cluster is torn down.
+        queues = ctl(cluster.running().name, "list_queues", "-p", "/", "name", "messages_ready",
+                     "messages_unacknowledged", "consumers", "leader", "members")
+        raise AssertionError(f"{str(exc)[:2000]}\nthe cluster's queues:\n{queues}") from None
     progress.stop.set()
     threads[0].join(10)
     finished = progress.changes[-1][0]

@@ -3,7 +3,6 @@ Browsing a queue is `cycle.Cycle`."""
 
 from __future__ import annotations
 
-import random
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -15,7 +14,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingConnection
 
-from regbridge.brokers import Order
+from regbridge.brokers import Rotation
 
 from .errors import CliError
 from .settings import CliSettings
@@ -25,11 +24,10 @@ from .settings import CliSettings
 def connect(settings: CliSettings) -> Iterator[BlockingConnection]:
     """A connection to the broker, or a one-line error saying why there is none."""
     where = settings.broker_shown
-    urls = settings.rabbitmq_urls
-    if settings.rabbitmq_url_order is Order.SHUFFLED:
-        random.shuffle(urls)
+    # One round of the nodes, in the order the services would try them.
+    nodes = Rotation(settings.rabbitmq_urls, settings.rabbitmq_url_order)
     try:
-        params = [pika.URLParameters(url) for url in urls]
+        params = [pika.URLParameters(nodes.next()) for _ in settings.rabbitmq_urls]
     except Exception:
         raise CliError("RABBITMQ_URL is not a valid amqp URL (value not shown: it may hold credentials)") from None
     for one in params:  # a node that does not answer gives way to the next one soon

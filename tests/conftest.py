@@ -3,6 +3,7 @@ broker fails the run; on a developer's machine those tests are skipped with the 
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest.nodes import Node as Node_
 from pymongo import MongoClient
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,6 +35,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("own_broker"))
         elif part in ("deploy", "cluster", "model"):
             item.add_marker(pytest.mark.xdist_group(part))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`--dist loadgroup` works by rewriting `item._nodeid`; a pytest whose node ids live
+    elsewhere scatters the groups without a word, so refuse to start instead."""
+    if config.getoption("dist", "no") == "loadgroup" \
+            and "_nodeid" not in inspect.getsource(Node_.nodeid.fget):  # type: ignore[attr-defined]
+        raise pytest.UsageError("this pytest keeps node ids where pytest-xdist's loadgroup cannot "
+                                "rewrite them; install the pytest that requirements-dev.txt pins")
 
 
 def _need_broker() -> None:

@@ -252,16 +252,22 @@ def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, us
 # ---- a broker alarm ------------------------------------------------------------------------------
 
 
-@contextmanager
-def memory_alarm(url: str) -> Iterator[None]:
-    """A memory alarm on the broker of `url` (a node of the tests' own), for as short a time as
-    the caller needs: the previous watermark is read first and always restored."""
+def watermark(url: str) -> list[str]:
+    """The arguments that set the memory watermark of `url`'s node back to what it is now.
+    Read before the load starts: each `rabbitmqctl` call takes seconds on a busy machine."""
     previous = subprocess.run(["rabbitmqctl", *node_args(url), "-q", "eval",
                                "vm_memory_monitor:get_vm_memory_high_watermark()."],
                               check=True, capture_output=True, text=True, timeout=60).stdout.strip()
     absolute = re.fullmatch(r"\{absolute,\s*(\d+)\}", previous)
     restore = ["absolute", absolute.group(1)] if absolute else [previous]
     float(restore[-1])  # a value we can set back, or no alarm at all
+    return restore
+
+
+@contextmanager
+def memory_alarm(url: str, restore: list[str]) -> Iterator[None]:
+    """A memory alarm on the broker of `url` (a node of the tests' own), for as short a time as
+    the caller needs; `restore` (from `watermark`) is always set back."""
     rabbitmqctl("set_vm_memory_high_watermark", "0.000001", url=url)
     try:
         yield
@@ -270,12 +276,12 @@ def memory_alarm(url: str) -> Iterator[None]:
 
 
 def slow_pipeline(stack: Stack, legacy: LegacySim) -> tuple[Service, Service]:
-    """A submitter and a poller that take about ten seconds over 200 registrations, so that
-    both are publishing when the alarm comes: reading and setting it takes seconds, and the
+    """A submitter and a poller that take about twenty seconds over 200 registrations, so that
+    both are publishing when the alarm comes: setting it takes seconds, and the
     broker blocks a connection only when it next publishes. Each registration takes 1.5 to
     2.5 s, so that the poller keeps sending ids back to wait (a publish) rather than only
     finishing them (no publish)."""
-    legacy.configure(response_delay_s=0.2, latency_min_s=1.5, latency_max_s=2.5)
+    legacy.configure(response_delay_s=0.4, latency_min_s=1.5, latency_max_s=2.5)
     stack.env["WORKERS"] = "4"
     return stack.start("submitter"), stack.start("poller")
 
@@ -294,10 +300,11 @@ def blocked_everywhere(*services: Service) -> bool:
 @pytest.mark.own_broker  # restarts it, or raises its alarm
 def test_a_memory_alarm_blocks_publishing_reports_it_and_every_registration_ends_once(
         stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    restore = watermark(broker.url)
     submitter, poller = slow_pipeline(stack, legacy)
     expected = mixed_load(broker, 200, seed=21)
     wait_until(lambda: legacy.stats(summary=True)["submissions_total"] >= 20, timeout=30, what="work in flight")
-    with memory_alarm(broker.url):
+    with memory_alarm(broker.url, restore):
         raised = time.monotonic()
         wait_until(lambda: blocked_everywhere(submitter, poller), timeout=15,
                    what="/readyz of both services to report publishing blocked")
@@ -319,10 +326,11 @@ def test_sigterm_while_the_broker_blocks_publishing_ends_within_the_deadline(
         stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
     timeout_s = 4.0
     stack.env["SHUTDOWN_TIMEOUT_S"] = str(timeout_s)
+    restore = watermark(broker.url)
     submitter, poller = slow_pipeline(stack, legacy)
     expected = mixed_load(broker, 200, seed=22)
     wait_until(lambda: legacy.stats(summary=True)["submissions_total"] >= 20, timeout=30, what="work in flight")
-    with memory_alarm(broker.url):
+    with memory_alarm(broker.url, restore):
         wait_until(lambda: blocked_everywhere(submitter), timeout=15, what="the submitter blocked")
         began = time.monotonic()
         assert submitter.terminate(timeout=timeout_s + 5) == 0

@@ -130,16 +130,30 @@ def test_broker_restart_under_load(stack: Stack, broker: Broker, users: Any, leg
     poller = stack.start("poller")
     expected = mixed_load(broker, 200, seed=12)
     wait_until(lambda: submissions_so_far(legacy) >= 40, timeout=30, what="work in flight")
+    in_hand = 'submitter_deliveries_in_hand{queue="registrations"}'
+    wait_until(lambda: metric(submitter, in_hand) > 0, timeout=30, what="deliveries in the submitter's hand")
     rabbitmqctl("stop_app", url=broker.url)
     try:
         wait_until(lambda: not submitter.ready() and not poller.ready(), timeout=30,
                    what="both services to report not ready")
+        # The broker took back what they held, and no depth is reported that no one reads.
+        for service in (submitter, poller):
+            text = requests.get(f"{service.http}/metrics", timeout=5).text
+            assert f"{service.name}_queue_messages{{" not in text
+            assert re.search(rf"^{service.name}_deliveries_in_hand\{{.*\}} 0\.0$", text, re.MULTILINE)
     finally:
         rabbitmqctl("start_app", url=broker.url)
     broker.reconnect()
     assert check_exact(Outcomes(broker, users), expected) <= 4
     assert metric(submitter, "submitter_broker_reconnects_total") >= 1
     assert second_submissions(legacy) == 0
+    # Every delivery settled, and the depths read again on the new connection.
+    wait_until(lambda: metric(submitter, in_hand) == 0
+               and metric(poller, 'poller_deliveries_in_hand{queue="registrations.pending"}') == 0,
+               timeout=30, what="nothing left in hand")
+    assert metric(poller, "poller_retries_deferred") == 0
+    wait_until(lambda: 'submitter_queue_messages{queue="registrations"}' in
+               requests.get(f"{submitter.http}/metrics", timeout=5).text, timeout=30, what="depths read again")
 
 
 def test_legacy_down_for_a_while(stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:

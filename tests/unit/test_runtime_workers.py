@@ -211,8 +211,9 @@ def test_a_delivery_from_an_old_channel_is_not_run(handled: list[int], make_pool
 def test_deferred_work_runs_when_its_timer_fires(handled: list[int], make_pool: MakePool) -> None:
     pool = make_pool(lambda d: None)
     pool.pool.defer(delivery(4), 1.5, lambda: handled.append(4))
-    assert pool.pool.in_hand == 1
+    assert pool.pool.in_hand == 1 and pool.pool.deferred == 1
     assert pool.loop.fire_timers() == [1.5]
+    assert pool.pool.deferred == 0
     pool.idle()
     assert handled == [4]
 
@@ -223,9 +224,10 @@ def test_deferred_work_is_handed_back_at_stop_and_its_timer_then_does_nothing(
     pool = make_pool(lambda d: None)
     pool.pool.defer(delivery(4), 1.5, lambda: handled.append(4))
     pool.pool.defer(delivery(5), 3.0, lambda: handled.append(5))
+    assert pool.pool.deferred == 2
     assert pool.pool.hand_back() == (0, 2)
     assert sorted(pool.link.settled) == [(4, False, True), (5, False, True)]
-    assert pool.pool.in_hand == 0
+    assert pool.pool.in_hand == 0 and pool.pool.deferred == 0
     pool.loop.fire_timers()
     pool.loop.turn()
     assert handled == [] and pool.pool.in_hand == 0
@@ -236,7 +238,7 @@ def test_deferred_work_of_a_lost_channel_is_dropped_for_its_redelivery(handled: 
     pool.pool.defer(delivery(4), 1.5, lambda: handled.append(4))
     pool.link.generation = 2
     pool.loop.fire_timers()
-    assert pool.pool.in_hand == 0 and handled == [] and pool.link.settled == []
+    assert pool.pool.in_hand == 0 and pool.pool.deferred == 0 and handled == [] and pool.link.settled == []
 
 
 def test_at_the_stop_work_queued_and_not_started_goes_back_at_once_and_running_work_finishes(

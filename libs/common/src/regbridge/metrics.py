@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import platform
+from collections.abc import Callable, Sequence
+from importlib import metadata
+
 from prometheus_client import Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
 from regbridge.breaker import Hold, State
 
 
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class ServiceMetrics:
     def __init__(self, prefix: str, *, consumed: str) -> None:
+        # What runs, as one series of value 1: a rollout shows as its labels changing, and a
+        # mixed fleet as two series at once.
+        build = {"version": _version(f"regbridge-{prefix}"), "common": _version("regbridge-common"),
+                 "python": platform.python_version(), "pika": _version("pika"), "pymongo": _version("pymongo")}
+        self.build = Gauge(f"{prefix}_build_info", "The running build, always 1: versions of the service, its "
+                           "library, Python and the clients", list(build))
+        self.build.labels(**build).set(1)
+        self.deliveries_in_hand = Gauge(f"{prefix}_deliveries_in_hand",
+                                        "Deliveries this replica holds unsettled, by queue: its share of the "
+                                        "queue's unacked messages (running, waiting for a worker or a confirm, "
+                                        "or deferred)", ["queue"])
+        self.retries_deferred = Gauge(f"{prefix}_retries_deferred",
+                                      "Deliveries held unacked for a timer: a deferred retry, or a pause before "
+                                      "a hand-back")
         self.consumed = Counter(f"{prefix}_messages_consumed_total", consumed)
         self.reconnects = Counter(f"{prefix}_broker_reconnects_total", "Broker connections lost")
         self.store_retries = Counter(f"{prefix}_store_retries_total", "MongoDB operations retried during an outage")
@@ -17,7 +44,8 @@ class ServiceMetrics:
                                      "MongoDB writes refused for good: each a `store` failure, or a failure's "
                                      "status left unwritten beside its record")
         self.queue_messages = Gauge(f"{prefix}_queue_messages",
-                                    "Ready messages in each queue this service declared, read every 10 s", ["queue"])
+                                    "Ready messages in each queue this service declared, read every 10 s; "
+                                    "absent while disconnected (unacked ones: *_deliveries_in_hand)", ["queue"])
         self.breaker_state = Gauge(f"{prefix}_legacy_breaker_state",
                                    "The legacy API's circuit breaker: 1 for the state it is in, 0 for the others",
                                    ["state"])
@@ -40,8 +68,22 @@ class ServiceMetrics:
         for each in State:
             self.breaker_state.labels(each).set(1.0 if each == state else 0.0)
 
+    def watch(self, *, unacked: Callable[[str], int], consumed: Sequence[str], deferred: Callable[[], int]) -> None:
+        """Read the work in hand from the runtime at each scrape, rather than on every delivery."""
+        for queue in consumed:
+            self.deliveries_in_hand.labels(queue).set_function(functools.partial(unacked, queue))
+        self.retries_deferred.set_function(deferred)
+
+    def queue_depth(self, queue: str, messages: int | None) -> None:
+        if messages is not None:
+            self.queue_messages.labels(queue).set(messages)
+        else:
+            with contextlib.suppress(KeyError):  # never read since the service started
+                self.queue_messages.remove(queue)
+
     def all(self) -> tuple[MetricWrapperBase, ...]:
-        return (self.consumed, self.reconnects, self.store_retries, self.store_refused, self.queue_messages,
+        return (self.build, self.deliveries_in_hand, self.retries_deferred, self.consumed, self.reconnects,
+                self.store_retries, self.store_refused, self.queue_messages,
                 self.breaker_state, self.legacy_not_sent, self.hops_refused, self.broker_blocked, self.broker_blocks)
 
     def blocked(self, blocked: bool) -> None:

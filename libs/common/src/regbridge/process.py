@@ -67,12 +67,13 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
         shutdown_timeout_s=settings.shutdown_timeout_s,
         hooks=RuntimeHooks(on_delivery=lambda d: metrics.consumed.inc(),
                            on_disconnected=metrics.reconnects.inc,
-                           on_queue_depth=lambda queue, n: metrics.queue_messages.labels(queue).set(n),
+                           on_queue_depth=metrics.queue_depth,
                            on_hop_refused=lambda queue: metrics.hops_refused.inc(),
                            on_blocked=metrics.blocked),
         name=name,
         order=settings.rabbitmq_url_order,
     )
+    metrics.watch(unacked=runtime.unacked, consumed=[consume], deferred=lambda: runtime.deferred)
     durable = Durable(runtime.stopping, on_retry=metrics.store_retries.inc)
     executor = Executor(handler(durable), broker=runtime, store=store, durable=durable,
                         failed_queue=settings.failed_queue, clock=time.time,

@@ -90,7 +90,7 @@ class LinkEvents:
     delivered: Callable[[Delivery], None]
     channel_lost: Callable[[str], None]
     disconnected: Callable[[], None]  # a consuming channel lost while not stopping
-    queue_depth: Callable[[str, int], None]
+    queue_depth: Callable[[str, int | None], None]  # None: no longer known (no channel)
     conflict: Callable[[str], None]  # a queue exists with other arguments: stop, do not reconnect
     blocked: Callable[[bool], None]  # the broker blocks (True) or lets through (False) our publishing
 
@@ -114,6 +114,9 @@ class BrokerLink:
         self.ready = False  # channel open, confirms on, consumers started
         self.blocked = False  # the broker holds back this connection's publishing (an alarm)
         self.node: str | None = None  # host:port of the broker while ready
+        # Deliveries of the current channel not yet acked or nacked, by queue: the broker's
+        # unacked count of this consumer. Keys are fixed, so other threads may read them.
+        self.unacked: dict[str, int] = dict.fromkeys(settings.consume, 0)
 
     def current(self, delivery: Delivery) -> bool:
         """Whether the channel that delivered `delivery` is still the one consuming."""
@@ -138,6 +141,7 @@ class BrokerLink:
             channel.basic_ack(delivery.delivery_tag)
         else:
             channel.basic_nack(delivery.delivery_tag, requeue=requeue)
+        self.unacked[delivery.queue] -= 1
 
     # ---- connecting ---------------------------------------------------------------------------
 
@@ -242,6 +246,7 @@ class BrokerLink:
 
     def _on_message(self, queue_name: str, generation: int, method: Basic.Deliver, properties: BasicProperties,
                     body: bytes) -> None:
+        self.unacked[queue_name] += 1
         self._events.delivered(Delivery(body, properties, bool(method.redelivered), method.delivery_tag,
                                         queue_name, generation, time.time()))
 
@@ -300,6 +305,12 @@ class BrokerLink:
         self.node = None
         self._channel = None
         self._consumer_tags = []
+        # The broker takes back what the channel held, and its depths are read again once
+        # a channel is back: a gauge left at its last value would describe a queue no one reads.
+        for queue in self.unacked:
+            self.unacked[queue] = 0
+        for spec in self._settings.queues:
+            self._events.queue_depth(spec.name, None)
         if unexpected:
             self._events.disconnected()
         self._events.channel_lost(why)

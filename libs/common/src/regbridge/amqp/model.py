@@ -43,7 +43,8 @@ class RuntimeHooks:
 
     on_disconnected: Callable[[], None] = lambda: None
     on_delivery: Callable[[Delivery], None] = lambda d: None
-    on_queue_depth: Callable[[str, int], None] = lambda queue, messages: None
+    # The ready messages of a queue, read every 10 s; None once they are no longer known.
+    on_queue_depth: Callable[[str, int | None], None] = lambda queue, messages: None
     on_hop_refused: Callable[[str], None] = lambda queue: None
     # True when the broker blocks this connection's publishing (a memory or disk alarm), False
     # when it lifts the block or the connection ends.

@@ -56,6 +56,11 @@ class WorkerPool:
         self._handing_back = False
         self.in_hand = 0
 
+    @property
+    def deferred(self) -> int:
+        """Deliveries held for a timer: a deferred retry, or a pause before a hand-back."""
+        return len(self._held)
+
     def start(self, handler: Handler) -> None:
         self._handler = handler
         for thread in self._threads:

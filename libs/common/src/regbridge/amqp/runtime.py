@@ -83,6 +83,15 @@ class AmqpRuntime:
         """False while a broker alarm blocks this connection's publishing."""
         return not self._link.blocked
 
+    def unacked(self, queue: str) -> int:
+        """Deliveries of `queue` this service holds unsettled: its share of the queue's unacked."""
+        return self._link.unacked.get(queue, 0)
+
+    @property
+    def deferred(self) -> int:
+        """Deliveries held unacked for a timer (a deferred retry, a pause before a hand-back)."""
+        return self._pool.deferred
+
     def alive(self) -> bool:
         """The I/O loop turns, and nothing has made the service unable to run (a topology
         conflict): an orchestrator restarting it on a failed liveness probe is what it needs."""

@@ -393,6 +393,18 @@ def test_prometheus_scrapes_every_rabbitmq_node_that_runs(model: dict[str, Any],
     assert "rabbitmq" in model["services"]
 
 
+def test_prometheus_scrapes_every_rabbitmq_nodes_queues_for_the_alerts(cluster_model: dict[str, Any]) -> None:
+    """The alert rules read per-queue depths and consumers from the broker (deploy/prometheus/alerts.yml)."""
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "rabbitmq-queues"]
+    assert job["metrics_path"] == "/metrics/detailed"
+    assert set(job["params"]["family"]) == {"queue_coarse_metrics", "queue_consumer_count"}
+    (sd,) = job["dns_sd_configs"]
+    nodes = {name for name, service in cluster_model["services"].items()
+             if service["image"].startswith("rabbitmq:")}
+    assert sd["type"] == "A" and sd["port"] == 15692 and set(sd["names"]) == nodes
+
+
 # ---- the Dockerfile ------------------------------------------------------------------------------
 
 

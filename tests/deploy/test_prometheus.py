@@ -24,6 +24,11 @@ from prometheus_client.metrics import MetricWrapperBase
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "registration-bridge.json"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+# The placeholder a user replaces (alerts.yml's header and docs/runbooks.md say how).
+RUNBOOK_BASE = "https://github.com/your-org/registration-bridge/blob/main/docs/runbooks.md#"
+# Each Helm chart ships the group named after it as a PrometheusRule.
+GROUPS = {"registration-bridge-submitter": "submitter", "registration-bridge-poller": "poller"}
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 # Grafana's macros, given values of the kind Grafana gives them, so that promtool sees PromQL.
 GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
@@ -115,6 +120,40 @@ def test_every_alert_has_a_case_that_fires_and_one_that_must_not() -> None:
         assert any(c["alertname"] == name and not c.get("exp_alerts") for c in cases), f"{name}: no quiet case"
         assert rule.get("labels", {}).get("severity") in ("warning", "critical"), name
         assert rule.get("annotations", {}).get("summary"), name
+
+
+def test_rule_groups_are_one_per_chart_and_scoped_to_its_service() -> None:
+    groups = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+    assert {group["name"] for group in groups} == set(GROUPS)
+    for group in groups:
+        service = GROUPS[group["name"]]
+        other = ({"submitter", "poller"} - {service}).pop()
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            assert rule["labels"]["component"] == service, rule["alert"]
+            assert other not in expr, f"{rule['alert']} in {group['name']} reads the {other}'s series"
+            # A shared Prometheus holds other systems' targets and queues: select ours only, and
+            # keep two deployments (namespaces) apart.
+            assert "namespace" in expr, f"{rule['alert']} does not aggregate by namespace"
+            for selector in re.findall(r"\bup\{[^}]*\}", expr):
+                assert f'job="{service}"' in selector, f"{rule['alert']}: {selector}"
+            for selector in re.findall(r"\brabbitmq_[a-z_]+\{[^}]*\}", expr):
+                assert 'queue=' in selector and "registrations" in selector, f"{rule['alert']}: {selector}"
+            assert not re.search(r"\b(?:submitter|poller)_queue_messages\b", expr), rule["alert"]
+
+
+def test_every_alert_links_to_its_runbook_section() -> None:
+    text = RUNBOOKS.read_text()
+    sections = {line[3:].strip() for line in text.splitlines() if line.startswith("## ")}
+    names = {rule["alert"] for rule in alert_rules()}
+    for rule in alert_rules():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url.startswith(RUNBOOK_BASE), f"{rule['alert']}: {url!r}"
+        anchor = url.removeprefix(RUNBOOK_BASE)
+        assert anchor == rule["alert"].lower(), f"{rule['alert']}: {url}"
+        assert any(section.lower() == anchor for section in sections), f"no section {anchor} in docs/runbooks.md"
+    assert sections == names, f"sections without an alert: {sorted(sections - names)}"
+    assert RUNBOOK_BASE.split("#")[0] in text  # runbooks.md tells how to replace the placeholder
 
 
 def test_every_dashboard_expression_parses(tools: dict[str, Path], tmp_path: Path) -> None:

@@ -12,7 +12,8 @@
   TriggerAuthentication) are checked structurally here.
 - What matters to the people who run it is asserted on the rendered objects: credentials only in
   the Secret, the three probes, the restricted securityContext, resources, the standard labels,
-  and the contract's environment, which is fed through the services' own settings parsers.
+  and the contract's environment, which is fed through the services' own settings parsers; the
+  scrape job and the disruption budget.
 
 Under CI=true a missing tool fails the tests; on a developer's machine they are skipped.
 """
@@ -23,6 +24,7 @@ import base64
 import copy
 import importlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[2]
 HELM_DIR = ROOT / "helm"
 NAMESPACE = "registration-bridge"
-KUBE_FLOOR = "1.25"  # kubeVersion ">=1.25.0-0" in every Chart.yaml
+KUBE_FLOOR = "1.27"  # kubeVersion ">=1.27.0-0" in every Chart.yaml
 
 STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                    "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by",
@@ -49,6 +51,8 @@ TUNING_ENV = {"LOG_LEVEL", "WORKERS", "PREFETCH", "SHUTDOWN_TIMEOUT_S"}
 # Running against a RabbitMQ cluster (docs/configuration.md), and each chart's default.
 CLUSTER_ENV = {"RABBITMQ_URL_ORDER": "shuffled", "QUORUM_INITIAL_GROUP_SIZE": "3"}
 SECRET_ENV = ("RABBITMQ_URL", "MONGODB_URI")
+RELABEL_ACTIONS = {"replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase", "uppercase",
+                   "keepequal", "dropequal"}
 CRD_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
 
 # Dummy credentials: each must be found in the Secret and nowhere else.
@@ -119,7 +123,9 @@ def full_values(chart: str) -> dict[str, Any]:
 
 
 def keda_values(chart: str) -> dict[str, Any]:
-    return merged(full_values(chart), {"autoscaling": {"minReplicas": 0, "keda": {"enabled": True}}})
+    # With KEDA's floor of zero a budget of minAvailable 1 would block the drain of a lone pod.
+    return merged(full_values(chart), {"autoscaling": {"minReplicas": 0, "keda": {"enabled": True}},
+                                       "podDisruptionBudget": {"minAvailable": None, "maxUnavailable": "50%"}})
 
 
 # (chart, scenario, release name, values): release names cover both forms of the full name.
@@ -170,6 +176,23 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (BRIDGE, "min-above-max", {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
      "must not exceed autoscaling.maxReplicas"),
     (BRIDGE, "unknown-keda-key", {"autoscaling": {"keda": {"queue": "x"}}}, "'queue' not allowed"),
+    (ALL, "budget-max-unavailable-zero", {"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}},
+     "maxUnavailable 0 allows no eviction"),
+    (ALL, "budget-max-unavailable-zero-percent", {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "0%"}},
+     "maxUnavailable 0% allows no eviction"),
+    (ALL, "budget-min-available-one-of-one", {"podDisruptionBudget": {"enabled": True, "minAvailable": 1}},
+     "minAvailable 1 allows no eviction"),
+    (BRIDGE, "budget-min-available-at-hpa-floor",
+     {"replicaCount": 5, "autoscaling": {"enabled": True, "minReplicas": 2},
+      "podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "minAvailable 2 allows no eviction with 2 pod(s)"),
+    (BRIDGE, "budget-min-available-under-keda-zero",
+     {"autoscaling": {"enabled": True, "minReplicas": 0, "keda": {"enabled": True}},
+      "podDisruptionBudget": {"enabled": True, "minAvailable": 1}}, "minAvailable 1 allows no eviction with 1 pod(s)"),
+    (BRIDGE, "budget-percent-rounds-up", {"replicaCount": 2, "podDisruptionBudget": {"enabled": True,
+                                                                                     "minAvailable": "51%"}},
+     "minAvailable 51% allows no eviction with 2 pod(s)"),
+    (ALL, "unknown-eviction-policy", {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Never"}},
+     "/podDisruptionBudget/unhealthyPodEvictionPolicy"),
     (("legacy-sim",), "two-replicas", {"replicaCount": 2}, "/replicaCount"),
     (("legacy-sim",), "rate-above-one", {"config": {"post503Rate": 1.5}}, "/config/post503Rate"),
     (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
@@ -339,10 +362,19 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
         endpoints = spec.get("endpoints")
         need(isinstance(endpoints, list) and len(endpoints) > 0, "spec.endpoints")
         for endpoint in endpoints or []:
-            need(set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}, f"endpoint {endpoint}")
+            need(set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"},
+                 f"endpoint {endpoint}")
             need(isinstance(endpoint.get("port"), str) and isinstance(endpoint.get("path"), str), "port and path")
             for field in ("interval", "scrapeTimeout"):
                 need(isinstance(endpoint.get(field, "1s"), str), f"{field} is a duration string")
+            for relabel in endpoint.get("relabelings", []):
+                # The Operator's RelabelConfig; targetLabel is required by the replace action.
+                need(set(relabel) <= {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement",
+                                      "action"}, f"relabeling {relabel}")
+                need(relabel.get("action", "replace") in RELABEL_ACTIONS, f"relabeling action {relabel}")
+                need(isinstance(relabel.get("targetLabel"), str), f"relabeling targetLabel {relabel}")
+                need(all(isinstance(v, str) for k, v in relabel.items() if k not in ("sourceLabels", "modulus")),
+                     f"relabeling values are strings {relabel}")
     elif kind == "ScaledObject":
         need(set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
                            "cooldownPeriod", "triggers", "advanced", "fallback"}, f"spec keys {sorted(spec)}")
@@ -687,3 +719,55 @@ def test_the_charts_are_consistent() -> None:
     shared = set(poller["config"]) - {"httpPort", "workers"}
     assert {k: submitter["config"][k] for k in shared} == {k: poller["config"][k] for k in shared}, \
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
+
+
+# ---- issue 12: job names, disruption budget ------------------------------------------------------
+
+
+def relabelled_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
+    """The `job` label Prometheus Operator gives the targets of a ServiceMonitor's one endpoint: the
+    value of the Service label named by jobLabel, else the Service's name; then the endpoint's
+    relabelings (the replace action, the only one these charts use) in order."""
+    labels: dict[str, str] = {"job": str(service["metadata"]["labels"].get(monitor["spec"].get("jobLabel", ""))
+                                         or service["metadata"]["name"])}
+    [endpoint] = monitor["spec"]["endpoints"]
+    for relabel in endpoint.get("relabelings", []):
+        assert relabel.get("action", "replace") == "replace", relabel
+        source = relabel.get("separator", ";").join(labels.get(name, "") for name in relabel.get("sourceLabels", []))
+        match = re.fullmatch(relabel.get("regex", "(.*)"), source)
+        if match:
+            labels[relabel["targetLabel"]] = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>",
+                                                                 relabel.get("replacement", "$1")))
+    return labels["job"]
+
+
+@pytest.mark.parametrize("chart", ALL)
+@pytest.mark.parametrize("extra", [{}, {"nameOverride": "renamed"}, {"fullnameOverride": "bridge-svc"}],
+                         ids=["plain", "nameOverride", "fullnameOverride"])
+def test_servicemonitor_job_is_the_service_name(helm: ModuleType, chart: str, extra: dict[str, Any]) -> None:
+    """The alert rules and the dashboard select job="submitter" / "poller": so must the scrape,
+    whatever the release (here `bridge`) or the overrides call the Service."""
+    rendered = render(helm, chart, {"serviceMonitor": {"enabled": True}, **extra}, "bridge")
+    service = rendered.one("Service")
+    assert service["metadata"]["name"] != chart, "the Operator's default would already be right"
+    assert relabelled_job(rendered.one("ServiceMonitor"), service) == chart
+
+
+@pytest.mark.parametrize("chart", ALL)
+def test_disruption_budget_renders_as_given(helm: ModuleType, chart: str) -> None:
+    """0 is not "unset": with the explicit opt-in it renders as 0. Unready pods may always be evicted."""
+    def budget(values: dict[str, Any]) -> dict[str, Any]:
+        spec = render(helm, chart, {"podDisruptionBudget": {"enabled": True, **values}}, "bridge")
+        return dict(spec.one("PodDisruptionBudget")["spec"])
+
+    default = budget({})
+    assert (default["maxUnavailable"], default["unhealthyPodEvictionPolicy"]) == (1, "AlwaysAllow")
+    assert "minAvailable" not in default
+    blocked = budget({"maxUnavailable": 0, "blockAllEvictions": True})
+    assert blocked["maxUnavailable"] == 0
+    assert budget({"minAvailable": 1, "blockAllEvictions": True})["minAvailable"] == 1
+    assert budget({"maxUnavailable": "25%"})["maxUnavailable"] == "25%"
+    assert budget({"unhealthyPodEvictionPolicy": "IfHealthyBudget"})["unhealthyPodEvictionPolicy"] == "IfHealthyBudget"
+    if CHARTS[chart].bridge:
+        assert render(helm, chart, {"replicaCount": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}},
+                      "bridge").one("PodDisruptionBudget")["spec"]["minAvailable"] == 2

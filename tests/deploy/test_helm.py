@@ -8,12 +8,13 @@
   `errors`; info messages are printed only.
 - PyPI `kubernetes-validate` validates every rendered object with `strict` (no unknown field)
   against the Kubernetes schemas it ships, for the oldest version the charts support and the
-  newest it knows. The CRD kinds it has no schema for (ServiceMonitor, ScaledObject,
-  TriggerAuthentication) are checked structurally here.
+  newest it knows. The CRD kinds it has no schema for (ServiceMonitor, PrometheusRule,
+  ScaledObject, TriggerAuthentication) are checked structurally here.
 - What matters to the people who run it is asserted on the rendered objects: credentials only in
   the Secret, the three probes, the restricted securityContext, resources, the standard labels,
   and the contract's environment, which is fed through the services' own settings parsers; the
-  scrape job and the disruption budget.
+  scrape job, the alert groups and the dashboard taken from deploy/, and the disruption
+  budget.
 
 Under CI=true a missing tool fails the tests; on a developer's machine they are skipped.
 """
@@ -25,6 +26,8 @@ import copy
 import importlib
 import json
 import re
+import shutil
+import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,10 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM_DIR = ROOT / "helm"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "registration-bridge.json"
+# What each chart reads through files/, and the file it must be a link to.
+LINKED_FILES = {"alerts.yml": ALERTS, "registration-bridge.json": DASHBOARD}
 NAMESPACE = "registration-bridge"
 KUBE_FLOOR = "1.27"  # kubeVersion ">=1.27.0-0" in every Chart.yaml
 
@@ -53,7 +60,7 @@ CLUSTER_ENV = {"RABBITMQ_URL_ORDER": "shuffled", "QUORUM_INITIAL_GROUP_SIZE": "3
 SECRET_ENV = ("RABBITMQ_URL", "MONGODB_URI")
 RELABEL_ACTIONS = {"replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase", "uppercase",
                    "keepequal", "dropequal"}
-CRD_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
 
 # Dummy credentials: each must be found in the Secret and nowhere else.
 RABBITMQ_PASSWORD = "rabbit-s3cret-9f2c"
@@ -92,6 +99,7 @@ def full_values(chart: str) -> dict[str, Any]:
     """Every optional feature switched on, and most knobs moved off their defaults."""
     common: dict[str, Any] = {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "podDisruptionBudget": {"enabled": True, "minAvailable": 1} if CHARTS[chart].bridge
         else {"enabled": True},
         "image": {"tag": "1.4.2", "pullPolicy": "Always"},
@@ -115,6 +123,7 @@ def full_values(chart: str) -> dict[str, Any]:
                                           "latencyMinS": 3, "latencyMaxS": 6}})
     return merged(common, {
         "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
+        "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Registration bridge"}},
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 12},
         "config": {"logLevel": "DEBUG", "prefetch": 100, "pollFirstDelayS": 0.5, "maxMessageBytes": 1000000,
                    "legacyApiUrl": "https://adapter.legacy.svc:8443", "rabbitmqUrlOrder": "listed",
@@ -193,6 +202,10 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
      "minAvailable 51% allows no eviction with 2 pod(s)"),
     (ALL, "unknown-eviction-policy", {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Never"}},
      "/podDisruptionBudget/unhealthyPodEvictionPolicy"),
+    (ALL, "unknown-prometheus-rule-key", {"prometheusRule": {"groups": []}}, "'groups' not allowed"),
+    (BRIDGE, "dashboard-label-as-number", {"dashboard": {"labels": {"grafana_dashboard": 1}}},
+     "/dashboard/labels/grafana_dashboard"),
+    (("legacy-sim",), "no-dashboard", {"dashboard": {"enabled": True}}, "'dashboard' not allowed"),
     (("legacy-sim",), "two-replicas", {"replicaCount": 2}, "/replicaCount"),
     (("legacy-sim",), "rate-above-one", {"config": {"post503Rate": 1.5}}, "/config/post503Rate"),
     (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
@@ -249,8 +262,9 @@ class Rendered:
         return found[0]
 
 
-def render(helm: ModuleType, chart: str, values: dict[str, Any], release: str) -> Rendered:
-    with helm.Chart.load(str(HELM_DIR / chart)) as loaded:
+def render(helm: ModuleType, chart: str | Path, values: dict[str, Any], release: str) -> Rendered:
+    """Render a chart of helm/ by name, or the chart in a directory."""
+    with helm.Chart.load(str(chart if isinstance(chart, Path) else HELM_DIR / chart)) as loaded:
         files: dict[str, str] = loaded.render(values or None, name=release, namespace=NAMESPACE)
     docs: list[dict[str, Any]] = []
     for path in sorted(files):
@@ -347,8 +361,8 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
         if not condition:
             problems.append(f"{kind}/{doc.get('metadata', {}).get('name')}: {what}")
 
-    expected_api = {"ServiceMonitor": "monitoring.coreos.com/v1", "ScaledObject": "keda.sh/v1alpha1",
-                    "TriggerAuthentication": "keda.sh/v1alpha1"}[kind]
+    expected_api = {"ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1",
+                    "ScaledObject": "keda.sh/v1alpha1", "TriggerAuthentication": "keda.sh/v1alpha1"}[kind]
     need(doc.get("apiVersion") == expected_api, f"apiVersion {doc.get('apiVersion')} != {expected_api}")
     need(set(doc) == {"apiVersion", "kind", "metadata", "spec"}, f"top-level keys {sorted(doc)}")
     meta = doc.get("metadata", {})
@@ -375,6 +389,22 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
                 need(isinstance(relabel.get("targetLabel"), str), f"relabeling targetLabel {relabel}")
                 need(all(isinstance(v, str) for k, v in relabel.items() if k not in ("sourceLabels", "modulus")),
                      f"relabeling values are strings {relabel}")
+    elif kind == "PrometheusRule":
+        need(set(spec) == {"groups"} and isinstance(spec.get("groups"), list) and spec["groups"], "spec.groups")
+        for group in spec.get("groups") or []:
+            need(set(group) <= {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset",
+                                "labels"}, f"group keys {sorted(group)}")
+            need(isinstance(group.get("name"), str) and bool(group["name"]), "group name")
+            for rule in group.get("rules") or []:
+                need(set(rule) <= {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"},
+                     f"rule keys {sorted(rule)}")
+                need(("alert" in rule) != ("record" in rule), f"a rule is an alert or a record: {rule}")
+                need(isinstance(rule.get("expr"), str | int), f"rule expr {rule.get('alert')}")
+                for field in ("for", "keep_firing_for"):
+                    need(isinstance(rule.get(field, "1s"), str), f"{field} is a duration string")
+                for field in ("labels", "annotations"):
+                    need(all(isinstance(v, str) for v in rule.get(field, {}).values()),
+                         f"{field} values must be strings: {rule.get('alert')}")
     elif kind == "ScaledObject":
         need(set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
                            "cooldownPeriod", "triggers", "advanced", "fallback"}, f"spec keys {sorted(spec)}")
@@ -551,6 +581,9 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
     keda = autoscaling.get("keda", {}).get("enabled", False)
     expected = always + (["Secret"] if values.get("secret", {}).get("create") else [])
     expected += ["ServiceMonitor"] if values.get("serviceMonitor", {}).get("enabled") else []
+    if values.get("prometheusRule", {}).get("enabled") and shipped_groups(spec.name, ALERTS.read_text()):
+        expected += ["PrometheusRule"]
+    expected += ["ConfigMap"] if values.get("dashboard", {}).get("enabled") else []
     expected += ["PodDisruptionBudget"] if values.get("podDisruptionBudget", {}).get("enabled") else []
     if autoscaling.get("enabled"):
         expected += ["ScaledObject", "TriggerAuthentication"] if keda else ["HorizontalPodAutoscaler"]
@@ -721,7 +754,7 @@ def test_the_charts_are_consistent() -> None:
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
 
 
-# ---- issue 12: job names, disruption budget ------------------------------------------------------
+# ---- issue 12: job names, alert rules, dashboard, disruption budget ------------------------------
 
 
 def relabelled_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
@@ -751,6 +784,92 @@ def test_servicemonitor_job_is_the_service_name(helm: ModuleType, chart: str, ex
     service = rendered.one("Service")
     assert service["metadata"]["name"] != chart, "the Operator's default would already be right"
     assert relabelled_job(rendered.one("ServiceMonitor"), service) == chart
+
+
+def shipped_groups(chart: str, alerts_text: str) -> list[dict[str, Any]]:
+    """The rule groups of an alerts file that a chart ships: those whose name ends in -<chart>."""
+    return [g for g in yaml.safe_load(alerts_text).get("groups") or [] if g["name"].endswith(f"-{chart}")]
+
+
+def rendered_groups(helm: ModuleType, charts: Mapping[str, str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """Each chart's PrometheusRule groups, with prometheusRule on (none: no PrometheusRule at all)."""
+    values = {"prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, chart in charts.items():
+        rules = render(helm, chart, values, "bridge").of_kind("PrometheusRule")
+        assert len(rules) <= 1
+        for rule in rules:
+            assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+            assert not _check_crd(rule), _check_crd(rule)
+        out[name] = rules[0]["spec"]["groups"] if rules else []
+    return out
+
+
+def test_prometheus_rules_are_the_groups_of_the_alerts_file(helm: ModuleType) -> None:
+    """Together the charts ship every group of deploy/prometheus/alerts.yml, each exactly once and as
+    written: a group whose name ends in no chart's name would reach no Prometheus."""
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    shipped = rendered_groups(helm, {c: c for c in CHARTS})
+    orphans = [g["name"] for g in groups if not any(g["name"].endswith(f"-{c}") for c in CHARTS)]
+    assert not orphans, f"groups no chart ships (name them <...>-{'/-'.join(CHARTS)}): {orphans}"
+    union = [g for chart in CHARTS for g in shipped[chart]]
+    assert sorted(union, key=lambda g: g["name"]) == sorted(groups, key=lambda g: g["name"])
+
+
+def test_prometheus_rules_select_their_groups_from_any_file(helm: ModuleType, tmp_path: Path) -> None:
+    """The selection by name, on a file of other groups than today's: the rules of
+    deploy/prometheus/alerts.yml spread over groups for every chart, and one no chart claims.
+    Their $labels / $value templates come through as text, untouched by Helm."""
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    assert any("{{ $labels." in s for r in rules for s in strings(r)), "the file no longer has templated text"
+    groups = [{"name": f"registration-bridge-{chart}", "rules": rules[i::len(CHARTS)] or rules[:1]}
+              for i, chart in enumerate(CHARTS)]
+    groups.append({"name": "registration-bridge-mongodb", "rules": rules[:1]})
+    text = yaml.safe_dump({"groups": groups}, sort_keys=False)
+    copies: dict[str, str | Path] = {}
+    for chart in CHARTS:
+        copies[chart] = shutil.copytree(HELM_DIR / chart, tmp_path / chart)  # the links' contents, copied
+        (tmp_path / chart / "files" / "alerts.yml").write_text(text)
+    shipped = rendered_groups(helm, copies)
+    for chart in CHARTS:
+        assert shipped[chart] == shipped_groups(chart, text) == [groups[list(CHARTS).index(chart)]]
+
+
+def test_charts_read_the_deploy_files_through_links(helm: ModuleType, tmp_path: Path) -> None:
+    """files/ holds links, so the charts cannot drift from deploy/; Helm's loader and `helm package`
+    follow them, so a packaged chart holds the files themselves."""
+    for chart in CHARTS:
+        for name, target in LINKED_FILES.items():
+            link = HELM_DIR / chart / "files" / name
+            if name == "registration-bridge.json" and not CHARTS[chart].bridge:
+                assert not link.exists()
+                continue
+            assert link.is_symlink() and link.resolve() == target.resolve(), link
+        archive = helm.package(str(HELM_DIR / chart), destination=str(tmp_path))
+        with tarfile.open(archive) as packaged:
+            for name, target in LINKED_FILES.items():
+                member = f"{chart}/files/{name}"
+                if member in packaged.getnames():
+                    info = packaged.getmember(member)
+                    extracted = packaged.extractfile(info)
+                    assert info.isfile() and extracted is not None and extracted.read() == target.read_bytes()
+                else:
+                    assert name == "registration-bridge.json" and not CHARTS[chart].bridge, member
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_dashboard_configmap_holds_the_dashboard(helm: ModuleType, chart: str) -> None:
+    assert not [m for m in render(helm, chart, {}, "bridge").of_kind("ConfigMap")
+                if "grafana_dashboard" in m["metadata"]["labels"]], "the dashboard is off by default"
+    values = {"dashboard": {"enabled": True, "annotations": {"grafana_folder": "Registration bridge"}}}
+    maps = {m["metadata"]["name"]: m for m in render(helm, chart, values, "bridge").of_kind("ConfigMap")}
+    board = maps[f"bridge-{chart}-dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board["metadata"]["annotations"] == {"grafana_folder": "Registration bridge"}
+    assert board["data"] == {"registration-bridge.json": DASHBOARD.read_text()}
+    assert json.loads(board["data"]["registration-bridge.json"]) == json.loads(DASHBOARD.read_text())
+    relabelled = render(helm, chart, merged(values, {"dashboard": {"labels": {"grafana_dashboard": "bridge"}}}), "b")
+    assert {m["metadata"]["labels"].get("grafana_dashboard") for m in relabelled.of_kind("ConfigMap")} >= {"bridge"}
 
 
 @pytest.mark.parametrize("chart", ALL)

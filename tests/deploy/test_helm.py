@@ -13,8 +13,8 @@
 - What matters to the people who run it is asserted on the rendered objects: credentials only in
   the Secret, the three probes, the restricted securityContext, resources, the standard labels,
   and the contract's environment, which is fed through the services' own settings parsers; the
-  scrape job, the alert groups and the dashboard taken from deploy/, and the disruption
-  budget.
+  scrape job, the alert groups and the dashboard taken from deploy/, the disruption budget, and
+  the private CA.
 
 Under CI=true a missing tool fails the tests; on a developer's machine they are skipped.
 """
@@ -27,6 +27,9 @@ import importlib
 import json
 import re
 import shutil
+import ssl
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -124,6 +127,7 @@ def full_values(chart: str) -> dict[str, Any]:
     return merged(common, {
         "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
         "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Registration bridge"}},
+        "tls": {"caBundle": {"configMapName": "corporate-ca", "key": "ca.pem"}},
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 12},
         "config": {"logLevel": "DEBUG", "prefetch": 100, "pollFirstDelayS": 0.5, "maxMessageBytes": 1000000,
                    "legacyApiUrl": "https://adapter.legacy.svc:8443", "rabbitmqUrlOrder": "listed",
@@ -134,7 +138,8 @@ def full_values(chart: str) -> dict[str, Any]:
 def keda_values(chart: str) -> dict[str, Any]:
     # With KEDA's floor of zero a budget of minAvailable 1 would block the drain of a lone pod.
     return merged(full_values(chart), {"autoscaling": {"minReplicas": 0, "keda": {"enabled": True}},
-                                       "podDisruptionBudget": {"minAvailable": None, "maxUnavailable": "50%"}})
+                                       "podDisruptionBudget": {"minAvailable": None, "maxUnavailable": "50%"},
+                                       "tls": {"caBundle": {"configMapName": "", "secretName": "corporate-ca"}}})
 
 
 # (chart, scenario, release name, values): release names cover both forms of the full name.
@@ -203,9 +208,13 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (ALL, "unknown-eviction-policy", {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Never"}},
      "/podDisruptionBudget/unhealthyPodEvictionPolicy"),
     (ALL, "unknown-prometheus-rule-key", {"prometheusRule": {"groups": []}}, "'groups' not allowed"),
+    (BRIDGE, "ca-from-both", {"tls": {"caBundle": {"secretName": "a", "configMapName": "b"}}},
+     "tls.caBundle: set secretName or configMapName, not both"),
+    (BRIDGE, "ca-key-as-path", {"tls": {"caBundle": {"secretName": "a", "key": "../ca.crt"}}}, "/tls/caBundle/key"),
     (BRIDGE, "dashboard-label-as-number", {"dashboard": {"labels": {"grafana_dashboard": 1}}},
      "/dashboard/labels/grafana_dashboard"),
     (("legacy-sim",), "no-dashboard", {"dashboard": {"enabled": True}}, "'dashboard' not allowed"),
+    (("legacy-sim",), "no-private-ca", {"tls": {"caBundle": {"secretName": "a"}}}, "'tls' not allowed"),
     (("legacy-sim",), "two-replicas", {"replicaCount": 2}, "/replicaCount"),
     (("legacy-sim",), "rate-above-one", {"config": {"post503Rate": 1.5}}, "/config/post503Rate"),
     (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
@@ -422,12 +431,13 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
                  f"trigger metadata values must be strings: {trigger.get('metadata')}")
             need(isinstance(trigger.get("authenticationRef", {}).get("name", ""), str), "authenticationRef.name")
     else:
-        need(set(spec) <= {"secretTargetRef", "env", "podIdentity"}, f"spec keys {sorted(spec)}")
-        refs = spec.get("secretTargetRef")
-        need(isinstance(refs, list) and len(refs) > 0, "spec.secretTargetRef")
-        for ref in refs or []:
-            need(set(ref) == {"parameter", "name", "key"} and all(isinstance(v, str) for v in ref.values()),
-                 f"secretTargetRef {ref}")
+        need(set(spec) <= {"secretTargetRef", "configMapTargetRef", "env", "podIdentity"}, f"spec keys {sorted(spec)}")
+        need(isinstance(spec.get("secretTargetRef"), list) and len(spec["secretTargetRef"]) > 0,
+             "spec.secretTargetRef")
+        for field in ("secretTargetRef", "configMapTargetRef"):
+            for ref in spec.get(field) or []:
+                need(set(ref) == {"parameter", "name", "key"} and all(isinstance(v, str) for v in ref.values()),
+                     f"{field} {ref}")
     return problems
 
 
@@ -584,6 +594,9 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
     if values.get("prometheusRule", {}).get("enabled") and shipped_groups(spec.name, ALERTS.read_text()):
         expected += ["PrometheusRule"]
     expected += ["ConfigMap"] if values.get("dashboard", {}).get("enabled") else []
+    ca = values.get("tls", {}).get("caBundle", {})
+    expected += ["ConfigMap"] if keda and autoscaling.get("enabled") and (ca.get("secretName") or
+                                                                           ca.get("configMapName")) else []
     expected += ["PodDisruptionBudget"] if values.get("podDisruptionBudget", {}).get("enabled") else []
     if autoscaling.get("enabled"):
         expected += ["ScaledObject", "TriggerAuthentication"] if keda else ["HorizontalPodAutoscaler"]
@@ -613,7 +626,8 @@ def test_keda_scales_on_the_service_queue_with_the_secret(helm: ModuleType, char
     assert scaled["spec"]["minReplicaCount"] == 0, "KEDA may scale to zero"
     broker = next(v for v in container(rendered.one("Deployment"))["env"] if v["name"] == "RABBITMQ_URL")
     ref = broker["valueFrom"]["secretKeyRef"]
-    assert auth["spec"]["secretTargetRef"] == [{"parameter": "host", "name": ref["name"], "key": ref["key"]}]
+    hosts = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "host"]
+    assert hosts == [{"parameter": "host", "name": ref["name"], "key": ref["key"]}]
 
 
 def test_credentials_only_in_the_secret(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
@@ -754,7 +768,7 @@ def test_the_charts_are_consistent() -> None:
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
 
 
-# ---- issue 12: job names, alert rules, dashboard, disruption budget ------------------------------
+# ---- issue 12: job names, alert rules, dashboard, disruption budget, private CA ------------------
 
 
 def relabelled_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
@@ -890,3 +904,81 @@ def test_disruption_budget_renders_as_given(helm: ModuleType, chart: str) -> Non
     if CHARTS[chart].bridge:
         assert render(helm, chart, {"replicaCount": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}},
                       "bridge").one("PodDisruptionBudget")["spec"]["minAvailable"] == 2
+
+
+@pytest.mark.parametrize("source", ["secret", "configMap"])
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_private_ca_reaches_the_pods_and_keda(helm: ModuleType, chart: str, source: str) -> None:
+    plain = render(helm, chart, keda_values(chart) | {"tls": {"caBundle": {"key": "ca.crt"}}}, "prod")
+    assert "initContainers" not in plain.one("Deployment")["spec"]["template"]["spec"]
+    assert "SSL_CERT_FILE" not in environment(plain)
+    assert "configMapTargetRef" not in plain.one("TriggerAuthentication")["spec"]
+
+    ca = {f"{source}Name": "corporate-ca", "key": "ca.pem"}
+    rendered = render(helm, chart, merged(keda_values(chart), {"tls": {"caBundle": {
+        "secretName": "", "configMapName": "", **ca}}}), "prod")
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    main = container(rendered.one("Deployment"))
+    [init] = pod["initContainers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    items = [{"key": "ca.pem", "path": "ca.crt"}]
+    if source == "secret":
+        assert volumes["ca-source"]["secret"] == {"secretName": "corporate-ca", "items": items}
+    else:
+        assert volumes["ca-source"]["configMap"] == {"name": "corporate-ca", "items": items}
+    assert "emptyDir" in volumes["ca-bundle"]
+    # The init container runs as the service does, and writes only into the emptyDir.
+    assert (init["image"], init["securityContext"]) == (main["image"], main["securityContext"])
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    assert init_mounts["ca-source"]["readOnly"] is True and not init_mounts["ca-bundle"].get("readOnly")
+    assert init["command"][-2:] == [f"{init_mounts['ca-source']['mountPath']}/ca.crt",
+                                    f"{init_mounts['ca-bundle']['mountPath']}/ca-certificates.crt"]
+    # The service reads the combined bundle, read-only.
+    bundle = environment(rendered)["SSL_CERT_FILE"]
+    main_mounts = {m["name"]: m for m in main["volumeMounts"]}
+    assert main_mounts["ca-bundle"]["readOnly"] is True
+    assert bundle == init["command"][-1] and str(Path(str(bundle)).parent) == main_mounts["ca-bundle"]["mountPath"]
+    assert "ca-source" not in main_mounts
+    # KEDA: TLS on, with the same CA, which KEDA adds to its system pool.
+    auth = rendered.one("TriggerAuthentication")["spec"]
+    refs = {r["parameter"]: (kind, r["name"], r["key"])
+            for kind in ("secretTargetRef", "configMapTargetRef") for r in auth.get(kind, [])}
+    assert refs["ca"] == (f"{source}TargetRef", "corporate-ca", "ca.pem")
+    _, tls_map, tls_key = refs["tls"]
+    maps = {m["metadata"]["name"]: m for m in rendered.of_kind("ConfigMap")}
+    assert refs["tls"][0] == "configMapTargetRef" and maps[tls_map]["data"] == {tls_key: "enable"}
+    assert not [m for m in main.get("envFrom", []) if m["configMapRef"]["name"] == tls_map]
+
+
+def _openssl(*args: str) -> None:
+    if not shutil.which("openssl"):
+        unavailable("openssl is needed to make a private CA")
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_the_init_container_joins_the_system_and_private_cas(helm: ModuleType, chart: str, tmp_path: Path) -> None:
+    """The init container's own command, run here: the combined file holds the system CAs and the
+    private one, and Python's ssl loads it; a file with no certificate stops the pod with the reason."""
+    values = {"tls": {"caBundle": {"secretName": "corporate-ca"}}}
+    [init] = render(helm, chart, values, "bridge").one("Deployment")["spec"]["template"]["spec"]["initContainers"]
+    command = init["command"]
+    assert command[:2] == ["python", "-c"] and command[3] == "/etc/ssl/certs/ca-certificates.crt"
+    system, private, bundle = tmp_path / "system.crt", tmp_path / "private.crt", tmp_path / "bundle.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=system test CA",
+             "-keyout", str(tmp_path / "s.key"), "-out", str(system))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=private test CA",
+             "-keyout", str(tmp_path / "p.key"), "-out", str(private))
+    system.write_text(system.read_text().rstrip("\n"))  # a bundle without a final newline still joins
+    subprocess.run([sys.executable, "-c", command[2], str(system), str(private), str(bundle)], check=True,
+                   timeout=60)
+    context = ssl.create_default_context(cafile=str(bundle))
+    assert context.cert_store_stats()["x509_ca"] == 2
+    names = {name[0][1] for c in context.get_ca_certs() for name in c["subject"] if name[0][0] == "commonName"}
+    assert names == {"system test CA", "private test CA"}
+    private.write_text("not a certificate\n")
+    failed = subprocess.run([sys.executable, "-c", command[2], str(system), str(private), str(bundle)],
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0 and "SSLError" in failed.stderr, failed.stderr
+

@@ -141,3 +141,13 @@ minAvailable up. */}}
 {{- fail (printf "podDisruptionBudget: %s allows no eviction with %d pod(s) (replicaCount, or autoscaling.minReplicas when autoscaling): every node drain would hang. Allow at least one pod to go, or set podDisruptionBudget.blockAllEvictions=true if that is intended" $rule $pods) }}
 {{- end }}
 {{- end }}
+
+{{/* Where the private CA is, when tls.caBundle names one: "secret", "configMap", or nothing. */}}
+{{- define "poller.caSource" -}}
+{{- $ca := .Values.tls.caBundle }}
+{{- if and $ca.secretName $ca.configMapName }}
+{{- fail "tls.caBundle: set secretName or configMapName, not both" }}
+{{- else if $ca.secretName }}secret
+{{- else if $ca.configMapName }}configMap
+{{- end }}
+{{- end }}

@@ -10,6 +10,7 @@
   against the Kubernetes schemas it ships, for the oldest version the charts support and the
   newest it knows. The CRD kinds it has no schema for (ServiceMonitor, PrometheusRule,
   ScaledObject, TriggerAuthentication) are checked structurally here.
+- A Helm 3 binary (scripts/tools.sh) lints each chart strictly and must render the same objects.
 - What matters to the people who run it is asserted on the rendered objects: credentials only in
   the Secret, the three probes, the restricted securityContext, resources, the standard labels,
   and the contract's environment, which is fed through the services' own settings parsers; the
@@ -39,7 +40,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import unavailable
+from harness import fetch_tools, unavailable
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -768,7 +769,7 @@ def test_the_charts_are_consistent() -> None:
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
 
 
-# ---- issue 12: job names, alert rules, dashboard, disruption budget, private CA ------------------
+# ---- issue 12: job names, alert rules, dashboard, disruption budget, private CA, Helm 3 -----------
 
 
 def relabelled_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
@@ -982,3 +983,32 @@ def test_the_init_container_joins_the_system_and_private_cas(helm: ModuleType, c
                             capture_output=True, text=True, timeout=60)
     assert failed.returncode != 0 and "SSLError" in failed.stderr, failed.stderr
 
+
+# ---- Helm 3 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm3() -> Path:
+    return Path(fetch_tools("helm3")["helm3"])
+
+
+@pytest.mark.parametrize(("chart", "release", "values"), [(c, r, v) for c, _, r, v in SCENARIOS], ids=SCENARIO_IDS)
+def test_helm3_lints_and_renders_like_helm4(helm: ModuleType, helm3: Path, kube_versions: list[str], tmp_path: Path,
+                                            chart: str, release: str, values: dict[str, Any]) -> None:
+    """The charts are also installed with Helm 3: its strict lint passes and it renders the same
+    objects as Helm 4's library."""
+    values_file = tmp_path / "values.json"
+    values_file.write_text(json.dumps(values))
+    for kube in kube_versions:
+        lint = subprocess.run([str(helm3), "lint", "--strict", str(HELM_DIR / chart), "-f", str(values_file),
+                               "--namespace", NAMESPACE, "--kube-version", f"v{kube}.0"],
+                              capture_output=True, text=True, timeout=120)
+        assert lint.returncode == 0, f"helm3 lint --strict {chart} (Kubernetes {kube}):\n{lint.stdout}{lint.stderr}"
+    template = subprocess.run([str(helm3), "template", release, str(HELM_DIR / chart), "-f", str(values_file),
+                               "--namespace", NAMESPACE, "--kube-version", f"v{kube_versions[-1]}.0"],
+                              capture_output=True, text=True, timeout=120)
+    assert template.returncode == 0, template.stderr
+    by_helm3 = [d for d in yaml.safe_load_all(template.stdout) if d]
+    by_helm4 = render(helm, chart, values, release).docs
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(by_helm3, key=key) == sorted(by_helm4, key=key)

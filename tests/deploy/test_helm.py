@@ -8,11 +8,14 @@
   `errors`; info messages are printed only.
 - PyPI `kubernetes-validate` validates every rendered object with `strict` (no unknown field)
   against the Kubernetes schemas it ships, for the oldest version the charts support and the
-  newest it knows. The CRD kinds it has no schema for (ServiceMonitor, ScaledObject,
-  TriggerAuthentication) are checked structurally here.
+  newest it knows. The CRD kinds it has no schema for (ServiceMonitor, PrometheusRule,
+  ScaledObject, TriggerAuthentication) are checked structurally here.
+- A Helm 3 binary (scripts/tools.sh) lints each chart strictly and must render the same objects.
 - What matters to the people who run it is asserted on the rendered objects: credentials only in
   the Secret, the three probes, the restricted securityContext, resources, the standard labels,
-  and the contract's environment, which is fed through the services' own settings parsers.
+  and the contract's environment, which is fed through the services' own settings parsers; the
+  scrape job, the alert groups and the dashboard taken from deploy/, the disruption budget, and
+  the private CA.
 
 Under CI=true a missing tool fails the tests; on a developer's machine they are skipped.
 """
@@ -23,6 +26,12 @@ import base64
 import copy
 import importlib
 import json
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +40,17 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import unavailable
+from harness import fetch_tools, unavailable
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM_DIR = ROOT / "helm"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "registration-bridge.json"
+# What each chart reads through files/, and the file it must be a link to.
+LINKED_FILES = {"alerts.yml": ALERTS, "registration-bridge.json": DASHBOARD}
 NAMESPACE = "registration-bridge"
-KUBE_FLOOR = "1.25"  # kubeVersion ">=1.25.0-0" in every Chart.yaml
+KUBE_FLOOR = "1.27"  # kubeVersion ">=1.27.0-0" in every Chart.yaml
 
 STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                    "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by",
@@ -49,7 +62,9 @@ TUNING_ENV = {"LOG_LEVEL", "WORKERS", "PREFETCH", "SHUTDOWN_TIMEOUT_S"}
 # Running against a RabbitMQ cluster (docs/configuration.md), and each chart's default.
 CLUSTER_ENV = {"RABBITMQ_URL_ORDER": "shuffled", "QUORUM_INITIAL_GROUP_SIZE": "3"}
 SECRET_ENV = ("RABBITMQ_URL", "MONGODB_URI")
-CRD_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+RELABEL_ACTIONS = {"replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase", "uppercase",
+                   "keepequal", "dropequal"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
 
 # Dummy credentials: each must be found in the Secret and nowhere else.
 RABBITMQ_PASSWORD = "rabbit-s3cret-9f2c"
@@ -88,6 +103,7 @@ def full_values(chart: str) -> dict[str, Any]:
     """Every optional feature switched on, and most knobs moved off their defaults."""
     common: dict[str, Any] = {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "podDisruptionBudget": {"enabled": True, "minAvailable": 1} if CHARTS[chart].bridge
         else {"enabled": True},
         "image": {"tag": "1.4.2", "pullPolicy": "Always"},
@@ -111,6 +127,8 @@ def full_values(chart: str) -> dict[str, Any]:
                                           "latencyMinS": 3, "latencyMaxS": 6}})
     return merged(common, {
         "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
+        "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Registration bridge"}},
+        "tls": {"caBundle": {"configMapName": "corporate-ca", "key": "ca.pem"}},
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 12},
         "config": {"logLevel": "DEBUG", "prefetch": 100, "pollFirstDelayS": 0.5, "maxMessageBytes": 1000000,
                    "legacyApiUrl": "https://adapter.legacy.svc:8443", "rabbitmqUrlOrder": "listed",
@@ -119,7 +137,10 @@ def full_values(chart: str) -> dict[str, Any]:
 
 
 def keda_values(chart: str) -> dict[str, Any]:
-    return merged(full_values(chart), {"autoscaling": {"minReplicas": 0, "keda": {"enabled": True}}})
+    # With KEDA's floor of zero a budget of minAvailable 1 would block the drain of a lone pod.
+    return merged(full_values(chart), {"autoscaling": {"minReplicas": 0, "keda": {"enabled": True}},
+                                       "podDisruptionBudget": {"minAvailable": None, "maxUnavailable": "50%"},
+                                       "tls": {"caBundle": {"configMapName": "", "secretName": "corporate-ca"}}})
 
 
 # (chart, scenario, release name, values): release names cover both forms of the full name.
@@ -170,6 +191,31 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (BRIDGE, "min-above-max", {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
      "must not exceed autoscaling.maxReplicas"),
     (BRIDGE, "unknown-keda-key", {"autoscaling": {"keda": {"queue": "x"}}}, "'queue' not allowed"),
+    (ALL, "budget-max-unavailable-zero", {"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}},
+     "maxUnavailable 0 allows no eviction"),
+    (ALL, "budget-max-unavailable-zero-percent", {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "0%"}},
+     "maxUnavailable 0% allows no eviction"),
+    (ALL, "budget-min-available-one-of-one", {"podDisruptionBudget": {"enabled": True, "minAvailable": 1}},
+     "minAvailable 1 allows no eviction"),
+    (BRIDGE, "budget-min-available-at-hpa-floor",
+     {"replicaCount": 5, "autoscaling": {"enabled": True, "minReplicas": 2},
+      "podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "minAvailable 2 allows no eviction with 2 pod(s)"),
+    (BRIDGE, "budget-min-available-under-keda-zero",
+     {"autoscaling": {"enabled": True, "minReplicas": 0, "keda": {"enabled": True}},
+      "podDisruptionBudget": {"enabled": True, "minAvailable": 1}}, "minAvailable 1 allows no eviction with 1 pod(s)"),
+    (BRIDGE, "budget-percent-rounds-up", {"replicaCount": 2, "podDisruptionBudget": {"enabled": True,
+                                                                                     "minAvailable": "51%"}},
+     "minAvailable 51% allows no eviction with 2 pod(s)"),
+    (ALL, "unknown-eviction-policy", {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Never"}},
+     "/podDisruptionBudget/unhealthyPodEvictionPolicy"),
+    (ALL, "unknown-prometheus-rule-key", {"prometheusRule": {"groups": []}}, "'groups' not allowed"),
+    (BRIDGE, "ca-from-both", {"tls": {"caBundle": {"secretName": "a", "configMapName": "b"}}},
+     "tls.caBundle: set secretName or configMapName, not both"),
+    (BRIDGE, "ca-key-as-path", {"tls": {"caBundle": {"secretName": "a", "key": "../ca.crt"}}}, "/tls/caBundle/key"),
+    (BRIDGE, "dashboard-label-as-number", {"dashboard": {"labels": {"grafana_dashboard": 1}}},
+     "/dashboard/labels/grafana_dashboard"),
+    (("legacy-sim",), "no-dashboard", {"dashboard": {"enabled": True}}, "'dashboard' not allowed"),
+    (("legacy-sim",), "no-private-ca", {"tls": {"caBundle": {"secretName": "a"}}}, "'tls' not allowed"),
     (("legacy-sim",), "two-replicas", {"replicaCount": 2}, "/replicaCount"),
     (("legacy-sim",), "rate-above-one", {"config": {"post503Rate": 1.5}}, "/config/post503Rate"),
     (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
@@ -226,8 +272,9 @@ class Rendered:
         return found[0]
 
 
-def render(helm: ModuleType, chart: str, values: dict[str, Any], release: str) -> Rendered:
-    with helm.Chart.load(str(HELM_DIR / chart)) as loaded:
+def render(helm: ModuleType, chart: str | Path, values: dict[str, Any], release: str) -> Rendered:
+    """Render a chart of helm/ by name, or the chart in a directory."""
+    with helm.Chart.load(str(chart if isinstance(chart, Path) else HELM_DIR / chart)) as loaded:
         files: dict[str, str] = loaded.render(values or None, name=release, namespace=NAMESPACE)
     docs: list[dict[str, Any]] = []
     for path in sorted(files):
@@ -324,8 +371,8 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
         if not condition:
             problems.append(f"{kind}/{doc.get('metadata', {}).get('name')}: {what}")
 
-    expected_api = {"ServiceMonitor": "monitoring.coreos.com/v1", "ScaledObject": "keda.sh/v1alpha1",
-                    "TriggerAuthentication": "keda.sh/v1alpha1"}[kind]
+    expected_api = {"ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1",
+                    "ScaledObject": "keda.sh/v1alpha1", "TriggerAuthentication": "keda.sh/v1alpha1"}[kind]
     need(doc.get("apiVersion") == expected_api, f"apiVersion {doc.get('apiVersion')} != {expected_api}")
     need(set(doc) == {"apiVersion", "kind", "metadata", "spec"}, f"top-level keys {sorted(doc)}")
     meta = doc.get("metadata", {})
@@ -339,10 +386,35 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
         endpoints = spec.get("endpoints")
         need(isinstance(endpoints, list) and len(endpoints) > 0, "spec.endpoints")
         for endpoint in endpoints or []:
-            need(set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}, f"endpoint {endpoint}")
+            need(set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"},
+                 f"endpoint {endpoint}")
             need(isinstance(endpoint.get("port"), str) and isinstance(endpoint.get("path"), str), "port and path")
             for field in ("interval", "scrapeTimeout"):
                 need(isinstance(endpoint.get(field, "1s"), str), f"{field} is a duration string")
+            for relabel in endpoint.get("relabelings", []):
+                # The Operator's RelabelConfig; targetLabel is required by the replace action.
+                need(set(relabel) <= {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement",
+                                      "action"}, f"relabeling {relabel}")
+                need(relabel.get("action", "replace") in RELABEL_ACTIONS, f"relabeling action {relabel}")
+                need(isinstance(relabel.get("targetLabel"), str), f"relabeling targetLabel {relabel}")
+                need(all(isinstance(v, str) for k, v in relabel.items() if k not in ("sourceLabels", "modulus")),
+                     f"relabeling values are strings {relabel}")
+    elif kind == "PrometheusRule":
+        need(set(spec) == {"groups"} and isinstance(spec.get("groups"), list) and spec["groups"], "spec.groups")
+        for group in spec.get("groups") or []:
+            need(set(group) <= {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset",
+                                "labels"}, f"group keys {sorted(group)}")
+            need(isinstance(group.get("name"), str) and bool(group["name"]), "group name")
+            for rule in group.get("rules") or []:
+                need(set(rule) <= {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"},
+                     f"rule keys {sorted(rule)}")
+                need(("alert" in rule) != ("record" in rule), f"a rule is an alert or a record: {rule}")
+                need(isinstance(rule.get("expr"), str | int), f"rule expr {rule.get('alert')}")
+                for field in ("for", "keep_firing_for"):
+                    need(isinstance(rule.get(field, "1s"), str), f"{field} is a duration string")
+                for field in ("labels", "annotations"):
+                    need(all(isinstance(v, str) for v in rule.get(field, {}).values()),
+                         f"{field} values must be strings: {rule.get('alert')}")
     elif kind == "ScaledObject":
         need(set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
                            "cooldownPeriod", "triggers", "advanced", "fallback"}, f"spec keys {sorted(spec)}")
@@ -360,12 +432,13 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
                  f"trigger metadata values must be strings: {trigger.get('metadata')}")
             need(isinstance(trigger.get("authenticationRef", {}).get("name", ""), str), "authenticationRef.name")
     else:
-        need(set(spec) <= {"secretTargetRef", "env", "podIdentity"}, f"spec keys {sorted(spec)}")
-        refs = spec.get("secretTargetRef")
-        need(isinstance(refs, list) and len(refs) > 0, "spec.secretTargetRef")
-        for ref in refs or []:
-            need(set(ref) == {"parameter", "name", "key"} and all(isinstance(v, str) for v in ref.values()),
-                 f"secretTargetRef {ref}")
+        need(set(spec) <= {"secretTargetRef", "configMapTargetRef", "env", "podIdentity"}, f"spec keys {sorted(spec)}")
+        need(isinstance(spec.get("secretTargetRef"), list) and len(spec["secretTargetRef"]) > 0,
+             "spec.secretTargetRef")
+        for field in ("secretTargetRef", "configMapTargetRef"):
+            for ref in spec.get(field) or []:
+                need(set(ref) == {"parameter", "name", "key"} and all(isinstance(v, str) for v in ref.values()),
+                     f"{field} {ref}")
     return problems
 
 
@@ -519,6 +592,12 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
     keda = autoscaling.get("keda", {}).get("enabled", False)
     expected = always + (["Secret"] if values.get("secret", {}).get("create") else [])
     expected += ["ServiceMonitor"] if values.get("serviceMonitor", {}).get("enabled") else []
+    if values.get("prometheusRule", {}).get("enabled") and shipped_groups(spec.name, ALERTS.read_text()):
+        expected += ["PrometheusRule"]
+    expected += ["ConfigMap"] if values.get("dashboard", {}).get("enabled") else []
+    ca = values.get("tls", {}).get("caBundle", {})
+    expected += ["ConfigMap"] if keda and autoscaling.get("enabled") and (ca.get("secretName") or
+                                                                           ca.get("configMapName")) else []
     expected += ["PodDisruptionBudget"] if values.get("podDisruptionBudget", {}).get("enabled") else []
     if autoscaling.get("enabled"):
         expected += ["ScaledObject", "TriggerAuthentication"] if keda else ["HorizontalPodAutoscaler"]
@@ -548,7 +627,8 @@ def test_keda_scales_on_the_service_queue_with_the_secret(helm: ModuleType, char
     assert scaled["spec"]["minReplicaCount"] == 0, "KEDA may scale to zero"
     broker = next(v for v in container(rendered.one("Deployment"))["env"] if v["name"] == "RABBITMQ_URL")
     ref = broker["valueFrom"]["secretKeyRef"]
-    assert auth["spec"]["secretTargetRef"] == [{"parameter": "host", "name": ref["name"], "key": ref["key"]}]
+    hosts = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "host"]
+    assert hosts == [{"parameter": "host", "name": ref["name"], "key": ref["key"]}]
 
 
 def test_credentials_only_in_the_secret(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
@@ -687,3 +767,248 @@ def test_the_charts_are_consistent() -> None:
     shared = set(poller["config"]) - {"httpPort", "workers"}
     assert {k: submitter["config"][k] for k in shared} == {k: poller["config"][k] for k in shared}, \
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
+
+
+# ---- issue 12: job names, alert rules, dashboard, disruption budget, private CA, Helm 3 -----------
+
+
+def relabelled_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
+    """The `job` label Prometheus Operator gives the targets of a ServiceMonitor's one endpoint: the
+    value of the Service label named by jobLabel, else the Service's name; then the endpoint's
+    relabelings (the replace action, the only one these charts use) in order."""
+    labels: dict[str, str] = {"job": str(service["metadata"]["labels"].get(monitor["spec"].get("jobLabel", ""))
+                                         or service["metadata"]["name"])}
+    [endpoint] = monitor["spec"]["endpoints"]
+    for relabel in endpoint.get("relabelings", []):
+        assert relabel.get("action", "replace") == "replace", relabel
+        source = relabel.get("separator", ";").join(labels.get(name, "") for name in relabel.get("sourceLabels", []))
+        match = re.fullmatch(relabel.get("regex", "(.*)"), source)
+        if match:
+            labels[relabel["targetLabel"]] = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>",
+                                                                 relabel.get("replacement", "$1")))
+    return labels["job"]
+
+
+@pytest.mark.parametrize("chart", ALL)
+@pytest.mark.parametrize("extra", [{}, {"nameOverride": "renamed"}, {"fullnameOverride": "bridge-svc"}],
+                         ids=["plain", "nameOverride", "fullnameOverride"])
+def test_servicemonitor_job_is_the_service_name(helm: ModuleType, chart: str, extra: dict[str, Any]) -> None:
+    """The alert rules and the dashboard select job="submitter" / "poller": so must the scrape,
+    whatever the release (here `bridge`) or the overrides call the Service."""
+    rendered = render(helm, chart, {"serviceMonitor": {"enabled": True}, **extra}, "bridge")
+    service = rendered.one("Service")
+    assert service["metadata"]["name"] != chart, "the Operator's default would already be right"
+    assert relabelled_job(rendered.one("ServiceMonitor"), service) == chart
+
+
+def shipped_groups(chart: str, alerts_text: str) -> list[dict[str, Any]]:
+    """The rule groups of an alerts file that a chart ships: those whose name ends in -<chart>."""
+    return [g for g in yaml.safe_load(alerts_text).get("groups") or [] if g["name"].endswith(f"-{chart}")]
+
+
+def rendered_groups(helm: ModuleType, charts: Mapping[str, str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """Each chart's PrometheusRule groups, with prometheusRule on (none: no PrometheusRule at all)."""
+    values = {"prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, chart in charts.items():
+        rules = render(helm, chart, values, "bridge").of_kind("PrometheusRule")
+        assert len(rules) <= 1
+        for rule in rules:
+            assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+            assert not _check_crd(rule), _check_crd(rule)
+        out[name] = rules[0]["spec"]["groups"] if rules else []
+    return out
+
+
+def test_prometheus_rules_are_the_groups_of_the_alerts_file(helm: ModuleType) -> None:
+    """Together the charts ship every group of deploy/prometheus/alerts.yml, each exactly once and as
+    written: a group whose name ends in no chart's name would reach no Prometheus."""
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    shipped = rendered_groups(helm, {c: c for c in CHARTS})
+    orphans = [g["name"] for g in groups if not any(g["name"].endswith(f"-{c}") for c in CHARTS)]
+    assert not orphans, f"groups no chart ships (name them <...>-{'/-'.join(CHARTS)}): {orphans}"
+    union = [g for chart in CHARTS for g in shipped[chart]]
+    assert sorted(union, key=lambda g: g["name"]) == sorted(groups, key=lambda g: g["name"])
+
+
+def test_prometheus_rules_select_their_groups_from_any_file(helm: ModuleType, tmp_path: Path) -> None:
+    """The selection by name, on a file of other groups than today's: the rules of
+    deploy/prometheus/alerts.yml spread over groups for every chart, and one no chart claims.
+    Their $labels / $value templates come through as text, untouched by Helm."""
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    assert any("{{ $labels." in s for r in rules for s in strings(r)), "the file no longer has templated text"
+    groups = [{"name": f"registration-bridge-{chart}", "rules": rules[i::len(CHARTS)] or rules[:1]}
+              for i, chart in enumerate(CHARTS)]
+    groups.append({"name": "registration-bridge-mongodb", "rules": rules[:1]})
+    text = yaml.safe_dump({"groups": groups}, sort_keys=False)
+    copies: dict[str, str | Path] = {}
+    for chart in CHARTS:
+        copies[chart] = shutil.copytree(HELM_DIR / chart, tmp_path / chart)  # the links' contents, copied
+        (tmp_path / chart / "files" / "alerts.yml").write_text(text)
+    shipped = rendered_groups(helm, copies)
+    for chart in CHARTS:
+        assert shipped[chart] == shipped_groups(chart, text) == [groups[list(CHARTS).index(chart)]]
+
+
+def test_charts_read_the_deploy_files_through_links(helm: ModuleType, tmp_path: Path) -> None:
+    """files/ holds links, so the charts cannot drift from deploy/; Helm's loader and `helm package`
+    follow them, so a packaged chart holds the files themselves."""
+    for chart in CHARTS:
+        for name, target in LINKED_FILES.items():
+            link = HELM_DIR / chart / "files" / name
+            if name == "registration-bridge.json" and not CHARTS[chart].bridge:
+                assert not link.exists()
+                continue
+            assert link.is_symlink() and link.resolve() == target.resolve(), link
+        archive = helm.package(str(HELM_DIR / chart), destination=str(tmp_path))
+        with tarfile.open(archive) as packaged:
+            for name, target in LINKED_FILES.items():
+                member = f"{chart}/files/{name}"
+                if member in packaged.getnames():
+                    info = packaged.getmember(member)
+                    extracted = packaged.extractfile(info)
+                    assert info.isfile() and extracted is not None and extracted.read() == target.read_bytes()
+                else:
+                    assert name == "registration-bridge.json" and not CHARTS[chart].bridge, member
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_dashboard_configmap_holds_the_dashboard(helm: ModuleType, chart: str) -> None:
+    assert not [m for m in render(helm, chart, {}, "bridge").of_kind("ConfigMap")
+                if "grafana_dashboard" in m["metadata"]["labels"]], "the dashboard is off by default"
+    values = {"dashboard": {"enabled": True, "annotations": {"grafana_folder": "Registration bridge"}}}
+    maps = {m["metadata"]["name"]: m for m in render(helm, chart, values, "bridge").of_kind("ConfigMap")}
+    board = maps[f"bridge-{chart}-dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board["metadata"]["annotations"] == {"grafana_folder": "Registration bridge"}
+    assert board["data"] == {"registration-bridge.json": DASHBOARD.read_text()}
+    assert json.loads(board["data"]["registration-bridge.json"]) == json.loads(DASHBOARD.read_text())
+    relabelled = render(helm, chart, merged(values, {"dashboard": {"labels": {"grafana_dashboard": "bridge"}}}), "b")
+    assert {m["metadata"]["labels"].get("grafana_dashboard") for m in relabelled.of_kind("ConfigMap")} >= {"bridge"}
+
+
+@pytest.mark.parametrize("chart", ALL)
+def test_disruption_budget_renders_as_given(helm: ModuleType, chart: str) -> None:
+    """0 is not "unset": with the explicit opt-in it renders as 0. Unready pods may always be evicted."""
+    def budget(values: dict[str, Any]) -> dict[str, Any]:
+        spec = render(helm, chart, {"podDisruptionBudget": {"enabled": True, **values}}, "bridge")
+        return dict(spec.one("PodDisruptionBudget")["spec"])
+
+    default = budget({})
+    assert (default["maxUnavailable"], default["unhealthyPodEvictionPolicy"]) == (1, "AlwaysAllow")
+    assert "minAvailable" not in default
+    blocked = budget({"maxUnavailable": 0, "blockAllEvictions": True})
+    assert blocked["maxUnavailable"] == 0
+    assert budget({"minAvailable": 1, "blockAllEvictions": True})["minAvailable"] == 1
+    assert budget({"maxUnavailable": "25%"})["maxUnavailable"] == "25%"
+    assert budget({"unhealthyPodEvictionPolicy": "IfHealthyBudget"})["unhealthyPodEvictionPolicy"] == "IfHealthyBudget"
+    if CHARTS[chart].bridge:
+        assert render(helm, chart, {"replicaCount": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}},
+                      "bridge").one("PodDisruptionBudget")["spec"]["minAvailable"] == 2
+
+
+@pytest.mark.parametrize("source", ["secret", "configMap"])
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_private_ca_reaches_the_pods_and_keda(helm: ModuleType, chart: str, source: str) -> None:
+    plain = render(helm, chart, keda_values(chart) | {"tls": {"caBundle": {"key": "ca.crt"}}}, "prod")
+    assert "initContainers" not in plain.one("Deployment")["spec"]["template"]["spec"]
+    assert "SSL_CERT_FILE" not in environment(plain)
+    assert "configMapTargetRef" not in plain.one("TriggerAuthentication")["spec"]
+
+    ca = {f"{source}Name": "corporate-ca", "key": "ca.pem"}
+    rendered = render(helm, chart, merged(keda_values(chart), {"tls": {"caBundle": {
+        "secretName": "", "configMapName": "", **ca}}}), "prod")
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    main = container(rendered.one("Deployment"))
+    [init] = pod["initContainers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    items = [{"key": "ca.pem", "path": "ca.crt"}]
+    if source == "secret":
+        assert volumes["ca-source"]["secret"] == {"secretName": "corporate-ca", "items": items}
+    else:
+        assert volumes["ca-source"]["configMap"] == {"name": "corporate-ca", "items": items}
+    assert "emptyDir" in volumes["ca-bundle"]
+    # The init container runs as the service does, and writes only into the emptyDir.
+    assert (init["image"], init["securityContext"]) == (main["image"], main["securityContext"])
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    assert init_mounts["ca-source"]["readOnly"] is True and not init_mounts["ca-bundle"].get("readOnly")
+    assert init["command"][-2:] == [f"{init_mounts['ca-source']['mountPath']}/ca.crt",
+                                    f"{init_mounts['ca-bundle']['mountPath']}/ca-certificates.crt"]
+    # The service reads the combined bundle, read-only.
+    bundle = environment(rendered)["SSL_CERT_FILE"]
+    main_mounts = {m["name"]: m for m in main["volumeMounts"]}
+    assert main_mounts["ca-bundle"]["readOnly"] is True
+    assert bundle == init["command"][-1] and str(Path(str(bundle)).parent) == main_mounts["ca-bundle"]["mountPath"]
+    assert "ca-source" not in main_mounts
+    # KEDA: TLS on, with the same CA, which KEDA adds to its system pool.
+    auth = rendered.one("TriggerAuthentication")["spec"]
+    refs = {r["parameter"]: (kind, r["name"], r["key"])
+            for kind in ("secretTargetRef", "configMapTargetRef") for r in auth.get(kind, [])}
+    assert refs["ca"] == (f"{source}TargetRef", "corporate-ca", "ca.pem")
+    _, tls_map, tls_key = refs["tls"]
+    maps = {m["metadata"]["name"]: m for m in rendered.of_kind("ConfigMap")}
+    assert refs["tls"][0] == "configMapTargetRef" and maps[tls_map]["data"] == {tls_key: "enable"}
+    assert not [m for m in main.get("envFrom", []) if m["configMapRef"]["name"] == tls_map]
+
+
+def _openssl(*args: str) -> None:
+    if not shutil.which("openssl"):
+        unavailable("openssl is needed to make a private CA")
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_the_init_container_joins_the_system_and_private_cas(helm: ModuleType, chart: str, tmp_path: Path) -> None:
+    """The init container's own command, run here: the combined file holds the system CAs and the
+    private one, and Python's ssl loads it; a file with no certificate stops the pod with the reason."""
+    values = {"tls": {"caBundle": {"secretName": "corporate-ca"}}}
+    [init] = render(helm, chart, values, "bridge").one("Deployment")["spec"]["template"]["spec"]["initContainers"]
+    command = init["command"]
+    assert command[:2] == ["python", "-c"] and command[3] == "/etc/ssl/certs/ca-certificates.crt"
+    system, private, bundle = tmp_path / "system.crt", tmp_path / "private.crt", tmp_path / "bundle.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=system test CA",
+             "-keyout", str(tmp_path / "s.key"), "-out", str(system))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=private test CA",
+             "-keyout", str(tmp_path / "p.key"), "-out", str(private))
+    system.write_text(system.read_text().rstrip("\n"))  # a bundle without a final newline still joins
+    subprocess.run([sys.executable, "-c", command[2], str(system), str(private), str(bundle)], check=True,
+                   timeout=60)
+    context = ssl.create_default_context(cafile=str(bundle))
+    assert context.cert_store_stats()["x509_ca"] == 2
+    names = {name[0][1] for c in context.get_ca_certs() for name in c["subject"] if name[0][0] == "commonName"}
+    assert names == {"system test CA", "private test CA"}
+    private.write_text("not a certificate\n")
+    failed = subprocess.run([sys.executable, "-c", command[2], str(system), str(private), str(bundle)],
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0 and "SSLError" in failed.stderr, failed.stderr
+
+
+# ---- Helm 3 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm3() -> Path:
+    return Path(fetch_tools("helm3")["helm3"])
+
+
+@pytest.mark.parametrize(("chart", "release", "values"), [(c, r, v) for c, _, r, v in SCENARIOS], ids=SCENARIO_IDS)
+def test_helm3_lints_and_renders_like_helm4(helm: ModuleType, helm3: Path, kube_versions: list[str], tmp_path: Path,
+                                            chart: str, release: str, values: dict[str, Any]) -> None:
+    """The charts are also installed with Helm 3: its strict lint passes and it renders the same
+    objects as Helm 4's library."""
+    values_file = tmp_path / "values.json"
+    values_file.write_text(json.dumps(values))
+    for kube in kube_versions:
+        lint = subprocess.run([str(helm3), "lint", "--strict", str(HELM_DIR / chart), "-f", str(values_file),
+                               "--namespace", NAMESPACE, "--kube-version", f"v{kube}.0"],
+                              capture_output=True, text=True, timeout=120)
+        assert lint.returncode == 0, f"helm3 lint --strict {chart} (Kubernetes {kube}):\n{lint.stdout}{lint.stderr}"
+    template = subprocess.run([str(helm3), "template", release, str(HELM_DIR / chart), "-f", str(values_file),
+                               "--namespace", NAMESPACE, "--kube-version", f"v{kube_versions[-1]}.0"],
+                              capture_output=True, text=True, timeout=120)
+    assert template.returncode == 0, template.stderr
+    by_helm3 = [d for d in yaml.safe_load_all(template.stdout) if d]
+    by_helm4 = render(helm, chart, values, release).docs
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(by_helm3, key=key) == sorted(by_helm4, key=key)

@@ -64,3 +64,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "config.latencyMinS (%v) must not exceed config.latencyMaxS (%v)" .Values.config.latencyMinS .Values.config.latencyMaxS) }}
 {{- end }}
 {{- end }}
+
+{{/* A budget that allows no eviction of the one pod blocks every node drain; refused unless
+podDisruptionBudget.blockAllEvictions says that is intended. Kubernetes rounds a percentage of
+minAvailable up, so any minAvailable above 0 keeps the one pod. */}}
+{{- define "legacy-sim.validateBudget" -}}
+{{- $budget := .Values.podDisruptionBudget }}
+{{- $blocks := false }}
+{{- $rule := "" }}
+{{- if not (kindIs "invalid" $budget.minAvailable) }}
+{{- $rule = printf "minAvailable %v" $budget.minAvailable }}
+{{- $blocks = ne (trimSuffix "%" (toString $budget.minAvailable)) "0" }}
+{{- else if not (kindIs "invalid" $budget.maxUnavailable) }}
+{{- $rule = printf "maxUnavailable %v" $budget.maxUnavailable }}
+{{- $blocks = eq (trimSuffix "%" (toString $budget.maxUnavailable)) "0" }}
+{{- end }}
+{{- if and $blocks (not $budget.blockAllEvictions) }}
+{{- fail (printf "podDisruptionBudget: %s allows no eviction of legacy-sim's one pod: every node drain would hang. Allow the pod to go, or set podDisruptionBudget.blockAllEvictions=true if that is intended" $rule) }}
+{{- end }}
+{{- end }}

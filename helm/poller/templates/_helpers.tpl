@@ -106,3 +106,48 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "config.pollFirstDelayS must not exceed config.pollDeadlineS: every registration would time out" }}
 {{- end }}
 {{- end }}
+
+{{/* The fewest pods the Deployment runs: replicaCount, or the autoscaler's floor. Never below one,
+since a budget matters from the first pod on (KEDA may scale to zero and back). */}}
+{{- define "poller.fewestPods" -}}
+{{- $pods := .Values.replicaCount | int }}
+{{- if .Values.autoscaling.enabled }}
+{{- $pods = .Values.autoscaling.minReplicas | int }}
+{{- end }}
+{{- max $pods 1 }}
+{{- end }}
+
+{{/* A budget that allows no eviction at the fewest pods blocks every node drain; refused unless
+podDisruptionBudget.blockAllEvictions says that is intended. Kubernetes rounds a percentage of
+minAvailable up. */}}
+{{- define "poller.validateBudget" -}}
+{{- $budget := .Values.podDisruptionBudget }}
+{{- $pods := include "poller.fewestPods" . | int }}
+{{- $blocks := false }}
+{{- $rule := "" }}
+{{- if not (kindIs "invalid" $budget.minAvailable) }}
+{{- $rule = printf "minAvailable %v" $budget.minAvailable }}
+{{- $min := toString $budget.minAvailable }}
+{{- if hasSuffix "%" $min }}
+{{- $blocks = ge (div (add (mul (trimSuffix "%" $min | int) $pods) 99) 100) $pods }}
+{{- else }}
+{{- $blocks = ge ($min | int) $pods }}
+{{- end }}
+{{- else if not (kindIs "invalid" $budget.maxUnavailable) }}
+{{- $rule = printf "maxUnavailable %v" $budget.maxUnavailable }}
+{{- $blocks = eq (trimSuffix "%" (toString $budget.maxUnavailable)) "0" }}
+{{- end }}
+{{- if and $blocks (not $budget.blockAllEvictions) }}
+{{- fail (printf "podDisruptionBudget: %s allows no eviction with %d pod(s) (replicaCount, or autoscaling.minReplicas when autoscaling): every node drain would hang. Allow at least one pod to go, or set podDisruptionBudget.blockAllEvictions=true if that is intended" $rule $pods) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the private CA is, when tls.caBundle names one: "secret", "configMap", or nothing. */}}
+{{- define "poller.caSource" -}}
+{{- $ca := .Values.tls.caBundle }}
+{{- if and $ca.secretName $ca.configMapName }}
+{{- fail "tls.caBundle: set secretName or configMapName, not both" }}
+{{- else if $ca.secretName }}secret
+{{- else if $ca.configMapName }}configMap
+{{- end }}
+{{- end }}

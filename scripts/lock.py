@@ -1,6 +1,6 @@
-"""Writes the lock files in requirements/: every third-party package an image or `make install`
-needs, pinned with its hashes, for CPython 3.11 on Linux x86_64 (glibc 2.36: Debian bookworm, as
-in the images and on the development machines).
+"""Writes the lock files, requirements/*.txt and services/legacy-sim/requirements.lock: every
+third-party package an image or `make install` needs, pinned with its hashes, for CPython 3.11 on
+Linux x86_64 (glibc 2.36: Debian bookworm, as in the images and on the development machines).
 
     python scripts/lock.py              resolve again, keeping the pinned versions that still fit
     python scripts/lock.py --upgrade    take the newest versions the declared ranges allow
@@ -31,7 +31,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK_DIR = ROOT / "requirements"
 PYTHON_VERSION = "3.11"
 PYTHON_PLATFORM = "x86_64-manylinux_2_36"
 INPUTS_HEADING = "# Inputs:"
@@ -43,10 +42,13 @@ class Lock:
     purpose: str
     packages: tuple[str, ...]  # local package folders, relative to the repository root
     requirement_files: tuple[str, ...] = ()
+    # Where the lock is written, relative to the repository root: requirements/<name>.txt unless
+    # the image's build context lies elsewhere.
+    location: str = ""
 
     @property
     def path(self) -> Path:
-        return LOCK_DIR / f"{self.name}.txt"
+        return ROOT / (self.location or f"requirements/{self.name}.txt")
 
 
 COMMON = "libs/common"
@@ -62,7 +64,9 @@ LOCKS = (
     Lock("submitter", "the submitter's image (services/pipeline.Dockerfile, with the operator command)",
          (COMMON, SUBMITTER, CLI)),
     Lock("poller", "the poller's image (services/pipeline.Dockerfile)", (COMMON, POLLER)),
-    Lock("legacy-sim", "legacy-sim's image (services/legacy-sim/Dockerfile)", (LEGACY_SIM,)),
+    # legacy-sim's image is built from its own folder, which has to hold its lock.
+    Lock("legacy-sim", "legacy-sim's image (services/legacy-sim/Dockerfile)", (LEGACY_SIM,),
+         location="services/legacy-sim/requirements.lock"),
 )
 
 
@@ -168,7 +172,6 @@ def main() -> int:
         for problem in problems:
             print(f"lock.py: {problem}: run `make lock`", file=sys.stderr)
         return 1 if problems else 0
-    LOCK_DIR.mkdir(exist_ok=True)
     for lock in LOCKS:
         compile_lock(lock, upgrade=args.upgrade)
         print(f"lock.py: wrote {lock.path.relative_to(ROOT)}", file=sys.stderr)

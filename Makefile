@@ -19,10 +19,11 @@ $(STAMP): requirements/dev.txt $(LOCAL_PACKAGES:%=%/pyproject.toml)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation $(LOCAL_PACKAGES:%=-e %)
 	@touch $(STAMP)
 
-# Resolve the lock files in requirements/ again (scripts/lock.py, with uv from the dev lock). Run it
-# after changing a dependency in a pyproject.toml or requirements-dev.txt (tests/deploy/test_build.py
-# fails until then), and with UPGRADE=1 to take the newest versions the ranges allow. Then
-# `make install` reinstalls from the new locks. docs/builds.md has the whole workflow.
+# Resolve the lock files again (requirements/*.txt, services/legacy-sim/requirements.lock) with
+# scripts/lock.py and the uv of the dev lock. Run it after changing a dependency in a pyproject.toml
+# or a line of requirements-dev.txt (tests/deploy/test_build.py fails until then), and with
+# UPGRADE=1 to take the newest versions the ranges allow. `make install` then reinstalls from the
+# new dev lock. docs/builds.md has the whole workflow.
 lock: install
 	$(BIN)/python scripts/lock.py $(if $(UPGRADE),--upgrade)
 

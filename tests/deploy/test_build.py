@@ -218,8 +218,9 @@ def test_the_staleness_check_catches_a_new_dependency(tmp_path: Path, monkeypatc
     before = {problem.split()[0] for problem in lock_script.stale()}
 
     pyproject = tmp_path / "services" / "poller" / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('dependencies = ["regbridge-common"]',
-                                                       'dependencies = ["regbridge-common", "httpx>=0.27"]'))
+    text = pyproject.read_text()
+    assert "\ndependencies = [" in text
+    pyproject.write_text(text.replace("\ndependencies = [", '\ndependencies = ["a-dependency-nobody-locked>=1", ', 1))
     after = {problem.split()[0] for problem in lock_script.stale()}
     assert after - before == {"requirements/dev.txt", "requirements/poller.txt"} - before
     assert {"requirements/dev.txt", "requirements/poller.txt"} <= after

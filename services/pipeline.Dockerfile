@@ -6,6 +6,10 @@
 # What the context sends is listed in pipeline.Dockerfile.dockerignore beside this file (BuildKit
 # reads <Dockerfile>.dockerignore before the context's own .dockerignore).
 # legacy-sim is self-contained and keeps its own Dockerfile.
+#
+# Every third-party package comes from the service's lock, requirements/${SERVICE}.txt, checked
+# against its hashes; the local packages follow with --no-deps. The base image is pinned by digest:
+# scripts/pin-base-images.sh moves the pins, `make lock` the locks (docs/builds.md).
 
 # submitter or poller: the name of the package under services/, of its entry point, and of the
 # stage below that the runtime image starts from.
@@ -15,18 +19,18 @@ ARG SERVICE
 # entry point. Exec form: the service is PID 1 and gets SIGTERM itself, which it handles (finish
 # or hand back the work in hand, then exit 0 within SHUTDOWN_TIMEOUT_S; give it a stop grace
 # period beyond that).
-FROM python:3.11-slim AS submitter
+FROM python:3.11.10-slim-bookworm@sha256:5148c0e4bbb64271bca1d3322360ebf4bfb7564507ae32dd639322e4952a6b16 AS submitter
 ENV HTTP_PORT=8081
 EXPOSE 8081
 CMD ["submitter"]
 
-FROM python:3.11-slim AS poller
+FROM python:3.11.10-slim-bookworm@sha256:5148c0e4bbb64271bca1d3322360ebf4bfb7564507ae32dd639322e4952a6b16 AS poller
 ENV HTTP_PORT=8082
 EXPOSE 8082
 CMD ["poller"]
 
 # ---- build: a virtualenv with libs/common and the service, no build tools left behind --------
-FROM python:3.11-slim AS build
+FROM python:3.11.10-slim-bookworm@sha256:5148c0e4bbb64271bca1d3322360ebf4bfb7564507ae32dd639322e4952a6b16 AS build
 ARG SERVICE
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -37,13 +41,20 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+COPY requirements/${SERVICE}.txt ./requirements/
+RUN pip install --require-hashes -r requirements/${SERVICE}.txt
 COPY libs/common ./libs/common
 COPY services/${SERVICE} ./services/${SERVICE}
-# Not editable: the package is copied into the venv. The dependency on regbridge-common is met by
-# the local libs/common named in the same command, never looked up on PyPI.
-RUN pip install ./libs/common ./services/${SERVICE}
+COPY tools/registrations ./tools/registrations
+# Not editable: the packages are copied into the venv. --no-deps: the lock above has installed every
+# dependency, so nothing is looked up on an index here; --no-build-isolation: the build backend is
+# the locked setuptools too. The submitter's image also gets the operator command, `registrations`,
+# which runs with the submitter's environment (docs/operations.md); the poller's does not.
+RUN pip install --no-deps --no-build-isolation ./libs/common "./services/${SERVICE}" \
+    && if [ "${SERVICE}" = submitter ]; then pip install --no-deps --no-build-isolation ./tools/registrations; fi \
+    && pip check
 
-# ---- runtime: the service's stage above (python:3.11-slim with its port and entry point) -------
+# ---- runtime: the service's stage above (the pinned base image, its port and entry point) ------
 FROM ${SERVICE}
 ARG SERVICE
 

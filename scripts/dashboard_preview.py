@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -44,6 +45,7 @@ from dashboard_live import (
 )
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from pymongo import MongoClient
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 WAVES = 4
@@ -189,6 +191,11 @@ def draw(all_data: Mapping[int, list[Series]], start: float, end: float, out: Pa
     plt.close(fig)
 
 
+def stop(service: harness.Service) -> None:
+    if service.process is not None:
+        service.terminate()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -210,12 +217,16 @@ def main() -> int:
         mongo = stack.enter_context(harness.mongodb())
         legacy = harness.start_legacy_sim(log=work / "legacy-sim.log")
         stack.callback(legacy.stop)
-        env = harness.service_env(rabbitmq_url=url, mongodb_uri=mongo.uri, database=f"dashboard_{os.getpid()}",
+        database = f"dashboard_{os.getpid()}"
+        client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
+        stack.callback(client.close)
+        stack.callback(client.drop_database, database)
+        env = harness.service_env(rabbitmq_url=url, mongodb_uri=mongo.uri, database=database,
                                   legacy_url=legacy.url)
         services = [harness.Service(name, dict(env), work / f"{name}.log") for name in ("submitter", "poller")]
         for service in services:
             service.start()
-            stack.callback(lambda s=service: s.terminate() if s.process else None)
+            stack.callback(stop, service)
         for service in services:
             service.wait_ready()
         submitter, poller = (service.http.removeprefix("http://") for service in services)

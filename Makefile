@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock check-locks demo test unit integration lint typecheck bench clean
+.PHONY: install lock check-locks demo test unit integration lint typecheck bench clean dashboard
 
 LOCAL_PACKAGES := libs/common services/submitter services/poller services/legacy-sim tools/registrations
 
@@ -53,6 +53,10 @@ typecheck: install
 # N registrations in one burst (default 2000), pipeline and baseline side by side.
 bench: install
 	$(BIN)/python bench/run.py $(if $(N),--n $(N))
+
+# docs/dashboard.png: the Grafana dashboard's panels drawn from a live run (Grafana need not run).
+dashboard: install
+	$(BIN)/python scripts/dashboard_preview.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -30,9 +30,17 @@ RUNBOOK_BASE = "https://github.com/your-org/registration-bridge/blob/main/docs/r
 # Each Helm chart ships the group named after it as a PrometheusRule.
 GROUPS = {"registration-bridge-submitter": "submitter", "registration-bridge-poller": "poller"}
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
-# Grafana's macros, given values of the kind Grafana gives them, so that promtool sees PromQL.
+# Grafana's macros, given values of the kind Grafana gives them, and the dashboard's variables at
+# "All" (their allValue), so that promtool sees PromQL.
 GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+DASHBOARD_VARIABLES = {"namespace": ".*", "broker_namespace": ".*", "vhost": ".*"}
 METRIC = re.compile(r"\b(?:submitter|poller)_[a-z0-9_]+\b")
+# Where every selector must be scoped, by the family it reads: the bridge's series by its
+# namespace and job, the broker's (often deployed apart from the bridge) by its own namespace and
+# the vhost.
+SERVICE_SCOPE = 'namespace=~"$namespace"'
+BROKER_SCOPE = ('namespace=~"$broker_namespace"', 'vhost=~"$vhost"')
+SELECTOR = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)?(?P<matchers>\{[^{}]*\})')
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +71,13 @@ def expressions(node: Any, where: str = "dashboard") -> Iterator[tuple[str, str]
             yield from expressions(value, where)
 
 
-def as_promql(expr: str) -> str:
-    for macro, value in GRAFANA_MACROS.items():
+def as_promql(expr: str, macros: dict[str, str] | None = None, variables: dict[str, str] | None = None) -> str:
+    """`expr` as Prometheus gets it from Grafana: the macros, then the variables (`$name` or `${name}`)."""
+    for macro, value in (macros or GRAFANA_MACROS).items():
         expr = expr.replace(macro, value)
+    values = {**DASHBOARD_VARIABLES, **(variables or {})}
+    for name in sorted(values, key=len, reverse=True):  # $broker_namespace before a $namespace in it
+        expr = expr.replace(f"${{{name}}}", values[name]).replace(f"${name}", values[name])
     assert "$" not in expr, f"an unknown Grafana variable is left in {expr!r}"
     return expr
 
@@ -188,6 +200,10 @@ def test_queries_name_only_metrics_the_services_export() -> None:
 def test_dashboard_uses_the_provisioned_datasource() -> None:
     board = dashboard()
     (source,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    chosen = variables["datasource"]
+    assert chosen["type"] == "datasource" and chosen["query"] == "prometheus"
+    assert chosen["current"]["value"] == source["uid"], "the variable must default to the provisioned datasource"
     assert board["uid"] and board["schemaVersion"] >= 39
     panels = board["panels"]
     ids = [panel["id"] for panel in panels]
@@ -197,16 +213,69 @@ def test_dashboard_uses_the_provisioned_datasource() -> None:
         assert grid["x"] + grid["w"] <= 24, panel["title"]
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": source["uid"]}, panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         targets = panel["targets"]
         assert targets, panel["title"]
         assert len({t["refId"] for t in targets}) == len(targets), panel["title"]
         for target in targets:
-            assert target["datasource"]["uid"] == source["uid"], panel["title"]
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    for annotation in board["annotations"]["list"]:
+        if "expr" in annotation:
+            assert annotation["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, annotation["name"]
     titles = " | ".join(panel["title"].lower() for panel in panels)
-    for subject in ("throughput", "queue depth", "failure queue", "failures by stage", "outcomes", "latency",
-                    "end to end", "reconnects"):
+    for subject in ("throughput", "queue depth", "consumers", "failure queue", "failures by stage", "outcomes",
+                    "latency", "end to end", "reconnects", "deliveries in hand", "retries waiting", "versions"):
         assert subject in titles, f"no panel about {subject}"
+
+
+def test_dashboard_variables_scope_it_in_a_shared_prometheus() -> None:
+    variables = {variable["name"]: variable for variable in dashboard()["templating"]["list"]}
+    assert set(variables) == {"datasource", *DASHBOARD_VARIABLES}
+    for name in DASHBOARD_VARIABLES:
+        variable = variables[name]
+        # `namespace=~".*"` also matches a series with no namespace label, as compose's are.
+        assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*", name
+        assert variable["current"]["value"] == ["$__all"], name
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+
+
+def test_every_dashboard_expression_is_scoped_by_namespace() -> None:
+    found = list(expressions(dashboard()))
+    for where, expr in found:
+        # Every metric name is written with its matchers, so that the check below sees them all.
+        unquoted = re.sub(r'"[^"]*"', '""', expr)
+        bare = re.findall(r"\b(?:submitter_|poller_|rabbitmq_)\w+\b(?!\{)|\b(?:up|ALERTS)\b(?![{\w])", unquoted)
+        assert not bare, f"{where}: a selector without matchers: {bare} in {expr}"
+        selectors = list(SELECTOR.finditer(expr))
+        assert selectors, f"{where}: no selector in {expr}"
+        for selector in selectors:
+            name, matchers = selector["name"] or "", selector["matchers"]
+            if name.startswith("rabbitmq_"):
+                assert all(scope in matchers for scope in BROKER_SCOPE), f"{where}: {selector[0]}"
+            else:
+                assert SERVICE_SCOPE in matchers, f"{where}: {selector[0]} lacks {SERVICE_SCOPE}"
+                if name.startswith(("submitter_", "poller_")):
+                    assert f'job="{name.split("_")[0]}"' in matchers, f"{where}: {selector[0]} lacks its job"
+                elif "__name__" in matchers:
+                    assert 'job=~"submitter|poller"' in matchers, f"{where}: {selector[0]} lacks its jobs"
+
+
+def test_namespace_at_all_matches_series_without_the_label(tools: dict[str, Path], tmp_path: Path) -> None:
+    """What lets compose, whose series have no namespace label, use the dashboard at "All"."""
+    path = tmp_path / "namespace_test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": 'poller_polls_total{job="poller"}', "values": "0+1x5"},
+                         {"series": 'poller_polls_total{job="poller", namespace="other"}', "values": "0+1x5"}],
+        "promql_expr_test": [
+            {"expr": as_promql('sum(poller_polls_total{job="poller", namespace=~"$namespace"})'),
+             "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 10}]},
+            {"expr": as_promql('sum(poller_polls_total{job="poller", namespace=~"$namespace"})',
+                               variables={"namespace": "other"}),
+             "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 5}]},
+        ]}]}))
+    done = promtool(tools, "test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ---- live: a real Prometheus scraping both services during a small run ----------------------------
@@ -298,19 +367,23 @@ def test_live_prometheus_scrapes_both_services(stack: Stack, broker: Broker, leg
 
     # Every dashboard expression runs on the live data without an error, and the core panels have
     # something to show (a rate needs two scrapes after the series appeared).
-    core = ('sum(increase(poller_finalised_total{outcome="registered"}[$__range]))',
-            "histogram_quantile(0.95, sum by (le) (rate(poller_end_to_end_seconds_bucket[$__rate_interval])))",
-            "sum by (result) (rate(submitter_submissions_total[$__rate_interval]))",
-            'max by (queue) ({__name__=~"submitter_queue_messages|poller_queue_messages", '
-            'queue="registrations.failed"})')
+    core = ('sum(increase(poller_finalised_total{job="poller", namespace=~"$namespace", outcome="registered"}'
+            '[$__range]))',
+            'histogram_quantile(0.95, sum by (le) (rate(poller_end_to_end_seconds_bucket{job="poller", '
+            'namespace=~"$namespace"}[$__rate_interval])))',
+            'sum by (result) (rate(submitter_submissions_total{job="submitter", namespace=~"$namespace"}'
+            '[$__rate_interval]))')
     dashboard_exprs = [expr for _, expr in expressions(dashboard())]
     assert set(core) <= set(dashboard_exprs)
     wait_until(lambda: all(_query(base, as_promql(expr)) for expr in core), timeout=30,
                what="data for the dashboard's core panels", every=0.5)
     for expr in dashboard_exprs:
         _query(base, as_promql(expr))  # fails on any evaluation error
-    # The failure queue holds the two failure records (the services read depths every 10 s).
-    wait_until(lambda: _value(base, as_promql(core[3])) == 2, timeout=30, what="the failure queue depth", every=0.5)
+    # The services' own reading of the failure queue: the two failure records (read every 10 s).
+    # The dashboard reads the broker's instead (tests/deploy/test_dashboard_live.py).
+    wait_until(lambda: _value(base, 'max({__name__=~"submitter_queue_messages|poller_queue_messages", '
+                                    'queue="registrations.failed"})') == 2,
+               timeout=30, what="the failure queue depth", every=0.5)
 
     # The real alert rules load and evaluate on these series; none fires on a healthy run.
     def evaluated() -> list[dict[str, Any]] | None:

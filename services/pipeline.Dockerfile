@@ -57,10 +57,16 @@ RUN pip install --no-deps --no-build-isolation ./libs/common "./services/${SERVI
 # ---- runtime: the service's stage above (the pinned base image, its port and entry point) ------
 FROM ${SERVICE}
 ARG SERVICE
+# The commit built, e.g. --build-arg REVISION="$(git rev-parse --short HEAD)": it reaches the
+# image's label and the services' *_build_info{revision}, so that a rollout between two commits
+# of one version shows on the dashboard.
+ARG REVISION=unknown
+LABEL org.opencontainers.image.revision="${REVISION}"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    REGBRIDGE_REVISION="${REVISION}"
 
 COPY --from=build /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin "${SERVICE}"

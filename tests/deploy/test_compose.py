@@ -191,7 +191,8 @@ def test_bridge_services_are_built_from_the_repository_root(model: dict[str, Any
     service = model["services"][name]
     assert Path(service["build"]["context"]) == ROOT
     assert ROOT / service["build"]["dockerfile"] == DOCKERFILE and DOCKERFILE.is_file()
-    assert service["build"]["args"] == {"SERVICE": name}
+    # REVISION: the commit, for *_build_info{revision} (docs/builds.md).
+    assert service["build"]["args"] == {"SERVICE": name, "REVISION": "unknown"}
     assert service["environment"]["HTTP_PORT"] == str(port)
     assert str(port) in service.get("expose", [])
     assert f":{port}/healthz" in " ".join(service["healthcheck"]["test"])
@@ -470,6 +471,9 @@ def test_dockerfile_shape(name: str, port: int) -> None:
     assert [json.loads(args) for kw, args in image if kw == "CMD"] == [[name]]
     env = " ".join(args for kw, args in image if kw == "ENV")
     assert f"HTTP_PORT={port}" in env
+    # The commit built reaches *_build_info{revision} (regbridge.metrics.build_labels).
+    assert any(kw == "ARG" and args.startswith("REVISION") for kw, args in image)
+    assert 'REGBRIDGE_REVISION="${REVISION}"' in env
 
 
 @pytest.mark.parametrize("name", ["submitter", "poller"])

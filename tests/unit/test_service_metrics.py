@@ -4,10 +4,11 @@ what the runtime's work in hand looks like at a scrape."""
 from __future__ import annotations
 
 import itertools
+from importlib import metadata
 
 from prometheus_client import REGISTRY, generate_latest
 
-from regbridge.metrics import ServiceMetrics
+from regbridge.metrics import ServiceMetrics, build_labels
 
 _PREFIXES = (f"unit{n}" for n in itertools.count())
 
@@ -52,5 +53,15 @@ def test_the_build_is_one_series_of_value_one_naming_the_versions() -> None:
     prefix, _metrics = fresh()
     samples = [s for m in REGISTRY.collect() if m.name == f"{prefix}_build_info" for s in m.samples]
     assert len(samples) == 1 and samples[0].value == 1
-    assert set(samples[0].labels) == {"version", "common", "python", "pika", "pymongo"}
+    assert set(samples[0].labels) == {"version", "revision", "common", "python", "pika", "pymongo"}
     assert samples[0].labels["common"] != "unknown"  # installed as regbridge-common
+
+
+def test_the_build_names_the_service_s_own_version_and_the_commit_the_image_was_built_from() -> None:
+    for service in ("submitter", "poller"):
+        labels = build_labels(service, {"REGBRIDGE_REVISION": "3f2a9c1"})
+        assert labels["version"] == metadata.version(f"regbridge-{service}")
+        assert labels["revision"] == "3f2a9c1"
+        assert labels["common"] == metadata.version("regbridge-common")
+    assert build_labels("submitter", {})["revision"] == "unknown"
+    assert build_labels("submitter", {"REGBRIDGE_REVISION": ""})["revision"] == "unknown"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 
 from prometheus_client import Counter, Gauge
@@ -21,14 +22,22 @@ def _version(distribution: str) -> str:
         return "unknown"
 
 
+def build_labels(service: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What `<service>_build_info` says. The revision is the commit the image was built from
+    (services/pipeline.Dockerfile sets REGBRIDGE_REVISION): it describes the code, not how to run
+    it, so it is no setting. Versions alone would not tell two commits of one release apart."""
+    return {"version": _version(f"regbridge-{service}"), "revision": environ.get("REGBRIDGE_REVISION") or "unknown",
+            "common": _version("regbridge-common"), "python": platform.python_version(),
+            "pika": _version("pika"), "pymongo": _version("pymongo")}
+
+
 class ServiceMetrics:
     def __init__(self, prefix: str, *, consumed: str) -> None:
         # What runs, as one series of value 1: a rollout shows as its labels changing, and a
         # mixed fleet as two series at once.
-        build = {"version": _version(f"regbridge-{prefix}"), "common": _version("regbridge-common"),
-                 "python": platform.python_version(), "pika": _version("pika"), "pymongo": _version("pymongo")}
+        build = build_labels(prefix)
         self.build = Gauge(f"{prefix}_build_info", "The running build, always 1: versions of the service, its "
-                           "library, Python and the clients", list(build))
+                           "library, Python and the clients, and the commit built", list(build))
         self.build.labels(**build).set(1)
         self.deliveries_in_hand = Gauge(f"{prefix}_deliveries_in_hand",
                                         "Deliveries this replica holds unsettled, by queue: its share of the "

@@ -31,14 +31,18 @@ RUNBOOK_BASE = "https://github.com/your-org/registration-bridge/blob/main/docs/r
 GROUPS = {"registration-bridge-submitter": "submitter", "registration-bridge-poller": "poller"}
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 # Grafana's macros, given values of the kind Grafana gives them, and the dashboard's variables at
-# "All" (their allValue), so that promtool sees PromQL.
+# "All", so that promtool sees PromQL: their allValue `.*`, but for `job`, which has none, so that
+# All is the jobs its query finds, joined as Grafana joins several values (here the plain names).
 GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
-DASHBOARD_VARIABLES = {"namespace": ".*", "broker_namespace": ".*", "vhost": ".*"}
+DASHBOARD_VARIABLES = {"namespace": ".*", "job": "(submitter|poller)", "broker_namespace": ".*", "vhost": ".*"}
+# The jobs the `job` variable looks for: the plain names, or the Service's name where the scrape
+# job is not relabelled (the Prometheus Operator's default, `<release>-submitter`).
+BRIDGE_JOBS = "submitter|poller|.+-submitter|.+-poller"
 METRIC = re.compile(r"\b(?:submitter|poller)_[a-z0-9_]+\b")
 # Where every selector must be scoped, by the family it reads: the bridge's series by its
 # namespace and job, the broker's (often deployed apart from the bridge) by its own namespace and
 # the vhost.
-SERVICE_SCOPE = 'namespace=~"$namespace"'
+SERVICE_SCOPE = ('namespace=~"$namespace"', 'job=~"$job"')
 BROKER_SCOPE = ('namespace=~"$broker_namespace"', 'vhost=~"$vhost"')
 SELECTOR = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)?(?P<matchers>\{[^{}]*\})')
 
@@ -233,13 +237,24 @@ def test_dashboard_variables_scope_it_in_a_shared_prometheus() -> None:
     assert set(variables) == {"datasource", *DASHBOARD_VARIABLES}
     for name in DASHBOARD_VARIABLES:
         variable = variables[name]
-        # `namespace=~".*"` also matches a series with no namespace label, as compose's are.
-        assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*", name
+        assert variable["includeAll"] and variable["multi"], name
+        if name == "job":
+            # `job=~".*"` would read every system's `up` in a shared Prometheus.
+            assert not variable.get("allValue"), "All must be the jobs found"
+        else:
+            # `namespace=~".*"` also matches a series with no namespace label, as compose's are.
+            assert variable["allValue"] == ".*", name
         assert variable["current"]["value"] == ["$__all"], name
         assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+    assert variables["job"]["query"] == f'label_values(up{{job=~"{BRIDGE_JOBS}", namespace=~"$namespace"}}, job)'
+    assert variables["namespace"]["query"] == f'label_values(up{{job=~"{BRIDGE_JOBS}"}}, namespace)'
+    # Prometheus anchors a regex at both ends, as fullmatch does.
+    found = [job for job in ("submitter", "poller", "rb-submitter", "rb-poller", "legacy-sim", "rabbitmq",
+                             "orders", "submitter-exporter") if re.fullmatch(BRIDGE_JOBS, job)]
+    assert found == ["submitter", "poller", "rb-submitter", "rb-poller"]
 
 
-def test_every_dashboard_expression_is_scoped_by_namespace() -> None:
+def test_every_dashboard_selector_is_scoped_to_the_bridge() -> None:
     found = list(expressions(dashboard()))
     for where, expr in found:
         # Every metric name is written with its matchers, so that the check below sees them all.
@@ -252,12 +267,13 @@ def test_every_dashboard_expression_is_scoped_by_namespace() -> None:
             name, matchers = selector["name"] or "", selector["matchers"]
             if name.startswith("rabbitmq_"):
                 assert all(scope in matchers for scope in BROKER_SCOPE), f"{where}: {selector[0]}"
+            elif name == "ALERTS":
+                # The queue alerts carry no job label: their rule names and namespace scope them.
+                assert 'namespace=~"$namespace"' in matchers and "alertname=" in matchers, f"{where}: {selector[0]}"
             else:
-                assert SERVICE_SCOPE in matchers, f"{where}: {selector[0]} lacks {SERVICE_SCOPE}"
-                if name.startswith(("submitter_", "poller_")):
-                    assert f'job="{name.split("_")[0]}"' in matchers, f"{where}: {selector[0]} lacks its job"
-                elif "__name__" in matchers:
-                    assert 'job=~"submitter|poller"' in matchers, f"{where}: {selector[0]} lacks its jobs"
+                # The metric name says which service a series is from; the job picks this system's.
+                assert all(scope in matchers for scope in SERVICE_SCOPE), f"{where}: {selector[0]} lacks a scope"
+                assert "job=" not in matchers.replace('job=~"$job"', ""), f"{where}: {selector[0]} fixes a job"
 
 
 def test_namespace_at_all_matches_series_without_the_label(tools: dict[str, Path], tmp_path: Path) -> None:
@@ -367,11 +383,11 @@ def test_live_prometheus_scrapes_both_services(stack: Stack, broker: Broker, leg
 
     # Every dashboard expression runs on the live data without an error, and the core panels have
     # something to show (a rate needs two scrapes after the series appeared).
-    core = ('sum(increase(poller_finalised_total{job="poller", namespace=~"$namespace", outcome="registered"}'
+    core = ('sum(increase(poller_finalised_total{job=~"$job", namespace=~"$namespace", outcome="registered"}'
             '[$__range]))',
-            'histogram_quantile(0.95, sum by (le) (rate(poller_end_to_end_seconds_bucket{job="poller", '
+            'histogram_quantile(0.95, sum by (le) (rate(poller_end_to_end_seconds_bucket{job=~"$job", '
             'namespace=~"$namespace"}[$__rate_interval])))',
-            'sum by (result) (rate(submitter_submissions_total{job="submitter", namespace=~"$namespace"}'
+            'sum by (result) (rate(submitter_submissions_total{job=~"$job", namespace=~"$namespace"}'
             '[$__rate_interval]))')
     dashboard_exprs = [expr for _, expr in expressions(dashboard())]
     assert set(core) <= set(dashboard_exprs)

@@ -44,6 +44,10 @@ METRIC = re.compile(r"\b(?:submitter|poller)_[a-z0-9_]+\b")
 # the vhost.
 SERVICE_SCOPE = ('namespace=~"$namespace"', 'job=~"$job"')
 BROKER_SCOPE = ('namespace=~"$broker_namespace"', 'vhost=~"$vhost"')
+# A vhost may hold other applications' queues: the broker's series are read by the bridge's queue
+# names (the defaults), and, as the alert rules read them, once per queue, whichever nodes report it.
+BRIDGE_QUEUES = re.compile(r'\bqueue(?:="registrations\.failed"|=~"registrations[^"]*")')
+ONCE_PER_QUEUE = "max by (namespace, vhost, queue) ("
 SELECTOR = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)?(?P<matchers>\{[^{}]*\})')
 
 
@@ -267,6 +271,8 @@ def test_every_dashboard_selector_is_scoped_to_the_bridge() -> None:
             name, matchers = selector["name"] or "", selector["matchers"]
             if name.startswith("rabbitmq_"):
                 assert all(scope in matchers for scope in BROKER_SCOPE), f"{where}: {selector[0]}"
+                assert BRIDGE_QUEUES.search(matchers), f"{where}: {selector[0]} reads every queue of the vhost"
+                assert expr[:selector.start()].endswith(ONCE_PER_QUEUE), f"{where}: {selector[0]} not by queue"
             elif name == "ALERTS":
                 # The queue alerts carry no job label: their rule names and namespace scope them.
                 assert 'namespace=~"$namespace"' in matchers and "alertname=" in matchers, f"{where}: {selector[0]}"
@@ -290,6 +296,47 @@ def test_namespace_at_all_matches_series_without_the_label(tools: dict[str, Path
                                variables={"namespace": "other"}),
              "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 5}]},
         ]}]}))
+    done = promtool(tools, "test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_broker_panels_count_the_bridges_queues_once_each(tools: dict[str, Path], tmp_path: Path) -> None:
+    """In a vhost shared with another application, during a leader change that has two nodes
+    report the inbound queue."""
+    exprs = {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in dashboard()["panels"]
+             if panel["type"] != "row"}
+
+    def series(metric: str, queue: str, value: int, node: str = "rabbit@0") -> dict[str, str]:
+        return {"series": f'{metric}{{vhost="shared", queue="{queue}", instance="{node}"}}', "values": f"{value}x5"}
+
+    ready, unacked = "rabbitmq_detailed_queue_messages_ready", "rabbitmq_detailed_queue_messages_unacked"
+    consumers = "rabbitmq_detailed_queue_consumers"
+    inputs = [series(ready, "registrations", 3), series(ready, "registrations", 3, "rabbit@1"),
+              series(ready, "registrations.pending", 1), series(ready, "registrations.pending.wait.5000ms", 2),
+              series(ready, "registrations.failed", 7), series(ready, "orders", 100),
+              series(ready, "registrations-archive", 50),
+              series(unacked, "registrations", 1), series(unacked, "registrations", 1, "rabbit@1"),
+              series(unacked, "registrations.failed", 4), series(unacked, "orders", 10),
+              series(consumers, "registrations", 2), series(consumers, "registrations", 2, "rabbit@1"),
+              series(consumers, "registrations.pending", 2), series(consumers, "registrations.failed", 0),
+              series(consumers, "orders", 5)]
+
+    def per_queue(**values: int) -> list[dict[str, Any]]:
+        return [{"labels": f'{{vhost="shared", queue="{queue}"}}', "value": value} for queue, value in values.items()]
+
+    cases = [(exprs["Waiting in queues"][0], [{"labels": "{}", "value": 3 + 1 + 2 + 1}]),
+             (exprs["Failure queue"][0], [{"labels": "{}", "value": 7}]),
+             (exprs["Queue depth (ready, unacked)"][0], per_queue(**{
+                 "registrations": 3, "registrations.pending": 1, "registrations.pending.wait.5000ms": 2})),
+             (exprs["Queue depth (ready, unacked)"][1], per_queue(registrations=1)),
+             (exprs["Consumers"][0], per_queue(**{
+                 "registrations": 2, "registrations.pending": 2, "registrations.failed": 0})),
+             (exprs["Failure queue depth"][0], per_queue(**{"registrations.failed": 7}))]
+    path = tmp_path / "queues_test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": inputs,
+        "promql_expr_test": [{"expr": as_promql(expr), "eval_time": "2m", "exp_samples": samples}
+                             for expr, samples in cases]}]}))
     done = promtool(tools, "test", "rules", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
 

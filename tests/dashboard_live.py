@@ -32,6 +32,8 @@ SCRAPE_INTERVAL_S = 1
 RATE_INTERVAL = "5s"
 # The variables at "All"; the vhost is the run's own (the broker is shared with other runs).
 ALL = ".*"
+# `job` at "All": the jobs its query finds on this run's Prometheus, as Grafana joins them.
+JOBS = ("submitter", "poller")
 
 
 # ---- the dashboard's panels ----------------------------------------------------------------------
@@ -84,11 +86,22 @@ def as_query(expr: str, *, vhost: str, range_s: float) -> str:
     is the run's own, and $__range the time since the run began."""
     values = {"$__rate_interval": RATE_INTERVAL, "$__interval": f"{SCRAPE_INTERVAL_S}s",
               "$__range": f"{max(int(range_s) + 1, 10)}s", "$broker_namespace": ALL, "$namespace": ALL,
-              "$vhost": regex_literal(vhost)}
+              "$job": f"({'|'.join(JOBS)})", "$vhost": regex_literal(vhost)}
     for name, value in values.items():
         expr = expr.replace(name, value)
     assert "$" not in expr, f"a Grafana variable is left in {expr!r}"
     return expr
+
+
+def variable_values(server: Prometheus, name: str) -> set[str]:
+    """What a query variable of the dashboard offers on `server`, its variables at "All": Grafana's
+    `label_values(selector, label)` asked as PromQL."""
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == name]
+    found = re.fullmatch(r"label_values\((?P<selector>.+), (?P<label>\w+)\)", variable["query"])
+    assert found, variable["query"]
+    selector = found["selector"].replace("$broker_namespace", ALL).replace("$namespace", ALL)
+    return {series["metric"].get(found["label"], "") for series in
+            server.query(f"group by ({found['label']}) ({selector})")}
 
 
 def regex_literal(value: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import Stack
 from dashboard_live import (
+    JOBS,
     Prometheus,
     Wave,
     as_query,
@@ -22,6 +23,7 @@ from dashboard_live import (
     prometheus,
     run_waves,
     scrape_config,
+    variable_values,
 )
 from harness import Broker, LegacySim, unavailable, wait_until
 from test_prometheus import tools  # noqa: F401 - `tools` is a fixture
@@ -52,6 +54,8 @@ def test_every_panel_has_data_on_a_live_run(stack: Stack, broker: Broker, legacy
     with prometheus(tools["prometheus"], config, tmp_path) as server:
         wait_until(lambda: server.targets_up() == {"submitter": 1, "poller": 1, "legacy-sim": 1, "rabbitmq": 1},
                    timeout=30, what="every target up", every=0.3)
+        # The job variable finds the bridge's jobs, the ones `$job` stands for, and no other.
+        assert variable_values(server, "job") == set(JOBS)
         run_waves(broker, legacy, server, WAVES)
         wave = Wave()
         # The load met what the retry panels are about.
@@ -78,7 +82,9 @@ def test_every_panel_has_data_on_a_live_run(stack: Stack, broker: Broker, legacy
         except AssertionError:
             pytest.fail("panels without data:\n  " + "\n  ".join(without))
 
-        # The namespace filter is live: a namespace no series carries empties the service panels.
-        elsewhere = as_query('sum(poller_finalised_total{job="poller", namespace=~"$namespace"})', vhost=vhost,
-                             range_s=60).replace('namespace=~".*"', 'namespace=~"elsewhere"')
-        assert server.query(elsewhere) == []
+        # The namespace and job filters are live: a value no series carries empties the service panels.
+        registered = as_query('sum(poller_finalised_total{job=~"$job", namespace=~"$namespace"})', vhost=vhost,
+                              range_s=60)
+        assert server.query(registered) != []
+        assert server.query(registered.replace('namespace=~".*"', 'namespace=~"elsewhere"')) == []
+        assert server.query(registered.replace(f'job=~"({"|".join(JOBS)})"', 'job=~"elsewhere"')) == []

@@ -31,15 +31,23 @@ RUNBOOK_BASE = "https://github.com/your-org/registration-bridge/blob/main/docs/r
 GROUPS = {"registration-bridge-submitter": "submitter", "registration-bridge-poller": "poller"}
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 # Grafana's macros, given values of the kind Grafana gives them, and the dashboard's variables at
-# "All" (their allValue), so that promtool sees PromQL.
+# "All", so that promtool sees PromQL: their allValue `.*`, but for `job`, which has none, so that
+# All is the jobs its query finds, joined as Grafana joins several values (here the plain names).
 GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
-DASHBOARD_VARIABLES = {"namespace": ".*", "broker_namespace": ".*", "vhost": ".*"}
+DASHBOARD_VARIABLES = {"namespace": ".*", "job": "(submitter|poller)", "broker_namespace": ".*", "vhost": ".*"}
+# The jobs the `job` variable looks for: the plain names, or the Service's name where the scrape
+# job is not relabelled (the Prometheus Operator's default, `<release>-submitter`).
+BRIDGE_JOBS = "submitter|poller|.+-submitter|.+-poller"
 METRIC = re.compile(r"\b(?:submitter|poller)_[a-z0-9_]+\b")
 # Where every selector must be scoped, by the family it reads: the bridge's series by its
 # namespace and job, the broker's (often deployed apart from the bridge) by its own namespace and
 # the vhost.
-SERVICE_SCOPE = 'namespace=~"$namespace"'
+SERVICE_SCOPE = ('namespace=~"$namespace"', 'job=~"$job"')
 BROKER_SCOPE = ('namespace=~"$broker_namespace"', 'vhost=~"$vhost"')
+# A vhost may hold other applications' queues: the broker's series are read by the bridge's queue
+# names (the defaults), and, as the alert rules read them, once per queue, whichever nodes report it.
+BRIDGE_QUEUES = re.compile(r'\bqueue(?:="registrations\.failed"|=~"registrations[^"]*")')
+ONCE_PER_QUEUE = "max by (namespace, vhost, queue) ("
 SELECTOR = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)?(?P<matchers>\{[^{}]*\})')
 
 
@@ -233,13 +241,24 @@ def test_dashboard_variables_scope_it_in_a_shared_prometheus() -> None:
     assert set(variables) == {"datasource", *DASHBOARD_VARIABLES}
     for name in DASHBOARD_VARIABLES:
         variable = variables[name]
-        # `namespace=~".*"` also matches a series with no namespace label, as compose's are.
-        assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*", name
+        assert variable["includeAll"] and variable["multi"], name
+        if name == "job":
+            # `job=~".*"` would read every system's `up` in a shared Prometheus.
+            assert not variable.get("allValue"), "All must be the jobs found"
+        else:
+            # `namespace=~".*"` also matches a series with no namespace label, as compose's are.
+            assert variable["allValue"] == ".*", name
         assert variable["current"]["value"] == ["$__all"], name
         assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+    assert variables["job"]["query"] == f'label_values(up{{job=~"{BRIDGE_JOBS}", namespace=~"$namespace"}}, job)'
+    assert variables["namespace"]["query"] == f'label_values(up{{job=~"{BRIDGE_JOBS}"}}, namespace)'
+    # Prometheus anchors a regex at both ends, as fullmatch does.
+    found = [job for job in ("submitter", "poller", "rb-submitter", "rb-poller", "legacy-sim", "rabbitmq",
+                             "orders", "submitter-exporter") if re.fullmatch(BRIDGE_JOBS, job)]
+    assert found == ["submitter", "poller", "rb-submitter", "rb-poller"]
 
 
-def test_every_dashboard_expression_is_scoped_by_namespace() -> None:
+def test_every_dashboard_selector_is_scoped_to_the_bridge() -> None:
     found = list(expressions(dashboard()))
     for where, expr in found:
         # Every metric name is written with its matchers, so that the check below sees them all.
@@ -252,12 +271,15 @@ def test_every_dashboard_expression_is_scoped_by_namespace() -> None:
             name, matchers = selector["name"] or "", selector["matchers"]
             if name.startswith("rabbitmq_"):
                 assert all(scope in matchers for scope in BROKER_SCOPE), f"{where}: {selector[0]}"
+                assert BRIDGE_QUEUES.search(matchers), f"{where}: {selector[0]} reads every queue of the vhost"
+                assert expr[:selector.start()].endswith(ONCE_PER_QUEUE), f"{where}: {selector[0]} not by queue"
+            elif name == "ALERTS":
+                # The queue alerts carry no job label: their rule names and namespace scope them.
+                assert 'namespace=~"$namespace"' in matchers and "alertname=" in matchers, f"{where}: {selector[0]}"
             else:
-                assert SERVICE_SCOPE in matchers, f"{where}: {selector[0]} lacks {SERVICE_SCOPE}"
-                if name.startswith(("submitter_", "poller_")):
-                    assert f'job="{name.split("_")[0]}"' in matchers, f"{where}: {selector[0]} lacks its job"
-                elif "__name__" in matchers:
-                    assert 'job=~"submitter|poller"' in matchers, f"{where}: {selector[0]} lacks its jobs"
+                # The metric name says which service a series is from; the job picks this system's.
+                assert all(scope in matchers for scope in SERVICE_SCOPE), f"{where}: {selector[0]} lacks a scope"
+                assert "job=" not in matchers.replace('job=~"$job"', ""), f"{where}: {selector[0]} fixes a job"
 
 
 def test_namespace_at_all_matches_series_without_the_label(tools: dict[str, Path], tmp_path: Path) -> None:
@@ -274,6 +296,47 @@ def test_namespace_at_all_matches_series_without_the_label(tools: dict[str, Path
                                variables={"namespace": "other"}),
              "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 5}]},
         ]}]}))
+    done = promtool(tools, "test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_broker_panels_count_the_bridges_queues_once_each(tools: dict[str, Path], tmp_path: Path) -> None:
+    """In a vhost shared with another application, during a leader change that has two nodes
+    report the inbound queue."""
+    exprs = {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in dashboard()["panels"]
+             if panel["type"] != "row"}
+
+    def series(metric: str, queue: str, value: int, node: str = "rabbit@0") -> dict[str, str]:
+        return {"series": f'{metric}{{vhost="shared", queue="{queue}", instance="{node}"}}', "values": f"{value}x5"}
+
+    ready, unacked = "rabbitmq_detailed_queue_messages_ready", "rabbitmq_detailed_queue_messages_unacked"
+    consumers = "rabbitmq_detailed_queue_consumers"
+    inputs = [series(ready, "registrations", 3), series(ready, "registrations", 3, "rabbit@1"),
+              series(ready, "registrations.pending", 1), series(ready, "registrations.pending.wait.5000ms", 2),
+              series(ready, "registrations.failed", 7), series(ready, "orders", 100),
+              series(ready, "registrations-archive", 50),
+              series(unacked, "registrations", 1), series(unacked, "registrations", 1, "rabbit@1"),
+              series(unacked, "registrations.failed", 4), series(unacked, "orders", 10),
+              series(consumers, "registrations", 2), series(consumers, "registrations", 2, "rabbit@1"),
+              series(consumers, "registrations.pending", 2), series(consumers, "registrations.failed", 0),
+              series(consumers, "orders", 5)]
+
+    def per_queue(**values: int) -> list[dict[str, Any]]:
+        return [{"labels": f'{{vhost="shared", queue="{queue}"}}', "value": value} for queue, value in values.items()]
+
+    cases = [(exprs["Waiting in queues"][0], [{"labels": "{}", "value": 3 + 1 + 2 + 1}]),
+             (exprs["Failure queue"][0], [{"labels": "{}", "value": 7}]),
+             (exprs["Queue depth (ready, unacked)"][0], per_queue(**{
+                 "registrations": 3, "registrations.pending": 1, "registrations.pending.wait.5000ms": 2})),
+             (exprs["Queue depth (ready, unacked)"][1], per_queue(registrations=1)),
+             (exprs["Consumers"][0], per_queue(**{
+                 "registrations": 2, "registrations.pending": 2, "registrations.failed": 0})),
+             (exprs["Failure queue depth"][0], per_queue(**{"registrations.failed": 7}))]
+    path = tmp_path / "queues_test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": inputs,
+        "promql_expr_test": [{"expr": as_promql(expr), "eval_time": "2m", "exp_samples": samples}
+                             for expr, samples in cases]}]}))
     done = promtool(tools, "test", "rules", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -367,11 +430,11 @@ def test_live_prometheus_scrapes_both_services(stack: Stack, broker: Broker, leg
 
     # Every dashboard expression runs on the live data without an error, and the core panels have
     # something to show (a rate needs two scrapes after the series appeared).
-    core = ('sum(increase(poller_finalised_total{job="poller", namespace=~"$namespace", outcome="registered"}'
+    core = ('sum(increase(poller_finalised_total{job=~"$job", namespace=~"$namespace", outcome="registered"}'
             '[$__range]))',
-            'histogram_quantile(0.95, sum by (le) (rate(poller_end_to_end_seconds_bucket{job="poller", '
+            'histogram_quantile(0.95, sum by (le) (rate(poller_end_to_end_seconds_bucket{job=~"$job", '
             'namespace=~"$namespace"}[$__rate_interval])))',
-            'sum by (result) (rate(submitter_submissions_total{job="submitter", namespace=~"$namespace"}'
+            'sum by (result) (rate(submitter_submissions_total{job=~"$job", namespace=~"$namespace"}'
             '[$__rate_interval]))')
     dashboard_exprs = [expr for _, expr in expressions(dashboard())]
     assert set(core) <= set(dashboard_exprs)

@@ -71,6 +71,7 @@ RABBITMQ_PASSWORD = "rabbit-s3cret-9f2c"
 MONGODB_PASSWORD = "mongo-s3cret-41d7"
 RABBITMQ_URL = f"amqp://bridge:{RABBITMQ_PASSWORD}@rabbitmq.messaging.svc:5672/registrations"
 MONGODB_URI = f"mongodb://bridge:{MONGODB_PASSWORD}@mongodb.data.svc:27017/?authSource=admin"
+MANAGEMENT_URL = f"http://bridge:{RABBITMQ_PASSWORD}@rabbitmq.messaging.svc:15672/registrations"
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ def full_values(chart: str) -> dict[str, Any]:
     """Every optional feature switched on, and most knobs moved off their defaults."""
     common: dict[str, Any] = {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"},
-        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        # legacy-sim has no rule group to ship, and refuses the switch.
+        "prometheusRule": {"enabled": CHARTS[chart].bridge, "labels": {"release": "kube-prometheus-stack"}},
         "podDisruptionBudget": {"enabled": True, "minAvailable": 1} if CHARTS[chart].bridge
         else {"enabled": True},
         "image": {"tag": "1.4.2", "pullPolicy": "Always"},
@@ -125,8 +127,12 @@ def full_values(chart: str) -> dict[str, Any]:
     if not CHARTS[chart].bridge:
         return merged(common, {"config": {"seed": 42, "post503Rate": 0.05, "failPrefix": "", "down": False,
                                           "latencyMinS": 3, "latencyMaxS": 6}})
+    if chart == "submitter":
+        common["brokerMetrics"] = {"serviceMonitor": {"enabled": True, "namespace": "rabbitmq-system",
+                                                      "clusterName": "broker", "vhost": "registrations"}}
     return merged(common, {
-        "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
+        "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI,
+                   "rabbitmqManagementUrl": MANAGEMENT_URL},
         "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Registration bridge"}},
         "tls": {"caBundle": {"configMapName": "corporate-ca", "key": "ca.pem"}},
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 12},
@@ -215,6 +221,25 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (BRIDGE, "dashboard-label-as-number", {"dashboard": {"labels": {"grafana_dashboard": 1}}},
      "/dashboard/labels/grafana_dashboard"),
     (("legacy-sim",), "no-dashboard", {"dashboard": {"enabled": True}}, "'dashboard' not allowed"),
+    (("legacy-sim",), "no-alert-rules", {"prometheusRule": {"enabled": True}},
+     'has no rule group whose name ends in "-legacy-sim"'),
+    (("poller", "legacy-sim"), "broker-metrics-only-in-the-submitter",
+     {"brokerMetrics": {"serviceMonitor": {"enabled": True}}}, "'brokerMetrics' not allowed"),
+    (("submitter",), "broker-metrics-without-selector",
+     {"brokerMetrics": {"serviceMonitor": {"enabled": True, "selector": {"app.kubernetes.io/component": None}}}},
+     "give the broker Service's labels in selector, or clusterName"),
+    (("submitter",), "broker-metrics-bad-scheme", {"brokerMetrics": {"serviceMonitor": {"scheme": "tcp"}}},
+     "/brokerMetrics/serviceMonitor/scheme"),
+    (BRIDGE, "dashboard-namespace-invalid", {"dashboard": {"namespace": "Monitoring"}}, "/dashboard/namespace"),
+    (BRIDGE, "keda-unknown-protocol", {"autoscaling": {"keda": {"protocol": "amqps"}}}, "/autoscaling/keda/protocol"),
+    (BRIDGE, "keda-http-without-management-url",
+     {"secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
+      "autoscaling": {"enabled": True, "keda": {"enabled": True}}}, "secret.rabbitmqManagementUrl is required"),
+    (("poller",), "keda-amqp-to-zero", {"autoscaling": {"enabled": True, "minReplicas": 0,
+                                                        "keda": {"enabled": True, "protocol": "amqp"}}},
+     "autoscaling.keda.acceptScaleToZeroDelay=true"),
+    (("submitter",), "no-scale-to-zero-switch", {"autoscaling": {"keda": {"acceptScaleToZeroDelay": True}}},
+     "'acceptScaleToZeroDelay' not allowed"),
     (("legacy-sim",), "no-private-ca", {"tls": {"caBundle": {"secretName": "a"}}}, "'tls' not allowed"),
     (("legacy-sim",), "two-replicas", {"replicaCount": 2}, "/replicaCount"),
     (("legacy-sim",), "rate-above-one", {"config": {"post503Rate": 1.5}}, "/config/post503Rate"),
@@ -386,8 +411,11 @@ def _check_crd(doc: dict[str, Any]) -> list[str]:
         endpoints = spec.get("endpoints")
         need(isinstance(endpoints, list) and len(endpoints) > 0, "spec.endpoints")
         for endpoint in endpoints or []:
-            need(set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"},
-                 f"endpoint {endpoint}")
+            need(set(endpoint) <= {"port", "path", "params", "interval", "scrapeTimeout", "scheme", "tlsConfig",
+                                   "relabelings"}, f"endpoint {endpoint}")
+            need(all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                     for v in endpoint.get("params", {}).values()), "params are lists of strings")
+            need(endpoint.get("scheme", "http") in ("http", "https"), "scheme")
             need(isinstance(endpoint.get("port"), str) and isinstance(endpoint.get("path"), str), "port and path")
             for field in ("interval", "scrapeTimeout"):
                 need(isinstance(endpoint.get(field, "1s"), str), f"{field} is a duration string")
@@ -572,6 +600,8 @@ def test_service_and_selectors_fit_together(scenario: tuple[ChartSpec, str, dict
     accounts = rendered.of_kind("ServiceAccount")
     assert [a["metadata"]["name"] for a in accounts] == [deployment["spec"]["template"]["spec"]["serviceAccountName"]]
     for monitor in rendered.of_kind("ServiceMonitor"):
+        if monitor["metadata"]["name"].endswith("-broker-queues"):
+            continue  # the broker's, checked in test_broker_queue_metrics_get_the_bridges_namespace
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("http", "/metrics")]
@@ -592,6 +622,7 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
     keda = autoscaling.get("keda", {}).get("enabled", False)
     expected = always + (["Secret"] if values.get("secret", {}).get("create") else [])
     expected += ["ServiceMonitor"] if values.get("serviceMonitor", {}).get("enabled") else []
+    expected += ["ServiceMonitor"] if values.get("brokerMetrics", {}).get("serviceMonitor", {}).get("enabled") else []
     if values.get("prometheusRule", {}).get("enabled") and shipped_groups(spec.name, ALERTS.read_text()):
         expected += ["PrometheusRule"]
     expected += ["ConfigMap"] if values.get("dashboard", {}).get("enabled") else []
@@ -609,26 +640,67 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
         assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
 
 
-@pytest.mark.parametrize("chart", [c for c, s in CHARTS.items() if s.bridge])
-def test_keda_scales_on_the_service_queue_with_the_secret(helm: ModuleType, chart: str) -> None:
+@pytest.mark.parametrize("protocol", ["http", "amqp"])
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_keda_scales_on_the_service_queue_with_the_secret(helm: ModuleType, chart: str, protocol: str) -> None:
+    """http (the default) counts every message still to be handled, from the management URL in the
+    Secret; amqp, kept as a choice, only the ready ones of one queue, from RABBITMQ_URL."""
     spec = CHARTS[chart]
-    rendered = render(helm, chart, keda_values(chart), "prod")
+    values = merged(keda_values(chart), {"secret": {"create": False, "existingSecret": "registration-bridge"},
+                                         "autoscaling": {"minReplicas": 1}})
+    if protocol == "amqp":
+        values["autoscaling"]["keda"]["protocol"] = "amqp"
+    rendered = render(helm, chart, values, "prod")
     env = environment(rendered)
     scaled = rendered.one("ScaledObject")
     auth = rendered.one("TriggerAuthentication")
     assert not rendered.of_kind("HorizontalPodAutoscaler"), "KEDA makes its own HPA"
     [trigger] = scaled["spec"]["triggers"]
-    assert trigger["type"] == "rabbitmq"
+    metadata = trigger["metadata"]
+    assert trigger["type"] == "rabbitmq" and metadata["protocol"] == protocol
     assert spec.scale_queue is not None
-    assert trigger["metadata"]["queueName"] == env[spec.scale_queue]
-    assert trigger["metadata"]["mode"] == "QueueLength" and int(trigger["metadata"]["value"]) > 0
+    queue = str(env[spec.scale_queue])
+    assert metadata["mode"] == "QueueLength" and int(metadata["value"]) > 0
     assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
-    assert "host" not in trigger["metadata"], "the broker URL must come from the Secret"
-    assert scaled["spec"]["minReplicaCount"] == 0, "KEDA may scale to zero"
+    assert "host" not in metadata, "the broker URL must come from the Secret"
     broker = next(v for v in container(rendered.one("Deployment"))["env"] if v["name"] == "RABBITMQ_URL")
     ref = broker["valueFrom"]["secretKeyRef"]
     hosts = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "host"]
-    assert hosts == [{"parameter": "host", "name": ref["name"], "key": ref["key"]}]
+    if protocol == "amqp":
+        assert metadata["queueName"] == queue and "useRegex" not in metadata
+        assert hosts == [{"parameter": "host", "name": ref["name"], "key": ref["key"]}]
+        return
+    assert hosts == [{"parameter": "host", "name": ref["name"], "key": "RABBITMQ_MANAGEMENT_URL"}]
+    # KEDA's http mode counts messages ready plus unacknowledged unless told otherwise.
+    assert metadata.get("excludeUnacknowledged", "false") == "false"
+    if chart == "submitter":
+        assert metadata["queueName"] == queue and "useRegex" not in metadata
+        return
+    # The poller: the pending queue and its wait queues, summed, and nothing else.
+    assert (metadata["useRegex"], metadata["operation"]) == ("true", "sum")
+    pattern = re.compile(metadata["queueName"])
+    for name in (queue, f"{queue}.wait.2000ms", f"{queue}.wait.16000ms"):
+        assert pattern.search(name), name
+    for name in ("registrations", "registrations.failed", f"{queue}.wait.2000ms.x", f"x{queue}", f"{queue}Xwait"):
+        assert not pattern.search(name), name
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_keda_scale_to_zero_is_safe_or_explicit(helm: ModuleType, chart: str) -> None:
+    """KEDA's floor of zero: fine with http; with amqp the poller needs the explicit acceptance."""
+    assert render(helm, chart, keda_values(chart), "prod").one("ScaledObject")["spec"]["minReplicaCount"] == 0
+    amqp = merged(keda_values(chart), {"autoscaling": {"keda": {"protocol": "amqp"}}})
+    if chart == "poller":
+        with pytest.raises(helm.HelmError, match="acceptScaleToZeroDelay"):
+            render(helm, chart, amqp, "prod")
+        amqp["autoscaling"]["keda"]["acceptScaleToZeroDelay"] = True
+    assert render(helm, chart, amqp, "prod").one("ScaledObject")["spec"]["minReplicaCount"] == 0
+    # Secret created by the chart: the management URL is stored under the key KEDA reads.
+    rendered = render(helm, chart, keda_values(chart), "prod")
+    [secret] = rendered.of_kind("Secret")
+    assert base64.b64decode(secret["data"]["RABBITMQ_MANAGEMENT_URL"]).decode() == MANAGEMENT_URL
+    hosts = [r for r in rendered.one("TriggerAuthentication")["spec"]["secretTargetRef"] if r["parameter"] == "host"]
+    assert hosts == [{"parameter": "host", "name": secret["metadata"]["name"], "key": "RABBITMQ_MANAGEMENT_URL"}]
 
 
 def test_credentials_only_in_the_secret(scenario: tuple[ChartSpec, str, dict[str, Any], Rendered]) -> None:
@@ -660,7 +732,7 @@ def test_credentials_only_in_the_secret(scenario: tuple[ChartSpec, str, dict[str
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert {refs[name]["key"]: data[refs[name]["key"]] for name in SECRET_ENV} == {
         "RABBITMQ_URL": RABBITMQ_URL, "MONGODB_URI": MONGODB_URI}
-    forbidden = [RABBITMQ_PASSWORD, MONGODB_PASSWORD, RABBITMQ_URL, MONGODB_URI,
+    forbidden = [RABBITMQ_PASSWORD, MONGODB_PASSWORD, RABBITMQ_URL, MONGODB_URI, MANAGEMENT_URL,
                  base64.b64encode(RABBITMQ_URL.encode()).decode(), base64.b64encode(MONGODB_URI.encode()).decode()]
     # Every other object, its text as rendered (comments included) and every string in it.
     for path, text in rendered.files.items():
@@ -763,7 +835,8 @@ def test_the_charts_are_consistent() -> None:
         assert defaults["image"]["repository"] == f"registration-bridge/{name}"
         assert defaults["service"]["port"] == defaults["config"]["httpPort"] == CHARTS[name].port
     submitter, poller = (yaml.safe_load((HELM_DIR / n / "values.yaml").read_text()) for n in ("submitter", "poller"))
-    assert set(submitter) == set(poller)
+    # The broker's queue metrics are scraped once, by the submitter's release.
+    assert set(submitter) - {"brokerMetrics"} == set(poller)
     shared = set(poller["config"]) - {"httpPort", "workers"}
     assert {k: submitter["config"][k] for k in shared} == {k: poller["config"][k] for k in shared}, \
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
@@ -773,11 +846,17 @@ def test_the_charts_are_consistent() -> None:
 
 
 def relabelled_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
+    return relabelled(monitor, service)["job"]
+
+
+def relabelled(monitor: dict[str, Any], service: dict[str, Any]) -> dict[str, str]:
     """The `job` label Prometheus Operator gives the targets of a ServiceMonitor's one endpoint: the
     value of the Service label named by jobLabel, else the Service's name; then the endpoint's
-    relabelings (the replace action, the only one these charts use) in order."""
+    relabelings (the replace action, the only one these charts use) in order; and `namespace`, the
+    Service's."""
     labels: dict[str, str] = {"job": str(service["metadata"]["labels"].get(monitor["spec"].get("jobLabel", ""))
-                                         or service["metadata"]["name"])}
+                                         or service["metadata"]["name"]),
+                              "namespace": service["metadata"]["namespace"]}
     [endpoint] = monitor["spec"]["endpoints"]
     for relabel in endpoint.get("relabelings", []):
         assert relabel.get("action", "replace") == "replace", relabel
@@ -786,7 +865,7 @@ def relabelled_job(monitor: dict[str, Any], service: dict[str, Any]) -> str:
         if match:
             labels[relabel["targetLabel"]] = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>",
                                                                  relabel.get("replacement", "$1")))
-    return labels["job"]
+    return labels
 
 
 @pytest.mark.parametrize("chart", ALL)
@@ -811,6 +890,12 @@ def rendered_groups(helm: ModuleType, charts: Mapping[str, str | Path]) -> dict[
     values = {"prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}}
     out: dict[str, list[dict[str, Any]]] = {}
     for name, chart in charts.items():
+        files = (chart if isinstance(chart, Path) else HELM_DIR / chart) / "files" / "alerts.yml"
+        if not shipped_groups(name, files.read_text()):
+            with pytest.raises(helm.HelmError, match=f'no rule group whose name ends in "-{name}"'):
+                render(helm, chart, values, "bridge")
+            out[name] = []
+            continue
         rules = render(helm, chart, values, "bridge").of_kind("PrometheusRule")
         assert len(rules) <= 1
         for rule in rules:
@@ -982,6 +1067,59 @@ def test_the_init_container_joins_the_system_and_private_cas(helm: ModuleType, c
     failed = subprocess.run([sys.executable, "-c", command[2], str(system), str(private), str(bundle)],
                             capture_output=True, text=True, timeout=60)
     assert failed.returncode != 0 and "SSLError" in failed.stderr, failed.stderr
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_dashboard_configmap_goes_where_grafana_looks(helm: ModuleType, chart: str) -> None:
+    def namespace(values: dict[str, Any]) -> str:
+        rendered = render(helm, chart, merged({"dashboard": {"enabled": True}}, values), "bridge")
+        [board] = [m for m in rendered.of_kind("ConfigMap") if m["metadata"]["name"].endswith("-dashboard")]
+        return str(board["metadata"]["namespace"])
+
+    assert namespace({}) == NAMESPACE
+    assert namespace({"dashboard": {"namespace": "monitoring"}}) == "monitoring"
+
+
+BROKER_SERVICE = {"metadata": {"name": "broker", "namespace": "rabbitmq-system", "labels": {
+    "app.kubernetes.io/component": "rabbitmq", "app.kubernetes.io/name": "broker",
+    "app.kubernetes.io/part-of": "rabbitmq"}}}
+
+
+def test_broker_queue_metrics_get_the_bridges_namespace(helm: ModuleType) -> None:
+    """The submitter's ServiceMonitor for the broker's per-queue metrics: off by default; on, it
+    selects the Cluster Operator's Service in the broker's namespace, asks for the two families of
+    the bridge's vhost only, and the series come out with the bridge's namespace and the job the
+    compose scrape has, which is what the alert rules join on."""
+    assert not [m for m in render(helm, "submitter", {}, "bridge").of_kind("ServiceMonitor")]
+    values = {"brokerMetrics": {"serviceMonitor": {"enabled": True, "namespace": "rabbitmq-system",
+                                                   "clusterName": "broker", "vhost": "registrations-prod"}},
+              "serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}}}
+    [monitor] = render(helm, "submitter", values, "bridge").of_kind("ServiceMonitor")
+    assert not _check_crd(monitor), _check_crd(monitor)
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["rabbitmq-system"]}
+    assert spec["selector"]["matchLabels"] == {"app.kubernetes.io/component": "rabbitmq",
+                                               "app.kubernetes.io/name": "broker"}
+    assert spec["selector"]["matchLabels"].items() <= BROKER_SERVICE["metadata"]["labels"].items()
+    [endpoint] = spec["endpoints"]
+    assert (endpoint["port"], endpoint["scheme"], endpoint["path"]) == ("prometheus", "http", "/metrics/detailed")
+    assert endpoint["params"] == {"family": ["queue_coarse_metrics", "queue_consumer_count"],
+                                  "vhost": ["registrations-prod"]}
+    compose = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    [queues] = [job for job in compose["scrape_configs"] if job.get("metrics_path") == "/metrics/detailed"]
+    assert relabelled(monitor, BROKER_SERVICE) == {"namespace": NAMESPACE, "job": queues["job_name"]}
+    # A broker beside the bridge, over TLS (15691).
+    tls = {"brokerMetrics": {"serviceMonitor": {"enabled": True, "port": "prometheus-tls", "scheme": "https",
+                                                "tlsConfig": {"serverName": "broker.rabbitmq-system.svc"}}}}
+    [monitor] = render(helm, "submitter", tls, "bridge").of_kind("ServiceMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/component": "rabbitmq"}
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["scheme"]) == ("prometheus-tls", "https")
+    assert endpoint["tlsConfig"] == {"serverName": "broker.rabbitmq-system.svc"}
+    assert endpoint["params"]["vhost"] == ["/"]
 
 
 # ---- Helm 3 ----------------------------------------------------------------------------------------

@@ -49,6 +49,14 @@ BROKER_SCOPE = ('namespace=~"$broker_namespace"', 'vhost=~"$vhost"')
 BRIDGE_QUEUES = re.compile(r'\bqueue(?:="registrations\.failed"|=~"registrations[^"]*")')
 ONCE_PER_QUEUE = "max by (namespace, vhost, queue) ("
 SELECTOR = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)?(?P<matchers>\{[^{}]*\})')
+AGGREGATION = re.compile(r"\b(?P<op>sum|min|max|avg|count|group|stddev|stdvar|topk|bottomk|quantile|count_values)"
+                         r"\s*(?:(?P<how>by|without)\s*\((?P<labels>[^()]*)\))?\s*\(")
+GROUPING_AFTER = re.compile(r"\s*(?P<how>by|without)\s*\((?P<labels>[^()]*)\)")
+BINARY = re.compile(r"\b(?:and|or|unless)\b|==|!=|>=|<=|[<>+\-*/%^]")
+MODIFIERS = re.compile(r"^\s*(?:bool\b)?\s*(?:(?:on|ignoring)\s*\([^()]*\))?\s*"
+                       r"(?:(?:group_left|group_right)\b\s*(?:\([^()]*\))?)?")
+NUMBER = re.compile(r"^[0-9.]+(?:e[+-]?[0-9]+)?$")
+ABSENT = re.compile(r"\babsent(?:_over_time)?\s*\(")
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +119,132 @@ def service_metric_names() -> set[str]:
     return names
 
 
+# ---- PromQL grouping: what keeps two deployments (namespaces) apart ---------------------------------
+
+
+def _closing(expr: str, start: int) -> int:
+    """The index of the bracket that closes the one at `start`."""
+    depth = 0
+    for i in range(start, len(expr)):
+        depth += expr[i] in "([{"
+        depth -= expr[i] in ")]}"
+        if depth == 0:
+            return i
+    raise AssertionError(f"unbalanced: {expr!r}")
+
+
+def _keeps(how: str | None, labels: str | None) -> bool:
+    names = {name.strip() for name in (labels or "").split(",")}
+    return (how == "by" and "namespace" in names) or (how == "without" and "namespace" not in names)
+
+
+def _operands(expr: str) -> tuple[list[str], list[str]]:
+    """`expr` split at its outermost binary operators: the operands (their matching modifiers
+    stripped) and the operators between them."""
+    operands: list[str] = []
+    operators: list[str] = []
+    depth, start, i = 0, 0, 0
+    while i < len(expr):
+        char = expr[i]
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif depth == 0:
+            found = BINARY.match(expr, i)
+            # An operator follows an operand; a leading one is a sign.
+            if found and expr[start:i].strip():
+                operands.append(expr[start:i])
+                operators.append(found[0])
+                i = start = found.end()
+                continue
+        i += 1
+    operands.append(expr[start:])
+    return [MODIFIERS.sub("", o, count=1).strip() for o in operands], operators
+
+
+def grouping_problems(expr: str) -> list[str]:
+    """Where a rule's expression could merge two namespaces: an aggregation whose grouping drops
+    `namespace`, or an outermost result (each side of an `or`; the left side of other operators,
+    or the vector side of a number) without it. Expressions under absent() carry no labels by design."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings can hold neither operators nor brackets
+    problems = []
+    for found in AGGREGATION.finditer(expr):
+        how, labels = found["how"], found["labels"]
+        if not how:
+            after = GROUPING_AFTER.match(expr, _closing(expr, found.end() - 1) + 1)
+            how, labels = (after["how"], after["labels"]) if after else (None, None)
+        if not _keeps(how, labels):
+            problems.append(f"{found['op']} {how or 'without by'} ({labels or ''}) drops namespace")
+
+    def outermost(part: str) -> None:
+        part = part.strip()
+        while part.startswith("(") and _closing(part, 0) == len(part) - 1:
+            part = part[1:-1].strip()
+        operands, operators = _operands(part)
+        if len(operands) > 1:
+            # `or` keeps both sides' series; every other operator the left side's (or the vector's,
+            # against a number).
+            sides: list[list[str]] = [[operands[0]]]
+            for operand, operator in zip(operands[1:], operators, strict=True):
+                if operator == "or":
+                    sides.append([operand])
+                else:
+                    sides[-1].append(operand)
+            for side in sides:
+                if any(ABSENT.search(operand) for operand in side):
+                    continue
+                vectors = [operand for operand in side if not NUMBER.match(operand)]
+                if not vectors:
+                    problems.append(f"a number has no namespace: {' '.join(side)}")
+                else:
+                    outermost(vectors[0])
+            return
+        if ABSENT.match(part):
+            return
+        aggregation = AGGREGATION.match(part)
+        if aggregation:
+            return  # checked above
+        call = re.match(r"(?P<name>[a-z_]+)\s*\(", part)
+        if call and _closing(part, call.end() - 1) == len(part) - 1:
+            if call["name"] in ("vector", "scalar", "time"):
+                problems.append(f"{call['name']}() has no namespace")
+            else:
+                outermost(_operands(part[call.end():-1].split(",")[0])[0][0])
+        elif NUMBER.match(part):
+            problems.append(f"a number has no namespace: {part}")
+        # Otherwise a selector, which keeps every label it has.
+
+    outermost(expr)
+    return problems
+
+
+@pytest.mark.parametrize("expr", [
+    'sum(rate(x{job="submitter"}[5m])) > 0',
+    'sum(rate(x{job="submitter"}[5m])) > 0 and on (namespace) up{job="submitter"}',
+    'sum by (job) (rate(x{job="submitter"}[5m])) > 0',
+    'max(x{job="submitter"}) by (job) > 0',
+    'count without (namespace) (up{job="submitter"} == 0)',
+    'x{job="submitter"} > 0 or on () vector(1)',
+    '(sum by (namespace) (x) > 0) or (count(up{job="submitter"}) == 0)',
+])
+def test_grouping_check_catches_a_rule_that_merges_namespaces(expr: str) -> None:
+    assert grouping_problems(expr), expr
+
+
+@pytest.mark.parametrize("expr", [
+    'sum by (namespace) (rate(x{job="submitter"}[5m])) > 0',
+    'sum(rate(x{job="submitter"}[5m])) by (namespace, job) > 0',
+    'count without (instance) (up{job="submitter"} == 0)',
+    'up{job="submitter", result="sum"} == 0',
+    'x > 0 or on () (absent(x) and on () absent(up{job="submitter"}))',
+    '0 * group by (namespace) (up{job="poller"})',
+    'max by (namespace, vhost, queue) (delta(x{queue="registrations.failed"}[15m])) > 10',
+])
+def test_grouping_check_passes_a_rule_that_keeps_them(expr: str) -> None:
+    assert not grouping_problems(expr), grouping_problems(expr)
+
+
 # ---- promtool on the files ------------------------------------------------------------------------
 
 
@@ -154,7 +288,7 @@ def test_rule_groups_are_one_per_chart_and_scoped_to_its_service() -> None:
             assert other not in expr, f"{rule['alert']} in {group['name']} reads the {other}'s series"
             # A shared Prometheus holds other systems' targets and queues: select ours only, and
             # keep two deployments (namespaces) apart.
-            assert "namespace" in expr, f"{rule['alert']} does not aggregate by namespace"
+            assert not grouping_problems(expr), f"{rule['alert']}: {grouping_problems(expr)}"
             for selector in re.findall(r"\bup\{[^}]*\}", expr):
                 assert f'job="{service}"' in selector, f"{rule['alert']}: {selector}"
             for selector in re.findall(r"\brabbitmq_[a-z_]+\{[^}]*\}", expr):

@@ -71,6 +71,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secret.create }}RABBITMQ_URL{{ else }}{{ .Values.secret.rabbitmqUrlKey }}{{ end }}
 {{- end }}
 
+{{- /* The Secret key KEDA reads the broker's address from: the AMQP URL, or the management API's. */}}
+{{- define "poller.kedaHostKey" -}}
+{{- if eq .Values.autoscaling.keda.protocol "amqp" }}
+{{- include "poller.rabbitmqUrlKey" . }}
+{{- else if .Values.secret.create }}
+{{- if not .Values.secret.rabbitmqManagementUrl }}
+{{- fail "secret.rabbitmqManagementUrl is required for KEDA with autoscaling.keda.protocol http (or set protocol amqp)" }}
+{{- end }}RABBITMQ_MANAGEMENT_URL
+{{- else }}
+{{- .Values.secret.rabbitmqManagementUrlKey }}
+{{- end }}
+{{- end }}
+
 {{- define "poller.mongodbUriKey" -}}
 {{- if .Values.secret.create }}MONGODB_URI{{ else }}{{ .Values.secret.mongodbUriKey }}{{ end }}
 {{- end }}
@@ -91,6 +104,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.keda.enabled) (lt (.Values.autoscaling.minReplicas | int) 1) }}
 {{- fail "autoscaling.minReplicas must be at least 1 for an HPA (only KEDA scales to zero)" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled .Values.autoscaling.keda.enabled (eq .Values.autoscaling.keda.protocol "amqp") (lt (.Values.autoscaling.minReplicas | int) 1) (not .Values.autoscaling.keda.acceptScaleToZeroDelay) }}
+{{- fail "autoscaling.minReplicas 0 with autoscaling.keda.protocol amqp: KEDA sees only ready messages on the pending queue, not the ids in the wait queues or held by a poller, so it would scale the poller away mid-flight (15-45 s added per poll). Use protocol http, minReplicas 1, or set autoscaling.keda.acceptScaleToZeroDelay=true" }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (.Values.autoscaling.minReplicas | int) (.Values.autoscaling.maxReplicas | int)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}

@@ -71,6 +71,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secret.create }}RABBITMQ_URL{{ else }}{{ .Values.secret.rabbitmqUrlKey }}{{ end }}
 {{- end }}
 
+{{- /* The Secret key KEDA reads the broker's address from: the AMQP URL, or the management API's. */}}
+{{- define "submitter.kedaHostKey" -}}
+{{- if eq .Values.autoscaling.keda.protocol "amqp" }}
+{{- include "submitter.rabbitmqUrlKey" . }}
+{{- else if .Values.secret.create }}
+{{- if not .Values.secret.rabbitmqManagementUrl }}
+{{- fail "secret.rabbitmqManagementUrl is required for KEDA with autoscaling.keda.protocol http (or set protocol amqp)" }}
+{{- end }}RABBITMQ_MANAGEMENT_URL
+{{- else }}
+{{- .Values.secret.rabbitmqManagementUrlKey }}
+{{- end }}
+{{- end }}
+
 {{- define "submitter.mongodbUriKey" -}}
 {{- if .Values.secret.create }}MONGODB_URI{{ else }}{{ .Values.secret.mongodbUriKey }}{{ end }}
 {{- end }}

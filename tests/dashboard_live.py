@@ -177,11 +177,17 @@ class Prometheus:
 def prometheus(binary: Path, config: Mapping[str, Any], workdir: Path) -> Iterator[Prometheus]:
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    port = free_port()
+    with run_prometheus(binary, path, workdir, free_port()) as server:
+        yield server
+
+
+@contextmanager
+def run_prometheus(binary: Path, config: Path, workdir: Path, port: int) -> Iterator[Prometheus]:
+    """The real `prometheus` on `config`, its data and log in `workdir`, until the block ends."""
     log = workdir / "prometheus.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(binary), f"--config.file={path}", f"--storage.tsdb.path={workdir / 'data'}",
+            [str(binary), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             stdout=out, stderr=subprocess.STDOUT)
     server = Prometheus(f"http://127.0.0.1:{port}")

@@ -19,6 +19,7 @@ from types import ModuleType
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from test_compose import instructions
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "services" / "pipeline.Dockerfile"
@@ -39,18 +40,6 @@ def load_lock_module() -> ModuleType:
 
 lock_script = load_lock_module()
 LOCKS = {lock.name: lock for lock in lock_script.LOCKS}
-
-
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines()
-                                          if not line.lstrip().startswith("#")))
-    out = []
-    for line in text.splitlines():
-        if line.strip():
-            keyword, _, rest = line.strip().partition(" ")
-            out.append((keyword.upper(), rest.strip()))
-    return out
 
 
 def pins(path: Path) -> dict[str, tuple[str, int]]:

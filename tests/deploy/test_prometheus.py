@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 import requests
 import yaml
 from conftest import Stack
+from dashboard_live import run_prometheus
 from harness import Broker, LegacySim, fetch_tools, free_port, wait_until
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -496,35 +497,9 @@ def prometheus(tools: dict[str, Path], tmp_path: Path) -> Iterator[tuple[Path, s
     """Yields (config path, base URL, start function); the config is written by the test."""
     config = tmp_path / "prometheus.yml"
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "prometheus.log"
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        out = open(log, "wb")  # noqa: SIM115 - the child keeps it
-        processes.append(subprocess.Popen(
-            [str(tools["prometheus"]), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT))
-
-        def ready() -> bool:
-            if processes[0].poll() is not None:
-                raise AssertionError(f"prometheus exited with {processes[0].returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                return requests.get(f"{base}/-/ready", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(ready, timeout=30, what="prometheus to be ready")
-
-    yield config, base, start
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with ExitStack() as running:
+        yield config, f"http://127.0.0.1:{port}", \
+            lambda: running.enter_context(run_prometheus(tools["prometheus"], config, tmp_path, port))
 
 
 @pytest.mark.integration

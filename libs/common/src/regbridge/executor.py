@@ -297,7 +297,8 @@ class Executor:
         record = FailureRecord(original=subject.original, user_id=subject.user_id,
                                legacy_request_id=subject.request_id, error=error, attempts=subject.attempts,
                                failed_at=datetime.fromtimestamp(self._clock(), UTC))
-        future = self._broker.publish(self._failed_queue, record.encode(), persistent(subject.message_id))
+        future = self._broker.publish(self._failed_queue, record.encode(),
+                                      persistent(subject.record_id(delivery.body)))
         try:
             # No timeout of its own: the runtime settles every publish (a confirm, a nack, a
             # return, a lost channel, a stop). Giving up while the broker merely holds the

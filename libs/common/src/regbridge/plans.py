@@ -9,11 +9,14 @@ Pure code: no I/O, no clock.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from regbridge.lifecycle import State
 from regbridge.messages import FailureError
+
+SHORTSTR_BYTES = 255  # the most an AMQP short string (such as message_id) holds
 
 # ---- store writes ---------------------------------------------------------------------------
 
@@ -65,6 +68,17 @@ class Subject:
     attempts: int = 0
     message_id: str | None = None
     received_at: float | None = None  # epoch seconds the inbound message entered the system
+
+    def record_id(self, body: bytes) -> str:
+        """The failure record's id, its AMQP message_id: the same for every copy a crash window
+        makes of one record, so that readers show it once and a replay moves it once. The
+        inbound message_id where there is one (the contract keeps it on every derived message),
+        else the attempt key, else (a message no user could be read from) a digest of the body
+        as delivered. An AMQP short string holds 255 bytes: a longer key is digested."""
+        if self.message_id:
+            return self.message_id
+        key = self.attempt_key or "sha256:" + hashlib.sha256(body).hexdigest()
+        return key if len(key.encode()) <= SHORTSTR_BYTES else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 # ---- plans ----------------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""The failure record's id (its AMQP message_id): one per record, whatever copies a crash makes."""
+
+from __future__ import annotations
+
+import hashlib
+
+from regbridge.messages import Registration
+from regbridge.plans import SHORTSTR_BYTES, Subject
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_the_inbound_message_id_is_kept_as_the_contract_says() -> None:
+    subject = Subject(original={}, user_id="u-1", attempt_key="u-1|mid:m-1", message_id="m-1")
+    assert subject.record_id(b"anything") == "m-1"
+
+
+def test_without_a_message_id_the_attempt_key_names_the_record_on_every_redelivery() -> None:
+    body = b'{"user_id": "u-2", "name": "Maria"}'
+    key = Registration.decode(body, message_id=None, max_bytes=1000).attempt_key
+    assert key == f"u-2|sha256:{sha(body)}"
+    first = Subject(original={}, user_id="u-2", attempt_key=key)
+    again = Subject(original={}, user_id="u-2", attempt_key=key, attempts=3)  # a later delivery
+    assert first.record_id(body) == again.record_id(body) == key
+
+
+def test_a_message_no_user_could_be_read_from_is_named_by_its_body() -> None:
+    assert Subject(original="{not json").record_id(b"{not json") == f"sha256:{sha(b'{not json')}"
+    assert Subject(original="a").record_id(b"a") != Subject(original="b").record_id(b"b")
+
+
+def test_a_key_too_long_for_an_amqp_short_string_is_digested() -> None:
+    long_key = "u" * 128 + "|sha256:" + "0" * 64 + "|" + "é" * 60  # 320 bytes in UTF-8
+    record_id = Subject(original={}, attempt_key=long_key).record_id(b"")
+    assert record_id == f"sha256:{sha(long_key.encode())}"
+    assert len(record_id.encode()) <= SHORTSTR_BYTES
+    fits = "u-3|sha256:" + "0" * 64
+    assert Subject(original={}, attempt_key=fits).record_id(b"") == fits

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Stack
-from harness import BIN, Broker, LegacySim, wait_until
+from harness import BIN, Broker, LegacySim, cli_env, wait_until
 from outcomes import FAILED, INBOUND, PENDING, Outcomes, good
 
 from regbridge.messages import FailureError, FailureRecord
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "registrations"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def ok(env: dict[str, str], *args: str) -> str:
@@ -137,7 +137,7 @@ def test_replay_after_the_cause_is_fixed_registers_and_empties_the_failure_queue
     assert "1 failure record on registrations.failed" in status
 
     legacy.configure(fail_prefix="")
-    moved = ok(stack.env, "failed", "replay", "--stage", "legacy")
+    moved = ok(stack.env, "failed", "replay", "--stage", "legacy", "--yes")
     assert "replayed #" in moved and "user_id=replay-me" in moved and "message_id=mid-replay" in moved
     assert "replayed 1 failure record to registrations; 1 left on registrations.failed" in moved
 
@@ -176,7 +176,7 @@ def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Brok
     assert broker.depth(INBOUND) == 0 and failed_ids(env) == order
 
     # --limit: the first matching record only.
-    out = ok(env, "failed", "replay", "--stage", "legacy", "--limit", "1")
+    out = ok(env, "failed", "replay", "--stage", "legacy", "--limit", "1", "--yes")
     assert "replayed #1 " in out and "replayed 1 failure record to" in out
     [(props, body)] = broker.drain(INBOUND)
     assert props.message_id == "m-0" and props.delivery_mode == 2 and props.timestamp
@@ -185,14 +185,14 @@ def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Brok
     assert failed_ids(env) == order[1:]
 
     # --user-id, across stages; the rest stay in order.
-    ok(env, "failed", "replay", "--user-id", "u-0")
+    ok(env, "failed", "replay", "--user-id", "u-0", "-y")
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-6"]
     remaining = [*order[1:6], "m-junk"]
     assert failed_ids(env) == remaining
 
     # A record without a message_id gets a fresh one; a string original goes back as its text,
     # anything else as JSON; a record with no original is never replayed (nor removed).
-    out = ok(env, "failed", "replay")
+    out = ok(env, "failed", "replay", "--yes")
     assert "replayed 5 failure records" in out
     published = broker.drain(INBOUND)
     assert [p.message_id for p, _ in published][:2] == ["m-1", "m-2"]
@@ -212,7 +212,7 @@ def test_replay_never_takes_a_record_that_arrived_after_it_started(stack: Stack,
     for i in range(30):
         broker.publish(FAILED, record(None, "validation", original=f"still not json {i}"), message_id=f"v-{i}")
     broker.publish(FAILED, record("stays-2", "legacy"), message_id="stays-2")
-    out = ok(stack.env, "failed", "replay", "--stage", "validation")
+    out = ok(stack.env, "failed", "replay", "--stage", "validation", "--yes")
     assert "replayed 30 failure records" in out
     wait_until(lambda: broker.depth(FAILED) == 32, timeout=30, what="the 30 replays to fail again")
     after = drain_failed(broker)
@@ -231,7 +231,7 @@ def test_a_replay_redelivered_before_the_submitter_handled_it_is_not_lost(
     wait_until(lambda: broker.depth(FAILED) == 1, timeout=30, what="the failure record")
     legacy.configure(fail_prefix="")
     assert submitter.terminate() == 0
-    ok(stack.env, "failed", "replay")
+    ok(stack.env, "failed", "replay", "--yes")
     # A submitter took the replay and died before handling it (or its connection dropped while the
     # message sat in its prefetch): the broker redelivers it, flagged redelivered.
     channel = broker.connection.channel()
@@ -389,7 +389,7 @@ def test_stats_counts_each_stage_and_outcome(stack: Stack, broker: Broker, users
 def test_errors_are_one_line_without_credentials(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "RABBITMQ_URL": "amqp://bob:s3cret@127.0.0.1:1/x",
            "MONGODB_URI": "mongodb://bob:s3cret@127.0.0.1:1/"}
-    for args in (["failed", "list"], ["stats"], ["failed", "replay"]):
+    for args in (["failed", "list"], ["stats"], ["failed", "replay", "--yes"]):
         result = cli(env, *args)
         assert result.returncode == 1
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("registrations: ")

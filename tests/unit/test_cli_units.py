@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
 import re
+import select
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -513,12 +518,50 @@ def test_zsh_completion(tmp_path: Path) -> None:
     text = completion.script(build_parser(), "zsh")
     assert text.startswith("#compdef registrations\n")
     assert "'failed replay:--stage') compadd -- 'validation' 'submit' 'legacy' 'poll' 'timeout'" in text
-    # zsh is not part of the CI image, nor needed to build the script: without it, the script's
-    # syntax goes unchecked here, while its tables are the ones bash's test exercises.
+    # zsh is optional: the CI image has none, and building the script needs none. Without it, only
+    # the script's content is checked here; its tables are the ones the bash test exercises.
     zsh = shutil.which("zsh")
     if zsh is None:
-        pytest.skip("zsh is not installed: only its script's content is checked")
+        pytest.skip("zsh is not installed: only the zsh script's content is checked")
     script = tmp_path / "_registrations"
     script.write_text(text)
     result = subprocess.run([zsh, "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+    # Completion for real: an interactive zsh with compinit, on a pseudo-terminal, given TAB.
+    (tmp_path / ".zshrc").write_text(f"autoload -U compinit && compinit -u -d {tmp_path}/zcompdump\n"
+                                     f"source {shlex.quote(str(script))}\nPS1='> '\n")
+    assert _zsh_line_after_tab(zsh, tmp_path, "registrations fa") == "registrations failed "
+    assert _zsh_line_after_tab(zsh, tmp_path, "registrations failed replay --stage le") == \
+        "registrations failed replay --stage legacy "
+    assert _zsh_line_after_tab(zsh, tmp_path, "registrations --ver") == "registrations --version "
+
+
+def _zsh_line_after_tab(zsh: str, home: Path, typed: str) -> str:
+    """The command line once zsh has completed `typed` + TAB (read back with a widget that prints it)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes zsh
+        os.execve(zsh, [zsh, "-i"], {**os.environ, "ZDOTDIR": str(home), "TERM": "dumb"})
+    shown = b""
+    try:
+        def read_until(marker: bytes, timeout: float = 20) -> None:
+            nonlocal shown
+            deadline = time.monotonic() + timeout
+            while marker not in shown and time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.1)[0]:
+                    shown += os.read(fd, 4096)
+            assert marker in shown, f"zsh never showed {marker!r}: {shown!r}"
+
+        read_until(b"> ")
+        # Bind ^X^P to a widget that prints the buffer between markers, then type, TAB, ^X^P.
+        os.write(fd, b"show() { print -rn -- $'\\n[[' \"$BUFFER\" ']]' }; zle -N show; bindkey '^X^P' show\n")
+        read_until(b"bindkey '^X^P' show")
+        shown = b""
+        os.write(fd, typed.encode() + b"\t")
+        time.sleep(0.5)
+        os.write(fd, b"\x18\x10")
+        read_until(b"]]")
+        return shown.rsplit(b"[[ ", 1)[1].split(b" ]]", 1)[0].decode()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)

@@ -29,15 +29,16 @@ def run(user_id: str, settings: CliSettings, out: Output) -> int:
         raise CliError(f"nothing known about user {user_id!r}: no document in {where} and no failure record "
                        f"on {settings.failed_queue}")
     out.summary(f"user {user_id}")
+    indent = "  " if out.headers else ""  # under a title; the rows alone stand at the margin
     if document is None:
         out.summary(f"  no document in {where}")
     else:
         for line in describe(document, now):
-            out.line(f"  {line}")
+            out.line(f"{indent}{line}")
     queue = settings.failed_queue
     if failures:
         out.summary(f"\n{plural(len(failures), 'failure record')} on {queue}:")
-        out.line(table(failures, now, indent="  ", out=out))
+        out.line(table(failures, now, indent=indent, out=out))
     else:
         out.summary(f"\nno failure record on {queue}")
     return 0

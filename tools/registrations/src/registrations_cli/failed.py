@@ -17,7 +17,7 @@ from . import broker
 from .confirm import Consent
 from .cycle import Cycle, Record, Send
 from .errors import FAILED, PARTIAL, CliError
-from .output import Output, safe_json
+from .output import Output
 from .records import Failure, Filter
 from .settings import CliSettings
 from .table import plural, truncate
@@ -42,10 +42,6 @@ def table(failures: list[Failure], now: datetime, *, indent: str = "", out: Outp
              truncate(f.reason, REASON_WIDTH)] for f in failures]
     return (out or Output()).table(["#", "STAGE", "USER_ID", "AGE", "REASON"], rows, right=["#", "AGE"],
                                    indent=indent)
-
-
-def dump(value: Any) -> str:
-    return safe_json(value, indent=2)
 
 
 @dataclass(frozen=True)

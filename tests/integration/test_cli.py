@@ -464,7 +464,7 @@ def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Br
     assert [line.split()[:3] for line in bare] == [["1", "legacy", "u-0"], ["2", "submit", "u-1"],
                                                    ["3", "legacy", "u-0"]]
 
-    # failed show: JSON by default (as before -o), one line with jsonl, a table row on request.
+    # failed show: JSON by default (the record in full), one line with jsonl, a table row on request.
     assert json.loads(run("failed", "show", "2"))["properties"]["message_id"] == "m-1"
     [one] = jsonl(run("failed", "show", "2", "-o", "jsonl"))
     assert one["record"]["user_id"] == "u-1"

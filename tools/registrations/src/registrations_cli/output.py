@@ -45,7 +45,7 @@ def safe_json(value: Any, *, indent: int | None = None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, default: str = "table", json_alias: bool = False) -> None:
-    """`-o/--output` and `--no-headers` on a (sub)command; `--json` where it existed before `-o`."""
+    """`-o/--output` and `--no-headers` on a (sub)command; with `json_alias`, `--json` as well."""
     parser.add_argument("-o", "--output", choices=FORMATS, default=default,
                         help=f"table, json (one document) or jsonl (one object per line) (default: {default})")
     parser.add_argument("--no-headers", action="store_true",

@@ -27,11 +27,22 @@ import requests
 from regbridge.topology import work_queue
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+# The operator command's sources in this checkout. A venv's editable install may point at another
+# checkout (a git worktree shares the venv of the main one), so the tests put these first on the
+# command's PYTHONPATH: the command they run is the code beside them.
+CLI_SOURCES = (REPO / "tools" / "registrations" / "src", REPO / "libs" / "common" / "src")
 T = TypeVar("T")
 
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def cli_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for running `registrations` from this checkout (see CLI_SOURCES)."""
+    paths = [str(p) for p in CLI_SOURCES] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def free_port() -> int:

@@ -4,14 +4,17 @@ Mongo-wire server and legacy-sim, with the services' own environment (the test's
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Stack
-from harness import BIN, Broker, LegacySim, wait_until
+from harness import BIN, Broker, LegacySim, cli_env, wait_until
 from outcomes import FAILED, INBOUND, PENDING, Outcomes, good
 
 from regbridge.messages import FailureError, FailureRecord
@@ -21,8 +24,8 @@ pytestmark = pytest.mark.integration
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "registrations"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def ok(env: dict[str, str], *args: str) -> str:
@@ -137,7 +140,7 @@ def test_replay_after_the_cause_is_fixed_registers_and_empties_the_failure_queue
     assert "1 failure record on registrations.failed" in status
 
     legacy.configure(fail_prefix="")
-    moved = ok(stack.env, "failed", "replay", "--stage", "legacy")
+    moved = ok(stack.env, "failed", "replay", "--stage", "legacy", "--yes")
     assert "replayed #" in moved and "user_id=replay-me" in moved and "message_id=mid-replay" in moved
     assert "replayed 1 failure record to registrations; 1 left on registrations.failed" in moved
 
@@ -176,7 +179,7 @@ def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Brok
     assert broker.depth(INBOUND) == 0 and failed_ids(env) == order
 
     # --limit: the first matching record only.
-    out = ok(env, "failed", "replay", "--stage", "legacy", "--limit", "1")
+    out = ok(env, "failed", "replay", "--stage", "legacy", "--limit", "1", "--yes")
     assert "replayed #1 " in out and "replayed 1 failure record to" in out
     [(props, body)] = broker.drain(INBOUND)
     assert props.message_id == "m-0" and props.delivery_mode == 2 and props.timestamp
@@ -185,14 +188,14 @@ def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Brok
     assert failed_ids(env) == order[1:]
 
     # --user-id, across stages; the rest stay in order.
-    ok(env, "failed", "replay", "--user-id", "u-0")
+    ok(env, "failed", "replay", "--user-id", "u-0", "-y")
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-6"]
     remaining = [*order[1:6], "m-junk"]
     assert failed_ids(env) == remaining
 
     # A record without a message_id gets a fresh one; a string original goes back as its text,
     # anything else as JSON; a record with no original is never replayed (nor removed).
-    out = ok(env, "failed", "replay")
+    out = ok(env, "failed", "replay", "--yes")
     assert "replayed 5 failure records" in out
     published = broker.drain(INBOUND)
     assert [p.message_id for p, _ in published][:2] == ["m-1", "m-2"]
@@ -212,7 +215,7 @@ def test_replay_never_takes_a_record_that_arrived_after_it_started(stack: Stack,
     for i in range(30):
         broker.publish(FAILED, record(None, "validation", original=f"still not json {i}"), message_id=f"v-{i}")
     broker.publish(FAILED, record("stays-2", "legacy"), message_id="stays-2")
-    out = ok(stack.env, "failed", "replay", "--stage", "validation")
+    out = ok(stack.env, "failed", "replay", "--stage", "validation", "--yes")
     assert "replayed 30 failure records" in out
     wait_until(lambda: broker.depth(FAILED) == 32, timeout=30, what="the 30 replays to fail again")
     after = drain_failed(broker)
@@ -231,7 +234,7 @@ def test_a_replay_redelivered_before_the_submitter_handled_it_is_not_lost(
     wait_until(lambda: broker.depth(FAILED) == 1, timeout=30, what="the failure record")
     legacy.configure(fail_prefix="")
     assert submitter.terminate() == 0
-    ok(stack.env, "failed", "replay")
+    ok(stack.env, "failed", "replay", "--yes")
     # A submitter took the replay and died before handling it (or its connection dropped while the
     # message sat in its prefetch): the broker redelivers it, flagged redelivered.
     channel = broker.connection.channel()
@@ -389,7 +392,7 @@ def test_stats_counts_each_stage_and_outcome(stack: Stack, broker: Broker, users
 def test_errors_are_one_line_without_credentials(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "RABBITMQ_URL": "amqp://bob:s3cret@127.0.0.1:1/x",
            "MONGODB_URI": "mongodb://bob:s3cret@127.0.0.1:1/"}
-    for args in (["failed", "list"], ["stats"], ["failed", "replay"]):
+    for args in (["failed", "list"], ["stats"], ["failed", "replay", "--yes"]):
         result = cli(env, *args)
         assert result.returncode == 1
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("registrations: ")
@@ -408,3 +411,207 @@ def test_a_list_of_brokers_reaches_the_one_that_answers(stack: Stack, broker: Br
     result = cli({**env, "RABBITMQ_URL": f"{down},{down.replace(':1/', ':2/')}"}, "failed", "list")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "127.0.0.1:1" in result.stderr and "127.0.0.1:2" in result.stderr and "s3cret" not in result.stderr
+
+
+# ---- output formats, confirmation, exit codes ---------------------------------------------------
+
+
+def lines_of(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line]
+
+
+def jsonl(text: str) -> list[Any]:
+    return [json.loads(line) for line in lines_of(text)]
+
+
+def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Broker, users: Any,
+                                                       tmp_path: Path) -> None:
+    env = stack.env  # no service runs: what is published or replayed stays on the inbound queue
+    hostile = "rejected: \u202egnp.exe\u202c \u0085\u009b2J \x1b[31m"
+    for mid, uid, stage, reason in [("m-0", "u-0", "legacy", hostile), ("m-1", "u-1", "submit", "bad cpf"),
+                                    ("m-2", "u-0", "legacy", "refused")]:
+        broker.publish(FAILED, record(uid, stage, reason=reason), message_id=mid)
+    users.insert_one({"_id": "u-0", "registration_status": "failed", "legacy_request_id": "AB583C-X",
+                      "registration_updated_at": datetime.now(UTC)})
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(good(f"p-{i}")) for i in range(2)) + "\n")
+    checked: list[str] = []
+
+    def run(*args: str) -> str:
+        checked.append(" ".join(args))
+        return ok(env, *args)
+
+    # publish: the rows it published, with their message ids.
+    doc = json.loads(run("publish", str(rows), "-o", "json"))
+    assert doc["published"] == 2 and [r["user_id"] for r in doc["rows"]] == ["p-0", "p-1"]
+    assert all(len(r["message_id"]) == 36 for r in doc["rows"]) and doc["invalid"] == []
+    assert [r["line"] for r in jsonl(run("publish", str(rows), "-o", "jsonl"))] == [1, 2]
+    assert lines_of(run("publish", str(rows), "--no-headers"))[0].startswith("published 2 registrations")
+    assert len(broker.drain(INBOUND)) == 6
+
+    # failed list: one document; one object per line; rows only. --json is -o json.
+    listed = run("failed", "list", "-o", "json")
+    assert [r["message_id"] for r in json.loads(listed)] == ["m-0", "m-1", "m-2"]
+    def ageless(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "age_s"} for r in records]
+
+    assert ageless(json.loads(run("failed", "list", "--json"))) == ageless(json.loads(listed))
+    # The hostile reason survives as data but reaches the terminal escaped, never raw.
+    assert json.loads(listed)[0]["record"]["error"]["reason"] == hostile
+    assert not {"\u202e", "\u0085", "\u009b", "\x1b"} & set(listed) and "\\u202e" in listed
+    assert [r["position"] for r in jsonl(run("failed", "list", "-o", "jsonl", "--stage", "legacy"))] == [1, 3]
+    bare = lines_of(run("failed", "list", "--no-headers"))
+    assert [line.split()[:3] for line in bare] == [["1", "legacy", "u-0"], ["2", "submit", "u-1"],
+                                                   ["3", "legacy", "u-0"]]
+
+    # failed show: JSON by default (the record in full), one line with jsonl, a table row on request.
+    assert json.loads(run("failed", "show", "2"))["properties"]["message_id"] == "m-1"
+    [one] = jsonl(run("failed", "show", "2", "-o", "jsonl"))
+    assert one["record"]["user_id"] == "u-1"
+    table = lines_of(run("failed", "show", "2", "-o", "table"))
+    assert table[0].split() == ["#", "STAGE", "USER_ID", "AGE", "REASON"] and table[1].split()[:3] == \
+        ["2", "submit", "u-1"]
+    assert [line.split()[:2] for line in lines_of(run("failed", "show", "2", "-o", "table", "--no-headers"))] == \
+        [["2", "submit"]]
+
+    # failed replay: the dry run, then the real one, in each form.
+    dry = json.loads(run("failed", "replay", "--dry-run", "--stage", "legacy", "-o", "json"))
+    assert (dry["dry_run"], dry["count"], dry["left"], dry["complete"]) == (True, 2, 3, True)
+    assert [r["message_id"] for r in dry["records"]] == ["m-0", "m-2"]
+    assert [r["action"] for r in jsonl(run("failed", "replay", "--dry-run", "-o", "jsonl"))] == ["would_replay"] * 3
+    assert [line.split()[:3] for line in lines_of(run("failed", "replay", "--dry-run", "--no-headers"))] == \
+        [["would", "replay", "#1"], ["would", "replay", "#2"], ["would", "replay", "#3"]]
+    [moved] = jsonl(run("failed", "replay", "--stage", "submit", "--yes", "-o", "jsonl"))
+    assert (moved["action"], moved["message_id"], moved["user_id"]) == ("replayed", "m-1", "u-1")
+    done = json.loads(run("failed", "replay", "--user-id", "u-0", "--limit", "1", "--yes", "-o", "json"))
+    assert (done["count"], done["left"], [r["message_id"] for r in done["records"]]) == (1, 1, ["m-0"])
+    assert lines_of(run("failed", "replay", "--yes", "--no-headers")) == \
+        ["replayed #1  legacy      user_id=u-0  message_id=m-2"]
+    assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-1", "m-0", "m-2"]
+    broker.publish(FAILED, record("u-0", "legacy", reason="refused again"), message_id="m-3")
+
+    # status: the document and the records; rows only with --no-headers.
+    status = json.loads(run("status", "u-0", "-o", "json"))
+    assert status["document"]["legacy_request_id"] == "AB583C-X" and status["failures"][0]["message_id"] == "m-3"
+    assert json.loads(run("status", "u-0", "--json"))["document"] == status["document"]
+    [line] = jsonl(run("status", "u-0", "-o", "jsonl"))
+    assert line["user_id"] == "u-0" and line["document"]["registration_status"] == "failed"
+    bare = lines_of(run("status", "u-0", "--no-headers"))
+    assert bare[0].split() == ["registration_status", "failed"] and bare[-1].split()[:3] == ["1", "legacy", "u-0"]
+    assert not any(line.startswith(("user ", "1 failure record")) or "STAGE" in line for line in bare)
+
+    # stats: the snapshot in each form.
+    snapshot = json.loads(run("stats", "-o", "json"))
+    assert snapshot["stages"]["failed"] == 1 and snapshot["outcomes"]["failed"] == 1
+    [streamed] = jsonl(run("stats", "-o", "jsonl"))
+    assert streamed["stages"] == snapshot["stages"]
+    bare = lines_of(run("stats", "--no-headers"))
+    assert bare[0].split()[:2] == ["inbound", INBOUND] and not any("STAGE" in line or "broker" in line
+                                                                   for line in bare)
+    print(f"\n-o json/jsonl and --no-headers: {len(checked)} command lines over publish, failed list/show/replay, "
+          "status and stats, every JSON parsed")
+
+
+def on_a_terminal(env: dict[str, str], answer: str, *args: str) -> tuple[int, str, str]:
+    """Run the command with stdin and stderr on a pseudo-terminal (stdout a pipe, as in
+    `registrations ... | tee`): wait for its question, type `answer`, return (exit code, what the
+    terminal showed, stdout)."""
+    master, slave = os.openpty()
+    process = subprocess.Popen([str(BIN / "registrations"), *args], env=cli_env(env), stdin=slave, stderr=slave,
+                               stdout=subprocess.PIPE, text=True)
+    os.close(slave)
+    shown = b""
+
+    def read_terminal(until: bytes | None, timeout: float) -> None:
+        nonlocal shown
+        deadline = time.monotonic() + timeout
+        while until is None or until not in shown:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                if until is None:
+                    return
+                raise AssertionError(f"no {until!r} on the terminal after {timeout} s; it showed {shown!r}")
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the command has exited and closed its side
+                return
+            if not chunk:
+                return
+            shown += chunk
+
+    try:
+        read_terminal(b"[y/N] ", 60)
+        os.write(master, answer.encode())
+        stdout, _ = process.communicate(timeout=60)
+        read_terminal(None, 1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    return process.returncode, shown.decode(errors="replace"), stdout
+
+
+def test_replay_asks_on_a_terminal_and_moves_nothing_on_no(stack: Stack, broker: Broker) -> None:
+    for i in range(4):
+        broker.publish(FAILED, record(f"u-{i}", ("legacy", "submit")[i % 2]), message_id=f"m-{i}")
+
+    code, shown, stdout = on_a_terminal(stack.env, "n\n", "failed", "replay", "--stage", "legacy")
+    print(f"\nterminal, answered n: exit {code}; it showed {shown!r}")
+    assert f"replay 2 failure records from {FAILED} to {INBOUND}? [y/N] " in shown
+    assert code == 1 and "nothing was replayed (the answer was not yes)" in shown and stdout == ""
+    assert broker.depth(INBOUND) == 0 and failed_ids(stack.env) == ["m-0", "m-1", "m-2", "m-3"]
+
+    code, shown, stdout = on_a_terminal(stack.env, "y\n", "failed", "replay", "--stage", "legacy")
+    print(f"terminal, answered y: exit {code}; it showed {shown!r}; stdout {stdout!r}")
+    assert code == 0 and "replay 2 failure records" in shown
+    assert "replayed 2 failure records to registrations; 2 left on registrations.failed" in stdout
+    assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-0", "m-2"]
+    assert failed_ids(stack.env) == ["m-1", "m-3"]
+
+    # The question counts what matches; --limit counts too.
+    code, shown, _ = on_a_terminal(stack.env, "yes\n", "failed", "replay", "--limit", "1")
+    assert code == 0 and "replay 1 failure record from" in shown
+    assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-1"]
+
+
+def test_replay_without_a_terminal_refuses_unless_told_yes(stack: Stack, broker: Broker) -> None:
+    broker.publish(FAILED, record("u-0", "legacy"), message_id="m-0")
+    refused = cli(stack.env, "failed", "replay")  # stdin is /dev/null: no terminal to ask on
+    print(f"\nno terminal, no --yes: exit {refused.returncode}; stderr {refused.stderr!r}")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("registrations: failed replay changes the queues and asks first, but there is "
+                                     "no terminal to ask on: pass --yes (-y)")
+    assert broker.depth(FAILED) == 1 and broker.depth(INBOUND) == 0
+    assert "would replay 1 failure record" in ok(stack.env, "failed", "replay", "--dry-run")  # asks nothing
+    assert "replayed 1 failure record" in ok(stack.env, "failed", "replay", "-y")
+    assert broker.depth(FAILED) == 0 and broker.depth(INBOUND) == 1
+
+
+def test_a_replay_or_a_publish_stopped_midway_exits_3(stack: Stack, broker: Broker, tmp_path: Path) -> None:
+    # An inbound queue that takes two messages and refuses the rest.
+    small = "small-inbound"
+    broker.channel.queue_declare(small, durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+    env = {**stack.env, "INBOUND_QUEUE": small}
+    for i in range(5):
+        broker.publish(FAILED, record(f"u-{i}", "legacy"), message_id=f"m-{i}")
+
+    result = cli(env, "failed", "replay", "--yes", "-o", "json")
+    print(f"\nreplay into a queue that takes 2 of 5: exit {result.returncode}; stderr {result.stderr.strip()!r}")
+    assert result.returncode == 3 and "stopped after 2" in result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["count"], doc["complete"], [r["message_id"] for r in doc["records"]]) == (2, False, ["m-0", "m-1"])
+    assert broker.depth(small) == 2 and failed_ids(env) == ["m-2", "m-3", "m-4"]
+
+    # Nothing moved at all: a failure, not a partial success.
+    result = cli(env, "failed", "replay", "--yes")
+    assert result.returncode == 1 and "stopped after 0" in result.stderr
+    assert failed_ids(env) == ["m-2", "m-3", "m-4"]
+
+    broker.drain(small)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(good(f"p-{i}")) for i in range(4)) + "\n")
+    result = cli(env, "publish", str(rows))
+    print(f"publish of 4 into a queue that takes 2: exit {result.returncode}; stderr {result.stderr.strip()!r}")
+    assert result.returncode == 3 and "2 of 4 rows were published (through line 2)" in result.stderr
+    assert broker.depth(small) == 2
+    assert cli(env, "publish", str(rows)).returncode == 1  # full from the first row: nothing published

@@ -17,7 +17,7 @@ import pika
 import pika.exceptions
 import pytest
 from conftest import Stack
-from harness import BIN, Broker, rabbitmqctl, wait_until
+from harness import BIN, Broker, cli_env, rabbitmqctl, wait_until
 from outcomes import FAILED, Outcomes, check_exact, mixed_load
 from pika.adapters.blocking_connection import BlockingChannel
 from registrations_cli import broker as cli_broker
@@ -51,8 +51,8 @@ def limit_every_queue(url: str, limit: int = LIMIT) -> None:
 
 
 def cli(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([str(BIN / "registrations"), *args], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, f"registrations {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
     assert "Traceback" not in result.stderr
     return result.stdout
@@ -189,7 +189,7 @@ def test_a_replay_under_a_delivery_limit_keeps_the_rest_in_order(stack: Stack, b
                                                                  amqp_url: str) -> None:
     limit_every_queue(amqp_url)
     published = publish_records(broker, 30)
-    out = cli(stack.env, "failed", "replay", "--stage", "submit", "--limit", "4")
+    out = cli(stack.env, "failed", "replay", "--stage", "submit", "--limit", "4", "--yes")
     assert "replayed 4 failure records to registrations; 26 left on" in out
     replayed = [f"m-{i}" for i in (1, 4, 7, 10)]
     assert [p.message_id for p, _ in broker.drain("registrations")] == replayed
@@ -277,7 +277,7 @@ def test_a_browse_killed_with_sigkill_loses_nothing(stack: Stack, broker: Broker
     for i in range(n):
         broker.publish(FAILED, record(f"u-{i}", "legacy", i), message_id=f"m-{i}")
     published = [f"m-{i}" for i in range(n)]
-    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list"], env=stack.env,
+    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list"], env=cli_env(stack.env),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     wait_until(lambda: browsing(broker), timeout=30, what="the browse to start", every=0.01)
@@ -293,7 +293,7 @@ def test_ctrl_c_lets_the_browse_finish_first(stack: Stack, broker: Broker, amqp_
     n = 600
     for i in range(n):
         broker.publish(FAILED, record(f"u-{i}", "legacy", i), message_id=f"m-{i}")
-    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--json"], env=stack.env,
+    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--json"], env=cli_env(stack.env),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: browsing(broker), timeout=30, what="the browse to start", every=0.01)
     time.sleep(0.2)
@@ -308,7 +308,7 @@ def test_ctrl_c_lets_the_browse_finish_first(stack: Stack, broker: Broker, amqp_
 
 def test_two_browses_at_once_each_see_every_record_in_order(stack: Stack, broker: Broker) -> None:
     published = publish_records(broker, 200)
-    browses = [subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--json"], env=stack.env,
+    browses = [subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--json"], env=cli_env(stack.env),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     for browse in browses:
         out, err = browse.communicate(timeout=120)
@@ -371,7 +371,7 @@ def test_the_pipeline_under_a_delivery_limit_with_browses_running(stack: Stack, 
     def with_the_command() -> None:
         while not stop.is_set():
             cli(stack.env, "failed", "list", "--json")
-            status = subprocess.run([str(BIN / "registrations"), "status", "load-3", "--json"], env=stack.env,
+            status = subprocess.run([str(BIN / "registrations"), "status", "load-3", "--json"], env=cli_env(stack.env),
                                     capture_output=True, text=True, timeout=120)
             assert status.returncode in (0, 1) and "Traceback" not in status.stderr, status.stderr
             browses.extend(["list", "status"])

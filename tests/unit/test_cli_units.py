@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
-from registrations_cli import rows
+from registrations_cli import completion, rows
 from registrations_cli.broker import properties_view
+from registrations_cli.confirm import Consent
 from registrations_cli.cycle import exact_copy
 from registrations_cli.errors import CliError
-from registrations_cli.main import build_parser
+from registrations_cli.main import build_parser, version_text
+from registrations_cli.output import Output, safe_json
 from registrations_cli.progress import Progress, bar
 from registrations_cli.records import Failure, Filter, encode_original
 from registrations_cli.settings import CliSettings, from_env
@@ -391,3 +403,165 @@ def test_a_copy_keeps_a_float_header_as_its_text() -> None:
     """pika reads AMQP floats but cannot write them: a foreign record carrying one must still go round."""
     copy = exact_copy(pika.BasicProperties(headers={"ratio": 0.25, "nested": {"list": [1.5, True, 2]}}))
     assert copy.headers == {"ratio": "0.25", "nested": {"list": ["1.5", True, 2]}}
+
+
+# ---- output formats, consent, version, completion ----------------------------------------------
+
+
+def test_json_output_escapes_every_character_a_terminal_acts_on() -> None:
+    hostile = "Jos\u00e9 \x1b[2J \x07 \u009b31m \u0085 \u202eevil\u202c \u2066x\u2069 \u200f \u2028"
+    text = safe_json({"name": hostile})
+    assert json.loads(text) == {"name": hostile}  # the same value, read back
+    assert "Jos\u00e9" in text  # ensure_ascii stays off: a name keeps its letters
+    assert not [c for c in text if ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c in "\u202a\u202b\u202c\u202d"
+                "\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u2028\u2029\u061c"]
+    assert "\\u009b" in text and "\\u202e" in text and "\\u001b" in text
+    indented = safe_json({"a": ["\u0085"]}, indent=2)
+    assert "\\u0085" in indented and json.loads(indented) == {"a": ["\u0085"]}
+
+
+def test_output_formats_and_no_headers() -> None:
+    def printed(fmt: str, headers: bool = True) -> str:
+        stream = io.StringIO()
+        out = Output(fmt, headers, stream)
+        if out.is_table:
+            out.line(out.table(["A", "B"], [[1, "x"], [2, "y"]]))
+        else:
+            out.document([{"a": 1}, {"a": 2}], jsonl_rows=[{"a": 1}, {"a": 2}])
+        out.summary("2 rows")
+        return stream.getvalue()
+
+    assert printed("table") == "A  B\n1  x\n2  y\n2 rows\n"
+    assert printed("table", headers=False) == "1  x\n2  y\n"
+    assert json.loads(printed("json")) == [{"a": 1}, {"a": 2}]
+    assert printed("jsonl") == '{"a":1}\n{"a":2}\n'
+    assert Output("table", False).table(["A"], []) == ""
+
+
+def test_output_arguments_and_the_json_alias() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["failed", "list"]).output == "table"
+    assert parser.parse_args(["failed", "list", "--json"]).output == "json"
+    assert parser.parse_args(["failed", "list", "-o", "jsonl", "--no-headers"]).no_headers
+    assert parser.parse_args(["failed", "show", "3"]).output == "json"  # show prints the record in full
+    assert parser.parse_args(["status", "u", "--json"]).output == "json"
+    assert parser.parse_args(["stats", "-o", "json"]).output == "json"
+    assert parser.parse_args(["publish", "f.csv", "--output", "jsonl"]).output == "jsonl"
+    args = parser.parse_args(["failed", "replay", "-y", "-o", "json"])
+    assert args.yes and args.output == "json"
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args(["failed", "list", "-o", "yaml"])
+    assert caught.value.code == 2
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "yes"), [("y\n", True), ("YES\n", True), ("n\n", False), ("\n", False),
+                                             ("", False), ("yep\n", False)])
+def test_consent_takes_only_y_or_yes(answer: str, yes: bool) -> None:
+    stderr = _Tty()
+    consent = Consent(stdin=_Tty(answer), stderr=stderr)
+    assert consent.ask("replay 3 failure records?") is yes
+    assert stderr.getvalue().startswith("replay 3 failure records? [y/N] ")
+
+
+def test_consent_refuses_without_a_terminal_unless_told_yes() -> None:
+    with pytest.raises(CliError) as caught:
+        Consent(stdin=io.StringIO("y\n"), stderr=_Tty()).check("failed replay")
+    assert caught.value.code == 2 and "--yes" in str(caught.value)
+    Consent(yes=True, stdin=io.StringIO(), stderr=io.StringIO()).check("failed replay")
+    Consent(stdin=_Tty(), stderr=_Tty()).check("failed replay")
+    quiet = io.StringIO()
+    assert Consent(yes=True, stdin=io.StringIO(), stderr=quiet).ask("sure?") and quiet.getvalue() == ""
+
+
+def test_version_names_both_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["--version"])
+    assert caught.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == version_text()
+    assert re.fullmatch(r"registrations \S+ \(regbridge-common \S+\)", printed) and "unknown" not in printed
+
+
+def _bash_complete(script: str, *words: str) -> list[str]:
+    """What the completion function offers for `words` (the last one being typed)."""
+    program = (f'source {shlex.quote(script)} && complete -p registrations >/dev/null && '
+               f'COMP_WORDS=(registrations {" ".join(shlex.quote(w) for w in words)}) && '
+               f'COMP_CWORD={len(words)} && _registrations && printf "%s\\n" "${{COMPREPLY[@]}}"')
+    result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_bash_completion(tmp_path: Path) -> None:
+    script = tmp_path / "registrations.bash"
+    script.write_text(completion.script(build_parser(), "bash"))
+    assert _bash_complete(str(script), "fa") == ["failed"]
+    assert _bash_complete(str(script), "") == ["publish", "failed", "status", "stats", "completion", "-h",
+                                               "--help", "--version"]
+    assert _bash_complete(str(script), "failed", "re") == ["replay"]
+    assert _bash_complete(str(script), "failed", "replay", "--st") == ["--stage"]
+    assert _bash_complete(str(script), "failed", "replay", "--stage", "l") == ["legacy"]
+    assert _bash_complete(str(script), "failed", "list", "-o", "js") == ["json", "jsonl"]
+    # An option's value that happens to be a command's name is not taken for the command.
+    assert "--limit" in _bash_complete(str(script), "failed", "list", "--user-id", "failed", "--")
+    assert _bash_complete(str(script), "completion", "") == ["bash", "zsh", "-h", "--help"]
+    (tmp_path / "people.jsonl").write_text("")
+    assert f"{tmp_path}/people.jsonl" in _bash_complete(str(script), "publish", f"{tmp_path}/pe")
+
+
+def test_zsh_completion(tmp_path: Path) -> None:
+    text = completion.script(build_parser(), "zsh")
+    assert text.startswith("#compdef registrations\n")
+    assert "'failed replay:--stage') compadd -- 'validation' 'submit' 'legacy' 'poll' 'timeout'" in text
+    # zsh is optional: the CI image has none, and building the script needs none. Without it, only
+    # the script's content is checked here; its tables are the ones the bash test exercises.
+    zsh = shutil.which("zsh")
+    if zsh is None:
+        pytest.skip("zsh is not installed: only the zsh script's content is checked")
+    script = tmp_path / "_registrations"
+    script.write_text(text)
+    result = subprocess.run([zsh, "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    # Completion for real: an interactive zsh with compinit, on a pseudo-terminal, given TAB.
+    (tmp_path / ".zshrc").write_text(f"autoload -U compinit && compinit -u -d {tmp_path}/zcompdump\n"
+                                     f"source {shlex.quote(str(script))}\nPS1='> '\n")
+    assert _zsh_line_after_tab(zsh, tmp_path, "registrations fa") == "registrations failed "
+    assert _zsh_line_after_tab(zsh, tmp_path, "registrations failed replay --stage le") == \
+        "registrations failed replay --stage legacy "
+    assert _zsh_line_after_tab(zsh, tmp_path, "registrations --ver") == "registrations --version "
+
+
+def _zsh_line_after_tab(zsh: str, home: Path, typed: str) -> str:
+    """The command line once zsh has completed `typed` + TAB (read back with a widget that prints it)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes zsh
+        os.execve(zsh, [zsh, "-i"], {**os.environ, "ZDOTDIR": str(home), "TERM": "dumb"})
+    shown = b""
+    try:
+        def read_until(marker: bytes, timeout: float = 20) -> None:
+            nonlocal shown
+            deadline = time.monotonic() + timeout
+            while marker not in shown and time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.1)[0]:
+                    shown += os.read(fd, 4096)
+            assert marker in shown, f"zsh never showed {marker!r}: {shown!r}"
+
+        read_until(b"> ")
+        # Bind ^X^P to a widget that prints the buffer between markers, then type, TAB, ^X^P.
+        os.write(fd, b"show() { print -rn -- $'\\n[[' \"$BUFFER\" ']]' }; zle -N show; bindkey '^X^P' show\n")
+        read_until(b"bindkey '^X^P' show")
+        shown = b""
+        os.write(fd, typed.encode() + b"\t")
+        time.sleep(0.5)
+        os.write(fd, b"\x18\x10")
+        read_until(b"]]")
+        return shown.rsplit(b"[[ ", 1)[1].split(b" ]]", 1)[0].decode()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from regbridge.redact import redact_url
 
-# Exit codes: 0 done; 1 the command could not do its work (broker down, invalid rows, nothing
-# found); 2 it was called wrongly (argparse uses 2 as well) or is misconfigured.
-FAILED = 1
-USAGE = 2
+# Exit codes, documented in `registrations --help` and the README:
+DONE = 0
+FAILED = 1  # nothing, or not everything, could be done (broker down, invalid rows, nothing found, "no")
+USAGE = 2  # called wrongly (argparse uses 2 as well), misconfigured, or no consent to a destructive act
+PARTIAL = 3  # stopped midway: some of the work is done, the rest is not (the message says which)
+INTERRUPTED = 130  # Ctrl-C, as a shell reports a process that SIGINT ended
 
 
 class CliError(Exception):

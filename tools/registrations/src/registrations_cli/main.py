@@ -7,14 +7,17 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from importlib import metadata
 
 import pika.exceptions
 from pymongo.errors import PyMongoError
 
 from regbridge.redact import redact_url
 
-from . import failed, publish, rows, stats, status
-from .errors import FAILED, CliError
+from . import completion, failed, output, publish, rows, stats, status
+from .confirm import Consent
+from .errors import FAILED, INTERRUPTED, CliError
+from .output import Output
 from .records import STAGES, Filter
 from .settings import from_env
 from .timefmt import parse_duration, parse_since
@@ -23,7 +26,32 @@ DESCRIPTION = """\
 Operate the registration bridge: publish registrations, inspect and replay the failure queue,
 follow one registration, watch the queues. Configured by the services' environment variables
 (RABBITMQ_URL, MONGODB_URI, MONGODB_DATABASE, MONGODB_COLLECTION, INBOUND_QUEUE, PENDING_QUEUE,
-FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults."""
+FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults.
+
+Every command that prints results takes -o table|json|jsonl and --no-headers."""
+
+EPILOG = """exit codes:
+  0    done
+  1    failed: nothing, or not everything, could be done (broker or MongoDB unreachable, invalid
+       rows, no such record or user, a confirmation answered no)
+  2    wrong arguments or configuration, or a destructive command with no terminal to confirm on
+       and no --yes
+  3    partial success: stopped midway, some of the work done and the rest not (the message says
+       which)
+  130  interrupted (Ctrl-C)
+
+shell completion: eval "$(registrations completion bash)"  (or zsh)"""
+
+
+def version_text() -> str:
+    """`registrations <cli version> (regbridge-common <version>)`: the two packages that decide what it does."""
+    def of(distribution: str) -> str:
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return f"registrations {of('regbridge-registrations-cli')} (regbridge-common {of('regbridge-common')})"
 
 
 def _positive_int(text: str) -> int:
@@ -62,8 +90,9 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="registrations", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="registrations", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("publish", help="publish the registrations of a JSONL or CSV file",
@@ -76,54 +105,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message-id-field", metavar="FIELD",
                    help="take each message's AMQP message_id from this field (default: a new UUID each)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    output.add_arguments(p)
 
     f = commands.add_parser("failed", help="the failure queue: list, show, replay")
     sub = f.add_subparsers(dest="failed_command", required=True, metavar="ACTION")
     fl = sub.add_parser("list", help="a table of the failure records (the queue is left as it was)")
     _filters(fl)
-    fl.add_argument("--json", action="store_true", help="JSON instead of a table")
+    output.add_arguments(fl, json_alias=True)
     fs = sub.add_parser("show", help="one record in full, with its AMQP properties")
     fs.add_argument("position", type=_positive_int, metavar="N", help="the record's # in `failed list`")
+    output.add_arguments(fs, default="json")
     fr = sub.add_parser("replay", help="republish records' originals to the inbound queue, then remove them",
                         description="For each matching record: republish its original to the inbound queue "
                                     "(same message_id), and remove the record once the broker confirmed it. "
-                                    "Records that do not match stay, in order.")
+                                    "Records that do not match stay, in order. Without --dry-run it asks first "
+                                    "(counting the matching records with a dry run, then replaying at most that "
+                                    "many), on a terminal; with no terminal it needs --yes.",
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _filters(fr)
     fr.add_argument("--dry-run", action="store_true", help="move nothing; print what would be moved")
+    fr.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    output.add_arguments(fr)
 
     s = commands.add_parser("status", help="one user's registration fields and failure records")
     s.add_argument("user_id", metavar="USER_ID")
-    s.add_argument("--json", action="store_true", help="JSON instead of text")
+    output.add_arguments(s, json_alias=True)
 
     st = commands.add_parser("stats", help="queue depths per stage, and outcomes in MongoDB")
     st.add_argument("--watch", nargs="?", const=2.0, type=_seconds, metavar="SECONDS",
                     help="refresh every SECONDS (default 2), one line each, until Ctrl-C")
     st.add_argument("--count", type=_positive_int, metavar="N", help="stop after N refreshes")
-    st.add_argument("--json", action="store_true", help="JSON (one object per line with --watch)")
+    output.add_arguments(st, json_alias=True)
+
+    c = commands.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                            description="Print a completion script for bash or zsh, made from this command's own "
+                                        "arguments. bash: eval \"$(registrations completion bash)\" in ~/.bashrc; "
+                                        "zsh: eval \"$(registrations completion zsh)\" in ~/.zshrc after compinit, "
+                                        "or save it as _registrations in a directory of $fpath.")
+    c.add_argument("shell", choices=completion.SHELLS)
     return parser
 
 
-def dispatch(args: argparse.Namespace) -> int:
+def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "completion":
+        print(completion.script(parser, args.shell), end="")
+        return 0
+    consent = Consent(yes=getattr(args, "yes", False))
+    if args.command == "failed" and args.failed_command == "replay" and not args.dry_run:
+        consent.check("failed replay")  # before the settings or the broker: a refusal touches nothing
     settings = from_env(os.environ)
+    out = Output.of(args)
     if args.command == "publish":
         return publish.run(publish.Options(args.file, args.format, args.skip_invalid, args.message_id_field,
-                                           args.quiet), settings)
+                                           args.quiet), settings, out)
     if args.command == "status":
-        return status.run(args.user_id, settings, as_json=args.json)
+        return status.run(args.user_id, settings, out)
     if args.command == "stats":
-        return stats.run(settings, watch_s=args.watch, count=args.count, as_json=args.json)
+        return stats.run(settings, out, watch_s=args.watch, count=args.count)
     if args.failed_command == "show":
-        return failed.show(args.position, settings)
+        return failed.show(args.position, settings, out)
     flt = Filter(stage=args.stage, user_id=args.user_id, since=args.since)
     if args.failed_command == "list":
-        return failed.list_records(failed.ListOptions(flt, args.limit, args.json), settings)
-    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run), settings)
+        return failed.list_records(failed.ListOptions(flt, args.limit), settings, out)
+    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run), settings, out, consent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return dispatch(args)
+        return dispatch(args, parser)
     except CliError as exc:
         return _fail(str(exc), exc.code)
     except pika.exceptions.AMQPError as exc:
@@ -131,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PyMongoError as exc:
         return _fail(f"MongoDB error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", INTERRUPTED)
     except BrokenPipeError:
         # The reader went away (`| head`): not an error of ours; stop writing.
         sys.stderr.close()

@@ -12,7 +12,8 @@ import pika
 import pika.exceptions
 
 from . import broker, rows
-from .errors import USAGE, CliError
+from .errors import FAILED, PARTIAL, USAGE, CliError
+from .output import Output
 from .progress import Progress
 from .settings import CliSettings
 from .table import plural
@@ -48,7 +49,7 @@ def report_bad(parsed: rows.Parsed, path: str) -> None:
         print(f"{path}: ... and {len(parsed.bad) - SHOW_BAD_ROWS} more invalid rows", file=sys.stderr)
 
 
-def run(options: Options, settings: CliSettings) -> int:
+def run(options: Options, settings: CliSettings, out: Output) -> int:
     parsed = load(options, settings)
     if parsed.bad:
         report_bad(parsed, options.path)
@@ -65,6 +66,7 @@ def run(options: Options, settings: CliSettings) -> int:
         channel.confirm_delivery()
         progress = Progress(len(parsed.rows), sys.stderr, enabled=not options.quiet and sys.stderr.isatty())
         published = 0
+        sent: list[dict[str, object]] = []
         try:
             for row in parsed.rows:
                 properties = pika.BasicProperties(
@@ -75,20 +77,34 @@ def run(options: Options, settings: CliSettings) -> int:
                 channel.basic_publish("", queue, row.body, properties, mandatory=True)
                 published += 1
                 progress.advance()
+                sent.append({"line": row.line, "user_id": row.user_id, "message_id": properties.message_id})
+                if out.format == "jsonl":
+                    out.row(sent[-1])
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
             progress.close()
             what = "returned it: no such queue" if isinstance(exc, pika.exceptions.UnroutableError) else "refused it"
-            raise CliError(_stopped(options.path, parsed, published, f"the broker {what}")) from None
+            raise CliError(_stopped(options.path, parsed, published, f"the broker {what}"), _code(published)) from None
         except pika.exceptions.AMQPError as exc:
             progress.close()
             raise CliError(_stopped(options.path, parsed, published, f"lost the broker ({type(exc).__name__})",
-                                    maybe_sent=True)) from None
+                                    maybe_sent=True), _code(published)) from None
         progress.close()
 
+    if out.format == "json":
+        out.document({"file": options.path, "queue": queue, "broker": settings.broker_shown, "published": published,
+                      "rows": sent, "invalid": [{"line": b.line, "reason": b.reason} for b in parsed.bad]})
+        return 0
+    if out.format == "jsonl":
+        return 0
     skipped = f"; {plural(len(parsed.bad), 'invalid row')} skipped" if parsed.bad else ""
-    print(f"published {plural(published, 'registration')} from {options.path} to {queue} on {settings.broker_shown}"
-          f"{skipped}")
+    out.line(f"published {plural(published, 'registration')} from {options.path} to {queue} on {settings.broker_shown}"
+             f"{skipped}")
     return 0
+
+
+def _code(published: int) -> int:
+    """Rows before the one that stopped it are on the queue: a partial success, unless there were none."""
+    return PARTIAL if published else FAILED
 
 
 def _stopped(path: str, parsed: rows.Parsed, published: int, why: str, *, maybe_sent: bool = False) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -11,8 +10,8 @@ from pika.adapters.blocking_connection import BlockingConnection
 from pymongo.collection import Collection
 
 from . import broker, mongo
+from .output import Output
 from .settings import CliSettings
-from .table import render
 
 STAGES = ("inbound", "pending", "waiting", "failed")
 
@@ -56,12 +55,15 @@ def take(connection: BlockingConnection, users: Collection[dict[str, Any]], sett
     return Snapshot(datetime.now(UTC), queues, mongo.outcome_counts(users))
 
 
-def render_table(snapshot: Snapshot, settings: CliSettings) -> str:
+def render_table(snapshot: Snapshot, settings: CliSettings, out: Output | None = None) -> str:
+    out = out or Output()
     rows = [[stage, name, info.ready if info else "not declared", info.consumers if info else "-"]
             for stage, name, info in snapshot.queues]
-    queues = render(["STAGE", "QUEUE", "READY", "CONSUMERS"], rows, right=["READY", "CONSUMERS"])
+    queues = out.table(["STAGE", "QUEUE", "READY", "CONSUMERS"], rows, right=["READY", "CONSUMERS"])
     totals = "  ".join(f"{k}={v}" for k, v in snapshot.stages.items())
-    outcomes = render(["STATUS", "USERS"], [[k, v] for k, v in snapshot.outcomes.items()], right=["USERS"])
+    outcomes = out.table(["STATUS", "USERS"], [[k, v] for k, v in snapshot.outcomes.items()], right=["USERS"])
+    if not out.headers:  # the rows only: the queues', then the outcomes'
+        return f"{queues}\n{outcomes}"
     return (f"broker {settings.broker_shown}\n\n{queues}\n\nby stage: {totals}\n\n"
             f"MongoDB {settings.mongodb_database}.{settings.mongodb_collection}\n{outcomes}")
 
@@ -72,12 +74,14 @@ def render_line(snapshot: Snapshot) -> str:
     return f"{snapshot.at.astimezone().strftime('%H:%M:%S')}  {stages}|  {outcomes}".rstrip()
 
 
-def run(settings: CliSettings, *, watch_s: float | None = None, count: int | None = None,
-        as_json: bool = False) -> int:
+def run(settings: CliSettings, out: Output, *, watch_s: float | None = None, count: int | None = None) -> int:
     with broker.connect(settings) as connection, mongo.users(settings) as users:
         if watch_s is None and count is None:
             snapshot = take(connection, users, settings)
-            print(json.dumps(snapshot.as_json(), indent=2) if as_json else render_table(snapshot, settings))
+            if out.is_table:
+                out.line(render_table(snapshot, settings, out))
+            else:
+                out.document(snapshot.as_json())
             return 0
         interval = watch_s if watch_s is not None else 2.0
         shown = 0
@@ -86,7 +90,10 @@ def run(settings: CliSettings, *, watch_s: float | None = None, count: int | Non
                 if shown:
                     connection.sleep(interval)  # keeps the connection's heartbeats going
                 snapshot = take(connection, users, settings)
-                print(json.dumps(snapshot.as_json()) if as_json else render_line(snapshot), flush=True)
+                if out.is_table:  # -o json as well as jsonl: one object per refresh, per line
+                    out.line(render_line(snapshot))
+                else:
+                    out.row(snapshot.as_json())
                 shown += 1
         except KeyboardInterrupt:
             pass  # Ctrl-C ends a watch: that is how it is meant to stop

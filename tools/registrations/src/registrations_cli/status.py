@@ -7,37 +7,40 @@ from typing import Any
 
 from . import broker, mongo
 from .errors import CliError
-from .failed import dump, read, table
+from .failed import read, table
+from .output import Output
 from .settings import CliSettings
+from .table import plural
 from .timefmt import format_age
 
 
-def run(user_id: str, settings: CliSettings, *, as_json: bool = False) -> int:
+def run(user_id: str, settings: CliSettings, out: Output) -> int:
     with mongo.users(settings) as users:
         document = mongo.registration(users, user_id)
     with broker.connect(settings) as connection:
         failures = [f for f in read(connection, settings) if f.user_id == user_id]
     now = datetime.now(UTC)
-    if as_json:
-        print(dump({"user_id": user_id, "document": _plain(document),
-                    "failures": [f.view(now) for f in failures]}))
+    if not out.is_table:
+        out.document({"user_id": user_id, "document": _plain(document),
+                      "failures": [f.view(now) for f in failures]})
         return 0 if document is not None or failures else 1
     where = f"{settings.mongodb_database}.{settings.mongodb_collection}"
     if document is None and not failures:
         raise CliError(f"nothing known about user {user_id!r}: no document in {where} and no failure record "
                        f"on {settings.failed_queue}")
-    print(f"user {user_id}")
+    out.summary(f"user {user_id}")
+    indent = "  " if out.headers else ""  # under a title; the rows alone stand at the margin
     if document is None:
-        print(f"  no document in {where}")
+        out.summary(f"  no document in {where}")
     else:
         for line in describe(document, now):
-            print(f"  {line}")
+            out.line(f"{indent}{line}")
     queue = settings.failed_queue
     if failures:
-        print(f"\n{len(failures)} failure record{'s' if len(failures) != 1 else ''} on {queue}:")
-        print(table(failures, now, indent="  "))
+        out.summary(f"\n{plural(len(failures), 'failure record')} on {queue}:")
+        out.line(table(failures, now, indent=indent, out=out))
     else:
-        print(f"\nno failure record on {queue}")
+        out.summary(f"\nno failure record on {queue}")
     return 0
 
 

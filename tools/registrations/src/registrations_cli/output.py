@@ -1,0 +1,102 @@
+"""How every command prints its results: `-o table|json|jsonl` and `--no-headers`, as kubectl does.
+
+- `table` (for people): a table with its header row, then a summary line. `--no-headers` prints
+  the rows only, so that `cut`, `awk` and `wc -l` see nothing else.
+- `json` (for a script): one JSON document on stdout, the whole result.
+- `jsonl` (for a stream into `jq -c`): one JSON object per line, one per record or row, written
+  as soon as it is known; no summary.
+
+JSON is written with `ensure_ascii=False`, so names keep their accents, yet it never carries a
+character that a terminal or an editor acts on: json.dumps escapes C0 controls, and `safe_json`
+escapes the rest (C1 controls, which some terminals read as escape sequences, and the bidi
+controls that make text display in another order than it reads). A record's fields come from
+whoever published the registration, so this matters even for output nobody pipes anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .table import render
+
+FORMATS = ("table", "json", "jsonl")
+
+# C1 controls; LRM, RLM; line and paragraph separators; the bidi embeddings, overrides and isolates;
+# the Arabic letter mark.
+_UNSAFE = re.compile("[\u0080-\u009f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\u061c]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def safe_json(value: Any, *, indent: int | None = None) -> str:
+    """`value` as JSON text in which every character a terminal could act on is escaped. After
+    json.dumps such a character can only stand inside a string, where `\\uXXXX` means the same."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False, default=str,
+                      separators=None if indent is not None else (",", ":"))
+    return _UNSAFE.sub(_escape, text)
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, default: str = "table", json_alias: bool = False) -> None:
+    """`-o/--output` and `--no-headers` on a (sub)command; with `json_alias`, `--json` as well."""
+    parser.add_argument("-o", "--output", choices=FORMATS, default=default,
+                        help=f"table, json (one document) or jsonl (one object per line) (default: {default})")
+    parser.add_argument("--no-headers", action="store_true",
+                        help="table output without its header row and summary lines: the rows only")
+    if json_alias:
+        parser.add_argument("--json", dest="output", action="store_const", const="json",
+                            help="the same as -o json")
+
+
+@dataclass
+class Output:
+    """The chosen format, and the stream results go to. A command builds one from its arguments
+    (`Output.of(args)`) and prints through it only."""
+
+    format: str = "table"
+    headers: bool = True
+    stream: TextIO = field(default_factory=lambda: sys.stdout)
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Output:
+        return cls(format=args.output, headers=not args.no_headers)
+
+    @property
+    def is_table(self) -> bool:
+        return self.format == "table"
+
+    def line(self, text: str = "") -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def document(self, value: Any, *, jsonl_rows: Iterable[Any] | None = None) -> None:
+        """A whole result for `json`; for `jsonl`, `jsonl_rows` one per line (else `value` on one line)."""
+        if self.format == "json":
+            self.line(safe_json(value, indent=2))
+        elif jsonl_rows is not None:
+            for row in jsonl_rows:
+                self.row(row)
+        else:
+            self.line(safe_json(value))
+
+    def row(self, value: Any) -> None:
+        """One record of a `jsonl` stream."""
+        self.line(safe_json(value))
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = (),
+              indent: str = "") -> str:
+        """The text of a table, without its header row under `--no-headers`."""
+        text = render(headers, rows, right=right, indent=indent)
+        return text if self.headers else text.split("\n", 1)[1] if rows else ""
+
+    def summary(self, text: str | Callable[[], str]) -> None:
+        """A line that tells a person about the rows (a count, a title): table output with headers only."""
+        if self.is_table and self.headers:
+            self.line(text() if callable(text) else text)

@@ -25,10 +25,11 @@ from registrations_cli.broker import properties_view
 from registrations_cli.confirm import Consent
 from registrations_cli.cycle import exact_copy
 from registrations_cli.errors import CliError
+from registrations_cli.failed import find
 from registrations_cli.main import build_parser, version_text
 from registrations_cli.output import Output, safe_json
 from registrations_cli.progress import Progress, bar
-from registrations_cli.records import Failure, Filter, encode_original
+from registrations_cli.records import Failure, Filter, encode_original, first_copies
 from registrations_cli.settings import CliSettings, from_env
 from registrations_cli.table import one_line, plural, render, truncate
 from registrations_cli.timefmt import format_age, parse_duration, parse_since
@@ -376,7 +377,7 @@ def test_arguments() -> None:
     assert (args.user_id, args.dry_run, args.stage) == ("u-1", True, None)
     assert parser.parse_args(["publish", "f.csv", "--skip-invalid", "--message-id-field", "ref"]).message_id_field \
         == "ref"
-    for bad in (["failed", "list", "--stage", "nope"], ["failed", "list", "--limit", "0"], ["failed", "show", "x"],
+    for bad in (["failed", "list", "--stage", "nope"], ["failed", "list", "--limit", "0"], ["failed", "show"],
                 ["stats", "--watch", "0"], ["failed", "list", "--since", "whenever"], ["publish"], []):
         with pytest.raises(SystemExit) as caught:
             parser.parse_args(bad)
@@ -565,3 +566,39 @@ def _zsh_line_after_tab(zsh: str, home: Path, typed: str) -> str:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_a_record_is_found_by_its_id_or_the_one_id_that_starts_so() -> None:
+
+    failures = [Failure.parse(i + 1, b"{}", message_id=mid) for i, mid in
+                enumerate(["m-1", "m-10", "u-7|sha256:ab12", "u-7|sha256:cd34", "solo-long-id", "m-1"])]
+    assert find(failures, "m-1", "q").position == 1  # exact, and the first of its copies
+    assert find(failures, "solo", "q").message_id == "solo-long-id"
+    with pytest.raises(CliError, match=r"2 records on q have ids starting with 'u-7\|sha256:'"):
+        find(failures, "u-7|sha256:", "q")
+    with pytest.raises(CliError, match="no record with id 'nope'"):
+        find(failures, "nope", "q")
+
+
+def test_each_record_is_listed_once_however_many_copies_share_its_id() -> None:
+    failures = [Failure.parse(i + 1, b"{}", message_id=mid) for i, mid in enumerate(["a", "b", "a", None, None, "a"])]
+    first, copies = first_copies(failures)
+    assert [(f.position, f.message_id) for f in first] == [(1, "a"), (2, "b"), (4, None), (5, None)]
+    assert copies == {"a": 3, "b": 1}
+
+
+def test_filters_by_id_reason_and_age() -> None:
+    now = datetime.now(UTC)
+    old = Failure.parse(1, json.dumps(record_body("legacy", "rejected by the legacy system",
+                                                  now - timedelta(days=40))).encode(), message_id="m-old")
+    new = Failure.parse(2, json.dumps(record_body("submit", "timed out", now)).encode(), message_id="m-new")
+    assert [f.message_id for f in (old, new) if Filter(older_than=now - timedelta(days=30)).matches(f)] == ["m-old"]
+    assert [f.message_id for f in (old, new) if Filter(ids=frozenset({"m-new"})).matches(f)] == ["m-new"]
+    assert [f.message_id for f in (old, new) if Filter(reason=re.compile("legacy")).matches(f)] == ["m-old"]
+    assert Filter(reason=re.compile("x")).active and not Filter().active
+
+
+def record_body(stage: str, reason: str, at: datetime) -> dict[str, Any]:
+    return {"original": {"user_id": "u"}, "user_id": "u", "legacy_request_id": None,
+            "error": {"stage": stage, "reason": reason, "http_status": None}, "attempts": 1,
+            "failed_at": at.isoformat()}

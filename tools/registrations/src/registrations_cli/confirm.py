@@ -1,4 +1,4 @@
-"""Consent before a destructive command acts (`failed replay`, and `failed discard` to come).
+"""Consent before a destructive command acts (`failed replay`, `failed discard`).
 
 As kubectl and rabbitmqadmin users expect: on a terminal the command asks, and only `y` or
 `yes` goes ahead; `--yes` skips the question. With no terminal to ask on (a script, a pipe, a

@@ -18,6 +18,9 @@ What a cycle holds to:
 - Records the caller sends elsewhere (a replay to the inbound queue) leave last: they are held
   while the others go round, then published one by one, each acked on its confirm. Whatever
   their sending causes (a replay that fails again at once) lands behind the records put back.
+- Records the caller drops (a discard, or a second copy of a record replayed just before) are
+  held too, and acked in their turn: a drop follows every send ahead of it, and none happens
+  before `before_drops` has returned for all of them (a discard's export, written to disk).
 - Ctrl-C and SIGTERM wait for the cycle to end; a second one stops at once.
 
 What it cannot hold to:
@@ -73,6 +76,11 @@ class Send:
     properties: pika.BasicProperties
 
 
+@dataclass(frozen=True)
+class Drop:
+    """A record to remove: acked without a copy, once `Cycle`'s `before_drops` has kept it."""
+
+
 def exact_copy(properties: pika.BasicProperties) -> pika.BasicProperties:
     """Every property and header of the original but `x-delivery-count`, which the broker adds to
     a delivery: on the copy it would claim returns that the copy never had."""
@@ -100,14 +108,18 @@ class Cycle:
     taken, in queue order; `sent` those that went elsewhere; `refused` the first send the broker
     would not take, with why (that record and every later one to be sent were put back instead)."""
 
-    def __init__(self, connection: BlockingConnection, queue: str, route: Callable[[Record], Send | None] | None = None,
-                 *, on_sent: Callable[[Record], None] | None = None) -> None:
+    def __init__(self, connection: BlockingConnection, queue: str,
+                 route: Callable[[Record], Send | Drop | None] | None = None,
+                 *, on_sent: Callable[[Record], None] | None = None,
+                 before_drops: Callable[[list[Record]], None] | None = None) -> None:
         self._connection = connection
         self.queue = queue
         self._route = route
         self._on_sent = on_sent
+        self._before_drops = before_drops
         self.records: list[Record] = []
         self.sent: list[Record] = []
+        self.dropped: list[Record] = []
         self.put_back = 0
         self.refused: tuple[Record, str] | None = None
         self._sending: Record | None = None
@@ -129,8 +141,8 @@ class Cycle:
                 channel.close()
         return self
 
-    def _take_all(self, channel: BlockingChannel) -> list[tuple[int, Record, Send]]:
-        held: list[tuple[int, Record, Send]] = []
+    def _take_all(self, channel: BlockingChannel) -> list[tuple[int, Record, Send | Drop]]:
+        held: list[tuple[int, Record, Send | Drop]] = []
         left: int | None = None
         while left is None or left > 0:
             method, properties, body = channel.basic_get(self.queue, auto_ack=False)
@@ -149,8 +161,23 @@ class Cycle:
                 held.append((method.delivery_tag, record, send))
         return held
 
-    def _send(self, channel: BlockingChannel, held: list[tuple[int, Record, Send]]) -> None:
+    def _send(self, channel: BlockingChannel, held: list[tuple[int, Record, Send | Drop]]) -> None:
+        drops = [record for _, record, send in held if isinstance(send, Drop)]
+        if drops and self._before_drops is not None:
+            try:
+                self._before_drops(drops)
+            except Exception:
+                for tag, record, _ in held:  # nothing leaves: every held record goes round
+                    self._put_back(channel, tag, record)
+                raise
         for tag, record, send in held:
+            if isinstance(send, Drop):
+                if self.refused is None:
+                    channel.basic_ack(tag)
+                    self.dropped.append(record)
+                else:  # what it follows did not go: it stays, as that did
+                    self._put_back(channel, tag, record)
+                continue
             if self.refused is None:
                 self._sending = record
                 try:

@@ -1,13 +1,20 @@
-"""`registrations failed list | show | replay`: the failure queue, browsed without loss, and redriven."""
+"""`registrations failed list | show | replay | discard`: the failure queue, browsed without loss,
+redriven, and pruned. A record is addressed by its id, its AMQP message_id
+(`regbridge.plans.Subject.record_id`): copies of one record that a crash window made share it, so
+each is listed once, and replayed or discarded once."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -15,10 +22,10 @@ from pika.adapters.blocking_connection import BlockingConnection
 
 from . import broker
 from .confirm import Consent
-from .cycle import Cycle, Record, Send
-from .errors import FAILED, PARTIAL, CliError
+from .cycle import Cycle, Drop, Record, Send
+from .errors import FAILED, PARTIAL, USAGE, CliError
 from .output import Output
-from .records import Failure, Filter
+from .records import Failure, Filter, first_copies
 from .settings import CliSettings
 from .table import plural, truncate
 from .timefmt import format_age
@@ -37,11 +44,20 @@ def read(connection: BlockingConnection, settings: CliSettings) -> list[Failure]
     return failures_of(Cycle(connection, settings.failed_queue).run().records)
 
 
-def table(failures: list[Failure], now: datetime, *, indent: str = "", out: Output | None = None) -> str:
-    rows = [[f.position, f.stage, f.user_id or "-", format_age(f.age_s(now)) if f.failed_at else "?",
+def table(failures: list[Failure], now: datetime, *, indent: str = "", out: Output | None = None,
+          copies: dict[str, int] | None = None) -> str:
+    def shown_id(f: Failure) -> str:
+        times = (copies or {}).get(f.message_id or "", 1)
+        return (f.message_id or "-") + (f" (x{times})" if times > 1 else "")
+
+    rows = [[shown_id(f), f.stage, f.user_id or "-", format_age(f.age_s(now)) if f.failed_at else "?",
              truncate(f.reason, REASON_WIDTH)] for f in failures]
-    return (out or Output()).table(["#", "STAGE", "USER_ID", "AGE", "REASON"], rows, right=["#", "AGE"],
+    return (out or Output()).table(["ID", "STAGE", "USER_ID", "AGE", "REASON"], rows, right=["AGE"],
                                    indent=indent)
+
+
+def _view(failure: Failure, now: datetime, copies: dict[str, int]) -> dict[str, Any]:
+    return {**failure.view(now), "copies": copies.get(failure.message_id or "", 1)}
 
 
 @dataclass(frozen=True)
@@ -53,13 +69,13 @@ class ListOptions:
 def list_records(options: ListOptions, settings: CliSettings, out: Output) -> int:
     now = datetime.now(UTC)
     with broker.connect(settings) as connection:
-        failures = read(connection, settings)
+        failures, copies = first_copies(read(connection, settings))
     shown = [f for f in failures if options.filter.matches(f)]
     matching = len(shown)
     if options.limit is not None:
         shown = shown[: options.limit]
     if not out.is_table:
-        views = [f.view(now) for f in shown]
+        views = [_view(f, now, copies) for f in shown]
         out.document(views, jsonl_rows=views)
         return 0
     queue = settings.failed_queue
@@ -67,7 +83,7 @@ def list_records(options: ListOptions, settings: CliSettings, out: Output) -> in
         out.summary(f"no failure records on {queue}")
         return 0
     if shown:
-        out.line(table(shown, now, out=out))
+        out.line(table(shown, now, out=out, copies=copies))
         out.summary("")
     parts = []
     if len(shown) < matching:
@@ -79,18 +95,34 @@ def list_records(options: ListOptions, settings: CliSettings, out: Output) -> in
     return 0
 
 
-def show(position: int, settings: CliSettings, out: Output) -> int:
+def find(failures: list[Failure], wanted: str, queue: str) -> Failure:
+    """The record whose id is `wanted`, or the one whose id alone starts with it (ids of records
+    without a message_id are long: a unique prefix will do, as with git's commits)."""
+    exact = [f for f in failures if f.message_id == wanted]
+    if exact:
+        return exact[0]
+    prefixed = {f.message_id: f for f in failures if f.message_id is not None and f.message_id.startswith(wanted)}
+    if len(prefixed) == 1:
+        return next(iter(prefixed.values()))
+    if prefixed:
+        some = ", ".join(sorted(str(k) for k in prefixed)[:5])
+        raise CliError(f"{len(prefixed)} records on {queue} have ids starting with {wanted!r} ({some}"
+                       f"{', ...' if len(prefixed) > 5 else ''}): give more of the id")
+    held = f"holds {plural(len(failures), 'record')}" if failures else "is empty"
+    raise CliError(f"no record with id {wanted!r}: {queue} {held} (`registrations failed list` shows their ids)")
+
+
+def show(wanted: str, settings: CliSettings, out: Output) -> int:
     with broker.connect(settings) as connection:
-        failures = read(connection, settings)
-    if not 1 <= position <= len(failures):
-        held = f"holds {len(failures)} records" if failures else "is empty"
-        raise CliError(f"no record #{position}: {settings.failed_queue} {held}")
-    failure = failures[position - 1]
+        failures, copies = first_copies(read(connection, settings))
+    failure = find(failures, wanted, settings.failed_queue)
     now = datetime.now(UTC)
     if out.is_table:
-        out.line(table([failure], now, out=out))
+        out.line(table([failure], now, out=out, copies=copies))
         return 0
     out.document({
+        "id": failure.message_id,
+        "copies": copies.get(failure.message_id or "", 1),
         "position": failure.position,
         "queue": settings.failed_queue,
         "age_s": round(failure.age_s(now), 3) if failure.failed_at else None,
@@ -120,13 +152,18 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
                  quiet: bool = False) -> _Pass:
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
+    chosen_ids: set[str] = set()
 
-    def route(record: Record) -> Send | None:
+    def route(record: Record) -> Send | Drop | None:
         [failure] = failures_of([record])
         # Only the records there when the cycle started are taken, so a replay that fails again
         # waits for the next replay: this one never goes round in circles.
         if not options.filter.matches(failure):
             return None
+        if failure.message_id in chosen_ids:
+            # A copy of a record replayed in this cycle: it leaves once that one has gone, and
+            # stays if that one could not go.
+            return None if options.dry_run else Drop()
         if options.limit is not None and len(chosen) >= options.limit:
             return None
         if not failure.has_original:
@@ -134,6 +171,8 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
                 print(f"skipped #{failure.position}: {failure.reason} (no original to replay)", file=sys.stderr)
             return None
         chosen[record.position] = failure
+        if failure.message_id is not None:
+            chosen_ids.add(failure.message_id)
         return None if options.dry_run else Send(inbound, failure.replay_body(), _properties(failure, failed))
 
     def sent(record: Record) -> None:
@@ -187,13 +226,13 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
         if out.format == "jsonl":
             out.row(_replay_row(failure, options.dry_run))
         elif out.is_table:
-            out.line(f"{verb} #{failure.position}  {failure.stage:<10}  user_id={failure.user_id or '-'}  "
-                     f"message_id={failure.message_id or '-'}")
+            out.line(f"{verb} {failure.message_id or '#' + str(failure.position)}  {failure.stage:<10}  "
+                     f"user_id={failure.user_id or '-'}")
 
     result = _replay_pass(options, settings, on_chosen=report)
     cycle = result.cycle
     moved = len(cycle.sent)
-    left = len(cycle.records) - moved
+    left = len(cycle.records) - moved - len(cycle.dropped)
     stopped = None
     if cycle.refused is not None:
         record, why = cycle.refused
@@ -209,7 +248,7 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
 
 
 def _replay_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
-    return {"action": "would_replay" if dry_run else "replayed", "position": failure.position,
+    return {"action": "would_replay" if dry_run else "replayed", "id": failure.message_id, "position": failure.position,
             "stage": failure.stage, "user_id": failure.user_id, "message_id": failure.message_id}
 
 
@@ -231,3 +270,139 @@ def _properties(failure: Failure, failed_queue: str) -> pika.BasicProperties:
         timestamp=int(time.time()),
         headers={"x-replayed-from": failed_queue, "x-replayed-at": datetime.now(UTC).isoformat()},
     )
+
+
+@dataclass(frozen=True)
+class DiscardOptions:
+    filter: Filter
+    export: Path | None  # required unless dry_run
+    limit: int | None = None
+    dry_run: bool = False
+
+
+def export_lines(records: list[Record], queue: str) -> list[str]:
+    """One JSON line per record id (copies of one record are one line), holding what it takes to
+    publish the record again: its properties and its exact body."""
+    lines: dict[str, str] = {}
+    for failure, record in zip(failures_of(records), records, strict=True):
+        key = failure.message_id if failure.message_id is not None else f"#{failure.position}"
+        if key in lines:
+            continue
+        try:
+            body: dict[str, str] = {"body": record.body.decode("utf-8")}
+        except UnicodeDecodeError:
+            body = {"body_base64": base64.b64encode(record.body).decode("ascii")}
+        lines[key] = json.dumps({"id": failure.message_id, "queue": queue,
+                                 "discarded_at": datetime.now(UTC).isoformat(), "properties": failure.properties,
+                                 **body}, ensure_ascii=False)
+    return list(lines.values())
+
+
+def write_durably(path: Path, lines: list[str]) -> None:
+    """Append `lines` to `path` and wait until they are on disk: a discard removes nothing that
+    a power cut could take from the file. Appending, so that a discard run again after a crash
+    never overwrites what the first run kept."""
+    created = not path.exists()
+    with open(path, "a", encoding="utf-8") as file:
+        file.write("".join(line + "\n" for line in lines))
+        file.flush()
+        os.fsync(file.fileno())
+    if created:  # the new file's name is on disk too
+        directory = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent: Consent | None = None) -> int:
+    """Remove the matching records for good, each written to the export file first. One cycle:
+    the others go round and keep their order; the chosen ones are held, written and synced to
+    the file together, and only then acked. At least once: a crash leaves every removed record in
+    the file, and at worst a record in the file that is still on the queue (a second run appends
+    it again)."""
+    failed = settings.failed_queue
+    if not options.dry_run and options.export is None:
+        raise CliError("failed discard removes records for good: give --export FILE to keep them (or --dry-run)",
+                       USAGE)
+    flt, limit = options.filter, options.limit
+    if not options.dry_run and options.export is not None:
+        # A file that cannot be written is found before the queue is touched: once the cycle has
+        # taken the records, a failed write can only put them back behind the others.
+        try:
+            write_durably(options.export, [])
+        except OSError as exc:
+            raise CliError(f"cannot write {options.export} ({exc.strerror or exc}); nothing was discarded") from None
+    if not options.dry_run and consent is not None and consent.needs_asking:
+        counted = len(_discard_pass(DiscardOptions(flt, None, limit, dry_run=True), settings).chosen)
+        if counted == 0:
+            out.summary(f"no failure record on {failed} matches: nothing to discard")
+            if not out.is_table:
+                out.document(_discard_document(options, settings, [], 0), jsonl_rows=[])
+            return 0
+        consent.require(f"discard {plural(counted, 'failure record')} from {failed} for good (kept in "
+                        f"{options.export})?", "nothing was discarded (the answer was not yes)")
+        limit = counted
+    result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings)
+    done = list(result.chosen.values())
+    left = len(result.cycle.records) - len(result.cycle.dropped)
+    verb = "would discard" if options.dry_run else "discarded"
+    if out.format == "json":
+        out.document(_discard_document(options, settings, done, left))
+    elif out.format == "jsonl":
+        for failure in done:
+            out.row(_discard_row(failure, options.dry_run))
+    else:
+        for failure in done:
+            out.line(f"{verb} {failure.message_id or '#' + str(failure.position)}  {failure.stage:<10}  "
+                     f"user_id={failure.user_id or '-'}")
+    kept = f"; written to {options.export}" if options.export is not None and not options.dry_run and done else ""
+    out.summary(f"{verb} {plural(len(done), 'failure record')} from {failed}{kept}; {left} left"
+                f"{' (nothing was removed: --dry-run)' if options.dry_run else ''}")
+    return 0
+
+
+def _discard_pass(options: DiscardOptions, settings: CliSettings) -> _Pass:
+    failed = settings.failed_queue
+    chosen: dict[int, Failure] = {}
+    chosen_ids: set[str] = set()
+
+    def route(record: Record) -> Drop | None:
+        [failure] = failures_of([record])
+        if not options.filter.matches(failure):
+            return None
+        if failure.message_id is None or failure.message_id not in chosen_ids:
+            if options.limit is not None and len(chosen) >= options.limit:
+                return None
+            chosen[record.position] = failure
+            if failure.message_id is not None:
+                chosen_ids.add(failure.message_id)
+        return None if options.dry_run else Drop()
+
+    def keep(records: list[Record]) -> None:
+        assert options.export is not None
+        try:
+            write_durably(options.export, export_lines(records, failed))
+        except OSError as exc:
+            raise CliError(f"cannot write {options.export} ({exc.strerror or exc}); nothing was discarded") from None
+
+    with broker.connect(settings) as connection:
+        broker.require_queue(connection, failed, settings)
+        cycle = Cycle(connection, failed, route, before_drops=keep)
+        try:
+            cycle.run()
+        except CliError as exc:
+            raise CliError(str(exc), PARTIAL if cycle.dropped else exc.code) from None
+    return _Pass(cycle, chosen)
+
+
+def _discard_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
+    return {"action": "would_discard" if dry_run else "discarded", "id": failure.message_id,
+            "position": failure.position, "stage": failure.stage, "user_id": failure.user_id}
+
+
+def _discard_document(options: DiscardOptions, settings: CliSettings, done: list[Failure],
+                      left: int) -> dict[str, Any]:
+    return {"dry_run": options.dry_run, "from": settings.failed_queue,
+            "export": str(options.export) if options.export is not None else None,
+            "records": [_discard_row(f, options.dry_run) for f in done], "count": len(done), "left": left}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
+from pathlib import Path
 
 import pika.exceptions
 from pymongo.errors import PyMongoError
@@ -86,7 +88,19 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-id", metavar="USER_ID", help="only records of this user")
     parser.add_argument("--since", type=_since, metavar="DURATION|ISO",
                         help="only records that failed since then: 90s, 15m, 2h, 1d, or 2026-11-27T12:00:00Z")
+    parser.add_argument("--older-than", type=_since, metavar="DURATION|ISO",
+                        help="only records that failed before then: 30d is thirty days ago")
+    parser.add_argument("--id", action="append", dest="ids", metavar="ID",
+                        help="only the record with this id (repeat for several); `failed list` shows ids")
+    parser.add_argument("--reason", type=_pattern, metavar="REGEX", help="only records whose reason matches")
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="at most N records")
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({exc})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     output.add_arguments(p)
 
-    f = commands.add_parser("failed", help="the failure queue: list, show, replay")
+    f = commands.add_parser("failed", help="the failure queue: list, show, replay, discard")
     sub = f.add_subparsers(dest="failed_command", required=True, metavar="ACTION")
     fl = sub.add_parser("list", help="a table of the failure records (the queue is left as it was)")
     _filters(fl)
     output.add_arguments(fl, json_alias=True)
     fs = sub.add_parser("show", help="one record in full, with its AMQP properties")
-    fs.add_argument("position", type=_positive_int, metavar="N", help="the record's # in `failed list`")
+    fs.add_argument("id", metavar="ID", help="the record's id in `failed list` (or the start of it, if only "
+                                             "one id starts so)")
     output.add_arguments(fs, default="json")
     fr = sub.add_parser("replay", help="republish records' originals to the inbound queue, then remove them",
                         description="For each matching record: republish its original to the inbound queue "
@@ -126,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--dry-run", action="store_true", help="move nothing; print what would be moved")
     fr.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     output.add_arguments(fr)
+    fd = sub.add_parser("discard", help="remove records for good, each written to --export FILE first",
+                        description="Remove the matching records for good. Each is first appended to the JSONL "
+                                    "file --export (one line per record id: its properties and exact body) and "
+                                    "the file synced to disk; only then are they removed. Records that do not "
+                                    "match stay, in order. Without --dry-run it asks first on a terminal; with "
+                                    "no terminal it needs --yes.",
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _filters(fd)
+    fd.add_argument("--export", type=Path, metavar="FILE", help="the JSONL file the records are appended to")
+    fd.add_argument("--dry-run", action="store_true", help="remove nothing; print what would be removed")
+    fd.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    output.add_arguments(fd)
 
     s = commands.add_parser("status", help="one user's registration fields and failure records")
     s.add_argument("user_id", metavar="USER_ID")
@@ -151,8 +178,9 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(completion.script(parser, args.shell), end="")
         return 0
     consent = Consent(yes=getattr(args, "yes", False))
-    if args.command == "failed" and args.failed_command == "replay" and not args.dry_run:
-        consent.check("failed replay")  # before the settings or the broker: a refusal touches nothing
+    if args.command == "failed" and args.failed_command in ("replay", "discard") and not args.dry_run:
+        # Before the settings or the broker: a refusal touches nothing.
+        consent.check(f"failed {args.failed_command}")
     settings = from_env(os.environ)
     out = Output.of(args)
     if args.command == "publish":
@@ -163,10 +191,14 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "stats":
         return stats.run(settings, out, watch_s=args.watch, count=args.count)
     if args.failed_command == "show":
-        return failed.show(args.position, settings, out)
-    flt = Filter(stage=args.stage, user_id=args.user_id, since=args.since)
+        return failed.show(args.id, settings, out)
+    flt = Filter(stage=args.stage, user_id=args.user_id, since=args.since, older_than=args.older_than,
+                 ids=frozenset(args.ids) if args.ids else None, reason=args.reason)
     if args.failed_command == "list":
         return failed.list_records(failed.ListOptions(flt, args.limit), settings, out)
+    if args.failed_command == "discard":
+        return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run), settings, out,
+                              consent)
     return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run), settings, out, consent)
 
 

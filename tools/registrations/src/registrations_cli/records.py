@@ -7,6 +7,7 @@ decode is still shown (and never replayed without an `original`), never a crash.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from typing import Any
 
 from regbridge.messages import DecodeError, FailureRecord, loads
 
-STAGES = ("validation", "submit", "legacy", "poll", "timeout")
+STAGES = ("validation", "submit", "legacy", "poll", "timeout", "store")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Failure:
     def view(self, now: datetime) -> dict[str, Any]:
         """The record as `--json` shows it."""
         return {
+            "id": self.message_id,
             "position": self.position,
             "message_id": self.message_id,
             "age_s": round(self.age_s(now), 3) if self.failed_at is not None else None,
@@ -106,19 +108,42 @@ def encode_original(original: Any) -> bytes:
 class Filter:
     stage: str | None = None
     user_id: str | None = None
-    since: datetime | None = None
+    since: datetime | None = None  # failed at or after
+    older_than: datetime | None = None  # failed before
+    ids: frozenset[str] | None = None  # record ids (AMQP message_id), exactly
+    reason: re.Pattern[str] | None = None  # searched in the reason
 
     def matches(self, failure: Failure) -> bool:
         if self.stage is not None and failure.stage != self.stage:
             return False
         if self.user_id is not None and failure.user_id != self.user_id:
             return False
-        if self.since is not None:
-            failed_at = failure.failed_at
-            if failed_at is None or failed_at < self.since:
-                return False
-        return True
+        if self.ids is not None and failure.message_id not in self.ids:
+            return False
+        if self.reason is not None and not self.reason.search(failure.reason):
+            return False
+        failed_at = failure.failed_at
+        if self.since is not None and (failed_at is None or failed_at < self.since):
+            return False
+        # A record whose time cannot be read is never old enough to be taken by age.
+        return self.older_than is None or (failed_at is not None and failed_at < self.older_than)
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.stage, self.user_id, self.since))
+        return any(v is not None for v in (self.stage, self.user_id, self.since, self.older_than, self.ids,
+                                            self.reason))
+
+
+def first_copies(failures: list[Failure]) -> tuple[list[Failure], dict[str, int]]:
+    """Each record once: the first of the copies that share an id (a crash window's duplicate),
+    and how many copies each id has. A record without an id is its own."""
+    seen: dict[str, int] = {}
+    first: list[Failure] = []
+    for failure in failures:
+        if failure.message_id is None:
+            first.append(failure)
+            continue
+        if failure.message_id not in seen:
+            first.append(failure)
+        seen[failure.message_id] = seen.get(failure.message_id, 0) + 1
+    return first, seen

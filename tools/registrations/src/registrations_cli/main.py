@@ -13,7 +13,7 @@ from pymongo.errors import PyMongoError
 
 from regbridge.redact import redact_url
 
-from . import failed, publish, rows, stats, status
+from . import failed, indexes, inspect_queues, publish, rows, stats, status
 from .errors import FAILED, CliError
 from .records import STAGES, Filter
 from .settings import from_env
@@ -23,7 +23,8 @@ DESCRIPTION = """\
 Operate the registration bridge: publish registrations, inspect and replay the failure queue,
 follow one registration, watch the queues. Configured by the services' environment variables
 (RABBITMQ_URL, MONGODB_URI, MONGODB_DATABASE, MONGODB_COLLECTION, INBOUND_QUEUE, PENDING_QUEUE,
-FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults."""
+FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults;
+`inspect` also reads RABBITMQ_MANAGEMENT_URL."""
 
 
 def _positive_int(text: str) -> int:
@@ -100,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refresh every SECONDS (default 2), one line each, until Ctrl-C")
     st.add_argument("--count", type=_positive_int, metavar="N", help="stop after N refreshes")
     st.add_argument("--json", action="store_true", help="JSON (one object per line with --watch)")
+
+    ix = commands.add_parser("init-indexes", help="create the index `stats` counts users with (run once, on purpose)",
+                             description="Create the index on registration_status that `stats` counts users by, "
+                                         "unless an index leading with that field exists. Building it reads the "
+                                         "whole users collection: choose the moment. Needs createIndex on it.")
+    ix.add_argument("--dry-run", action="store_true", help="create nothing; say whether it would")
+
+    qi = commands.add_parser("inspect", help="per queue: ready, unacked, consumers, rates (management API)",
+                             description="Per queue of the bridge: ready and unacknowledged messages, consumers, "
+                                         "and the rates in and out, from RabbitMQ's management API "
+                                         "(RABBITMQ_MANAGEMENT_URL, or RABBITMQ_URL's host on port 15672).")
+    qi.add_argument("--json", action="store_true", help="JSON instead of a table")
     return parser
 
 
@@ -112,6 +125,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return status.run(args.user_id, settings, as_json=args.json)
     if args.command == "stats":
         return stats.run(settings, watch_s=args.watch, count=args.count, as_json=args.json)
+    if args.command == "init-indexes":
+        return indexes.run(settings, dry_run=args.dry_run)
+    if args.command == "inspect":
+        return inspect_queues.run(settings, as_json=args.json)
     if args.failed_command == "show":
         return failed.show(args.position, settings)
     flt = Filter(stage=args.stage, user_id=args.user_id, since=args.since)

@@ -1,4 +1,5 @@
-"""MongoDB, read-only: the users' registration fields."""
+"""MongoDB: the users' registration fields, read only; and the one index `stats` counts with,
+which only `init-indexes` creates."""
 
 from __future__ import annotations
 
@@ -47,5 +48,44 @@ def registration(collection: Collection[dict[str, Any]], user_id: str) -> dict[s
     return {name: doc.get(name) for name in FIELDS}
 
 
-def outcome_counts(collection: Collection[dict[str, Any]]) -> dict[str, int]:
-    return {status: int(collection.count_documents({"registration_status": status})) for status in STATUSES}
+# The index `stats` counts by. Only `init-indexes` creates it: building an index on a large
+# production collection costs I/O and CPU on every member, so it is the operator's decision.
+STATUS_KEY = "registration_status"
+STATUS_INDEX = f"{STATUS_KEY}_1"
+
+
+def status_index(collection: Collection[dict[str, Any]]) -> str | None:
+    """The name of an index that leads with `registration_status` (whoever created it), or None.
+    A partial index is passed over: its filter may leave out users of some status."""
+    for index in collection.list_indexes():
+        key = index.get("key") or {}
+        if next(iter(key), None) == STATUS_KEY and "partialFilterExpression" not in index:
+            return str(index["name"])
+    return None
+
+
+def ensure_status_index(collection: Collection[dict[str, Any]], *, dry_run: bool = False) -> tuple[str, str]:
+    """(index name, what happened: "found", "created", or "missing" with dry_run). An index that
+    is there already is kept as it is."""
+    found = status_index(collection)
+    if found is not None:
+        return found, "found"
+    if dry_run:
+        return STATUS_INDEX, "missing"
+    return collection.create_index([(STATUS_KEY, 1)], name=STATUS_INDEX), "created"
+
+
+def outcome_counts(collection: Collection[dict[str, Any]]) -> dict[str, int] | None:
+    """Users per status, counted on the status index; None when there is no such index, because
+    without it each count reads every document of the collection."""
+    if status_index(collection) is None:
+        return None
+    # An equality on the index's leading field: mongod counts it from the index alone, and
+    # SecantusDB looks up only the matching documents. No `hint`: SecantusDB walks a hinted
+    # index from end to end whatever the filter.
+    return {status: int(collection.count_documents({STATUS_KEY: status})) for status in STATUSES}
+
+
+def estimated_users(collection: Collection[dict[str, Any]]) -> int:
+    """The collection's size from its metadata (mongod reads no document for it)."""
+    return int(collection.estimated_document_count())

@@ -1,4 +1,8 @@
-"""`registrations stats [--watch [SECONDS]]`: queue depths per stage and outcomes in MongoDB."""
+"""`registrations stats [--watch [SECONDS]]`: queue depths per stage and outcomes in MongoDB.
+
+Users are counted by status on the status index only (`init-indexes`): a count without it reads
+the whole users collection, every refresh of a watch. Without the index, `stats` shows the
+collection's estimated size instead."""
 
 from __future__ import annotations
 
@@ -15,13 +19,16 @@ from .settings import CliSettings
 from .table import render
 
 STAGES = ("inbound", "pending", "waiting", "failed")
+NO_INDEX = (f"no index on {mongo.STATUS_KEY}, and without one each count reads every document; "
+            "create it once, on purpose: registrations init-indexes")
 
 
 @dataclass(frozen=True)
 class Snapshot:
     at: datetime
     queues: list[tuple[str, str, broker.QueueInfo | None]]  # (stage, queue, None when it does not exist)
-    outcomes: dict[str, int]
+    outcomes: dict[str, int] | None  # None: no status index, so not counted
+    users_estimated: int | None = None  # the collection's size, when the statuses are not counted
 
     @property
     def stages(self) -> dict[str, int]:
@@ -40,6 +47,8 @@ class Snapshot:
                               "consumers": info.consumers if info else None, "exists": info is not None}
                        for stage, name, info in self.queues},
             "outcomes": self.outcomes,
+            **({} if self.outcomes is not None else
+               {"outcomes_unavailable": NO_INDEX, "users_estimated": self.users_estimated}),
         }
 
 
@@ -53,7 +62,9 @@ def take(connection: BlockingConnection, users: Collection[dict[str, Any]], sett
         if info is not None:  # the poller declares them; one not there yet holds nothing
             queues.append(("waiting", name, info))
     queues.append(("failed", settings.failed_queue, broker.queue_info(connection, settings.failed_queue)))
-    return Snapshot(datetime.now(UTC), queues, mongo.outcome_counts(users))
+    outcomes = mongo.outcome_counts(users)
+    estimated = mongo.estimated_users(users) if outcomes is None else None
+    return Snapshot(datetime.now(UTC), queues, outcomes, estimated)
 
 
 def render_table(snapshot: Snapshot, settings: CliSettings) -> str:
@@ -61,14 +72,21 @@ def render_table(snapshot: Snapshot, settings: CliSettings) -> str:
             for stage, name, info in snapshot.queues]
     queues = render(["STAGE", "QUEUE", "READY", "CONSUMERS"], rows, right=["READY", "CONSUMERS"])
     totals = "  ".join(f"{k}={v}" for k, v in snapshot.stages.items())
-    outcomes = render(["STATUS", "USERS"], [[k, v] for k, v in snapshot.outcomes.items()], right=["USERS"])
+    if snapshot.outcomes is None:
+        outcomes = (f"users by status: not counted ({NO_INDEX})\n"
+                    f"about {snapshot.users_estimated} users in all (estimated from the collection's metadata)")
+    else:
+        outcomes = render(["STATUS", "USERS"], [[k, v] for k, v in snapshot.outcomes.items()], right=["USERS"])
     return (f"broker {settings.broker_shown}\n\n{queues}\n\nby stage: {totals}\n\n"
             f"MongoDB {settings.mongodb_database}.{settings.mongodb_collection}\n{outcomes}")
 
 
 def render_line(snapshot: Snapshot) -> str:
     stages = "  ".join(f"{k if k != 'failed' else 'failure-records'}={v:<3d}" for k, v in snapshot.stages.items())
-    outcomes = "  ".join(f"{k}={v:<3d}" for k, v in snapshot.outcomes.items())
+    if snapshot.outcomes is None:
+        outcomes = f"users~{snapshot.users_estimated} (by status: run registrations init-indexes)"
+    else:
+        outcomes = "  ".join(f"{k}={v:<3d}" for k, v in snapshot.outcomes.items())
     return f"{snapshot.at.astimezone().strftime('%H:%M:%S')}  {stages}|  {outcomes}".rstrip()
 
 

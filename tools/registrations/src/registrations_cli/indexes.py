@@ -1,0 +1,28 @@
+"""`registrations init-indexes`: the index `stats` counts users with, created on purpose.
+
+Building an index on a large production collection reads every document and costs I/O and CPU
+on every member of the replica set, so no other command creates it; this one is run once, by an
+operator who chose the moment. Running it again finds the index and changes nothing."""
+
+from __future__ import annotations
+
+import time
+
+from . import mongo
+from .settings import CliSettings
+
+
+def run(settings: CliSettings, *, dry_run: bool = False) -> int:
+    where = f"{settings.mongodb_database}.{settings.mongodb_collection}"
+    key = f"{{{mongo.STATUS_KEY}: 1}}"
+    with mongo.users(settings) as users:
+        started = time.monotonic()
+        name, state = mongo.ensure_status_index(users, dry_run=dry_run)
+        took = time.monotonic() - started
+    if state == "created":
+        print(f"created index {name} {key} on {where} in {took:.1f} s")
+    elif state == "found":
+        print(f"found index {name} on {where} (it leads with {mongo.STATUS_KEY}): nothing to do")
+    else:
+        print(f"would create index {name} {key} on {where} (nothing was created: --dry-run)")
+    return 0

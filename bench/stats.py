@@ -35,7 +35,8 @@ def main() -> None:
             env = harness.service_env(rabbitmq_url=amqp_url, mongodb_uri=mongo.uri, database=database,
                                       legacy_url="http://127.0.0.1:9")
             client: MongoClient[dict[str, object]] = MongoClient(mongo.uri, tz_aware=True)
-            figures = stats_scale.measure(client[database]["users"], env, args.n)
+            figures = stats_scale.measure(client[database]["users"], env, args.n,
+                                          log=lambda line: print(line, flush=True))
             figures["mongodb"] = "SecantusDB (python -m secantus), on this machine"
             client.close()
     finally:

@@ -15,7 +15,8 @@ from .settings import CliSettings
 def run(settings: CliSettings, *, dry_run: bool = False) -> int:
     where = f"{settings.mongodb_database}.{settings.mongodb_collection}"
     key = f"{{{mongo.STATUS_KEY}: 1}}"
-    with mongo.users(settings) as users:
+    # An index build on a large collection takes minutes: no time limit on the answer.
+    with mongo.users(settings, answer_timeout_s=None) as users:
         started = time.monotonic()
         name, state = mongo.ensure_status_index(users, dry_run=dry_run)
         took = time.monotonic() - started

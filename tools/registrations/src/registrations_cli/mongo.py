@@ -19,13 +19,16 @@ STATUSES = ("submitted", "registered", "failed")
 
 
 @contextmanager
-def users(settings: CliSettings, timeout_s: float = 5.0) -> Iterator[Collection[dict[str, Any]]]:
-    """The users collection; a one-line error when MongoDB cannot be reached or used."""
+def users(settings: CliSettings, timeout_s: float = 5.0,
+          answer_timeout_s: float | None = 10.0) -> Iterator[Collection[dict[str, Any]]]:
+    """The users collection; a one-line error when MongoDB cannot be reached or used.
+    `answer_timeout_s`: how long one operation may take (None: as long as it takes)."""
     where = settings.mongodb_shown
     try:
         client: MongoClient[dict[str, Any]] = MongoClient(
             settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=int(timeout_s * 1000),
-            connectTimeoutMS=int(timeout_s * 1000), socketTimeoutMS=int(timeout_s * 2000))
+            connectTimeoutMS=int(timeout_s * 1000),
+            socketTimeoutMS=None if answer_timeout_s is None else int(answer_timeout_s * 1000))
     except (ConfigurationError, InvalidURI, ValueError):
         raise CliError("MONGODB_URI is not a usable MongoDB URI (value not shown: it may hold credentials)") from None
     try:

@@ -92,7 +92,9 @@ def render_line(snapshot: Snapshot) -> str:
 
 def run(settings: CliSettings, *, watch_s: float | None = None, count: int | None = None,
         as_json: bool = False) -> int:
-    with broker.connect(settings) as connection, mongo.users(settings) as users:
+    # Counting a status that most users have reads that many index keys (and, on servers
+    # that fetch what they count, that many documents): seconds on a large collection.
+    with broker.connect(settings) as connection, mongo.users(settings, answer_timeout_s=120.0) as users:
         if watch_s is None and count is None:
             snapshot = take(connection, users, settings)
             print(json.dumps(snapshot.as_json(), indent=2) if as_json else render_table(snapshot, settings))

@@ -25,6 +25,7 @@ import harness
 from pymongo import MongoClient
 from registrations_cli import failed, stats
 from registrations_cli import settings as cli_settings
+from registrations_cli.mongo import ensure_status_index
 
 INBOUND, PENDING, FAILED = "registrations", "registrations.pending", "registrations.failed"
 # Shorter than the real 10-20 s so that the demo takes seconds, with the same shape.
@@ -90,6 +91,7 @@ def main() -> int:
         stack.callback(client.close)
         stack.callback(lambda: client.drop_database(database))
         users = client[database]["users"]
+        ensure_status_index(users)  # what `registrations init-indexes` does: stats counts on it
         # The operator command's own pieces show the progress and the failure queue.
         cli = cli_settings.from_env(env)
 
@@ -101,13 +103,13 @@ def main() -> int:
         while True:
             snapshot = stats.take(broker.connection, users, cli)
             print(f"  t={time.monotonic() - start:5.1f}s  {stats.render_line(snapshot)}", flush=True)
-            done = snapshot.outcomes.get("registered", 0) + snapshot.stages["failed"]
+            done = (snapshot.outcomes or {}).get("registered", 0) + snapshot.stages["failed"]
             if done >= len(sent) or time.monotonic() - start > 120:
                 break
             broker.connection.sleep(1.0)
 
         failures = failed.read(broker.connection, cli)  # browsed: the records stay on the queue
-        got = Counter({"registered": snapshot.outcomes.get("registered", 0)})
+        got = Counter({"registered": (snapshot.outcomes or {}).get("registered", 0)})
         for record in failures:
             got[f"failed: {record.stage}"] += 1
         print("\nOutcome by kind         expected  got")

@@ -277,6 +277,7 @@ def test_publish_jsonl_and_csv_register_everyone(stack: Stack, broker: Broker, u
     outcomes = Outcomes(broker, users)
     outcomes.wait(registered=5, failed=0)
     assert outcomes.registered() == {"j-0", "j-1", "j-2", "c-0", "c-1"}
+    ok(stack.env, "init-indexes")
     stats = json.loads(ok(stack.env, "stats", "--json"))
     assert stats["outcomes"]["registered"] == 5
 
@@ -380,6 +381,7 @@ def test_stats_counts_each_stage_and_outcome(stack: Stack, broker: Broker, users
     users.insert_many([{"_id": "a", "registration_status": "registered"},
                        {"_id": "b", "registration_status": "submitted"},
                        {"_id": "c", "registration_status": "registered"}])
+    ok(env, "init-indexes")  # users are counted on it (test_cli_stats.py: without it)
 
     snapshot = json.loads(ok(env, "stats", "--json"))
     assert snapshot["stages"] == {"inbound": 2, "pending": 1, "waiting": 3, "failed": 1}

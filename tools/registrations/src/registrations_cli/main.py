@@ -16,7 +16,7 @@ from pymongo.errors import PyMongoError
 
 from regbridge.redact import redact_url
 
-from . import completion, failed, output, publish, rows, stats, status
+from . import completion, failed, indexes, inspect_queues, output, publish, rows, stats, status
 from .confirm import Consent
 from .errors import FAILED, INTERRUPTED, CliError
 from .output import Output
@@ -28,7 +28,8 @@ DESCRIPTION = """\
 Operate the registration bridge: publish registrations, inspect and replay the failure queue,
 follow one registration, watch the queues. Configured by the services' environment variables
 (RABBITMQ_URL, MONGODB_URI, MONGODB_DATABASE, MONGODB_COLLECTION, INBOUND_QUEUE, PENDING_QUEUE,
-FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults.
+FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults;
+`inspect` also reads RABBITMQ_MANAGEMENT_URL.
 
 Every command that prints results takes -o table|json|jsonl and --no-headers."""
 
@@ -164,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--count", type=_positive_int, metavar="N", help="stop after N refreshes")
     output.add_arguments(st, json_alias=True)
 
+    ix = commands.add_parser("init-indexes", help="create the index `stats` counts users with (run once, on purpose)",
+                             description="Create the index on registration_status that `stats` counts users by, "
+                                         "unless an index leading with that field exists. Building it reads the "
+                                         "whole users collection: choose the moment. Needs createIndex on it.")
+    ix.add_argument("--dry-run", action="store_true", help="create nothing; say whether it would")
+    output.add_arguments(ix)
+
+    qi = commands.add_parser("inspect", help="per queue: ready, unacked, consumers, rates (management API)",
+                             description="Per queue of the bridge: ready and unacknowledged messages, consumers, "
+                                         "and the rates in and out, from RabbitMQ's management API "
+                                         "(RABBITMQ_MANAGEMENT_URL, or RABBITMQ_URL's host on port 15672).")
+    output.add_arguments(qi, json_alias=True)
+
     c = commands.add_parser("completion", help="print a shell completion script (bash or zsh)",
                             description="Print a completion script for bash or zsh, made from this command's own "
                                         "arguments. bash: eval \"$(registrations completion bash)\" in ~/.bashrc; "
@@ -190,6 +204,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return status.run(args.user_id, settings, out)
     if args.command == "stats":
         return stats.run(settings, out, watch_s=args.watch, count=args.count)
+    if args.command == "init-indexes":
+        return indexes.run(settings, out, dry_run=args.dry_run)
+    if args.command == "inspect":
+        return inspect_queues.run(settings, out)
     if args.failed_command == "show":
         return failed.show(args.id, settings, out)
     flt = Filter(stage=args.stage, user_id=args.user_id, since=args.since, older_than=args.older_than,

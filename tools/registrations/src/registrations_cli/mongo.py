@@ -1,4 +1,5 @@
-"""MongoDB, read-only: the users' registration fields."""
+"""MongoDB: the users' registration fields, read only; and the one index `stats` counts with,
+which only `init-indexes` creates."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ STATUSES = ("submitted", "registered", "failed")
 
 
 @contextmanager
-def users(settings: CliSettings, timeout_s: float = 5.0) -> Iterator[Collection[dict[str, Any]]]:
-    """The users collection; a one-line error when MongoDB cannot be reached or used."""
+def users(settings: CliSettings, timeout_s: float = 5.0,
+          answer_timeout_s: float | None = 10.0) -> Iterator[Collection[dict[str, Any]]]:
+    """The users collection; a one-line error when MongoDB cannot be reached or used.
+    `answer_timeout_s`: how long one operation may take (None: as long as it takes)."""
     where = settings.mongodb_shown
     try:
         client: MongoClient[dict[str, Any]] = MongoClient(
             settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=int(timeout_s * 1000),
-            connectTimeoutMS=int(timeout_s * 1000), socketTimeoutMS=int(timeout_s * 2000))
+            connectTimeoutMS=int(timeout_s * 1000),
+            socketTimeoutMS=None if answer_timeout_s is None else int(answer_timeout_s * 1000))
     except (ConfigurationError, InvalidURI, ValueError):
         raise CliError("MONGODB_URI is not a usable MongoDB URI (value not shown: it may hold credentials)") from None
     try:
@@ -47,5 +51,44 @@ def registration(collection: Collection[dict[str, Any]], user_id: str) -> dict[s
     return {name: doc.get(name) for name in FIELDS}
 
 
-def outcome_counts(collection: Collection[dict[str, Any]]) -> dict[str, int]:
-    return {status: int(collection.count_documents({"registration_status": status})) for status in STATUSES}
+# The index `stats` counts by. Only `init-indexes` creates it: building an index on a large
+# production collection costs I/O and CPU on every member, so it is the operator's decision.
+STATUS_KEY = "registration_status"
+STATUS_INDEX = f"{STATUS_KEY}_1"
+
+
+def status_index(collection: Collection[dict[str, Any]]) -> str | None:
+    """The name of an index that leads with `registration_status` (whoever created it), or None.
+    A partial index is passed over: its filter may leave out users of some status."""
+    for index in collection.list_indexes():
+        key = index.get("key") or {}
+        if next(iter(key), None) == STATUS_KEY and "partialFilterExpression" not in index:
+            return str(index["name"])
+    return None
+
+
+def ensure_status_index(collection: Collection[dict[str, Any]], *, dry_run: bool = False) -> tuple[str, str]:
+    """(index name, what happened: "found", "created", or "missing" with dry_run). An index that
+    is there already is kept as it is."""
+    found = status_index(collection)
+    if found is not None:
+        return found, "found"
+    if dry_run:
+        return STATUS_INDEX, "missing"
+    return collection.create_index([(STATUS_KEY, 1)], name=STATUS_INDEX), "created"
+
+
+def outcome_counts(collection: Collection[dict[str, Any]]) -> dict[str, int] | None:
+    """Users per status, counted on the status index; None when there is no such index, because
+    without it each count reads every document of the collection."""
+    if status_index(collection) is None:
+        return None
+    # An equality on the index's leading field: mongod counts it from the index alone, and
+    # SecantusDB looks up only the matching documents. No `hint`: SecantusDB walks a hinted
+    # index from end to end whatever the filter.
+    return {status: int(collection.count_documents({STATUS_KEY: status})) for status in STATUSES}
+
+
+def estimated_users(collection: Collection[dict[str, Any]]) -> int:
+    """The collection's size from its metadata (mongod reads no document for it)."""
+    return int(collection.estimated_document_count())

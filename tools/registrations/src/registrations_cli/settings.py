@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from pydantic import SecretStr
+
 from regbridge.redact import redact_url_value
-from regbridge.settings import PipelineSettings, SettingsError
+from regbridge.settings import HttpUrl, PipelineSettings, SettingsError
 from regbridge.topology import wait_queue_name
 
 from .errors import USAGE, CliError
 
 
 class CliSettings(PipelineSettings):
+    # The broker's management API, in the form the Helm charts' Secret holds it for KEDA:
+    # http[s]://user:password@host:port/<vhost, URL-encoded>. Empty: derived from RABBITMQ_URL
+    # (`management.target`).
+    rabbitmq_management_url_secret: HttpUrl = SecretStr("")
+
+    @property
+    def rabbitmq_management_url(self) -> str:
+        return self.rabbitmq_management_url_secret.get_secret_value()
+
     @property
     def wait_queues(self) -> list[str]:
         """The poller's wait queues for the configured delays (the submitter's first hop, then

@@ -1,4 +1,8 @@
-"""`registrations stats [--watch [SECONDS]]`: queue depths per stage and outcomes in MongoDB."""
+"""`registrations stats [--watch [SECONDS]]`: queue depths per stage and outcomes in MongoDB.
+
+Users are counted by status on the status index only (`init-indexes`): a count without it reads
+the whole users collection, every refresh of a watch. Without the index, `stats` shows the
+collection's estimated size instead."""
 
 from __future__ import annotations
 
@@ -14,13 +18,16 @@ from .output import Output
 from .settings import CliSettings
 
 STAGES = ("inbound", "pending", "waiting", "failed")
+NO_INDEX = (f"no index on {mongo.STATUS_KEY}, and without one each count reads every document; "
+            "create it once, on purpose: registrations init-indexes")
 
 
 @dataclass(frozen=True)
 class Snapshot:
     at: datetime
     queues: list[tuple[str, str, broker.QueueInfo | None]]  # (stage, queue, None when it does not exist)
-    outcomes: dict[str, int]
+    outcomes: dict[str, int] | None  # None: no status index, so not counted
+    users_estimated: int | None = None  # the collection's size, when the statuses are not counted
 
     @property
     def stages(self) -> dict[str, int]:
@@ -39,6 +46,8 @@ class Snapshot:
                               "consumers": info.consumers if info else None, "exists": info is not None}
                        for stage, name, info in self.queues},
             "outcomes": self.outcomes,
+            **({} if self.outcomes is not None else
+               {"outcomes_unavailable": NO_INDEX, "users_estimated": self.users_estimated}),
         }
 
 
@@ -52,7 +61,9 @@ def take(connection: BlockingConnection, users: Collection[dict[str, Any]], sett
         if info is not None:  # the poller declares them; one not there yet holds nothing
             queues.append(("waiting", name, info))
     queues.append(("failed", settings.failed_queue, broker.queue_info(connection, settings.failed_queue)))
-    return Snapshot(datetime.now(UTC), queues, mongo.outcome_counts(users))
+    outcomes = mongo.outcome_counts(users)
+    estimated = mongo.estimated_users(users) if outcomes is None else None
+    return Snapshot(datetime.now(UTC), queues, outcomes, estimated)
 
 
 def render_table(snapshot: Snapshot, settings: CliSettings, out: Output | None = None) -> str:
@@ -61,7 +72,11 @@ def render_table(snapshot: Snapshot, settings: CliSettings, out: Output | None =
             for stage, name, info in snapshot.queues]
     queues = out.table(["STAGE", "QUEUE", "READY", "CONSUMERS"], rows, right=["READY", "CONSUMERS"])
     totals = "  ".join(f"{k}={v}" for k, v in snapshot.stages.items())
-    outcomes = out.table(["STATUS", "USERS"], [[k, v] for k, v in snapshot.outcomes.items()], right=["USERS"])
+    if snapshot.outcomes is None:
+        outcomes = (f"users by status: not counted ({NO_INDEX})\n"
+                    f"about {snapshot.users_estimated} users in all (estimated from the collection's metadata)")
+    else:
+        outcomes = out.table(["STATUS", "USERS"], [[k, v] for k, v in snapshot.outcomes.items()], right=["USERS"])
     if not out.headers:  # the rows only: the queues', then the outcomes'
         return f"{queues}\n{outcomes}"
     return (f"broker {settings.broker_shown}\n\n{queues}\n\nby stage: {totals}\n\n"
@@ -70,12 +85,17 @@ def render_table(snapshot: Snapshot, settings: CliSettings, out: Output | None =
 
 def render_line(snapshot: Snapshot) -> str:
     stages = "  ".join(f"{k if k != 'failed' else 'failure-records'}={v:<3d}" for k, v in snapshot.stages.items())
-    outcomes = "  ".join(f"{k}={v:<3d}" for k, v in snapshot.outcomes.items())
+    if snapshot.outcomes is None:
+        outcomes = f"users~{snapshot.users_estimated} (by status: run registrations init-indexes)"
+    else:
+        outcomes = "  ".join(f"{k}={v:<3d}" for k, v in snapshot.outcomes.items())
     return f"{snapshot.at.astimezone().strftime('%H:%M:%S')}  {stages}|  {outcomes}".rstrip()
 
 
 def run(settings: CliSettings, out: Output, *, watch_s: float | None = None, count: int | None = None) -> int:
-    with broker.connect(settings) as connection, mongo.users(settings) as users:
+    # Counting a status that most users have reads that many index keys (and, on servers
+    # that fetch what they count, that many documents): seconds on a large collection.
+    with broker.connect(settings) as connection, mongo.users(settings, answer_timeout_s=120.0) as users:
         if watch_s is None and count is None:
             snapshot = take(connection, users, settings)
             if out.is_table:

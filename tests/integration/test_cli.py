@@ -509,6 +509,14 @@ def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Br
     assert bare[0].split() == ["registration_status", "failed"] and bare[-1].split()[:3] == ["m-3", "legacy", "u-0"]
     assert not any(line.startswith(("user ", "1 failure record")) or "STAGE" in line for line in bare)
 
+    # init-indexes (stats counts users by status only on its index), and inspect.
+    assert json.loads(run("init-indexes", "-o", "json"))["state"] in ("created", "found")
+    assert [r["state"] for r in jsonl(run("init-indexes", "-o", "jsonl"))] == ["found"]
+    inspected = json.loads(run("inspect", "-o", "json"))
+    assert inspected["source"] == "management" and {q["name"] for q in inspected["queues"]} >= {INBOUND, FAILED}
+    assert {r["name"] for r in jsonl(run("inspect", "-o", "jsonl"))} == {q["name"] for q in inspected["queues"]}
+    assert not any("READY" in line for line in lines_of(run("inspect", "--no-headers")))
+
     # stats: the snapshot in each form.
     snapshot = json.loads(run("stats", "-o", "json"))
     assert snapshot["stages"]["failed"] == 1 and snapshot["outcomes"]["failed"] == 1

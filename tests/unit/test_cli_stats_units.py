@@ -72,4 +72,5 @@ def test_stats_without_the_index_shows_the_estimated_total() -> None:
 def test_new_commands_parse() -> None:
     parser = build_parser()
     assert parser.parse_args(["init-indexes", "--dry-run"]).dry_run
-    assert parser.parse_args(["inspect", "--json"]).json
+    assert parser.parse_args(["inspect", "--json"]).output == "json"  # --json is -o json
+    assert parser.parse_args(["init-indexes", "-o", "json"]).output == "json"

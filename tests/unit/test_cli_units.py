@@ -502,8 +502,8 @@ def test_bash_completion(tmp_path: Path) -> None:
     script = tmp_path / "registrations.bash"
     script.write_text(completion.script(build_parser(), "bash"))
     assert _bash_complete(str(script), "fa") == ["failed"]
-    assert _bash_complete(str(script), "") == ["publish", "failed", "status", "stats", "completion", "-h",
-                                               "--help", "--version"]
+    assert _bash_complete(str(script), "") == ["publish", "failed", "status", "stats", "init-indexes", "inspect",
+                                               "completion", "-h", "--help", "--version"]
     assert _bash_complete(str(script), "failed", "re") == ["replay"]
     assert _bash_complete(str(script), "failed", "replay", "--st") == ["--stage"]
     assert _bash_complete(str(script), "failed", "replay", "--stage", "l") == ["legacy"]

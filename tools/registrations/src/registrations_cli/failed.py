@@ -22,7 +22,7 @@ from pika.adapters.blocking_connection import BlockingConnection
 
 from . import broker
 from .confirm import Consent
-from .cycle import Cycle, Drop, Record, Send
+from .cycle import Cycle, Drop, Record, Send, exact_copy
 from .errors import FAILED, PARTIAL, USAGE, CliError
 from .output import Output
 from .records import Failure, Filter, first_copies
@@ -232,7 +232,7 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
     result = _replay_pass(options, settings, on_chosen=report)
     cycle = result.cycle
     moved = len(cycle.sent)
-    left = len(cycle.records) - moved - len(cycle.dropped)
+    left = _left(cycle)
     stopped = None
     if cycle.refused is not None:
         record, why = cycle.refused
@@ -245,6 +245,12 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
     out.summary(f"{verb} {plural(len(done), 'failure record')} to {inbound}; {left} left on {failed}"
                 f"{' (nothing was moved: --dry-run)' if options.dry_run else ''}")
     return 0
+
+
+def _left(cycle: Cycle) -> int:
+    """Records left on the queue after the cycle, each counted once however many copies it has."""
+    gone = {id(r) for r in cycle.sent} | {id(r) for r in cycle.dropped}
+    return len(first_copies(failures_of([r for r in cycle.records if id(r) not in gone]))[0])
 
 
 def _replay_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
@@ -292,8 +298,10 @@ def export_lines(records: list[Record], queue: str) -> list[str]:
             body: dict[str, str] = {"body": record.body.decode("utf-8")}
         except UnicodeDecodeError:
             body = {"body_base64": base64.b64encode(record.body).decode("ascii")}
+        # Without the delivery count the broker added to this delivery: it is no property of the record.
+        properties = broker.properties_view(exact_copy(record.properties))
         lines[key] = json.dumps({"id": failure.message_id, "queue": queue,
-                                 "discarded_at": datetime.now(UTC).isoformat(), "properties": failure.properties,
+                                 "discarded_at": datetime.now(UTC).isoformat(), "properties": properties,
                                  **body}, ensure_ascii=False)
     return list(lines.values())
 
@@ -345,7 +353,7 @@ def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent
         limit = counted
     result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings)
     done = list(result.chosen.values())
-    left = len(result.cycle.records) - len(result.cycle.dropped)
+    left = _left(result.cycle)
     verb = "would discard" if options.dry_run else "discarded"
     if out.format == "json":
         out.document(_discard_document(options, settings, done, left))

@@ -692,3 +692,24 @@ def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stac
     assert "discarded 0 failure records" in ok(env, *chosen, "--export", str(export), "--yes")
     assert len(export.read_text().splitlines()) == 2
     print(f"discard: 2 records (3 messages) written to {export.name}, then removed; 2 left in order")
+
+
+# ---- replay at a rate, with a progress bar ------------------------------------------------------
+
+
+def test_a_replay_keeps_to_its_rate_and_shows_its_progress(stack: Stack, broker: Broker) -> None:
+    env = stack.env  # no service runs: the replayed messages stay on the inbound queue
+    ids = [f"r-{i}" for i in range(30)]
+    for mid in ids:
+        broker.publish(FAILED, record(mid, "legacy"), message_id=mid)
+    rate = 20.0
+    began = time.monotonic()
+    code, shown, _ = on_a_terminal(env, "y\n", "failed", "replay", "--rate", str(rate))
+    took = time.monotonic() - began
+    assert code == 0, shown
+    # The bar, drawn in place on the terminal, reached the end.
+    assert "replaying [" in shown and f"100% {len(ids)}/{len(ids)}" in shown
+    assert [p.message_id for p, _ in broker.drain(INBOUND)] == ids  # each once, in order
+    # Thirty sends at twenty a second cannot take less than 29/20 s, whatever the machine.
+    assert took >= (len(ids) - 1) / rate
+    print(f"replayed {len(ids)} records at --rate {rate:.0f}: {took:.2f} s, {len(ids) / took:.1f} a second")

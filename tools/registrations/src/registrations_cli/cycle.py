@@ -111,12 +111,17 @@ class Cycle:
     def __init__(self, connection: BlockingConnection, queue: str,
                  route: Callable[[Record], Send | Drop | None] | None = None,
                  *, on_sent: Callable[[Record], None] | None = None,
-                 before_drops: Callable[[list[Record]], None] | None = None) -> None:
+                 before_drops: Callable[[list[Record]], None] | None = None,
+                 on_held: Callable[[int], None] | None = None, rate: float | None = None) -> None:
         self._connection = connection
         self.queue = queue
         self._route = route
         self._on_sent = on_sent
         self._before_drops = before_drops
+        self._on_held = on_held  # told how many records are to be sent, before the first goes
+        # Sends a second at most: the legacy API is what a replay loads, and it is the scarce part.
+        self._interval_s = 1.0 / rate if rate else 0.0
+        self._next_send = 0.0
         self.records: list[Record] = []
         self.sent: list[Record] = []
         self.dropped: list[Record] = []
@@ -163,6 +168,8 @@ class Cycle:
 
     def _send(self, channel: BlockingChannel, held: list[tuple[int, Record, Send | Drop]]) -> None:
         drops = [record for _, record, send in held if isinstance(send, Drop)]
+        if self._on_held is not None:
+            self._on_held(len(held) - len(drops))
         if drops and self._before_drops is not None:
             try:
                 self._before_drops(drops)
@@ -179,6 +186,7 @@ class Cycle:
                     self._put_back(channel, tag, record)
                 continue
             if self.refused is None:
+                self._pace()
                 self._sending = record
                 try:
                     channel.basic_publish("", send.queue, send.body, send.properties, mandatory=True)
@@ -195,6 +203,15 @@ class Cycle:
             # The broker would not take a send: this record and the later ones go back instead,
             # behind the others, rather than be handed back (a return would count).
             self._put_back(channel, tag, record)
+
+    def _pace(self) -> None:
+        """Wait for the next send's turn; the connection's own sleep keeps its heartbeats going."""
+        if not self._interval_s:
+            return
+        wait = self._next_send - time.monotonic()
+        if wait > 0:
+            self._connection.sleep(wait)
+        self._next_send = max(self._next_send, time.monotonic() - self._interval_s) + self._interval_s
 
     def _put_back(self, channel: BlockingChannel, tag: int, record: Record) -> None:
         try:

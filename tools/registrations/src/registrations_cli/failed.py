@@ -25,6 +25,7 @@ from .confirm import Consent
 from .cycle import Cycle, Drop, Record, Send, exact_copy
 from .errors import FAILED, PARTIAL, USAGE, CliError
 from .output import Output
+from .progress import Progress
 from .records import Failure, Filter, first_copies
 from .settings import CliSettings
 from .table import plural, truncate
@@ -138,6 +139,8 @@ class ReplayOptions:
     filter: Filter
     limit: int | None = None
     dry_run: bool = False
+    rate: float | None = None  # replays a second at most
+    progress: bool = False  # a bar on stderr while the chosen records are sent
 
 
 @dataclass
@@ -149,7 +152,7 @@ class _Pass:
 
 
 def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Callable[[Failure], None] | None,
-                 quiet: bool = False) -> _Pass:
+                 quiet: bool = False, on_held: Callable[[int], None] | None = None) -> _Pass:
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
     chosen_ids: set[str] = set()
@@ -182,7 +185,7 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
     with broker.connect(settings) as connection:
         broker.require_queue(connection, failed, settings)
         broker.require_queue(connection, inbound, settings)
-        cycle = Cycle(connection, failed, route, on_sent=sent)
+        cycle = Cycle(connection, failed, route, on_sent=sent, on_held=on_held, rate=options.rate)
         try:
             cycle.run()
         except CliError as exc:
@@ -216,7 +219,7 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
             return 0
         consent.require(f"replay {plural(counted, 'failure record')} from {failed} to {inbound}?",
                         "nothing was replayed (the answer was not yes)")
-        options = ReplayOptions(options.filter, counted, dry_run=False)
+        options = ReplayOptions(options.filter, counted, dry_run=False, rate=options.rate, progress=options.progress)
 
     verb = "would replay" if options.dry_run else "replayed"
     done: list[Failure] = []
@@ -229,7 +232,21 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
             out.line(f"{verb} {failure.message_id or '#' + str(failure.position)}  {failure.stage:<10}  "
                      f"user_id={failure.user_id or '-'}")
 
-    result = _replay_pass(options, settings, on_chosen=report)
+    bar: list[Progress] = []
+
+    def held(total: int) -> None:
+        bar.append(Progress(total, sys.stderr, enabled=options.progress and not options.dry_run, label="replaying"))
+
+    def report_and_advance(failure: Failure) -> None:
+        report(failure)
+        if bar:
+            bar[0].advance()
+
+    try:
+        result = _replay_pass(options, settings, on_chosen=report_and_advance, on_held=held)
+    finally:
+        if bar:
+            bar[0].close()
     cycle = result.cycle
     moved = len(cycle.sent)
     left = _left(cycle)

@@ -67,6 +67,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = parse_duration(text).total_seconds()
@@ -140,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _filters(fr)
     fr.add_argument("--dry-run", action="store_true", help="move nothing; print what would be moved")
+    fr.add_argument("--rate", type=_positive_float, metavar="N",
+                    help="replay N records a second at most (the legacy API takes the load)")
+    fr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fr.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     output.add_arguments(fr)
     fd = sub.add_parser("discard", help="remove records for good, each written to --export FILE first",
@@ -217,7 +230,9 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.failed_command == "discard":
         return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run), settings, out,
                               consent)
-    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run), settings, out, consent)
+    progress = not args.quiet and sys.stderr.isatty()
+    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run, args.rate, progress), settings, out,
+                         consent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

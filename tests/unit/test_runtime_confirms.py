@@ -154,3 +154,58 @@ def test_a_confirm_of_nothing_open_is_ignored(seq: int) -> None:
     (future,) = tracked.publish()
     tracked.channel.ack(seq)
     assert not future.done()
+
+
+# ---- a confirm that never comes -------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_wait_of_the_oldest_open_confirm_is_known() -> None:
+    clock = Clock()
+    confirms = Confirms(on_unroutable=lambda: None, clock=clock)
+    channel = FakeChannel()
+    confirms.attach(channel, lambda: None)
+    assert confirms.waiting_s() == 0.0
+    for _ in range(2):
+        confirms.publish(channel, "q", b"m", BasicProperties(), Future())
+        clock.now += 5
+    assert confirms.waiting_s() == 10.0
+    channel.ack(1)
+    assert confirms.waiting_s() == 5.0  # the second, published five seconds later
+    confirms.fail_all("channel closed")
+    assert confirms.waiting_s() == 0.0
+
+
+def test_a_stalled_confirm_ends_the_connection_once_unless_an_alarm_explains_it() -> None:
+    from regbridge.amqp import runtime as runtime_module
+    from regbridge.amqp.runtime import AmqpRuntime
+
+    rt = AmqpRuntime(url="amqp://guest:guest@127.0.0.1:1/%2F", queues=[], consume=[], workers=1, prefetch=1)
+    clock = Clock()
+    rt._confirms = Confirms(on_unroutable=lambda: None, clock=clock)
+    channel = FakeChannel()
+    rt._confirms.attach(channel, lambda: None)
+    restarts: list[bool] = []
+    rt._link.restart = lambda: restarts.append(True)  # type: ignore[method-assign]
+    future: Future[None] = Future()
+    rt._confirms.publish(channel, "registrations.failed", b"record", BasicProperties(), future)
+
+    clock.now += runtime_module.CONFIRM_STALL_S - 1
+    rt._watch_confirms()
+    assert restarts == [] and not future.done()  # slow, not stalled
+    rt._link.blocked = True
+    clock.now += 60
+    rt._watch_confirms()
+    assert restarts == [] and not future.done()  # a broker alarm holds confirms back: wait for it
+    rt._link.blocked = False
+    rt._watch_confirms()
+    assert restarts == [True] and "confirms stalled" in error(future)  # its delivery goes back
+    rt._watch_confirms()
+    assert restarts == [True]  # nothing open any more

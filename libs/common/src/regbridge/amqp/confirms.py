@@ -6,10 +6,16 @@ its future fails too. Sequence numbers are per channel: a lost channel fails eve
 still open, and the next channel counts from 1 again. Every future settles one of these ways,
 or when the runtime stops (`fail_all` once the I/O loop has ended), so a worker may wait on
 one without a timeout, even while a broker alarm holds the confirms back.
+
+A confirm can also stop coming with no alarm: a quorum queue's channel-side state can stay
+behind a leader change and hold what was published to it. `waiting_s` says how long the
+oldest open confirm has waited, so that the runtime can end the connection (failing every
+open future, handing their deliveries back) rather than let its workers wait for ever.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -24,16 +30,23 @@ PUBLISH_SEQ_HEADER = "x-regbridge-seq"
 
 
 class Confirms:
-    def __init__(self, on_unroutable: Callable[[], None]) -> None:
+    def __init__(self, on_unroutable: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
         # A return means a queue is missing: the caller gets the topology declared again.
         self._on_unroutable = on_unroutable
+        self._clock = clock
         self._next_seq = 0
         self._unconfirmed: dict[int, Future[None]] = {}
+        self._sent_at: dict[int, float] = {}
         self._returned: set[int] = set()
 
     @property
     def pending(self) -> bool:
         return bool(self._unconfirmed)
+
+    def waiting_s(self) -> float:
+        """How long the oldest confirm still open has waited; 0 when none is open."""
+        oldest = min(self._sent_at.values(), default=None)
+        return 0.0 if oldest is None else self._clock() - oldest
 
     def attach(self, channel: Channel, then: Callable[[], None]) -> None:
         """Put a fresh channel in confirm mode, then call `then`."""
@@ -53,10 +66,12 @@ class Confirms:
             future.set_exception(PublishError(f"publish failed: {exc}"))
             return
         self._unconfirmed[seq] = future
+        self._sent_at[seq] = self._clock()
 
     def fail_all(self, why: str) -> None:
         """The channel is gone, and with it every confirm still to come."""
         failed, self._unconfirmed = self._unconfirmed, {}
+        self._sent_at.clear()
         self._returned.clear()
         for future in failed.values():
             if not future.done():
@@ -74,6 +89,7 @@ class Confirms:
             [s for s in self._unconfirmed if s <= method.delivery_tag] if method.multiple else [method.delivery_tag]
         )
         for seq in tags:
+            self._sent_at.pop(seq, None)
             future = self._unconfirmed.pop(seq, None)
             if future is None:
                 continue

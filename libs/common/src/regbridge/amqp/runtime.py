@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 # A loop whose last tick is older than this is stalled: liveness fails.
 STALLED_S = 30.0
+# A confirm this late, with no broker alarm to explain it, is not coming: the connection is
+# ended and made again (every open publish fails and its delivery goes back). Confirms take
+# milliseconds, a quorum queue's leader election a few seconds.
+CONFIRM_STALL_S = 20.0
 
 
 class AmqpRuntime:
@@ -170,7 +174,17 @@ class AmqpRuntime:
 
     def _tick(self) -> None:
         self.last_tick = time.monotonic()
+        self._watch_confirms()
         self._ioloop.call_later(TICK_S, self._tick)
+
+    def _watch_confirms(self) -> None:
+        waited = self._confirms.waiting_s()
+        if waited > CONFIRM_STALL_S and not self._link.blocked and not self.stopping.is_set():
+            log.warning("a publisher confirm has not come for %.0f s with no broker alarm; reconnecting, which "
+                        "fails the publishes still open and hands their messages back", waited,
+                        extra={"event": "confirms_stalled", "waited_s": round(waited, 1)})
+            self._confirms.fail_all("confirms stalled")
+            self._link.restart()
 
     def _delivered(self, delivery: Delivery) -> None:
         self._hooks.on_delivery(delivery)

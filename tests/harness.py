@@ -312,22 +312,28 @@ class LegacySim:
             self.process.wait()
 
 
+def await_answer(process: subprocess.Popen[bytes], url: str, *, what: str, log: Path | None = None,
+                 timeout: float = 30) -> None:
+    """Until `url` answers 200; at once an error, with the end of `log`, if `process` exits first."""
+    def answers() -> bool:
+        if process.poll() is not None:
+            tail = f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
+            raise AssertionError(f"{what} exited with {process.returncode}{tail}")
+        try:
+            return requests.get(url, timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(answers, timeout=timeout, what=f"{what} to answer {url}")
+
+
 def start_legacy_sim(env: Mapping[str, str] | None = None, log: Path | None = None) -> LegacySim:
     port = free_port()
     full = {**os.environ, **FAST_LEGACY, **(env or {}), "HTTP_PORT": str(port), "LEGACY_SIM_HOST": "127.0.0.1"}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     process = subprocess.Popen([str(BIN / "legacy-sim")], env=full, stdout=out, stderr=subprocess.STDOUT)
     sim = LegacySim(url=f"http://127.0.0.1:{port}", process=process)
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"legacy-sim exited with {process.returncode}")
-        try:
-            return requests.get(f"{sim.url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(healthy, timeout=30, what="legacy-sim to answer /healthz")
+    await_answer(process, f"{sim.url}/healthz", what="legacy-sim", log=log)
     sim.defaults = {k: v for k, v in requests.get(f"{sim.url}/admin/config", timeout=5).json().items()
                     if k in ("latency_min_s", "latency_max_s", "accept_latency_s", "post_503_rate",
                              "get_503_rate", "retry_after_s", "fail_prefix", "down", "response_delay_s")}

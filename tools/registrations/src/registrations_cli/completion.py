@@ -11,6 +11,7 @@ options and their values.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 SHELLS = ("bash", "zsh")
@@ -79,16 +80,23 @@ def _path_cases(nodes: list[Node]) -> str:
     return " | ".join(_quote(n.path) for n in nodes if n.path)
 
 
-def _bash(nodes: list[Node]) -> str:
-    value_cases = []
-    word_cases = []
+def _valued(nodes: list[Node]) -> Iterator[tuple[str, Option]]:
+    """Each option that takes a value, with the case pattern both shells match it by: the
+    command's path and the option's names (`failed replay:--stage|failed replay:-s`)."""
     for node in nodes:
         for option in node.options:
             if option.takes_value:
-                names = "|".join(_quote(f"{node.path}:{name}") for name in option.names)
-                reply = (f'COMPREPLY=($(compgen -W {_quote(" ".join(option.choices))} -- "$cur"))'
-                         if option.choices else "COMPREPLY=()")
-                value_cases.append(f"        {names}) {reply}; return ;;")
+                yield "|".join(_quote(f"{node.path}:{name}") for name in option.names), option
+
+
+def _bash(nodes: list[Node]) -> str:
+    value_cases = []
+    for names, option in _valued(nodes):
+        reply = (f'COMPREPLY=($(compgen -W {_quote(" ".join(option.choices))} -- "$cur"))'
+                 if option.choices else "COMPREPLY=()")
+        value_cases.append(f"        {names}) {reply}; return ;;")
+    word_cases = []
+    for node in nodes:
         words = [name for name, _ in node.commands] + [n for o in node.options for n in o.names]
         files = ' compopt -o filenames; COMPREPLY+=($(compgen -f -- "$cur"));' if node.files else ""
         word_cases.append(f'        {_quote(node.path)}) COMPREPLY=($(compgen -W {_quote(" ".join(words))} -- "$cur"));'
@@ -116,14 +124,12 @@ complete -F {FUNCTION} {PROG}
 
 def _zsh(nodes: list[Node]) -> str:
     value_cases = []
+    for names, option in _valued(nodes):
+        choices = " ".join(_quote(c) for c in option.choices)
+        reply = f"compadd -- {choices}" if option.choices else "_message value"
+        value_cases.append(f"    ({names}) {reply}; return ;;")
     word_cases = []
     for node in nodes:
-        for option in node.options:
-            if option.takes_value:
-                names = "|".join(_quote(f"{node.path}:{name}") for name in option.names)
-                choices = " ".join(_quote(c) for c in option.choices)
-                reply = f"compadd -- {choices}" if option.choices else "_message value"
-                value_cases.append(f"    ({names}) {reply}; return ;;")
         items = [f"{name}:{help_}" for name, help_ in node.commands]
         items += [f"{n}:{o.help}" for o in node.options for n in o.names]
         files = " _files;" if node.files else ""

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from regbridge.failure_index import IndexEntry
 from regbridge.lifecycle import State
 from regbridge.messages import FailureError
 
@@ -51,7 +52,18 @@ class AttemptFailed:
     error: FailureError
 
 
-Write = AttemptAccepted | UserStatus | AttemptFailed
+@dataclass(frozen=True)
+class RecordIndexed:
+    """The failure record's entry in the failure queue's index (`regbridge.failure_index`), in
+    `state`: the whole entry when `entry` is given (upserted), else only its state, and only
+    over an entry still `publishing` (a record that an earlier delivery put out)."""
+
+    record_id: str
+    state: str
+    entry: IndexEntry | None = None
+
+
+Write = AttemptAccepted | UserStatus | AttemptFailed | RecordIndexed
 
 
 # ---- who a plan is about --------------------------------------------------------------------

@@ -43,7 +43,8 @@ def adapters(settings: CommonSettings, metrics: ServiceMetrics) -> tuple[MongoSt
     """The MongoDB store and the legacy API client, sized to the service's pool; the client
     behind the replica's circuit breaker and rate cap."""
     mongo = MongoStore(connect(settings.mongodb_uri, pool_size=max(2, settings.workers // 4)),
-                       settings.mongodb_database, settings.mongodb_collection, settings.attempts_collection)
+                       settings.mongodb_database, settings.mongodb_collection, settings.attempts_collection,
+                       failures=settings.failures_collection, counters=settings.counters_collection)
     client = LegacyClient(settings.legacy_api_url, timeout_s=settings.legacy_timeout_s, pool_size=settings.workers)
     # Monotonic: a step of the wall clock must neither open nor hold the breaker.
     breaker = Breaker(settings.breaker_limits(), clock=time.monotonic)

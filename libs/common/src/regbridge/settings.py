@@ -245,6 +245,21 @@ class PipelineSettings(EnvSettings):
     def mongodb_uri(self) -> str:
         return self.mongodb_uri_secret.get_secret_value()
 
+    @property
+    def attempts_collection(self) -> str:
+        # Bookkeeping of each inbound message's latest attempt (see regbridge.store).
+        return f"{self.mongodb_collection}.attempts"
+
+    @property
+    def failures_collection(self) -> str:
+        # The failure queue's index, one entry per record (see regbridge.failure_index).
+        return f"{self.mongodb_collection}.failures"
+
+    @property
+    def counters_collection(self) -> str:
+        # The index's sequence counter (regbridge.failure_index.COUNTER_ID).
+        return f"{self.mongodb_collection}.counters"
+
 
 def _eight_per_worker(settings: dict[str, Any]) -> int:
     # Beyond the workers, room for hops whose confirm is on its way (they hold no thread).
@@ -287,11 +302,6 @@ class CommonSettings(PipelineSettings, LegacyLimitSettings):
     @property
     def legacy_api_url(self) -> str:
         return self.legacy_api_url_secret.get_secret_value()
-
-    @property
-    def attempts_collection(self) -> str:
-        # Bookkeeping of each inbound message's latest attempt (see regbridge.store).
-        return f"{self.mongodb_collection}.attempts"
 
 
 class SubmitterSettings(CommonSettings):

@@ -8,24 +8,30 @@ Attempts (`<collection>.attempts`, `_id` = the inbound message's attempt key): t
 request id a message got, and whether its failure was already recorded. It is what lets a
 *redelivered* message skip a second POST, and a duplicate pending message skip a second
 failure record. A message published anew (a replay) is a new attempt and overwrites it.
+
+Failures (`<collection>.failures`, `_id` = the failure record's id): the failure queue's index
+(`regbridge.failure_index`), with its sequence counter in `<collection>.counters`.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from pymongo import MongoClient, UpdateOne
+from pymongo import MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
+from regbridge import failure_index
 from regbridge.batching import Batcher
 from regbridge.lifecycle import State
 from regbridge.messages import FailureError
-from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus, Write
+from regbridge.plans import AttemptAccepted, AttemptFailed, RecordIndexed, UserStatus, Write
 
 
 @dataclass(frozen=True)
@@ -94,10 +100,14 @@ def _error_doc(error: FailureError | None) -> dict[str, Any] | None:
 
 class MongoStore:
     def __init__(self, client: MongoClient[dict[str, Any]], database: str, users: str, attempts: str,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), batcher: Batcher | None = None) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), batcher: Batcher | None = None,
+                 *, failures: str | None = None, counters: str | None = None) -> None:
         self._client = client
         self._users: Collection[dict[str, Any]] = client[database][users]
         self._attempts: Collection[dict[str, Any]] = client[database][attempts]
+        self._failures: Collection[dict[str, Any]] = client[database][failures or f"{users}.failures"]
+        self._seqs = SeqBlocks(client[database][counters or f"{users}.counters"])
+        self._indexed = threading.Event()
         self._clock = clock
         # Every operation goes through the batcher: one round trip carries what many worker
         # threads asked for meanwhile (see regbridge.batching).
@@ -134,6 +144,8 @@ class MongoStore:
                 return self._accepted(write)
             if isinstance(write, AttemptFailed):
                 return self._attempt(write.attempt_key, write.user_id, write.request_id, write.error)
+            if isinstance(write, RecordIndexed):
+                return self._index(write)
             return self._status(write)
         except OperationFailure as exc:
             if exc.code not in _REFUSED_FOR_GOOD:
@@ -149,6 +161,26 @@ class MongoStore:
 
     def _attempt(self, key: str, user_id: str | None, request_id: str | None, error: FailureError) -> bool:
         return self._batcher.update(self._attempts, self._attempt_op(key, user_id, request_id, error, failed=True))
+
+    def _index(self, write: RecordIndexed) -> bool:
+        self.ensure_failure_indexes()
+        now, token = self._clock(), failure_index.new_token()
+        if write.entry is None:
+            op = UpdateOne({"_id": write.record_id, "state": failure_index.PUBLISHING},
+                           failure_index.state_update(write.state, now=now, token=token))
+        else:
+            op = UpdateOne({"_id": write.record_id}, failure_index.entry_update(
+                write.entry, write.state, seq=self._seqs.take(), now=now, token=token), upsert=True)
+        return self._batcher.update(self._failures, op)
+
+    def ensure_failure_indexes(self) -> None:
+        """The indexes that the failure index's readers walk, created by the first entry's write
+        (idempotent; on an empty or small collection, cheap)."""
+        if self._indexed.is_set():
+            return
+        for name, keys in failure_index.INDEXES:
+            self._failures.create_index(keys, name=name)
+        self._indexed.set()
 
     def _accepted(self, write: AttemptAccepted) -> bool:
         """The attempt's request id and the user's `submitted`, in one round trip: both are
@@ -188,6 +220,33 @@ class MongoStore:
         except Exception:
             return False
         return True
+
+
+class SeqBlocks:
+    """Sequence numbers for index entries, taken from the counter `SEQ_BLOCK` at a time: one
+    round trip per block, not per failure. A block not used up within `SEQ_BLOCK_MAX_AGE_S` is
+    dropped, so that seqs stay close to the order the records failed in across processes."""
+
+    def __init__(self, counters: Collection[dict[str, Any]], clock: Callable[[], float] = time.monotonic) -> None:
+        self._counters = counters
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next = self._end = 0
+        self._taken_at = 0.0
+
+    def take(self) -> int:
+        with self._lock:
+            if self._next >= self._end or self._clock() - self._taken_at > failure_index.SEQ_BLOCK_MAX_AGE_S:
+                doc = self._counters.find_one_and_update(
+                    {"_id": failure_index.COUNTER_ID}, {"$inc": {"next": failure_index.SEQ_BLOCK}},
+                    upsert=True, return_document=ReturnDocument.AFTER)
+                assert doc is not None  # an upsert that returns the document after
+                self._end = int(doc["next"])
+                self._next = self._end - failure_index.SEQ_BLOCK
+                self._taken_at = self._clock()
+            seq = self._next
+            self._next += 1
+            return seq
 
 
 def connect(uri: str, *, pool_size: int, timeout_s: float = 5.0) -> MongoClient[dict[str, Any]]:

@@ -2,7 +2,8 @@
 
     Forward   writes → publish (confirmed) → ack      the request id is on record before the hand-on
     Finish    writes → ack                            the outcome is stored before the ack
-    Failure   record (confirmed) → attempt's mark → user's status → ack
+    Failure   index entry `publishing` → record (confirmed) → attempt's mark → user's status
+              → index entry `queued` → ack
     Retry     the delivery stays unacked; the handler runs again after the delay
     Requeue   nack with requeue
 
@@ -14,6 +15,11 @@ of that hands the delivery back.
 A Failure publishes no record for an attempt whose mark says its record is out already: it
 only finishes the user's status. The one window left is a crash between a record's confirm
 and its attempt's mark (see docs/guarantees.md).
+
+The failure queue's index (`regbridge.failure_index`) has an entry for the record before the
+record can be on the queue, so that a reader of the index never misses one; the entry says
+`queued` once the broker has confirmed the record. An entry that MongoDB refuses for good does
+not hold the record back (it is logged and counted; `registrations failed reconcile` adds it).
 
 A write that MongoDB refuses for good (a schema validator, a document too large) turns a
 Forward or a Finish into a `store` Failure, so that nothing loops on it. Within a Failure it
@@ -38,9 +44,21 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp import Delivery
 from regbridge.durable import Durable, HandBack
+from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry
 from regbridge.lifecycle import Stage
 from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord
-from regbridge.plans import Failure, Finish, Forward, Plan, Requeue, Retry, Subject, Write, failure_writes
+from regbridge.plans import (
+    Failure,
+    Finish,
+    Forward,
+    Plan,
+    RecordIndexed,
+    Requeue,
+    Retry,
+    Subject,
+    Write,
+    failure_writes,
+)
 from regbridge.store import Store, WriteRefused
 
 log = logging.getLogger(__name__)
@@ -247,14 +265,20 @@ class Executor:
 
     def _fail(self, delivery: Delivery, plan: Failure, *, poisoned: bool = False) -> None:
         subject, error = plan.subject, plan.error
+        record_id = subject.record_id(delivery.body)
         marked = self._marked_failed(subject, error, poisoned)
+        entry: IndexEntry | None = None
         if marked is not None:
             log.info("failure already recorded for this attempt",
                      extra={"event": "duplicate", "user_id": subject.user_id, "request_id": subject.request_id})
             error = marked
-        elif not self._publish_record(delivery, subject, error):
-            return
-        for write in failure_writes(subject, error):
+        else:
+            entry = self._publish_record(delivery, subject, error, record_id, poisoned)
+            if entry is None:
+                return
+        # Without the entry at hand (an earlier delivery put the record out), only an entry left
+        # `publishing` by a crash after that record's confirm is set `queued`.
+        for write in (*failure_writes(subject, error), RecordIndexed(record_id, QUEUED, entry)):
             try:
                 self._write(write)
             except HandBack:
@@ -292,13 +316,24 @@ class Executor:
             return None
         return attempt.error or error
 
-    def _publish_record(self, delivery: Delivery, subject: Subject, error: FailureError) -> bool:
-        """Publish the failure record and wait for its confirm; if none comes, hand the delivery back."""
+    def _publish_record(self, delivery: Delivery, subject: Subject, error: FailureError, record_id: str,
+                        poisoned: bool) -> IndexEntry | None:
+        """Write the record's index entry, publish the record and wait for its confirm: the
+        entry, or None when no confirm came and the delivery was handed back."""
+        failed_at = datetime.fromtimestamp(self._clock(), UTC)
         record = FailureRecord(original=subject.original, user_id=subject.user_id,
                                legacy_request_id=subject.request_id, error=error, attempts=subject.attempts,
-                               failed_at=datetime.fromtimestamp(self._clock(), UTC))
-        future = self._broker.publish(self._failed_queue, record.encode(),
-                                      persistent(subject.record_id(delivery.body)))
+                               failed_at=failed_at)
+        body = record.encode()
+        entry = IndexEntry(record_id, error.stage, error.reason, subject.user_id, subject.request_id, failed_at,
+                           body.decode())
+        self._index(RecordIndexed(record_id, PUBLISHING, entry), poisoned)
+        if not self._broker.current(delivery):
+            # The channel went while the entry was written: the broker hands the delivery out
+            # again, and that delivery publishes the record. Publishing it here as well would
+            # make a second record wherever no attempt's mark can tell (a message without a user).
+            raise HandBack("the delivery's channel is gone")
+        future = self._broker.publish(self._failed_queue, body, persistent(record_id))
         try:
             # No timeout of its own: the runtime settles every publish (a confirm, a nack, a
             # return, a lost channel, a stop). Giving up while the broker merely holds the
@@ -310,5 +345,22 @@ class Executor:
             # As a refused hop is: a failure queue that refuses (a length limit) is not asked
             # again at once, in a loop.
             self._broker.hand_back(delivery, self._failed_queue, exc)
-            return False
-        return True
+            return None
+        return entry
+
+    def _index(self, write: RecordIndexed, poisoned: bool) -> None:
+        """The entry before its record: waited out through an outage, like every write. Refused
+        for good, it does not hold the record back; a poison message, which may be poison
+        because the store keeps erroring, does not wait for it either."""
+        try:
+            self._write(write)
+        except HandBack:
+            raise
+        except WriteRefused as exc:
+            self._observer.store_refused()
+            log.error("MongoDB refused the failure record's index entry; the record goes out without it: %s",
+                      exc.reason, extra={"event": "store_refused", "reason": exc.reason})
+        except Exception:
+            if not poisoned:
+                raise  # the runtime hands it back; it counts towards POISON_DELIVERIES
+            log.exception("cannot write the failure record's index entry", extra={"event": "index_unwritten"})

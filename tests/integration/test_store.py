@@ -123,30 +123,39 @@ def _entry(record_id: str, reason: str = "no") -> IndexEntry:
 def test_an_entry_keeps_its_place_when_its_record_is_published_again(store: Any) -> None:
     mongo_store, users = store
     failures = users.database["users.failures"]
-    assert mongo_store.apply(RecordIndexed("m-1", PUBLISHING, _entry("m-1")))
-    assert mongo_store.apply(RecordIndexed("m-2", PUBLISHING, _entry("m-2")))
+    assert mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t1", _entry("m-1")))
+    assert mongo_store.apply(RecordIndexed("m-2", PUBLISHING, "t2", _entry("m-2")))
     first = failures.find_one({"_id": "m-1"})
     assert first["state"] == PUBLISHING and first["body"] == '{"x":1}' and first["user_id"] == "u-1"
-    assert first["failed_at"] == datetime(2026, 12, 1, tzinfo=UTC)
-    assert mongo_store.apply(RecordIndexed("m-1", QUEUED, _entry("m-1", "again")))
+    assert first["failed_at"] == datetime(2026, 12, 1, tzinfo=UTC) and first["token"] == "t1"
+    assert mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t3", _entry("m-1", "again")))  # a redelivery's
     again = failures.find_one({"_id": "m-1"})
-    assert again["state"] == QUEUED and again["reason"] == "again"
+    assert again["reason"] == "again" and again["token"] == "t3"
     assert again["seq"] == first["seq"] < failures.find_one({"_id": "m-2"})["seq"]
-    assert again["token"] != first["token"]  # a remover's guard sees the rewrite
     assert {i["name"] for i in failures.list_indexes()} >= {name for name, _ in INDEXES}
 
 
-def test_a_state_alone_moves_only_an_entry_left_publishing(store: Any) -> None:
+def test_queued_moves_only_the_entry_its_own_publish_wrote(store: Any) -> None:
     mongo_store, users = store
     failures = users.database["users.failures"]
-    mongo_store.apply(RecordIndexed("m-1", PUBLISHING, _entry("m-1")))
-    mongo_store.apply(RecordIndexed("m-1", QUEUED))
+    mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t1", _entry("m-1")))
+    mongo_store.apply(RecordIndexed("m-1", QUEUED, "t1"))
     assert failures.find_one({"_id": "m-1"})["state"] == QUEUED
-    failures.update_one({"_id": "m-1"}, {"$set": {"state": LEAVING}})  # the CLI is replaying it
-    mongo_store.apply(RecordIndexed("m-1", QUEUED))
-    assert failures.find_one({"_id": "m-1"})["state"] == LEAVING
-    mongo_store.apply(RecordIndexed("m-9", QUEUED))  # no entry: none is made without its record
-    assert failures.find_one({"_id": "m-9"}) is None
+    mongo_store.apply(RecordIndexed("m-2", PUBLISHING, "t2", _entry("m-2")))
+    failures.update_one({"_id": "m-2"}, {"$set": {"state": LEAVING, "token": "cli"}})  # a reader took it meanwhile
+    mongo_store.apply(RecordIndexed("m-2", QUEUED, "t2"))
+    assert failures.find_one({"_id": "m-2"})["state"] == LEAVING
+    failures.delete_one({"_id": "m-2"})  # ... and removed it: nothing brings it back
+    mongo_store.apply(RecordIndexed("m-2", QUEUED, "t2"))
+    assert failures.find_one({"_id": "m-2"}) is None
+
+
+def test_an_index_that_exists_under_another_name_does_not_stop_entries(store: Any) -> None:
+    mongo_store, users = store
+    failures = users.database["users.failures"]
+    failures.create_index([("seq", 1)], name="someone_elses")
+    assert mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t1", _entry("m-1")))
+    assert failures.find_one({"_id": "m-1"})["state"] == PUBLISHING
 
 
 def test_seqs_come_in_blocks_from_one_counter_shared_by_processes(mongo: Mongo, database: str) -> None:

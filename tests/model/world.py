@@ -66,6 +66,7 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "read": ("crash", "outage", "error", "error_always", "disconnect"),
     "reset": ("crash", "outage", "disconnect"),
     "write": ("crash", "outage", "refused", "refused_user", "disconnect"),
+    "index": ("crash", "outage", "refused", "error", "disconnect"),  # a failure record's index entry
     "post": ("crash", "transient", "lost_answer", "disconnect"),
     "get": ("crash", "transient", "disconnect"),
     "publish": ("crash", "nack", "lost_confirm", "disconnect"),
@@ -170,13 +171,12 @@ class World:
 
     def _read_index(self) -> None:
         """A reader of the failure index at this moment: what it would get wrong. Nothing is
-        excused but an entry that MongoDB refused for good."""
+        excused but a record whose entry a refusal or an error kept out (it went out without)."""
         on_queue = {m.message_id for m in self.queues[FAILED] if m.message_id is not None}
         index = self.store.index
-        if "index" not in self.store.refused:
-            for missing in on_queue - set(index):
-                self.index_disagreements.append(f"record {missing} on the queue without an entry (point "
-                                                f"{len(self.points)})")
+        for missing in on_queue - set(index) - self.store.unindexed:
+            self.index_disagreements.append(f"record {missing} on the queue without an entry (point "
+                                            f"{len(self.points)})")
         for rid, (state, _) in index.items():
             if state == QUEUED and rid not in on_queue:
                 self.index_disagreements.append(f"entry {rid} queued without its record (point {len(self.points)})")
@@ -414,8 +414,11 @@ class ModelStore:
         self.history: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
         self.refused: set[str] = set()
         self.broken_reads = False
-        # The failure queue's index: record id -> (state, the world's time of the write).
+        # The failure queue's index: record id -> (state, the world's time of the write), the
+        # token of each entry's last whole write, and the ids whose entry a fault kept out.
         self.index: dict[str, tuple[str, float]] = {}
+        self.index_tokens: dict[str, str] = {}
+        self.unindexed: set[str] = set()
 
     def _point(self, kind: str, lineage: str | None) -> str | None:
         mode = self.world.at(kind, lineage)
@@ -469,11 +472,18 @@ class ModelStore:
 
     def _index(self, write: RecordIndexed) -> bool:
         # The record id is the inbound message_id wherever the message had one: its lineage.
-        mode = self._point("write", write.record_id)
-        if mode in ("refused", "refused_user"):
-            self.refused.add("index")
-        self._refuse_if("index")
-        if write.entry is not None or self.index.get(write.record_id, ("", 0.0))[0] == PUBLISHING:
+        mode = self.world.at("index", write.record_id)
+        if mode == "outage":
+            raise AutoReconnect("connection refused")  # this call only: Durable tries again
+        if mode in ("refused", "error"):
+            self.unindexed.add(write.record_id)  # the record goes out without it
+            raise (WriteRefused("Document failed validation (index)") if mode == "refused"
+                   else OperationFailure("Index already exists with a different name", 85))
+        if write.entry is not None:
+            self.index[write.record_id] = (write.state, self.world.now)
+            self.index_tokens[write.record_id] = write.token
+        elif self.index.get(write.record_id, ("", 0.0))[0] == PUBLISHING and \
+                self.index_tokens.get(write.record_id) == write.token:
             self.index[write.record_id] = (write.state, self.world.now)
         return True
 

@@ -12,6 +12,7 @@ from regbridge.failure_index import (
     LEAVING,
     LOW_MARGIN,
     PUBLISHING,
+    PUBLISHING_GRACE,
     QUEUED,
     RECONCILE_GRACE,
     STATES,
@@ -27,6 +28,7 @@ from regbridge.failure_index import (
 PASS = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 OLD = PASS - RECONCILE_GRACE - timedelta(seconds=1)
 RECENT = PASS - RECONCILE_GRACE + timedelta(seconds=1)
+ANCIENT = PASS - PUBLISHING_GRACE - timedelta(seconds=1)
 
 
 def test_an_upsert_sets_every_field_and_the_seq_only_on_insert() -> None:
@@ -43,7 +45,8 @@ def test_reconcile_adds_confirms_and_deletes_what_the_pass_says() -> None:
         "publishing-there": Seen(PUBLISHING, OLD, "b"),
         "leaving-there": Seen(LEAVING, OLD, "c"),  # a removal that never happened
         "queued-gone": Seen(QUEUED, OLD, "d"),  # a reader outside the bridge took it
-        "publishing-gone": Seen(PUBLISHING, OLD, "e"),  # a crash before the publish
+        "publishing-gone": Seen(PUBLISHING, ANCIENT, "e"),  # a crash before the publish
+        "publishing-held": Seen(PUBLISHING, OLD, "h"),  # a publish a broker alarm may still hold
         "leaving-gone": Seen(LEAVING, OLD, "f"),  # a crash after the ack
         "recent-gone": Seen(PUBLISHING, RECENT, "g"),  # may land behind the pass
     }
@@ -61,7 +64,7 @@ ids = st.sampled_from([f"m-{i}" for i in range(8)])
 @given(on_queue=st.lists(ids), entries=st.dictionaries(ids, st.tuples(st.sampled_from(STATES), st.booleans())))
 def test_after_a_reconciliation_the_index_is_the_queue_but_for_recent_writes(
         on_queue: list[str], entries: dict[str, tuple[str, bool]]) -> None:
-    seen = {rid: Seen(state, RECENT if recent else OLD) for rid, (state, recent) in entries.items()}
+    seen = {rid: Seen(state, RECENT if recent else ANCIENT) for rid, (state, recent) in entries.items()}
     plan = reconcile(on_queue, seen, started_at=PASS)
     after = (set(seen) | set(plan.add)) - {rid for rid, _ in plan.delete}
     recent_gone = {rid for rid, (_, recent) in entries.items() if recent and rid not in on_queue}

@@ -155,7 +155,9 @@ class FakeStore:
         self.unreachable = False
         # The failure index: record id -> (state, entry), and each index write in order.
         self.index: dict[str, tuple[str, IndexEntry | None]] = {}
+        self.index_tokens: dict[str, str] = {}
         self.index_log: list[str] = []
+        self.index_error: Exception | None = None  # what every index write raises
 
     def _check(self) -> None:
         if self.unreachable:
@@ -195,10 +197,14 @@ class FakeStore:
             self.log.append(f"attempt-failed:{write.request_id}")
             return True
         if isinstance(write, RecordIndexed):
+            if self.index_error is not None:
+                raise self.index_error
             self.index_log.append(f"{write.state}:{write.record_id}")
             if write.entry is not None:
                 self.index[write.record_id] = (write.state, write.entry)
-            elif self.index.get(write.record_id, ("", None))[0] == PUBLISHING:
+                self.index_tokens[write.record_id] = write.token
+            elif (self.index.get(write.record_id, ("", None))[0] == PUBLISHING
+                  and self.index_tokens.get(write.record_id) == write.token):
                 self.index[write.record_id] = (write.state, self.index[write.record_id][1])
             return True
         return self._write(write)
@@ -958,18 +964,47 @@ def test_an_index_entry_refused_for_good_does_not_hold_the_record_back() -> None
     assert rig.store.index == {}
 
 
-def test_a_duplicate_after_the_mark_sets_an_entry_left_publishing_to_queued() -> None:
+def test_a_duplicate_after_the_mark_leaves_the_entry_as_it_is() -> None:
     """A crash after the record's confirm, before its entry said so: the duplicate delivery that
-    finds the attempt marked publishes nothing and confirms the entry."""
+    finds the attempt marked publishes nothing and writes no entry (it cannot tell the entry it
+    finds from one a newer attempt is publishing): the entry stays unsure until a reconcile."""
     rig, broker = watched_poller_rig(LegacyFailed("no"))
-    first = pending(polls=1)
-    rig.store.refuse.add(UserStatus)  # nothing else matters here
     rig.store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", True, FailureError("legacy", "no", 200))
     entry = IndexEntry("m-1", "legacy", "no", "u-000123", "AB583C-X", datetime.fromtimestamp(NOW, UTC), "{}")
     rig.store.index["m-1"] = (PUBLISHING, entry)
-    rig.executor.run(pending_delivery(first, tag=44))
+    rig.executor.run(pending_delivery(pending(polls=1), tag=44))
     assert broker.on(FAILED) == [] and broker.acks == [44]
-    assert rig.store.index["m-1"] == (QUEUED, entry)
+    assert rig.store.index["m-1"] == (PUBLISHING, entry) and rig.store.index_log == []
+
+
+def test_the_entry_is_confirmed_only_if_it_is_still_the_one_written_before_the_publish() -> None:
+    """A reader (the CLI's `leaving`) or another attempt that rewrote the entry after the
+    publish keeps it: the move to `queued` names the publishing write's token."""
+    rig, broker = watched_poller_rig(LegacyFailed("no"))
+    original_publish = broker.publish
+
+    def publish_then_a_reader_marks_it(routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
+        future = original_publish(routing_key, body, properties)
+        if routing_key == FAILED:
+            state, entry = rig.store.index["m-1"]
+            rig.store.index["m-1"] = ("leaving", entry)
+            rig.store.index_tokens["m-1"] = "the CLI's"
+        return future
+
+    broker.publish = publish_then_a_reader_marks_it  # type: ignore[method-assign]
+    rig.executor.run(pending_delivery(pending(polls=1), tag=46))
+    assert broker.acks == [46] and rig.store.index["m-1"][0] == "leaving"
+
+
+@pytest.mark.parametrize("error", [OperationFailure("Index already exists with a different name", 85),
+                                   RuntimeError("anything else")])
+def test_an_index_entry_that_cannot_be_written_does_not_hold_the_record_back(error: Exception) -> None:
+    rig, broker = watched_poller_rig(LegacyFailed("rejected by the legacy system"))
+    rig.store.index_error = error
+    rig.executor.run(pending_delivery(pending(polls=1), tag=47))
+    [record] = failure_records(broker)
+    assert record.error.stage == "legacy" and broker.acks == [47] and broker.nacks == []
+    assert rig.store.users["u-000123"].status == "failed"
 
 
 def test_a_failure_without_a_message_id_is_indexed_under_its_record_id() -> None:

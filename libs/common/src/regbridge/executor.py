@@ -18,8 +18,10 @@ and its attempt's mark (see docs/guarantees.md).
 
 The failure queue's index (`regbridge.failure_index`) has an entry for the record before the
 record can be on the queue, so that a reader of the index never misses one; the entry says
-`queued` once the broker has confirmed the record. An entry that MongoDB refuses for good does
-not hold the record back (it is logged and counted; `registrations failed reconcile` adds it).
+`queued` once the broker has confirmed the record (a move of that very entry: one a reader
+changed meanwhile is left as it is). An entry that cannot be written (refused for good, any
+error but an outage) does not hold the record back: it is logged and counted, and
+`registrations failed reconcile` adds it.
 
 A write that MongoDB refuses for good (a schema validator, a document too large) turns a
 Forward or a Finish into a `store` Failure, so that nothing loops on it. Within a Failure it
@@ -44,7 +46,7 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp import Delivery
 from regbridge.durable import Durable, HandBack
-from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry
+from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry, new_token
 from regbridge.lifecycle import Stage
 from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord
 from regbridge.plans import (
@@ -265,20 +267,20 @@ class Executor:
 
     def _fail(self, delivery: Delivery, plan: Failure, *, poisoned: bool = False) -> None:
         subject, error = plan.subject, plan.error
-        record_id = subject.record_id(delivery.body)
         marked = self._marked_failed(subject, error, poisoned)
-        entry: IndexEntry | None = None
+        queued: tuple[RecordIndexed, ...] = ()
         if marked is not None:
+            # The record is out. Its entry is left as that delivery left it: `queued`, or, after a
+            # crash before that write, `publishing` (unsure) until `reconcile` sees the record.
             log.info("failure already recorded for this attempt",
                      extra={"event": "duplicate", "user_id": subject.user_id, "request_id": subject.request_id})
             error = marked
         else:
-            entry = self._publish_record(delivery, subject, error, record_id, poisoned)
-            if entry is None:
+            published = self._publish_record(delivery, subject, error)
+            if published is None:
                 return
-        # Without the entry at hand (an earlier delivery put the record out), only an entry left
-        # `publishing` by a crash after that record's confirm is set `queued`.
-        for write in (*failure_writes(subject, error), RecordIndexed(record_id, QUEUED, entry)):
+            queued = (published,)
+        for write in (*failure_writes(subject, error), *queued):
             try:
                 self._write(write)
             except HandBack:
@@ -316,22 +318,24 @@ class Executor:
             return None
         return attempt.error or error
 
-    def _publish_record(self, delivery: Delivery, subject: Subject, error: FailureError, record_id: str,
-                        poisoned: bool) -> IndexEntry | None:
-        """Write the record's index entry, publish the record and wait for its confirm: the
-        entry, or None when no confirm came and the delivery was handed back."""
+    def _publish_record(self, delivery: Delivery, subject: Subject, error: FailureError) -> RecordIndexed | None:
+        """Write the record's index entry, publish the record and wait for its confirm: then the
+        write that marks the entry `queued`; None when no confirm came and the delivery was
+        handed back."""
         failed_at = datetime.fromtimestamp(self._clock(), UTC)
         record = FailureRecord(original=subject.original, user_id=subject.user_id,
                                legacy_request_id=subject.request_id, error=error, attempts=subject.attempts,
                                failed_at=failed_at)
         body = record.encode()
+        record_id, token = subject.record_id(delivery.body), new_token()
         entry = IndexEntry(record_id, error.stage, error.reason, subject.user_id, subject.request_id, failed_at,
                            body.decode())
-        self._index(RecordIndexed(record_id, PUBLISHING, entry), poisoned)
-        if not self._broker.current(delivery):
+        self._index(RecordIndexed(record_id, PUBLISHING, token, entry))
+        if not self._broker.current(delivery) and not self._broker.stopping.is_set():
             # The channel went while the entry was written: the broker hands the delivery out
             # again, and that delivery publishes the record. Publishing it here as well would
             # make a second record wherever no attempt's mark can tell (a message without a user).
+            # (During a stop the channel may still stand: the publish finds out.)
             raise HandBack("the delivery's channel is gone")
         future = self._broker.publish(self._failed_queue, body, persistent(record_id))
         try:
@@ -346,21 +350,18 @@ class Executor:
             # again at once, in a loop.
             self._broker.hand_back(delivery, self._failed_queue, exc)
             return None
-        return entry
+        return RecordIndexed(record_id, QUEUED, token)
 
-    def _index(self, write: RecordIndexed, poisoned: bool) -> None:
-        """The entry before its record: waited out through an outage, like every write. Refused
-        for good, it does not hold the record back; a poison message, which may be poison
-        because the store keeps erroring, does not wait for it either."""
+    def _index(self, write: RecordIndexed) -> None:
+        """The entry before its record: waited out through an outage, like every write. Any
+        other error does not hold the record back: nothing may keep a failure from its record.
+        It is logged and counted, and `registrations failed reconcile` adds the entry."""
         try:
             self._write(write)
         except HandBack:
             raise
-        except WriteRefused as exc:
+        except Exception as exc:
             self._observer.store_refused()
-            log.error("MongoDB refused the failure record's index entry; the record goes out without it: %s",
-                      exc.reason, extra={"event": "store_refused", "reason": exc.reason})
-        except Exception:
-            if not poisoned:
-                raise  # the runtime hands it back; it counts towards POISON_DELIVERIES
-            log.exception("cannot write the failure record's index entry", extra={"event": "index_unwritten"})
+            reason = exc.reason if isinstance(exc, WriteRefused) else f"{type(exc).__name__}: {exc}"[:300]
+            log.error("the failure record's index entry was not written; the record goes out without it: %s",
+                      reason, extra={"event": "store_refused", "reason": reason})

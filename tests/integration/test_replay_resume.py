@@ -183,8 +183,12 @@ def test_a_replay_of_10000_interrupted_halfway_and_run_again_replays_each_record
           f"CLI max RSS {stopped.max_rss_mb:.0f} / {resumed.max_rss_mb:.0f} MB")
 
 
-def test_a_replay_killed_halfway_and_run_again_sends_at_most_one_record_twice(
+def test_a_replay_killed_halfway_and_run_again_sends_at_most_the_record_in_hand_twice(
         broker: Broker, env: dict[str, str], tmp_path: Path) -> None:
+    """The record whose send was confirmed and whose original was not acked is sent again by the
+    next run. A quorum queue applies an ack through its log, so the record before it can come back
+    as well when its ack had not been applied (test_delivery_limits.py sees the same of a browse):
+    at most those two, one after the other."""
     n = 1_000
     legacy, others = fill(broker, n, other_every=20)
     command = ["--stage", "legacy", "--rate", "1000", "--yes"]
@@ -207,7 +211,8 @@ def test_a_replay_killed_halfway_and_run_again_sends_at_most_one_record_twice(
     times = Counter(inbound)
     twice = sorted(mid for mid, k in times.items() if k > 1)
     assert set(inbound) == set(legacy), f"never replayed: {sorted(set(legacy) - set(inbound))[:10]}"
-    assert len(twice) <= 1 and max(times.values()) <= 2, twice
+    assert max(times.values()) <= 2, twice
+    assert len(twice) <= 1 or (len(twice) == 2 and abs(legacy.index(twice[0]) - legacy.index(twice[1])) == 1), twice
     left, counts = drained(broker, FAILED)
     assert left == others and set(counts) == {0}
     print(f"\nreplay of {n:,} records killed (SIGKILL) after {sent:,} sent, then run again: every record "
@@ -318,3 +323,19 @@ def test_a_discard_interrupted_before_its_export_removes_nothing(
     assert export.read_text() == ""
     left, counts = drained(broker, FAILED)
     assert left == others + legacy and set(counts) == {0}
+
+
+def test_an_interrupted_replay_with_a_limit_says_how_many_more_to_ask_for(
+        broker: Broker, amqp_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    legacy, _ = fill(broker, 30, other_every=5)
+    with signal_at(monkeypatch, "basic_publish", 4, [signal.SIGINT], when=to_inbound):
+        code, _, err = run(monkeypatch, capsys, amqp_url, "failed", "replay", "--stage", "legacy", "--limit", "12",
+                           "--yes")
+    assert code == 3 and "interrupted: 4 of 12 replayed" in err and "run it again with --limit 8" in err, err
+    code, _, err = run(monkeypatch, capsys, amqp_url, "failed", "replay", "--stage", "legacy", "--limit", "8", "--yes")
+    assert code == 0, err
+    # The limit takes the first that match, in queue order: those it left out before come ahead of
+    # the 8 put back at the tail. Twelve in all, none twice.
+    assert [p.message_id for p, _ in broker.drain(INBOUND)] == legacy[:4] + legacy[12:20]
+    queue_order = [m for i in range(30) for m in ([f"o-{i}"] if i % 5 == 0 else []) + [f"r-{i}"]]
+    assert drained(broker, FAILED)[0] == [m for m in queue_order if m not in legacy[:20]] + legacy[4:12]

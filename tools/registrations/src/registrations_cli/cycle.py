@@ -42,8 +42,10 @@ What it cannot hold to:
   held to be sent elsewhere or dropped and not yet gone) to the head of a queue that has a
   delivery limit, as ours have; each such return counts once against the limit. A death
   between a copy's confirm and its original's ack leaves that record twice on the queue; a
-  death between a send's confirm and its original's ack leaves that one record both sent and
-  returned, so the next replay sends it again: that is the one record a crash can send twice.
+  death between a send's confirm and its original's ack leaves that record both sent and
+  returned, so the next replay sends it again. A quorum queue applies an ack through its log,
+  so the record acked just before can come back too when the queue had not applied its ack:
+  a crash sends at most those two twice (measured: the one in hand, or none).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ What it cannot hold to:
   death between a send's confirm and its original's ack leaves that record both sent and
   returned, so the next replay sends it again. A quorum queue applies an ack through its log,
   so the record acked just before can come back too when the queue had not applied its ack:
-  a crash sends at most those two twice (measured: the one in hand, or none).
+  a crash sends at most those two twice.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class Cycle:
 
     def _send(self, channel: BlockingChannel, held: list[tuple[int, Record, Send | Drop]]) -> None:
         self._stop.sending = True
-        if self._stop.requested:  # during the take: nothing goes, every held record goes round
+        if self._stop.stopping:  # during the take: nothing goes, every held record goes round
             self.interrupted = bool(held)
             for tag, record, _ in held:
                 self._put_back(channel, tag, record)
@@ -215,7 +215,7 @@ class Cycle:
                 else:  # what it follows did not go: it stays, as that did
                     self._put_back(channel, tag, record)
                 continue
-            if self.refused is None and not self._stop.requested and self._pace():
+            if self.refused is None and not self._stop.stopping and self._pace():
                 self._sending = record
                 try:
                     channel.basic_publish("", send.queue, send.body, send.properties, mandatory=True)
@@ -240,10 +240,10 @@ class Cycle:
         """Wait for the next send's turn; the connection's own sleep keeps its heartbeats going.
         False if a signal came meanwhile: that send is not made."""
         if self._interval_s:
-            while (wait := self._next_send - time.monotonic()) > 0 and not self._stop.requested:
+            while (wait := self._next_send - time.monotonic()) > 0 and not self._stop.stopping:
                 self._connection.sleep(min(wait, PACE_SLICE_S))
             self._next_send = max(self._next_send, time.monotonic() - self._interval_s) + self._interval_s
-        return not self._stop.requested
+        return not self._stop.stopping
 
     def _put_back(self, channel: BlockingChannel, tag: int, record: Record) -> None:
         try:
@@ -307,6 +307,11 @@ class _Stop:
         self.stoppable = stoppable
         self.requested = False
         self.sending = False  # past the take: the held records are being sent or dropped
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the cycle is to stop short: a cycle that is not stoppable runs to its end."""
+        return self.requested and self.stoppable
 
     def notice(self) -> str:
         if not self.stoppable:

@@ -986,7 +986,7 @@ def test_the_entry_is_confirmed_only_if_it_is_still_the_one_written_before_the_p
     def publish_then_a_reader_marks_it(routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
         future = original_publish(routing_key, body, properties)
         if routing_key == FAILED:
-            state, entry = rig.store.index["m-1"]
+            _, entry = rig.store.index["m-1"]
             rig.store.index["m-1"] = ("leaving", entry)
             rig.store.index_tokens["m-1"] = "the CLI's"
         return future

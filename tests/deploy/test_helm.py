@@ -787,8 +787,10 @@ def test_environment_is_the_contract_and_the_service_accepts_it(
         assert recording.asked <= set(env), f"the chart does not set {sorted(recording.asked - set(env))}"
         differ = {k for k in defaults.setting_names() if getattr(loaded, k) != getattr(defaults, k)}
         if not values:
-            assert differ == {"rabbitmq_url", "mongodb_uri", "legacy_api_url"}, differ
+            assert differ == {"rabbitmq_url", "mongodb_uri", "legacy_api_url", "http_host"}, differ
             assert loaded.legacy_api_url == "http://legacy-sim:8080"
+            # In a pod the probes and Prometheus come from outside: every interface.
+            assert loaded.http_host == "0.0.0.0"
         else:
             assert loaded.log_level == "DEBUG" and loaded.prefetch == 100 and loaded.poll_first_delay_s == 0.5
             assert loaded.max_message_bytes == 1000000

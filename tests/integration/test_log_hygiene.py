@@ -65,16 +65,20 @@ def test_a_password_with_a_space_never_shows(stack: Stack, broker: Broker, users
         assert not leaks, f"{service.name} logged {leaks}"
 
 
-@pytest.mark.parametrize("name", ["submitter", "poller"])
-def test_a_raw_space_in_a_url_is_refused_by_name(name: str) -> None:
+@pytest.mark.parametrize(("command", "variable"), [(["submitter"], "RABBITMQ_URL"), (["poller"], "MONGODB_URI"),
+                                                   (["registrations", "status", "u-1"], "RABBITMQ_URL"),
+                                                   (["registrations", "inspect"], "RABBITMQ_MANAGEMENT_URL")])
+def test_a_raw_space_in_a_url_is_refused_by_name(command: list[str], variable: str) -> None:
     secret = f"Sp ace-{token()}"
-    env = harness.service_env(rabbitmq_url=f"amqp://bridge:{secret}@127.0.0.1:{harness.free_port()}/%2F",
-                              mongodb_uri=f"mongodb://127.0.0.1:{harness.free_port()}/", database="hygiene",
-                              legacy_url="http://127.0.0.1:9", extra={"HTTP_PORT": str(harness.free_port())})
-    result = subprocess.run([str(harness.BIN / name)], env=env, capture_output=True, timeout=60)
+    env = harness.cli_env(harness.service_env(
+        rabbitmq_url=f"amqp://127.0.0.1:{harness.free_port()}/%2F", mongodb_uri=f"mongodb://127.0.0.1:{harness.free_port()}/",
+        database="hygiene", legacy_url="http://127.0.0.1:9", extra={"HTTP_PORT": str(harness.free_port())}))
+    scheme = {"RABBITMQ_URL": "amqp", "MONGODB_URI": "mongodb", "RABBITMQ_MANAGEMENT_URL": "http"}[variable]
+    env[variable] = f"{scheme}://bridge:{secret}@127.0.0.1:{harness.free_port()}/"
+    result = subprocess.run([str(harness.BIN / command[0]), *command[1:]], env=env, capture_output=True, timeout=60)
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode == 2, output
-    assert "RABBITMQ_URL: expected a URL" in output and "whitespace or a control character" in output, output
+    assert f"{variable}: expected a URL" in output and "whitespace or a control character" in output, output
     assert not {form for form in forms(secret) if form in output}, output
 
 

@@ -14,6 +14,7 @@ from urllib.parse import quote, quote_plus
 
 import harness
 import pytest
+import requests
 from conftest import Stack
 from harness import Broker
 from outcomes import INBOUND, Outcomes, good
@@ -85,50 +86,67 @@ def test_a_raw_space_in_a_url_is_refused_by_name(command: list[str], variable: s
 # ---- LOG_LEVEL=DEBUG: no user field in any log line ------------------------------------------
 
 
-def registrations(tag: str) -> tuple[list[tuple[str, bytes | dict[str, Any]]], list[str]]:
-    """Messages of every outcome, each user field a distinctive value; and those values."""
-    fields: list[str] = []
+class People:
+    """Registrations whose user fields are distinctive values, and the list of those values."""
 
-    def person(i: int, **overrides: Any) -> dict[str, Any]:
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.fields: list[str] = []
+
+    def person(self, i: int, **overrides: Any) -> dict[str, Any]:
+        tag = self.tag
         name, email = f"Zq{tag}Name{i}", f"zq{tag}mail{i}@example.com"
         cpf = f"{int(tag[:6], 16) % 10**6:06d}{i:05d}"
-        fields.extend([name, email, f"zq{tag}mail{i}", cpf])
-        body = {**good(f"debug-{tag}-{i}"), "name": name, "email": email, "cpf": cpf, **overrides}
-        fields.extend(str(v) for k, v in overrides.items() if k != "user_id")
-        return body
+        self.fields.extend([name, email, f"zq{tag}mail{i}", cpf])
+        self.fields.extend(str(v) for k, v in overrides.items() if k != "user_id")
+        return {**good(f"debug-{tag}-{i}"), "name": name, "email": email, "cpf": cpf, **overrides}
 
-    messages: list[tuple[str, bytes | dict[str, Any]]] = [
-        *((f"ok-{i}", person(i)) for i in range(4)),  # registered, some after 503s
-        ("submit", person(4, cpf=f"Cpf{tag}Bad")),  # legacy 400: stage submit
-        ("legacy", person(5, name=f"FAIL Zq{tag}Refused")),  # legacy answers failed
-    ]
-    no_id = person(6)
-    del no_id["user_id"]
-    messages.append(("validation", no_id))  # no user_id: stage validation, the original kept
-    raw = f'{{"user_id": "debug-{tag}-7", "name": "Zq{tag}Raw", "cpf": '.encode()
-    fields.append(f"Zq{tag}Raw")
-    messages.append(("not-json", raw))  # not JSON: stage validation, the raw text kept
-    return messages, fields
+    def first_batch(self) -> list[tuple[str, bytes | dict[str, Any]]]:
+        """Registered ones, and the failures of stages submit, legacy and validation (twice)."""
+        no_id = self.person(6)
+        del no_id["user_id"]
+        raw = f'{{"user_id": "debug-{self.tag}-7", "name": "Zq{self.tag}Raw", "cpf": '.encode()
+        self.fields.append(f"Zq{self.tag}Raw")
+        return [
+            *((f"ok-{i}", self.person(i)) for i in range(4)),  # registered, some after 503s
+            ("submit", self.person(4, cpf=f"Cpf{self.tag}Bad")),  # legacy 400
+            ("legacy", self.person(5, name=f"FAIL Zq{self.tag}Refused")),  # legacy answers failed
+            ("validation", no_id),  # no user_id: the original is kept in the record
+            ("not-json", raw),  # the raw text is kept in the record
+        ]
 
 
 def run_at_debug(stack: Stack, broker: Broker, users: Any, legacy: harness.LegacySim,
                  third_party: str) -> tuple[dict[str, str], list[str]]:
-    """The real pipeline at LOG_LEVEL=DEBUG on a few registrations of every outcome, with 503s
-    and their retries on both calls; the services' logs, and the user fields they must not hold."""
+    """The real pipeline at LOG_LEVEL=DEBUG on a few registrations: registered, and failed at
+    every stage but `store`, with 503s and their retries on both calls. The services' logs, and
+    the user fields they must not hold."""
     tag = token()
     legacy.configure(post_503_rate=0.3, get_503_rate=0.3)
-    stack.env.update(LOG_LEVEL="DEBUG", LOG_LEVEL_THIRD_PARTY=third_party)
+    # Long enough for the others under load; the slow one below outlives it.
+    stack.env.update(LOG_LEVEL="DEBUG", LOG_LEVEL_THIRD_PARTY=third_party, POLL_DEADLINE_S="8")
     submitter, poller = stack.start("submitter"), stack.start("poller")
-    messages, fields = registrations(tag)
-    for message_id, body in messages:
+    people = People(tag)
+    for message_id, body in people.first_batch():
         broker.publish(INBOUND, body, message_id=message_id)
     outcomes = Outcomes(broker, users)
     outcomes.wait(registered=4, failed=4)
-    assert sorted(r["error"]["stage"] for r in outcomes.failures) == ["legacy", "submit", "validation", "validation"]
+    # The two other stages: an id the legacy API forgets (404: poll), one it never finishes (timeout).
+    legacy.configure(post_503_rate=0, get_503_rate=0, latency_min_s=60, latency_max_s=60)
+    for i, stage in ((8, "poll"), (9, "timeout")):
+        user_id = f"debug-{tag}-{i}"
+        broker.publish(INBOUND, people.person(i), message_id=stage)
+        if stage == "poll":
+            harness.wait_until(lambda u=user_id: (users.find_one({"_id": u}) or {}).get("registration_status")
+                               == "submitted", timeout=30, what=f"{user_id} submitted")
+            requests.post(f"{legacy.url}/admin/reset", timeout=5).raise_for_status()  # forgets it, keeps the config
+        outcomes.wait(registered=4, failed=5 if stage == "poll" else 6)
+    stages = sorted(r["error"]["stage"] for r in outcomes.failures)
+    assert stages == ["legacy", "poll", "submit", "timeout", "validation", "validation"], stages
     # The records keep the user's data (the contract's `original`): the logs are what must not.
     assert any(f"Cpf{tag}Bad" in str(r["original"]) for r in outcomes.failures)
     assert submitter.terminate() == 0 and poller.terminate() == 0
-    return {"submitter": submitter.log(), "poller": poller.log()}, fields
+    return {"submitter": submitter.log(), "poller": poller.log()}, people.fields
 
 
 def test_debug_logs_hold_no_user_field(stack: Stack, broker: Broker, users: Any,

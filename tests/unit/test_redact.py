@@ -74,7 +74,7 @@ def test_redacting_twice_changes_nothing_more() -> None:
 
 # Characters an operator may put in a password, raw or percent-encoded, the hostile ones
 # included: whitespace, '@', '/', '#', '%', ':', ',', '?', and control characters.
-PASSWORD_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
+PASSWORD_CHARS = st.characters(codec="utf-8")  # surrogates cannot be encoded: left out
 HOSTS = st.sampled_from(["rabbit", "127.0.0.1", "rabbit-0.rabbit.svc:5671", "[::1]:5672"])
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +20,9 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     names = logs.THIRD_PARTY + logs.OWN + ("pymongo.command", "some.library")
     saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in names})
+    hooks = (sys.excepthook, threading.excepthook)
     yield
+    sys.excepthook, threading.excepthook = hooks
     root.handlers[:], _, levels = saved
     root.setLevel(saved[1])
     for name, level in levels.items():
@@ -77,3 +81,19 @@ def test_known_passwords_are_masked_in_message_fields_and_tracebacks(capsys: pyt
     first, second = lines(err)
     assert first["msg"] == "login refused for password '***'" and first["reason"] == "bad ***"
     assert "ValueError: ***" in str(second["exc"])
+
+
+def test_an_uncaught_exception_goes_through_the_masks(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup("poller", "INFO", secrets=Secrets.of_urls(["mongodb://m:Sp%20ace-Secret@db/"]))
+    try:
+        raise RuntimeError("cannot use mongodb://m:Sp ace-Secret@db/")
+    except RuntimeError as exc:
+        sys.excepthook(RuntimeError, exc, exc.__traceback__)
+    thread = threading.Thread(target=lambda: (_ for _ in ()).throw(ValueError("Sp ace-Secret")))
+    thread.start()
+    thread.join()
+    err = capsys.readouterr().err
+    assert "ace-Secret" not in err
+    entries = lines(err)
+    assert [e["event"] for e in entries] == ["uncaught", "uncaught"]
+    assert "RuntimeError: cannot use mongodb://***@db/" in str(entries[0]["exc"])

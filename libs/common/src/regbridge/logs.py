@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
+from types import TracebackType
 
 from regbridge.redact import Secrets
 
@@ -62,3 +64,14 @@ def setup(service: str, level: str, *, third_party: str = "WARNING", secrets: Se
         logging.getLogger(name).setLevel(others)
     for name in OWN:
         logging.getLogger(name).setLevel(own)
+    # An exception nothing caught would otherwise be printed raw, past the formatter's masks (a
+    # library's error about a URL may quote it).
+    sys.excepthook = _log_uncaught
+    threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
+    if exc is None or issubclass(exc_type, SystemExit):
+        return
+    logging.getLogger("regbridge.uncaught").critical("uncaught %s", exc_type.__name__, exc_info=(exc_type, exc, tb),
+                                                     extra={"event": "uncaught"})

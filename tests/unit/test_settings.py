@@ -382,3 +382,8 @@ def test_third_party_loggers_are_capped_at_warning_unless_set() -> None:
     assert submitter_settings({}).log_level_third_party == "WARNING"
     assert submitter_settings({"LOG_LEVEL_THIRD_PARTY": "debug"}).log_level_third_party == "DEBUG"
     assert "LOG_LEVEL_THIRD_PARTY: expected" in _error(submitter_settings, {"LOG_LEVEL_THIRD_PARTY": "loud"})
+
+
+def test_spaces_around_a_lists_commas_separate_urls() -> None:
+    settings = submitter_settings({"RABBITMQ_URL": "amqp://u:pw@rabbit-0/%2F , amqp://u:pw@rabbit-1/%2F"})
+    assert settings.rabbitmq_urls == ["amqp://u:pw@rabbit-0/%2F", "amqp://u:pw@rabbit-1/%2F"]

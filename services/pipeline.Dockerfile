@@ -63,10 +63,13 @@ ARG SERVICE
 ARG REVISION=unknown
 LABEL org.opencontainers.image.revision="${REVISION}"
 
+# HTTP_HOST: in a container the probes and Prometheus come from outside it, so every interface;
+# the services' own default, 127.0.0.1, is for a run by hand.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
-    REGBRIDGE_REVISION="${REVISION}"
+    REGBRIDGE_REVISION="${REVISION}" \
+    HTTP_HOST=0.0.0.0
 
 COPY --from=build /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin "${SERVICE}"
@@ -74,7 +77,7 @@ RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 
-# HTTP_PORT serves /healthz, /readyz and /metrics. Every other setting comes from the environment
+# HTTP_HOST:HTTP_PORT serves /healthz, /readyz and /metrics. Every other setting comes from the environment
 # (see docs/configuration.md).
 
 # Liveness only: /healthz does not depend on the broker or MongoDB (/readyz does). HTTP_PORT is

@@ -217,6 +217,9 @@ def test_bridge_environment_follows_the_contract(model: dict[str, Any], name: st
     assert urlsplit(env["MONGODB_URI"]).hostname == "mongodb"
     assert urlsplit(env["LEGACY_API_URL"]).hostname == "legacy-sim"
     assert urlsplit(env["LEGACY_API_URL"]).port == 8080
+    # Prometheus scrapes from the network: not the services' own loopback default.
+    assert env["HTTP_HOST"] == "0.0.0.0"
+    assert env["LOG_LEVEL_THIRD_PARTY"] == "WARNING"
     # SIGTERM lets in-hand work finish within SHUTDOWN_TIMEOUT_S (30 s by default): Docker's
     # 10 s default would SIGKILL it first.
     grace = model["services"][name]["stop_grace_period"]
@@ -471,6 +474,7 @@ def test_dockerfile_shape(name: str, port: int) -> None:
     assert [json.loads(args) for kw, args in image if kw == "CMD"] == [[name]]
     env = " ".join(args for kw, args in image if kw == "ENV")
     assert f"HTTP_PORT={port}" in env
+    assert "HTTP_HOST=0.0.0.0" in env  # the services' own default is loopback
     # The commit built reaches *_build_info{revision} (regbridge.metrics.build_labels).
     assert any(kw == "ARG" and args.startswith("REVISION") for kw, args in image)
     assert 'REGBRIDGE_REVISION="${REVISION}"' in env

@@ -138,7 +138,7 @@ def full_values(chart: str) -> dict[str, Any]:
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 12},
         "config": {"logLevel": "DEBUG", "prefetch": 100, "pollFirstDelayS": 0.5, "maxMessageBytes": 1000000,
                    "legacyApiUrl": "https://adapter.legacy.svc:8443", "rabbitmqUrlOrder": "listed",
-                   "quorumInitialGroupSize": 5},
+                   "quorumInitialGroupSize": 5, "httpHost": "::", "logLevelThirdParty": "INFO"},
     })
 
 
@@ -176,6 +176,8 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (ALL, "port-out-of-range", {"service": {"port": 70000}}, "/service/port"),
     (ALL, "unknown-probe-key", {"probes": {"liveness": {"path": "/other"}}}, "'path' not allowed"),
     (BRIDGE, "bad-log-level", {"config": {"logLevel": "TRACE"}}, "/config/logLevel"),
+    (BRIDGE, "bad-third-party-log-level", {"config": {"logLevelThirdParty": "TRACE"}}, "/config/logLevelThirdParty"),
+    (BRIDGE, "http-host-with-a-port", {"config": {"httpHost": "0.0.0.0 :8081"}}, "/config/httpHost"),
     (BRIDGE, "zero-poll-interval", {"config": {"pollIntervalS": 0}}, "/config/pollIntervalS"),
     (BRIDGE, "legacy-url-without-scheme", {"config": {"legacyApiUrl": "legacy-sim:8080"}},
      "config.legacyApiUrl must be an http:// or https:// URL"),
@@ -787,11 +789,14 @@ def test_environment_is_the_contract_and_the_service_accepts_it(
         assert recording.asked <= set(env), f"the chart does not set {sorted(recording.asked - set(env))}"
         differ = {k for k in defaults.setting_names() if getattr(loaded, k) != getattr(defaults, k)}
         if not values:
-            assert differ == {"rabbitmq_url", "mongodb_uri", "legacy_api_url"}, differ
+            assert differ == {"rabbitmq_url", "mongodb_uri", "legacy_api_url", "http_host"}, differ
             assert loaded.legacy_api_url == "http://legacy-sim:8080"
+            # In a pod the probes and Prometheus come from outside: every interface.
+            assert loaded.http_host == "0.0.0.0"
         else:
             assert loaded.log_level == "DEBUG" and loaded.prefetch == 100 and loaded.poll_first_delay_s == 0.5
             assert loaded.max_message_bytes == 1000000
+            assert (loaded.http_host, loaded.log_level_third_party) == ("::", "INFO")
             assert loaded.legacy_api_url == "https://adapter.legacy.svc:8443"
         return
     from legacy_sim.config import load_config

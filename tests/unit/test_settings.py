@@ -311,3 +311,79 @@ def test_prefetch_follows_workers_unless_set() -> None:
     assert poller_settings({"WORKERS": "2", "PREFETCH": "5"}).prefetch == 5
     # A bad WORKERS is named once; the prefetch it would have given is not a second error.
     assert _error(poller_settings, {"WORKERS": "none"}).count("expected") == 1
+
+
+# ---- URL settings with whitespace or control characters: refused, never echoed --------------
+
+UNSAFE_CHARS = [" ", "\t", "\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\x9b", "\u00a0", "\u2028", "\u202e",
+                "\u200b"]
+URL_SETTINGS = {
+    "RABBITMQ_URL": "amqp://user:Sp{c}ace-SECRETPART@rabbit:5672/%2F",
+    "MONGODB_URI": "mongodb://user:Sp{c}ace-SECRETPART@mongo:27017/",
+    "LEGACY_API_URL": "https://user:Sp{c}ace-SECRETPART@legacy:8443",
+}
+
+
+@pytest.mark.parametrize("char", UNSAFE_CHARS, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize("name", list(URL_SETTINGS))
+def test_a_url_with_whitespace_or_a_control_character_is_refused_by_name(name: str, char: str) -> None:
+    message = _error(submitter_settings, {name: URL_SETTINGS[name].format(c=char)})
+    assert message.startswith(f"invalid configuration: {name}: expected a URL"), message
+    assert "whitespace or a control character" in message and "%20" in message
+    assert "SECRETPART" not in message and "ace-" not in message
+
+
+def test_the_operator_commands_management_url_is_refused_likewise() -> None:
+    from registrations_cli.errors import CliError
+    from registrations_cli.settings import from_env
+    with pytest.raises(CliError) as info:
+        from_env({"RABBITMQ_MANAGEMENT_URL": "http://user:Sp ace-SECRETPART@rabbit:15672/%2F"})
+    assert "RABBITMQ_MANAGEMENT_URL" in str(info.value) and "SECRETPART" not in str(info.value)
+    assert info.value.code == 2
+
+
+def test_a_percent_encoded_space_is_a_valid_password() -> None:
+    url = "amqp://user:Sp%20ace-SECRETPART@rabbit:5672/%2F"
+    settings = submitter_settings({"RABBITMQ_URL": url})
+    assert settings.rabbitmq_url == url
+    assert settings.safe_view()["rabbitmq_url"] == "amqp://***@rabbit:5672/%2F"
+
+
+def test_surrounding_whitespace_is_trimmed_as_for_every_setting() -> None:
+    # A trailing newline from a Secret file or a heredoc is not part of the URL.
+    url = "amqp://user:pw@rabbit:5672/%2F"
+    assert submitter_settings({"RABBITMQ_URL": f" {url}\n"}).rabbitmq_url == url
+
+
+def test_a_list_where_only_some_urls_carry_user_info_is_refused() -> None:
+    # What an unencoded ",amqp://" inside a password looks like.
+    message = _error(submitter_settings, {"RABBITMQ_URL": "amqp://user:1234,amqp://SECRETPART@rabbit:5672/%2F"})
+    assert "RABBITMQ_URL: expected a URL" in message and "SECRETPART" not in message and "1234" not in message
+
+
+# ---- HTTP_HOST and LOG_LEVEL_THIRD_PARTY --------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", BUILDERS)
+def test_http_host_is_loopback_unless_set(build: Build) -> None:
+    assert build({}).http_host == "127.0.0.1"
+    assert build({"HTTP_HOST": "0.0.0.0"}).http_host == "0.0.0.0"
+    assert build({"HTTP_HOST": "::"}).http_host == "::"
+    assert build({"HTTP_HOST": "metrics.local"}).http_host == "metrics.local"
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0:8081", "http://0.0.0.0", "a b", "-host", "host_name"])
+def test_a_bad_http_host_is_named(value: str) -> None:
+    message = _error(poller_settings, {"HTTP_HOST": value})
+    assert "HTTP_HOST: expected an IP address or a host name" in message
+
+
+def test_third_party_loggers_are_capped_at_warning_unless_set() -> None:
+    assert submitter_settings({}).log_level_third_party == "WARNING"
+    assert submitter_settings({"LOG_LEVEL_THIRD_PARTY": "debug"}).log_level_third_party == "DEBUG"
+    assert "LOG_LEVEL_THIRD_PARTY: expected" in _error(submitter_settings, {"LOG_LEVEL_THIRD_PARTY": "loud"})
+
+
+def test_spaces_around_a_lists_commas_separate_urls() -> None:
+    settings = submitter_settings({"RABBITMQ_URL": "amqp://u:pw@rabbit-0/%2F , amqp://u:pw@rabbit-1/%2F"})
+    assert settings.rabbitmq_urls == ["amqp://u:pw@rabbit-0/%2F", "amqp://u:pw@rabbit-1/%2F"]

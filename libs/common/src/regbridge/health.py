@@ -1,4 +1,4 @@
-"""`/healthz`, `/readyz` and `/metrics` on `HTTP_PORT`, served from a thread of their own.
+"""`/healthz`, `/readyz` and `/metrics` on `HTTP_HOST`:`HTTP_PORT`, served from a thread of their own.
 
 Nothing here touches pika: liveness reads the I/O loop's last tick and whether the topology
 could be declared, readiness reads flags (connected, publishing not blocked by a broker alarm)
@@ -65,11 +65,11 @@ def create_app(*, live: Callable[[], bool], ready: Callable[[], dict[str, bool]]
     return app
 
 
-def serve(app: FastAPI, port: int, host: str = "0.0.0.0") -> uvicorn.Server:
+def serve(app: FastAPI, port: int, host: str) -> uvicorn.Server:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             log_config=None, lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
-    log.info("health and metrics on port %d", port, extra={"event": "http_listening"})
+    log.info("health and metrics on %s port %d", host, port, extra={"event": "http_listening"})
     return server

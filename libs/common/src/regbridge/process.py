@@ -20,6 +20,7 @@ from regbridge.legacy_guard import GuardedLegacy, GuardHooks
 from regbridge.legacy_http import LegacyClient
 from regbridge.metrics import ServiceMetrics
 from regbridge.plans import Failure, Finish
+from regbridge.redact import Secrets
 from regbridge.settings import CommonSettings, SettingsError
 from regbridge.store import MongoStore, connect
 from regbridge.topology import QueueSpec
@@ -94,7 +95,8 @@ def run(name: str, settings: CommonSettings, runtime: AmqpRuntime, store: MongoS
     def where() -> dict[str, str | None]:
         return {"broker_node": runtime.node}
 
-    health.serve(health.create_app(live=runtime.alive, ready=ready, where=where), settings.http_port)
+    health.serve(health.create_app(live=runtime.alive, ready=ready, where=where), settings.http_port,
+                 settings.http_host)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum, extra={"event": "signal"})
@@ -122,5 +124,6 @@ def exit_now(code: int) -> None:
 
 
 def setup_logging(name: str, settings: CommonSettings) -> None:
-    logs.setup(name, settings.log_level)
+    logs.setup(name, settings.log_level, third_party=settings.log_level_third_party,
+               secrets=Secrets.of_urls([settings.rabbitmq_url, settings.mongodb_uri, settings.legacy_api_url]))
     log.info("settings: %s", settings.safe_view(), extra={"event": "settings"})

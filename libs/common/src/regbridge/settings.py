@@ -5,12 +5,17 @@ that `from_env` is given (main() passes os.environ, tests pass a dict); nothing 
 environment at import time. A field's type says how its variable's text is parsed and what the
 error says was expected; every bad variable is named at once, in one `SettingsError`. Empty or
 blank values mean "use the default". A URL may hold credentials: it is kept as a secret, never
-echoed in an error or a repr, and logged only through `safe_view()`.
+echoed in an error or a repr, and logged only through `safe_view()`. A URL with whitespace or a
+control character inside is refused: valid URLs percent-encode them, and a client may split such
+a value where the redactor would not.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -48,7 +53,26 @@ def _non_empty(value: str) -> str:
     return value
 
 
+class UnsafeUrl(ValueError):
+    """A URL setting holds whitespace or a control character. Its message is shown: it names the
+    problem, never the value."""
+
+    def __init__(self) -> None:
+        super().__init__("it holds whitespace or a control character; a password that has them must be "
+                         "percent-encoded (a space is %20)")
+
+
+def _unsafe(char: str) -> bool:
+    # Whitespace (Unicode's too), C0, DEL, C1, and format characters such as a right-to-left
+    # override: none is valid raw in a URL, and each could hide or garble what a log shows.
+    return char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+
+
 def _url(value: str, schemes: tuple[str, ...]) -> str:
+    # Before any parsing: a client may split such a URL where this check would not, and then
+    # print part of a password as a host or a path.
+    if any(_unsafe(char) for char in value):
+        raise UnsafeUrl
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() not in schemes or not rest:
         raise ValueError
@@ -67,6 +91,10 @@ def _amqp_urls(value: str) -> str:
     urls = split_urls(value)
     for url in urls:
         _url(url, ("amqp", "amqps"))
+    if len({"@" in url.partition("://")[2] for url in urls}) > 1:
+        # The nodes of one cluster share their users: a list where only some URLs carry user-info
+        # is one URL whose password holds ",amqp://" unencoded.
+        raise ValueError
     return ",".join(urls)
 
 
@@ -100,6 +128,19 @@ def _port(value: str) -> int:
     return number
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _host(value: str) -> str:
+    """An IP address to bind (0.0.0.0 or :: for every interface), or a host name."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise
+        return value
+
+
 def _log_level(value: str) -> str:
     level = value.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -117,6 +158,7 @@ Count = Annotated[int, BeforeValidator(_count), Expect("a whole number >= 1")]
 # A rate parses as a duration does: a finite number above zero.
 PerSecond = Annotated[float, BeforeValidator(partial(_seconds, allow_zero=False)), Expect("a number per second > 0")]
 Port = Annotated[int, BeforeValidator(_port), Expect("a TCP port (0-65535)")]
+Host = Annotated[str, BeforeValidator(_host), Expect("an IP address or a host name to listen on")]
 LogLevel = Annotated[str, BeforeValidator(_log_level), Expect("DEBUG, INFO, WARNING or ERROR")]
 AmqpUrls = Annotated[
     SecretStr, BeforeValidator(_amqp_urls), Expect("a URL (amqp/amqps), or several separated by commas", secret=True)
@@ -208,6 +250,8 @@ def _problem(error: ErrorDetails, expected: Mapping[str, Expect], env: Mapping[s
     expect = expected[name]
     if error["type"] == "missing":
         shown = " (not set)"
+    elif isinstance(error.get("ctx", {}).get("error"), UnsafeUrl):
+        shown = f" ({error['ctx']['error']}; value not shown: it may hold credentials)"
     elif expect.secret:
         # A URL may hold credentials however malformed it is: never echo one back.
         shown = " (value not shown: it may hold credentials)"
@@ -289,7 +333,12 @@ class CommonSettings(PipelineSettings, LegacyLimitSettings):
     legacy_api_url_secret: HttpUrl = SecretStr("http://localhost:8080")
     poll_deadline_s: Seconds = 300.0
     http_port: Port
+    # Loopback when run by hand; the images, the charts and compose set 0.0.0.0.
+    http_host: Host = "127.0.0.1"
     log_level: LogLevel = "INFO"
+    # pymongo, urllib3, pika, uvicorn and any other library: their DEBUG and INFO carry command
+    # bodies and request lines (regbridge.logs).
+    log_level_third_party: LogLevel = "WARNING"
     workers: Count
     prefetch: Count = Field(default_factory=_eight_per_worker)
     legacy_timeout_s: Seconds = 10.0

@@ -16,9 +16,9 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from itertools import accumulate
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Any
 
 USER_ID_MAX_CHARS = 128

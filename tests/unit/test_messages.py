@@ -685,6 +685,17 @@ def test_whatever_decodes_can_be_encoded_as_pending_message_and_failure_record(
         assert FailureRecord.decode(record.encode()).original == reg.payload
 
 
+@pytest.mark.parametrize("value", [b'"\\ud800"', b'"\\u001b[2J\\u202e"', b'"\\u0000"', b"-0.0", b"1e308", b"1" * 4300])
+def test_values_json_reads_back_oddly_still_encode(value: bytes) -> None:
+    """A lone surrogate, control characters, the largest numbers: all pass decode, so all must
+    go into a pending message and a failure record and come back the same."""
+    reg = _decode(b'{"user_id": "u-1", "v": ' + value + b"}")
+    pending = PendingMessage(request_id="R-1", user_id="u-1", payload=reg.payload, attempt_key="k", submitted_at=1.0)
+    assert PendingMessage.decode(pending.encode()).payload == reg.payload
+    record = FailureRecord(reg.payload, "u-1", None, FailureError("legacy", "x"), 1, datetime(2026, 1, 1, tzinfo=UTC))
+    assert FailureRecord.decode(record.encode()).original == reg.payload
+
+
 def _pending_body(payload: bytes) -> bytes:
     return json.dumps({**json.loads(_pending().encode()), "payload": "@"}).encode().replace(b'"@"', payload)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,16 +37,18 @@ from regbridge.lifecycle import (
     Transient,
     may_record,
 )
-from regbridge.messages import FailureError, FailureRecord, PendingMessage
+from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord, PendingMessage
 from regbridge.plans import (
     AttemptAccepted,
     AttemptFailed,
     Failure,
     Finish,
     Forward,
+    Plan,
     RecordIndexed,
     Requeue,
     Retry,
+    Subject,
     UserStatus,
     Write,
 )
@@ -849,6 +853,124 @@ def test_poller_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and record.legacy_request_id == "AB583C-X"
     assert rig.broker.acks == [5, 6]
+
+
+# ---- hostile input: nothing the codecs cannot write gets past decode, nothing loops -------------
+
+# The issue's figure: an extra field nested 990 levels inside a valid registration.
+DEEP_990 = BODY[:-1] + b', "x": ' + b"[" * 990 + b"]" * 990 + b"}"
+
+
+@contextmanager
+def low_recursion_limit(headroom: int = 200) -> Iterator[None]:
+    """The recursion limit just above the frames in use: room for json's recursion through
+    MAX_NESTING levels, none for a recursion through 990."""
+    frames, frame = 0, sys._getframe()
+    while frame is not None:
+        frames, frame = frames + 1, frame.f_back
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames + headroom)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
+@pytest.mark.parametrize("body", [DEEP_990, BODY[:-1] + b', "x": ' + b"[" * 100_000 + b"}",
+                                  b'{"user_id": "victim", "name": "M", "user_id": "attacker"}'],
+                         ids=["deep-990", "deep-100000", "duplicate-user_id"])
+def test_submitter_hostile_body_is_one_validation_failure_without_a_post(body: bytes) -> None:
+    rig = submitter_rig(Accepted("AB583C-X"), env={"MAX_MESSAGE_BYTES": "300000"})
+    with low_recursion_limit():
+        rig.executor.run(delivery(body, tag=41))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation" and record.user_id is None
+    assert ("nested more than" in record.error.reason) != ("appears twice" in record.error.reason)
+    assert isinstance(record.original, str) and body.decode().startswith(record.original[:100])
+    assert rig.legacy.submitted == [] and rig.store.users == {} and rig.store.attempts == {}
+    assert rig.broker.acks == [41] and rig.broker.nacks == [] and rig.broker.deferred == []
+
+
+def test_poller_pending_message_nested_990_deep_is_one_validation_failure_without_a_poll() -> None:
+    rig = poller_rig(Completed(), age=50.0)
+    data = json.loads(pending(polls=1).encode())
+    data["payload"] = "@"
+    body = json.dumps(data).encode().replace(b'"@"', DEEP_990)
+    with low_recursion_limit():
+        rig.executor.run(delivery(body, queue=PENDING, tag=42))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "validation" and "nested more than" in record.error.reason
+    assert rig.legacy.polled == [] and rig.broker.acks == [42]
+
+
+class _Unwritable:
+    """A value neither json nor repr can write: the worst a handler's subject could hold."""
+
+    def __repr__(self) -> str:
+        raise RecursionError("maximum recursion depth exceeded")
+
+
+class _BrokenHandler:
+    """Raises on every handling; its subject is given, or raises what it is given."""
+
+    def __init__(self, subject: Subject | BaseException) -> None:
+        self._subject = subject
+
+    def handle(self, job: Job) -> Plan:
+        raise RecursionError("maximum recursion depth exceeded while encoding a JSON object")
+
+    def subject(self, delivery: Delivery) -> Subject:
+        if isinstance(self._subject, BaseException):
+            raise self._subject
+        return self._subject
+
+
+def _deep_list(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [Subject(_deep_list(100_000), "u-000123", "u-000123|mid:m-1", message_id="m-1"),
+     Subject(_Unwritable(), "u-000123", "u-000123|mid:m-1", message_id="m-1"),
+     RecursionError("maximum recursion depth exceeded"), ValueError("no subject")],
+    ids=["deep-original", "unwritable-original", "subject-recursion", "subject-error"],
+)
+def test_the_poison_path_cannot_fail_the_way_the_handler_did(subject: Subject | BaseException) -> None:
+    """A message whose handling keeps failing on its payload becomes one failure record at its
+    last delivery, even when its subject cannot be read or its original cannot be written."""
+    log: list[str] = []
+    broker, store, clock = FakeBroker(log), FakeStore(log), FakeClock()
+    run = executor(_BrokenHandler(subject), broker, store, clock)
+    with low_recursion_limit():
+        run.run(_with_deliveries(delivery(DEEP_990, tag=43), POISON_DELIVERIES - 1))
+    [record] = failure_records(broker)
+    assert record.error.stage == "validation" and f"in {POISON_DELIVERIES} deliveries" in record.error.reason
+    assert isinstance(record.original, str) and len(record.original) <= TRUNCATED_ORIGINAL_CHARS + 50
+    if isinstance(subject, BaseException):  # the raw text stands in, cut short
+        assert DEEP_990.decode().startswith(record.original)
+    else:
+        assert record.user_id == "u-000123"
+        assert store.attempts["u-000123|mid:m-1"].failed
+    assert broker.acks == [43] and broker.nacks == [] and broker.deferred == []
+
+
+def test_a_store_refusal_reason_loses_its_control_characters() -> None:
+    rig = submitter_rig(Accepted("AB583C-X"))
+
+    def refuse(write: Write) -> bool:
+        if isinstance(write, AttemptAccepted):
+            raise WriteRefused("Document failed validation: \x1b[2J\x1b]52;c;cHduZWQ=\x07 \x9b31m \u202eevil\n")
+        return FakeStore.apply(rig.store, write)
+
+    rig.store.apply = refuse  # type: ignore[method-assign]
+    rig.executor.run(delivery(BODY, tag=44))
+    [record] = failure_records(rig.broker)
+    assert record.error.stage == "store"
+    assert record.error.reason == "Document failed validation: [2J]52;c;cHduZWQ= 31m evil"
 
 
 def test_submitter_redelivered_after_the_attempt_mark_but_before_the_status_finishes_it() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import assume, given, settings
@@ -32,6 +33,7 @@ from regbridge.lifecycle import (
     Transient,
     classify_poll,
     classify_submit,
+    clean_text,
     may_record,
     parse_retry_after,
     valid_request_id,
@@ -444,6 +446,64 @@ def test_poll_other_4xx_is_final_at_the_poll_stage(status: int) -> None:
 @pytest.mark.parametrize("status", [429, 500, 503])
 def test_poll_busy_is_transient(status: int, header: str | None, seconds: float | None) -> None:
     assert classify_poll(status, b"", header) == Transient(f"status endpoint busy: HTTP {status}", status, seconds)
+
+
+# ---- reasons from outside text: no control characters ------------------------------------------
+
+# Every class of character that steers a terminal or the direction of text.
+CONTROLS = ([chr(c) for c in range(0x20)] + ["\x7f"] + [chr(c) for c in range(0x80, 0xA0)]
+            + ["\u061c", "\u200e", "\u200f"] + [chr(c) for c in range(0x202A, 0x202F)]
+            + [chr(c) for c in range(0x2066, 0x206A)])
+HOSTILE = "\x1b[2J\x1b]52;c;cHduZWQ=\x07 name\x9b31m \u202etxt.exe\u202c \u2066x\u2069 \x00\r\nnext"
+
+
+def test_clean_text_strips_every_escape_class_and_keeps_the_words() -> None:
+    assert clean_text(HOSTILE) == "[2J]52;c;cHduZWQ= name31m txt.exe x next"
+    assert clean_text("line one\nline two\r\n\tindented\u2028sep") == "line one line two indented sep"
+    words = "Maria da Silva: e-mail inválido (çãõ ü 日本 🙂)"
+    assert clean_text(words) == words
+
+
+@FAST
+@given(st.text(alphabet=st.sampled_from(CONTROLS) | st.characters(), max_size=80))
+def test_clean_text_leaves_no_control_character(text: str) -> None:
+    cleaned = clean_text(text)
+    assert not set(cleaned) & set(CONTROLS)
+    assert clean_text(cleaned) == cleaned
+    # Only control characters and whitespace go: every other character stays, in order.
+    kept = [c for c in text if c not in CONTROLS and not c.isspace()]
+    assert [c for c in cleaned if c != " "] == kept
+
+
+@pytest.mark.parametrize(("outcome", "status"), [
+    (classify_poll(200, json.dumps({"status": "failed", "reason": HOSTILE}).encode()), 200),
+    (classify_poll(404, json.dumps({"error": HOSTILE}).encode()), 404),
+    (classify_poll(200, HOSTILE.encode()), 200),
+    (classify_submit(400, json.dumps({"error": HOSTILE}).encode()), 400),
+    (classify_submit(400, HOSTILE.encode()), 400),
+    (classify_submit(201, HOSTILE.encode()), 201),
+    (classify_submit(201, json.dumps({"request_id": HOSTILE}).encode()), 201),
+])
+def test_a_classified_reason_has_no_control_character(outcome: Outcome, status: int) -> None:
+    assert not isinstance(outcome, Accepted | Processing | Completed)
+    assert not set(outcome.reason) & set(CONTROLS), outcome.reason
+    assert "txt.exe" in outcome.reason or "\\u202e" in outcome.reason
+
+
+def test_a_failure_a_policy_decides_has_no_control_character() -> None:
+    """Whatever text an outcome carries (legacy_http builds some itself), the Fail is clean."""
+    transient = Transient(HOSTILE, 503)
+    decisions = [
+        SubmitPolicy(1, 1.0, 1.0).decide(transient, attempt=1, jitter=0.0),
+        SubmitPolicy(3, 1.0, 1.0).decide(Rejected(HOSTILE, 400), attempt=1, jitter=0.0),
+        PollPolicy(1.0, 1.0, 5.0).decide(transient, age_s=10.0),
+        PollPolicy(1.0, 1.0, 5.0).decide(LegacyFailed(HOSTILE), age_s=1.0),
+        PollPolicy(1.0, 1.0, 5.0).decide(NotFound(HOSTILE), age_s=1.0),
+    ]
+    for decision in decisions:
+        assert isinstance(decision, Fail)
+        assert not set(decision.reason) & set(CONTROLS), decision.reason
+        assert "txt.exe" in decision.reason
 
 
 # ---- request ids ------------------------------------------------------------------------------

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from regbridge.messages import (
+    MAX_NESTING,
     TRUNCATED_ORIGINAL_CHARS,
     USER_ID_MAX_CHARS,
     DecodeError,
@@ -19,6 +23,7 @@ from regbridge.messages import (
     FailureRecord,
     PendingMessage,
     Registration,
+    nested_deeper_than,
     valid_user_id,
 )
 
@@ -524,3 +529,229 @@ def test_failure_record_decode_with_any_field_of_any_value(field: str, value: ob
 @given(st.dictionaries(st.text(max_size=10), JSON_VALUE, max_size=5))
 def test_failure_record_decode_of_arbitrary_json_objects(obj: dict[str, Any]) -> None:
     _check_record(json.dumps(obj).encode())
+
+
+# ---- bounded input: nesting, duplicate keys ---------------------------------------------------
+
+
+@contextmanager
+def low_recursion_limit(headroom: int = 150) -> Iterator[None]:
+    """Python's recursion limit set just above the frames in use: json's parser may recurse
+    through the MAX_NESTING levels it is given (and it counts against this limit), but a
+    recursion through hundreds of levels raises RecursionError. A decoder that passes its deep
+    cases under it did not recurse over their depth."""
+    frames, frame = 0, sys._getframe()
+    while frame is not None:
+        frames, frame = frames + 1, frame.f_back
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames + headroom)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
+def nested_in(levels: int, *, closed: bool = True, user_id: str = "u-1") -> bytes:
+    """A valid registration whose field `x` holds arrays nested `levels` deep (so that the body
+    nests `levels` + 1 deep), or, with `closed` False, only their opening brackets."""
+    inner = b"[" * levels + (b"]" * levels + b"}" if closed else b"")
+    return b'{"user_id":"' + user_id.encode() + b'","name":"Maria","x":' + inner
+
+
+def test_low_recursion_limit_stops_a_recursive_walk() -> None:
+    """The helper proves something: json's own parser, which recurses, fails under it at 990."""
+    with low_recursion_limit(), pytest.raises(RecursionError):
+        json.loads(nested_in(990))
+
+
+@pytest.mark.parametrize("depth", [2, MAX_NESTING - 1, MAX_NESTING])
+def test_nesting_up_to_the_limit_is_accepted(depth: int) -> None:
+    with low_recursion_limit():
+        reg = _decode(nested_in(depth - 1))
+    value: Any = reg.payload["x"]
+    for _ in range(depth - 2):
+        assert isinstance(value, list) and len(value) == 1
+        value = value[0]
+    assert value == []
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 990, 100_000])
+@pytest.mark.parametrize("closed", [True, False], ids=["complete", "unclosed"])
+def test_nesting_past_the_limit_is_refused_before_parsing(depth: int, closed: bool) -> None:
+    body = nested_in(depth - 1, closed=closed)
+    with low_recursion_limit():
+        err = _decode_error(body, max_bytes=10**6)
+    assert err.reason == f"message body is nested more than {MAX_NESTING} levels deep"
+    assert err.user_id is None
+    assert isinstance(err.original, str) and body.decode().startswith(err.original[:TRUNCATED_ORIGINAL_CHARS])
+    assert len(err.original) <= TRUNCATED_ORIGINAL_CHARS + 50
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b"{" * 100_000, b'{"a":' * 100_000, b"[{" * 50_000 + b"]"])
+def test_a_nesting_bomb_is_refused_on_its_depth(body: bytes) -> None:
+    with low_recursion_limit():
+        err = _decode_error(body, max_bytes=10**6)
+    assert "nested more than" in err.reason
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    brackets = "[{" * 500 + '\\"' + "]}" * 3 + "\\\\"
+    body = ('{"user_id":"u-1","x":"' + brackets + '","y":[["ok"]]}').encode()
+    with low_recursion_limit():
+        reg = _decode(body)
+    assert reg.payload["x"] == json.loads('"' + brackets + '"')
+    assert nested_deeper_than(body.decode(), 3) is False  # the object, and "y"'s two arrays
+    assert nested_deeper_than(body.decode(), 2) is True
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+@FAST_JSON
+@given(JSON_VALUE, st.integers(min_value=0, max_value=8))
+def test_the_scan_agrees_with_the_parsed_depth(value: Any, limit: int) -> None:
+    text = json.dumps(value)
+    assert nested_deeper_than(text, limit) == (_depth(value) > limit)
+    assert nested_deeper_than(json.dumps(value, ensure_ascii=False, indent=1), limit) == (_depth(value) > limit)
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"user_id": "victim", "name": "Maria", "user_id": "attacker"}', "user_id"),
+        (b'{"user_id": "u-1", "name": "A", "name": "B"}', "name"),
+        (b'{"user_id": "u-1", "address": {"city": "Recife", "zip": "1", "city": "Olinda"}}', "city"),
+        (b'{"user_id": "u-1", "phones": [{"kind": "home"}, {"kind": "work", "kind": "home"}]}', "kind"),
+        (b'{"user_id": "u-1", "a": 1, "\\u0061": 2}', "a"),  # the same key, spelt with an escape
+        (b'{"user_id": "u-1", "\\u001b[2J": 1, "\\u001b[2J": 2}', "\x1b[2J"),
+    ],
+    ids=["user_id", "top-level", "nested", "in-a-list", "escaped", "control-chars"],
+)
+def test_a_key_twice_in_one_object_is_refused_at_any_depth(body: bytes, key: str) -> None:
+    err = _decode_error(body)
+    assert err.reason == f"message body is refused: the key {key!r} appears twice in one object"
+    assert "\x1b" not in err.reason  # the key is shown escaped
+    assert err.user_id is None  # neither of two user ids is taken
+    assert err.original == body.decode()  # the raw text, not one parser's reading of it
+
+
+def test_the_same_key_in_different_objects_or_cases_is_no_duplicate() -> None:
+    body = b'{"user_id": "u-1", "a": {"k": 1}, "b": {"k": 2}, "K": 3, "k": 4, "l": [{"k": 1}, {"k": 2}]}'
+    assert _decode(body).payload["a"] == {"k": 1}
+
+
+def test_a_very_long_duplicate_key_is_named_cut_short() -> None:
+    key = "k" * 10_000
+    err = _decode_error(json.dumps({"user_id": "u-1"}).encode()[:-1] + f', "{key}": 1, "{key}": 2}}'.encode())
+    assert len(err.reason) < 200 and "kkk'..." in err.reason
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1" + b"0" * 400 + b".0"])
+def test_a_number_too_large_for_a_float_is_refused(number: bytes) -> None:
+    err = _decode_error(b'{"user_id": "u-1", "score": ' + number + b"}")
+    assert "out of range" in err.reason
+    assert err.original == b'{"user_id": "u-1", "score": '.decode() + number.decode() + "}"
+
+
+# A value nested exactly `depth` deep: a leaf in `depth` arrays and objects, built without recursion.
+def _nested_value(depth: int, leaf: Any, kinds: list[bool]) -> Any:
+    value = leaf
+    for i in range(depth):
+        value = [value] if kinds[i % len(kinds)] else {f"k{i}": value}
+    return value
+
+
+@FAST
+@given(st.integers(min_value=0, max_value=MAX_NESTING - 1), JSON_LEAF, st.lists(st.booleans(), min_size=1, max_size=5),
+       st.text(min_size=1, max_size=USER_ID_MAX_CHARS))
+def test_whatever_decodes_can_be_encoded_as_pending_message_and_failure_record(
+        depth: int, leaf: Any, kinds: list[bool], user_id: str) -> None:
+    """The encodes after the POST cannot fail: the pending message and the failure record of any
+    registration that decoded are written and read back, under a low recursion limit."""
+    assume(valid_user_id(user_id) is not None)
+    body = json.dumps({"user_id": user_id, "x": _nested_value(depth, leaf, kinds)}).encode()
+    with low_recursion_limit():
+        reg = _decode(body)
+        pending = PendingMessage(request_id="R-1", user_id=reg.user_id, payload=reg.payload,
+                                 attempt_key=reg.attempt_key, submitted_at=1.0)
+        assert PendingMessage.decode(pending.encode()) == pending
+        record = FailureRecord(reg.payload, reg.user_id, "R-1", FailureError("legacy", "refused"), 1,
+                               datetime(2026, 1, 1, tzinfo=UTC))
+        assert FailureRecord.decode(record.encode()).original == reg.payload
+
+
+@pytest.mark.parametrize("value", [b'"\\ud800"', b'"\\u001b[2J\\u202e"', b'"\\u0000"', b"-0.0", b"1e308", b"1" * 4300])
+def test_values_json_reads_back_oddly_still_encode(value: bytes) -> None:
+    """A lone surrogate, control characters, the largest numbers: all pass decode, so all must
+    go into a pending message and a failure record and come back the same."""
+    reg = _decode(b'{"user_id": "u-1", "v": ' + value + b"}")
+    pending = PendingMessage(request_id="R-1", user_id="u-1", payload=reg.payload, attempt_key="k", submitted_at=1.0)
+    assert PendingMessage.decode(pending.encode()).payload == reg.payload
+    record = FailureRecord(reg.payload, "u-1", None, FailureError("legacy", "x"), 1, datetime(2026, 1, 1, tzinfo=UTC))
+    assert FailureRecord.decode(record.encode()).original == reg.payload
+
+
+def _pending_body(payload: bytes) -> bytes:
+    return json.dumps({**json.loads(_pending().encode()), "payload": "@"}).encode().replace(b'"@"', payload)
+
+
+def test_a_pending_message_holding_a_payload_at_the_limit_is_read() -> None:
+    payload = nested_in(MAX_NESTING - 1)
+    with low_recursion_limit():
+        msg = PendingMessage.decode(_pending_body(payload))
+    assert msg.payload == json.loads(payload)
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 990, 100_000])
+def test_a_pending_message_nested_past_the_limit_is_refused(depth: int) -> None:
+    body = _pending_body(nested_in(depth - 1))
+    with low_recursion_limit(), pytest.raises(DecodeError) as info:
+        PendingMessage.decode(body)
+    assert info.value.reason == f"pending message is nested more than {MAX_NESTING + 1} levels deep"
+    assert isinstance(info.value.original, str) and len(info.value.original) <= TRUNCATED_ORIGINAL_CHARS + 50
+    assert info.value.user_id is None
+
+
+@pytest.mark.parametrize("body", [
+    _pending_body(b'{"user_id": "u-000123", "user_id": "other"}'),
+    _pending().encode().replace(b'"polls":3', b'"polls":3,"polls":0'),
+])
+def test_a_pending_message_with_a_key_twice_is_refused(body: bytes) -> None:
+    with pytest.raises(DecodeError) as info:
+        PendingMessage.decode(body)
+    assert "appears twice" in info.value.reason
+    assert info.value.original == body.decode()
+
+
+def _deep_list(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class _Unshowable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no")
+
+
+def _circular() -> dict[str, Any]:
+    value: dict[str, Any] = {"user_id": "u-1"}
+    value["self"] = value
+    return value
+
+
+@pytest.mark.parametrize("original", [_deep_list(100_000), _circular(), _Unshowable(), {1: object()}],
+                         ids=["deep", "circular", "broken-repr", "not-json"])
+def test_a_failure_record_is_written_whatever_its_original(original: Any) -> None:
+    record = FailureRecord(original, "u-1", None, FailureError("validation", "poison"), 0,
+                           datetime(2026, 1, 1, tzinfo=UTC))
+    with low_recursion_limit():
+        back = FailureRecord.decode(record.encode())
+    assert isinstance(back.original, str) and len(back.original) <= TRUNCATED_ORIGINAL_CHARS + 50
+    assert back.error == record.error and back.user_id == "u-1"

@@ -47,7 +47,7 @@ from pika.spec import BasicProperties
 from regbridge.amqp import Delivery
 from regbridge.durable import Durable, HandBack
 from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry, new_token
-from regbridge.lifecycle import Stage
+from regbridge.lifecycle import Stage, clean_text
 from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord
 from regbridge.plans import (
     Failure,
@@ -239,7 +239,7 @@ class Executor:
         self._observer.store_refused()
         log.error("MongoDB refused a write for good: %s", exc.reason,
                   extra={"event": "store_refused", "user_id": subject.user_id, "reason": exc.reason})
-        return Failure(subject, FailureError(Stage.STORE, exc.reason))
+        return Failure(subject, FailureError(Stage.STORE, clean_text(exc.reason)))
 
     def _forward(self, delivery: Delivery, plan: Forward) -> None:
         try:

@@ -167,9 +167,9 @@ class SubmitPolicy:
         if isinstance(outcome, Accepted):
             return HandOn(outcome.request_id)
         if isinstance(outcome, Rejected):
-            return Fail(Stage.SUBMIT, outcome.reason, outcome.http_status)
+            return Fail(Stage.SUBMIT, clean_text(outcome.reason), outcome.http_status)
         if attempt >= self.max_attempts:
-            return Fail(Stage.SUBMIT, f"gave up after {attempt} attempts: {outcome.reason}",
+            return Fail(Stage.SUBMIT, clean_text(f"gave up after {attempt} attempts: {outcome.reason}"),
                         outcome.http_status)
         return RetrySubmit(self.backoff(attempt, jitter, outcome.retry_after_s))
 
@@ -204,14 +204,14 @@ class PollPolicy:
         if isinstance(outcome, Completed):
             return Register()
         if isinstance(outcome, LegacyFailed):
-            return Fail(Stage.LEGACY, outcome.reason, 200)
+            return Fail(Stage.LEGACY, clean_text(outcome.reason), 200)
         if isinstance(outcome, NotFound):
-            return Fail(Stage.POLL, outcome.reason, outcome.http_status)
+            return Fail(Stage.POLL, clean_text(outcome.reason), outcome.http_status)
         if age_s >= self.deadline_s:
             last = "still processing" if isinstance(outcome, Processing) else outcome.reason
             status = outcome.http_status if isinstance(outcome, Transient) else 200
-            return Fail(Stage.TIMEOUT,
-                        f"no final status {self.deadline_s:g} s after submission (last poll: {last})", status)
+            return Fail(Stage.TIMEOUT, clean_text(
+                f"no final status {self.deadline_s:g} s after submission (last poll: {last})"), status)
         return PollAfter(self.tier_for(self.interval_s))
 
 
@@ -226,8 +226,25 @@ def valid_request_id(value: object) -> bool:
     return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
 
 
+# Characters that steer a terminal or the direction of text rather than show anything: C0 and
+# DEL, C1, and the bidirectional marks, embeddings, overrides and isolates. A reason is read in
+# terminals, logs and dashboards, so outside text loses them before it becomes one; line breaks
+# and tabs become spaces.
+_LINE_BREAKS = "\t\n\v\f\r\x85\u2028\u2029"
+_CONTROLS = {
+    *range(0x00, 0x20), 0x7F, *range(0x80, 0xA0),
+    0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+}
+_CLEAN = str.maketrans({**{code: None for code in _CONTROLS}, **{ord(c): " " for c in _LINE_BREAKS}})
+
+
+def clean_text(text: str) -> str:
+    """`text` without control characters (see _CONTROLS), its runs of whitespace one space each."""
+    return " ".join(text.translate(_CLEAN).split())
+
+
 def _short(text: str) -> str:
-    text = " ".join(text.split())
+    text = clean_text(text)
     return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
 
 

@@ -3,20 +3,32 @@
 Pure code, no I/O. Every decoding problem raises one error type, `DecodeError`, which carries
 what the failure record needs (`original`, and `user_id` where one was found); the services
 route it to the failure queue, never into a requeue loop.
+
+What a message may hold is bounded at decode, so that every later encode of it (the pending
+message, the failure record) succeeds: its size, its nesting (MAX_NESTING, checked before
+parsing), finite numbers only, and no key twice in one object.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Any
 
 USER_ID_MAX_CHARS = 128
 # Room left for the record's other fields when an oversized original is truncated.
 TRUNCATED_ORIGINAL_CHARS = 4096
+# How deep arrays and objects may nest in an inbound body (the body itself is one level). json's
+# parser and encoder recurse once per level, and the pending message and the failure record wrap
+# the payload one level more: bounded here, no later encode comes near Python's recursion limit.
+# It is checked on the text, by a loop, before anything parses it.
+MAX_NESTING = 64
 
 
 class DecodeError(ValueError):
@@ -36,20 +48,28 @@ def _text_of(body: bytes, limit: int | None = None) -> str:
     return text
 
 
-def _json_safe(value: Any, body: bytes) -> Any:
-    """The parsed value if it can be written back as JSON, else the raw text (deep nesting)."""
-    try:
-        json.dumps(value)
-    except (RecursionError, ValueError, TypeError):
-        return _text_of(body, TRUNCATED_ORIGINAL_CHARS)
-    return value
+# A JSON string, to its closing quote or, when it has none, to the end of the text.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether arrays and objects in `text` nest more than `limit` levels, brackets inside
+    strings not counted. Never a recursion: the strings are cut out and the brackets left are
+    counted in a running sum, before json's parser (which recurses once per level) sees the
+    text. Linear in the text, whose size is bounded before this runs."""
+    depths = accumulate(map(_STEP.__getitem__, _BRACKET.findall(_STRING.sub("", text))))
+    return next(filter(limit.__lt__, depths), None) is not None  # C loops all through, stopping at the first
 
 
 def _shown(value: Any) -> str:
+    """Text standing in for a value that json cannot write: its repr cut short, or, when even
+    that fails (nesting, a broken __repr__), only its type's name."""
     try:
         text = repr(value)
-    except RecursionError:
-        return f"[a {type(value).__name__} nested too deeply to show]"
+    except Exception:
+        return f"[a {type(value).__name__} that cannot be shown]"
     return text if len(text) <= TRUNCATED_ORIGINAL_CHARS else text[:TRUNCATED_ORIGINAL_CHARS] + "... [truncated]"
 
 
@@ -65,13 +85,43 @@ def valid_user_id(value: Any) -> str | None:
     return value
 
 
+class DuplicateKey(ValueError):
+    """An object that holds a key twice: parsers differ on which value counts."""
+
+    def __init__(self, key: str) -> None:
+        shown = repr(key[:64]) + ("..." if len(key) > 64 else "")  # repr shows control characters escaped
+        super().__init__(f"the key {shown} appears twice in one object")
+        self.key = key
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return value
+
+
 def loads(data: bytes | str) -> Any:
-    """Strict JSON: NaN and Infinity are refused, since nothing downstream could write them back."""
-    return json.loads(data, parse_constant=_no_constants)
+    """Strict JSON. NaN, Infinity and numbers too large for a float are refused, since nothing
+    downstream could write them back. A key twice in one object is refused (DuplicateKey), at
+    any depth: the bridge forwards the body as received, and the value it reads must be the only
+    one there is, whichever a reader keeps."""
+    return json.loads(data, parse_constant=_no_constants, parse_float=_finite, object_pairs_hook=_unique_keys)
 
 
 @dataclass(frozen=True)
@@ -109,18 +159,25 @@ class Registration:
         except UnicodeDecodeError as exc:
             raise DecodeError(f"message body is not UTF-8 ({exc.reason} at byte {exc.start})",
                               original=_text_of(body)) from None
+        if nested_deeper_than(text, MAX_NESTING):
+            raise DecodeError(f"message body is nested more than {MAX_NESTING} levels deep",
+                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS))
         try:
             parsed = loads(text)
-        except RecursionError:
-            raise DecodeError("message body is JSON nested too deeply", original=text) from None
+        except DuplicateKey as exc:
+            # The raw text: a parsed value would show one of the two values as if it were the only one.
+            raise DecodeError(f"message body is refused: {exc}",
+                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
+        except RecursionError:  # not reached below MAX_NESTING; kept so that nothing else is raised
+            raise DecodeError("message body is nested too deeply",
+                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
         except ValueError as exc:
             raise DecodeError(f"message body is not JSON ({exc})", original=text) from None
+        # From here the value nests at most MAX_NESTING deep and holds only what json writes back.
         if not isinstance(parsed, dict):
             raise DecodeError(f"message body is JSON but not an object (it is {type(parsed).__name__})",
-                              original=_json_safe(parsed, body))
-        original = _json_safe(parsed, body)
-        if not isinstance(original, dict):
-            raise DecodeError("message body is JSON nested too deeply", original=original)
+                              original=parsed)
+        original = parsed
         if "user_id" not in parsed:
             raise DecodeError("message has no user_id", original=original)
         user_id = valid_user_id(parsed["user_id"])
@@ -157,11 +214,22 @@ class PendingMessage:
     @classmethod
     def decode(cls, body: bytes) -> PendingMessage:
         try:
-            data = loads(body)
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError("pending message is not JSON (not UTF-8)", original=_text_of(body)) from None
+        # The payload sits one level inside the message.
+        if nested_deeper_than(text, MAX_NESTING + 1):
+            raise DecodeError(f"pending message is nested more than {MAX_NESTING + 1} levels deep",
+                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS))
+        try:
+            data = loads(text)
+        except DuplicateKey as exc:
+            raise DecodeError(f"pending message is refused: {exc}",
+                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
         except (ValueError, RecursionError):
             raise DecodeError("pending message is not JSON", original=_text_of(body)) from None
         if not isinstance(data, dict):
-            raise DecodeError("pending message is not a JSON object", original=_json_safe(data, body))
+            raise DecodeError("pending message is not a JSON object", original=data)
         user_id = valid_user_id(data.get("user_id"))
         try:
             msg = cls(
@@ -236,7 +304,8 @@ class FailureRecord:
             return self._encode(self.original)
         except (RecursionError, ValueError, TypeError):
             # Nothing may keep a failure from its record: an original that cannot be written
-            # back as JSON goes as text, cut short.
+            # back as JSON goes as text, cut short. (Decoding bounds what a message can hold, so
+            # this is for a value from elsewhere, such as a handler's error path.)
             return self._encode(_shown(self.original))
 
     def _encode(self, original: Any) -> bytes:

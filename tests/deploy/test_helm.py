@@ -100,6 +100,20 @@ def merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+# The egress of the full scenario: each dependency narrowed to its address or its pods.
+NETWORK_EGRESS = {
+    "rabbitmq": {"ports": [{"port": 5671}], "to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}]},
+    "mongodb": {"ports": [{"port": 27017}], "to": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "data"}}, "podSelector": {"matchLabels": {"app": "mongodb"}}}]},
+    "legacyApi": {"ports": [{"port": 8443}], "to": [{"ipBlock": {"cidr": "192.168.7.10/32"}}]},
+    "dns": {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+            "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]},
+}
+
+
 def full_values(chart: str) -> dict[str, Any]:
     """Every optional feature switched on, and most knobs moved off their defaults."""
     common: dict[str, Any] = {
@@ -123,13 +137,17 @@ def full_values(chart: str) -> dict[str, Any]:
                                        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": chart}}}],
         "priorityClassName": "registration-bridge",
         "serviceAccount": {"annotations": {"example.com/role": "bridge"}},
+        "networkPolicy": {"enabled": True, "metrics": {"from": [PROMETHEUS_PEER]}},
     }
     if not CHARTS[chart].bridge:
+        common["networkPolicy"]["clients"] = {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of":
+                                                                                     "registration-bridge"}}}]}
         return merged(common, {"config": {"seed": 42, "post503Rate": 0.05, "failPrefix": "", "down": False,
                                           "latencyMinS": 3, "latencyMaxS": 6}})
     if chart == "submitter":
         common["brokerMetrics"] = {"serviceMonitor": {"enabled": True, "namespace": "rabbitmq-system",
                                                       "clusterName": "broker", "vhost": "registrations"}}
+    common["networkPolicy"]["egress"] = NETWORK_EGRESS
     return merged(common, {
         "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI,
                    "rabbitmqManagementUrl": MANAGEMENT_URL},
@@ -246,6 +264,24 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
      "must not exceed config.latencyMaxS"),
     (("legacy-sim",), "no-autoscaling", {"autoscaling": {"enabled": True}}, "'autoscaling' not allowed"),
+    (("legacy-sim",), "node-port", {"service": {"type": "NodePort"}},
+     "service.type NodePort would expose legacy-sim outside the cluster, and its /admin"),
+    (("legacy-sim",), "load-balancer", {"service": {"type": "LoadBalancer"}},
+     "service.type LoadBalancer would expose legacy-sim outside the cluster, and its /admin"),
+    (ALL, "network-policy-bad-cidr", {"networkPolicy": {"metrics": {"from": [{"ipBlock": {"cidr": "10.0.0.0"}}]}}},
+     "/networkPolicy/metrics/from/0/ipBlock/cidr"),
+    (ALL, "network-policy-nobody-may-scrape", {"networkPolicy": {"metrics": {"from": []}}},
+     "/networkPolicy/metrics/from"),
+    (ALL, "network-policy-empty-peer", {"networkPolicy": {"metrics": {"from": [{}]}}},
+     "/networkPolicy/metrics/from/0"),
+    (BRIDGE, "network-policy-unknown-dependency", {"networkPolicy": {"egress": {"redis": {"ports": [{"port": 1}],
+                                                                                           "to": []}}}},
+     "'redis' not allowed"),
+    (BRIDGE, "network-policy-egress-without-ports", {"networkPolicy": {"egress": {"mongodb": {"ports": []}}}},
+     "/networkPolicy/egress/mongodb/ports"),
+    (BRIDGE, "network-policy-bad-protocol",
+     {"networkPolicy": {"egress": {"dns": {"ports": [{"port": 53, "protocol": "ICMP"}]}}}},
+     "/networkPolicy/egress/dns/ports/0/protocol"),
 ]
 REJECTED_CASES = [(chart, case, values, expect) for charts, case, values, expect in REJECTED for chart in charts]
 
@@ -630,6 +666,7 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
     expected += ["ConfigMap"] if keda and autoscaling.get("enabled") and (ca.get("secretName") or
                                                                            ca.get("configMapName")) else []
     expected += ["PodDisruptionBudget"] if values.get("podDisruptionBudget", {}).get("enabled") else []
+    expected += ["NetworkPolicy"] if values.get("networkPolicy", {}).get("enabled") else []
     if autoscaling.get("enabled"):
         expected += ["ScaledObject", "TriggerAuthentication"] if keda else ["HorizontalPodAutoscaler"]
     assert kinds == sorted(expected)
@@ -1150,3 +1187,64 @@ def test_helm3_lints_and_renders_like_helm4(helm: ModuleType, helm3: Path, kube_
     by_helm4 = render(helm, chart, values, release).docs
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
     assert sorted(by_helm3, key=key) == sorted(by_helm4, key=key)
+
+
+# ---- issue 14: exposure --------------------------------------------------------------------------
+
+
+def rule_ports(rule: dict[str, Any]) -> list[tuple[Any, str]]:
+    return [(p["port"], p["protocol"]) for p in rule["ports"]]
+
+
+@pytest.mark.parametrize("chart", ALL)
+def test_no_network_policy_unless_asked(helm: ModuleType, chart: str) -> None:
+    assert not render(helm, chart, {}, chart).of_kind("NetworkPolicy")
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_the_network_policy_lets_in_only_prometheus_and_out_only_to_the_dependencies(
+        helm: ModuleType, chart: str) -> None:
+    rendered = render(helm, chart, full_values(chart), "staging")
+    policy = rendered.one("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    # Ingress: one rule, Prometheus's pods, the port that serves /metrics.
+    assert spec["ingress"] == [{"from": [PROMETHEUS_PEER], "ports": [{"port": "http", "protocol": "TCP"}]}]
+    ports = {p["name"]: p["containerPort"] for p in container(rendered.one("Deployment"))["ports"]}
+    assert ports == {"http": CHARTS[chart].port}
+    # Egress: the broker, MongoDB, the legacy API and DNS, each only to its peers and ports.
+    assert [(rule_ports(r), r.get("to")) for r in spec["egress"]] == [
+        ([(p["port"], p.get("protocol", "TCP")) for p in NETWORK_EGRESS[name]["ports"]], NETWORK_EGRESS[name]["to"])
+        for name in ("rabbitmq", "mongodb", "legacyApi", "dns")]
+    # The defaults: the dependencies' usual ports, to any address, and DNS only to kube-dns.
+    defaults = render(helm, chart, {"networkPolicy": {"enabled": True}}, chart).one("NetworkPolicy")["spec"]
+    assert [rule_ports(r) for r in defaults["egress"]] == [[(5672, "TCP"), (5671, "TCP")], [(27017, "TCP")],
+                                                            [(8080, "TCP"), (443, "TCP")], [(53, "UDP"), (53, "TCP")]]
+    assert [("to" in r) for r in defaults["egress"]] == [False, False, False, True]
+    assert defaults["ingress"][0]["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "prometheus"}}}]
+    extra = {"to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}], "ports": [{"port": 3128, "protocol": "TCP"}]}
+    more = render(helm, chart, {"networkPolicy": {"enabled": True, "extraEgress": [extra]}}, chart)
+    assert more.one("NetworkPolicy")["spec"]["egress"][-1] == extra
+
+
+def test_legacy_sims_network_policy_lets_in_its_clients_and_prometheus_and_nothing_out(helm: ModuleType) -> None:
+    rendered = render(helm, "legacy-sim", full_values("legacy-sim"), "staging")
+    spec = rendered.one("NetworkPolicy")["spec"]
+    http = [{"port": "http", "protocol": "TCP"}]
+    assert spec["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "registration-bridge"}}}],
+         "ports": http},
+        {"from": [PROMETHEUS_PEER], "ports": http}]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"] and spec["egress"] == []
+    # The bridge's pods carry the label the default clients rule selects.
+    for chart in BRIDGE:
+        labels = render(helm, chart, {}, chart).one("Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "registration-bridge"
+
+
+def test_legacy_sim_stays_inside_the_cluster(helm: ModuleType) -> None:
+    service = render(helm, "legacy-sim", {}, "legacy-sim").one("Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert yaml.safe_load((HELM_DIR / "legacy-sim" / "values.yaml").read_text())["service"]["type"] == "ClusterIP"

@@ -186,6 +186,39 @@ def test_only_the_consoles_publish_host_ports_on_loopback(any_model: dict[str, A
             assert {p["target"] for p in model["services"][name]["ports"]} == {15672}  # management only
 
 
+# Containers that run with a read-only root filesystem, no capabilities and no-new-privileges: the
+# bridge's own images, and Prometheus. RabbitMQ, MongoDB and Grafana start as root to chown their
+# data directories (docker-compose.yml says so).
+HARDENED = {"legacy-sim", "submitter", "poller", "sample-load", "prometheus"}
+
+
+def test_our_containers_are_read_only_without_capabilities_or_privilege_gain(any_model: dict[str, Any]) -> None:
+    services = any_model["services"]
+    assert HARDENED <= set(services)
+    for name in HARDENED:
+        service = services[name]
+        assert service.get("read_only") is True, f"{name}: the root filesystem is writable"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop {service.get('cap_drop')}"
+        assert "cap_add" not in service, f"{name} adds capabilities"
+        assert "no-new-privileges:true" in service.get("security_opt", []), f"{name}: setuid binaries may escalate"
+        assert service.get("privileged") is not True
+        # The one writable place, as the charts' emptyDir: a bounded tmpfs on /tmp.
+        assert [t.split(":")[0] for t in service.get("tmpfs", [])] == ["/tmp"], f"{name}: {service.get('tmpfs')}"
+        assert "size=" in service["tmpfs"][0]
+        # Nothing else writable but Prometheus's own data volume.
+        writable = [v["target"] for v in service.get("volumes", []) if not v.get("read_only")]
+        assert writable == (["/prometheus"] if name == "prometheus" else []), f"{name} writes to {writable}"
+    # Every container of ours drops them: a service added later must be added here (or say why not).
+    ours = {n for n, s in services.items() if str(s.get("image", "")).startswith("registration-bridge/")}
+    assert ours <= HARDENED, f"not hardened: {sorted(ours - HARDENED)}"
+
+
+def test_the_images_run_as_a_user_that_needs_no_capability() -> None:
+    for dockerfile in (DOCKERFILE, LEGACY_SIM_DOCKERFILE):
+        users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
+        assert users and users[-1] not in ("root", "0", "0:0"), f"{dockerfile.name} runs as {users}"
+
+
 @pytest.mark.parametrize(("name", "port"), SERVICES.items())
 def test_bridge_services_are_built_from_the_repository_root(model: dict[str, Any], name: str, port: int) -> None:
     service = model["services"][name]

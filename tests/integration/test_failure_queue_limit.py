@@ -5,18 +5,21 @@ failures, loses none, and resumes once records are taken off it."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pika.exceptions
 import pytest
 import requests
 from conftest import Stack
-from harness import BIN, Broker, LegacySim, Service, cli_env, rabbitmqctl, wait_until
+from harness import BIN, REPO, Broker, LegacySim, Service, cli_env, management_api, rabbitmqctl, unavailable, wait_until
 from outcomes import FAILED, INBOUND, Outcomes, good
 
 from regbridge.failure_index import QUEUED
@@ -26,16 +29,29 @@ pytestmark = pytest.mark.integration
 LIMIT = 5
 
 
+SCRIPT = REPO / "deploy" / "rabbitmq" / "failure_queue_limit.py"
+POLICY = "registrations-failed-limit"
+
+
+def set_limit(url: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """deploy/rabbitmq/failure_queue_limit.py, the setup step that operations.md ships, on the
+    test's vhost through the management API."""
+    if not management_api():
+        unavailable("RabbitMQ's management API does not answer on 127.0.0.1:15672")
+    env = {"PATH": os.environ.get("PATH", ""), "RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/"
+           f"{url.rsplit('/', 1)[1]}", **settings}
+    return subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+
+
 @contextmanager
 def failure_queue_limit(url: str, limit: int) -> Iterator[None]:
-    """The policy operations.md ships, with a small limit, in the test's vhost."""
-    vhost = url.rsplit("/", 1)[1]
-    rabbitmqctl("set_policy", "-p", vhost, "failure-queue-limit", rf"^{re.escape(FAILED)}$",
-                json.dumps({"max-length": limit, "overflow": "reject-publish"}), "--apply-to", "queues")
+    done = set_limit(url, FAILED_QUEUE_MAX_LENGTH=str(limit))
+    assert done.returncode == 0, done.stderr
+    print(done.stdout.strip())
     try:
         yield
     finally:
-        subprocess.run(["rabbitmqctl", "-q", "clear_policy", "-p", vhost, "failure-queue-limit"],
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", "-p", url.rsplit("/", 1)[1], POLICY],
                        capture_output=True, timeout=60)
 
 
@@ -127,12 +143,12 @@ def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_
             if discards == 1:
                 freed_at = time.monotonic()
 
-            def settled() -> bool:
+            def settled(gone: int = len(exported)) -> bool:
                 # Every failing message has its record (exported or on the queue), or the
                 # queue is full again with some still held.
                 on = broker.depth(FAILED)
                 held_now = broker.in_pipeline(exclude=FAILED)
-                return held_now == 0 or (on >= LIMIT and held_now + on + len(exported) == failing)
+                return held_now == 0 or (on >= LIMIT and held_now + on + gone == failing)
 
             wait_until(settled, timeout=90, what="the held failures to go out after the discard", every=0.5)
             if broker.in_pipeline(exclude=FAILED) == 0:
@@ -157,3 +173,63 @@ def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_
         print(f"{total_refused} failure records refused in all; stopped {stopped_s:.1f} s from the first "
               f"refusals to the last outcome; {discards} discard(s) ({len(exported)} records exported); the held "
               f"failures all out {resumed_s:.1f} s after the first discard")
+
+
+def publishes_taken(broker: Broker, n: int) -> int:
+    taken = 0
+    for i in range(n):
+        try:
+            broker.publish(FAILED, {"n": i})
+            taken += 1
+        except pika.exceptions.NackError:
+            pass
+    return taken
+
+
+def test_the_setup_step_bounds_the_failure_queue_with_reject_publish(broker: Broker, amqp_url: str) -> None:
+    done = set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="3", FAILED_QUEUE_MAX_LENGTH_BYTES="1048576",
+                     FAILED_QUEUE_POLICY_EXTRA='{"delivery-limit": 1000000}')
+    assert done.returncode == 0, done.stderr
+    assert "guest" not in done.stdout + done.stderr
+    vhost = amqp_url.rsplit("/", 1)[1]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", vhost, "--formatter", "json"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    (policy,) = json.loads(listed)
+    assert policy["name"] == POLICY and policy["apply-to"] == "queues"
+    assert json.loads(policy["definition"]) == {"max-length": 3, "max-length-bytes": 1048576,
+                                                 "overflow": "reject-publish", "delivery-limit": 1000000}
+    # Full, the queue refuses rather than drops: what it took is still there, from the first.
+    taken = publishes_taken(broker, 8)
+    assert 3 <= taken < 8
+    assert broker.depth(FAILED) == taken
+    assert [json.loads(body)["n"] for _, body in broker.drain(FAILED)] == list(range(taken))
+    # Run again with another limit: the same policy, changed in place.
+    assert set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="50").returncode == 0
+    assert publishes_taken(broker, 20) == 20
+
+
+def test_the_setup_step_says_when_another_policy_governs_the_queue(broker: Broker, amqp_url: str) -> None:
+    vhost = amqp_url.rsplit("/", 1)[1]
+    rabbitmqctl("set_policy", "-p", vhost, "broad", ".*", '{"delivery-limit": 20}', "--priority", "50",
+                "--apply-to", "queues")
+    done = set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="10")
+    assert done.returncode == 1
+    assert "governed by policy 'broad'" in done.stderr and "FAILED_QUEUE_POLICY_PRIORITY" in done.stderr
+    assert set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="10", FAILED_QUEUE_POLICY_PRIORITY="60",
+                     FAILED_QUEUE_POLICY_EXTRA='{"delivery-limit": 20}').returncode == 0
+
+
+@pytest.mark.parametrize(("settings", "expect"), [
+    ({}, "set FAILED_QUEUE_MAX_LENGTH or FAILED_QUEUE_MAX_LENGTH_BYTES"),
+    ({"FAILED_QUEUE_MAX_LENGTH": "0"}, "FAILED_QUEUE_MAX_LENGTH must be a positive integer"),
+    ({"FAILED_QUEUE_MAX_LENGTH_BYTES": "1e9"}, "FAILED_QUEUE_MAX_LENGTH_BYTES must be a positive integer"),
+    ({"FAILED_QUEUE_MAX_LENGTH": "5", "FAILED_QUEUE_POLICY_EXTRA": '{"overflow": "drop-head"}'},
+     "must not set overflow"),
+    ({"FAILED_QUEUE_MAX_LENGTH": "5", "FAILED_QUEUE_POLICY_EXTRA": "[1]"}, "must be a JSON object"),
+])
+def test_the_setup_step_refuses_wrong_settings(amqp_url: str, settings: dict[str, str], expect: str) -> None:
+    done = set_limit(amqp_url, **settings)
+    assert done.returncode == 2 and expect in done.stderr, done.stderr
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", amqp_url.rsplit("/", 1)[1]],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert POLICY not in listed

@@ -48,7 +48,11 @@ HELM_DIR = ROOT / "helm"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "registration-bridge.json"
 # What each chart reads through files/, and the file it must be a link to.
-LINKED_FILES = {"alerts.yml": ALERTS, "registration-bridge.json": DASHBOARD}
+POLICY_SCRIPT = ROOT / "deploy" / "rabbitmq" / "failure_queue_limit.py"
+LINKED_FILES = {"alerts.yml": ALERTS, "registration-bridge.json": DASHBOARD, "failure_queue_limit.py": POLICY_SCRIPT}
+# Which charts read each linked file (the others must not carry it).
+LINKED_IN = {"alerts.yml": ("submitter", "poller", "legacy-sim"), "registration-bridge.json": ("submitter", "poller"),
+             "failure_queue_limit.py": ("poller",)}
 NAMESPACE = "registration-bridge"
 KUBE_FLOOR = "1.27"  # kubeVersion ">=1.27.0-0" in every Chart.yaml
 
@@ -144,6 +148,9 @@ def full_values(chart: str) -> dict[str, Any]:
                                                                                      "registration-bridge"}}}]}
         return merged(common, {"config": {"seed": 42, "post503Rate": 0.05, "failPrefix": "", "down": False,
                                           "latencyMinS": 3, "latencyMaxS": 6}})
+    if chart == "poller":
+        common["failureQueueLimit"] = {"enabled": True, "maxLength": 200000, "maxLengthBytes": 2147483648,
+                                       "priority": 20, "extraDefinition": {"delivery-limit": 1000000}}
     if chart == "submitter":
         common["brokerMetrics"] = {"serviceMonitor": {"enabled": True, "namespace": "rabbitmq-system",
                                                       "clusterName": "broker", "vhost": "registrations"}}
@@ -264,6 +271,17 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
      "must not exceed config.latencyMaxS"),
     (("legacy-sim",), "no-autoscaling", {"autoscaling": {"enabled": True}}, "'autoscaling' not allowed"),
+    (("poller",), "failure-queue-limit-without-a-limit",
+     {"failureQueueLimit": {"enabled": True, "maxLength": None, "maxLengthBytes": None}},
+     "failureQueueLimit: set maxLength or maxLengthBytes (or both)"),
+    (("poller",), "failure-queue-limit-without-management-url",
+     {"secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
+      "failureQueueLimit": {"enabled": True}}, "secret.rabbitmqManagementUrl is required"),
+    (("poller",), "failure-queue-limit-drop-head", {"failureQueueLimit": {"extraDefinition": {"overflow": "drop-head"}}},
+     "/failureQueueLimit/extraDefinition"),
+    (("poller",), "failure-queue-limit-of-zero", {"failureQueueLimit": {"maxLength": 0}}, "/failureQueueLimit/maxLength"),
+    (("submitter", "legacy-sim"), "failure-queue-limit-only-in-the-poller", {"failureQueueLimit": {"enabled": True}},
+     "'failureQueueLimit' not allowed"),
     (("legacy-sim",), "node-port", {"service": {"type": "NodePort"}},
      "service.type NodePort would expose legacy-sim outside the cluster, and its /admin"),
     (("legacy-sim",), "load-balancer", {"service": {"type": "LoadBalancer"}},
@@ -667,6 +685,7 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
                                                                            ca.get("configMapName")) else []
     expected += ["PodDisruptionBudget"] if values.get("podDisruptionBudget", {}).get("enabled") else []
     expected += ["NetworkPolicy"] if values.get("networkPolicy", {}).get("enabled") else []
+    expected += ["ConfigMap", "Job"] if values.get("failureQueueLimit", {}).get("enabled") else []
     if autoscaling.get("enabled"):
         expected += ["ScaledObject", "TriggerAuthentication"] if keda else ["HorizontalPodAutoscaler"]
     assert kinds == sorted(expected)
@@ -873,7 +892,8 @@ def test_the_charts_are_consistent() -> None:
         assert defaults["service"]["port"] == defaults["config"]["httpPort"] == CHARTS[name].port
     submitter, poller = (yaml.safe_load((HELM_DIR / n / "values.yaml").read_text()) for n in ("submitter", "poller"))
     # The broker's queue metrics are scraped once, by the submitter's release.
-    assert set(submitter) - {"brokerMetrics"} == set(poller)
+    # The failure queue's bound is set once, by the poller's release (whose alerts watch that queue).
+    assert set(submitter) - {"brokerMetrics"} == set(poller) - {"failureQueueLimit"}
     shared = set(poller["config"]) - {"httpPort", "workers"}
     assert {k: submitter["config"][k] for k in shared} == {k: poller["config"][k] for k in shared}, \
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
@@ -978,7 +998,7 @@ def test_charts_read_the_deploy_files_through_links(helm: ModuleType, tmp_path: 
     for chart in CHARTS:
         for name, target in LINKED_FILES.items():
             link = HELM_DIR / chart / "files" / name
-            if name == "registration-bridge.json" and not CHARTS[chart].bridge:
+            if chart not in LINKED_IN[name]:
                 assert not link.exists()
                 continue
             assert link.is_symlink() and link.resolve() == target.resolve(), link
@@ -991,7 +1011,7 @@ def test_charts_read_the_deploy_files_through_links(helm: ModuleType, tmp_path: 
                     extracted = packaged.extractfile(info)
                     assert info.isfile() and extracted is not None and extracted.read() == target.read_bytes()
                 else:
-                    assert name == "registration-bridge.json" and not CHARTS[chart].bridge, member
+                    assert chart not in LINKED_IN[name], member
 
 
 @pytest.mark.parametrize("chart", BRIDGE)
@@ -1248,3 +1268,39 @@ def test_legacy_sim_stays_inside_the_cluster(helm: ModuleType) -> None:
     service = render(helm, "legacy-sim", {}, "legacy-sim").one("Service")
     assert service["spec"]["type"] == "ClusterIP"
     assert yaml.safe_load((HELM_DIR / "legacy-sim" / "values.yaml").read_text())["service"]["type"] == "ClusterIP"
+
+
+def test_the_failure_queue_limit_job_runs_the_deploy_script_with_the_limits(helm: ModuleType) -> None:
+    rendered = render(helm, "poller", full_values("poller"), "staging")
+    (job,) = rendered.of_kind("Job")
+    script = [c for c in rendered.of_kind("ConfigMap") if "failure_queue_limit.py" in c.get("data", {})]
+    assert len(script) == 1 and script[0]["data"]["failure_queue_limit.py"] == POLICY_SCRIPT.read_text().rstrip("\n")
+    assert job["metadata"]["annotations"] == {"helm.sh/hook": "post-install,post-upgrade",
+                                              "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded"}
+    pod = job["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    assert main["command"] == ["python", "/etc/regbridge/failure-queue-limit/failure_queue_limit.py"]
+    assert main["image"] == container(rendered.one("Deployment"))["image"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in main["env"]}
+    assert env == {
+        "RABBITMQ_MANAGEMENT_URL": {"secretKeyRef": {"name": "staging-poller", "key": "RABBITMQ_MANAGEMENT_URL"}},
+        "FAILED_QUEUE": "registrations.failed", "FAILED_QUEUE_MAX_LENGTH": "200000",
+        "FAILED_QUEUE_MAX_LENGTH_BYTES": "2147483648", "FAILED_QUEUE_POLICY": "registrations-failed-limit",
+        "FAILED_QUEUE_POLICY_PRIORITY": "20", "FAILED_QUEUE_POLICY_EXTRA": '{"delivery-limit":1000000}'}
+    # Restricted like the service's pods, and selected by none of the poller's selectors.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    assert main["securityContext"]["capabilities"]["drop"] == ["ALL"] and "memory" in main["resources"]["limits"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    for selector in (rendered.one("Deployment")["spec"]["selector"]["matchLabels"],
+                     rendered.one("Service")["spec"]["selector"],
+                     rendered.one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"]):
+        assert not selector.items() <= labels.items()
+    # An existing Secret: its management key; one limit only; off by default.
+    alone = render(helm, "poller", {"failureQueueLimit": {"enabled": True, "maxLengthBytes": None},
+                                    "secret": {"rabbitmqManagementUrlKey": "mgmt"}}, "poller")
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in alone.one("Job")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["RABBITMQ_MANAGEMENT_URL"] == {"secretKeyRef": {"name": "registration-bridge", "key": "mgmt"}}
+    assert env["FAILED_QUEUE_MAX_LENGTH"] == "100000" and "FAILED_QUEUE_MAX_LENGTH_BYTES" not in env
+    assert not render(helm, "poller", {}, "poller").of_kind("Job")

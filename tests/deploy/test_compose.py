@@ -41,7 +41,8 @@ CONTRACT_VARIABLES = {"RABBITMQ_URL", "MONGODB_URI", "MONGODB_DATABASE", "MONGOD
 # Variables of ours that reach credentials; a test sets them to show nothing is hard-coded.
 CREDENTIAL_VARIABLES = ("RABBITMQ_USER", "RABBITMQ_PASSWORD", "RABBITMQ_ERLANG_COOKIE")
 # Variables that choose the broker; cluster.env sets them, a developer's shell must not.
-BROKER_VARIABLES = ("BRIDGE_RABBITMQ_URL", "RABBITMQ_STANDALONE_SCALE", "COMPOSE_PROFILES")
+BROKER_VARIABLES = ("BRIDGE_RABBITMQ_URL", "BRIDGE_RABBITMQ_MANAGEMENT_URL", "FAILED_QUEUE_MAX_LENGTH",
+                    "FAILED_QUEUE_MAX_LENGTH_BYTES", "RABBITMQ_STANDALONE_SCALE", "COMPOSE_PROFILES")
 DEV_DEFAULT = "guest"
 DEV_COOKIE = "regbridge-dev-cookie"
 
@@ -184,6 +185,67 @@ def test_only_the_consoles_publish_host_ports_on_loopback(any_model: dict[str, A
     for name in ("rabbitmq", "rabbitmq-0"):
         if name in model["services"]:
             assert {p["target"] for p in model["services"][name]["ports"]} == {15672}  # management only
+
+
+# Containers that run with a read-only root filesystem, no capabilities and no-new-privileges: the
+# bridge's own images, and Prometheus. RabbitMQ, MongoDB and Grafana start as root to chown their
+# data directories (docker-compose.yml says so).
+HARDENED = {"legacy-sim", "submitter", "poller", "sample-load", "prometheus"}
+LIMITS = ("--profile", "limits")
+
+
+def test_our_containers_are_read_only_without_capabilities_or_privilege_gain(any_model: dict[str, Any]) -> None:
+    services = any_model["services"]
+    assert set(services) >= HARDENED
+    for name in HARDENED:
+        service = services[name]
+        assert service.get("read_only") is True, f"{name}: the root filesystem is writable"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop {service.get('cap_drop')}"
+        assert "cap_add" not in service, f"{name} adds capabilities"
+        assert "no-new-privileges:true" in service.get("security_opt", []), f"{name}: setuid binaries may escalate"
+        assert service.get("privileged") is not True
+        # The one writable place, as the charts' emptyDir: a bounded tmpfs on /tmp.
+        assert [t.split(":")[0] for t in service.get("tmpfs", [])] == ["/tmp"], f"{name}: {service.get('tmpfs')}"
+        assert "size=" in service["tmpfs"][0]
+        # Nothing else writable but Prometheus's own data volume.
+        writable = [v["target"] for v in service.get("volumes", []) if not v.get("read_only")]
+        assert writable == (["/prometheus"] if name == "prometheus" else []), f"{name} writes to {writable}"
+    # Every container of ours drops them: a service added later must be added here (or say why not).
+    ours = {n for n, s in services.items() if str(s.get("image", "")).startswith("registration-bridge/")}
+    assert ours <= HARDENED, f"not hardened: {sorted(ours - HARDENED)}"
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["single-node", "cluster"])
+def test_the_limits_profile_bounds_the_failure_queue_once(tools: dict[str, Path], cluster: bool) -> None:
+    done = compose(tools, *(CLUSTER_ARGS if cluster else ()), *LIMITS, "config", "--format", "json")
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    services = json.loads(done.stdout)["services"]
+    step = services["failure-queue-limit"]
+    assert step["image"] == services["submitter"]["image"] and step["restart"] == "no"
+    assert step["command"] == ["python", "/deploy/rabbitmq/failure_queue_limit.py"]
+    (volume,) = step["volumes"]
+    assert Path(volume["source"]) == ROOT / "deploy" / "rabbitmq" and volume["read_only"] is True
+    assert (ROOT / "deploy" / "rabbitmq" / "failure_queue_limit.py").is_file()
+    env = step["environment"]
+    node = "rabbitmq-0" if cluster else "rabbitmq"
+    assert env["RABBITMQ_MANAGEMENT_URL"] == f"http://{DEV_DEFAULT}:{DEV_DEFAULT}@{node}:15672/%2F"
+    assert env["FAILED_QUEUE"] == services["poller"]["environment"]["FAILED_QUEUE"]
+    assert (env["FAILED_QUEUE_MAX_LENGTH"], env["FAILED_QUEUE_MAX_LENGTH_BYTES"]) == ("100000", "1073741824")
+    assert step["depends_on"][node]["condition"] == "service_healthy"
+    assert step["read_only"] is True and step["cap_drop"] == ["ALL"]
+    # Not part of `docker compose up`: the step is optional.
+    assert "failure-queue-limit" not in rendered(tools)["services"]
+    # The limits and the credentials come from the environment.
+    custom = compose(tools, *LIMITS, "config", "--format", "json",
+                     env={"FAILED_QUEUE_MAX_LENGTH": "500", "RABBITMQ_PASSWORD": "other-secret"})
+    env = json.loads(custom.stdout)["services"]["failure-queue-limit"]["environment"]
+    assert env["FAILED_QUEUE_MAX_LENGTH"] == "500" and ":other-secret@" in env["RABBITMQ_MANAGEMENT_URL"]
+
+
+def test_the_images_run_as_a_user_that_needs_no_capability() -> None:
+    for dockerfile in (DOCKERFILE, LEGACY_SIM_DOCKERFILE):
+        users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
+        assert users and users[-1] not in ("root", "0", "0:0"), f"{dockerfile.name} runs as {users}"
 
 
 @pytest.mark.parametrize(("name", "port"), SERVICES.items())

@@ -48,7 +48,11 @@ HELM_DIR = ROOT / "helm"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "registration-bridge.json"
 # What each chart reads through files/, and the file it must be a link to.
-LINKED_FILES = {"alerts.yml": ALERTS, "registration-bridge.json": DASHBOARD}
+POLICY_SCRIPT = ROOT / "deploy" / "rabbitmq" / "failure_queue_limit.py"
+LINKED_FILES = {"alerts.yml": ALERTS, "registration-bridge.json": DASHBOARD, "failure_queue_limit.py": POLICY_SCRIPT}
+# Which charts read each linked file (the others must not carry it).
+LINKED_IN = {"alerts.yml": ("submitter", "poller", "legacy-sim"), "registration-bridge.json": ("submitter", "poller"),
+             "failure_queue_limit.py": ("poller",)}
 NAMESPACE = "registration-bridge"
 KUBE_FLOOR = "1.27"  # kubeVersion ">=1.27.0-0" in every Chart.yaml
 
@@ -100,6 +104,20 @@ def merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+# The egress of the full scenario: each dependency narrowed to its address or its pods.
+NETWORK_EGRESS = {
+    "rabbitmq": {"ports": [{"port": 5671}], "to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}]},
+    "mongodb": {"ports": [{"port": 27017}], "to": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "data"}}, "podSelector": {"matchLabels": {"app": "mongodb"}}}]},
+    "legacyApi": {"ports": [{"port": 8443}], "to": [{"ipBlock": {"cidr": "192.168.7.10/32"}}]},
+    "dns": {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+            "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]},
+}
+
+
 def full_values(chart: str) -> dict[str, Any]:
     """Every optional feature switched on, and most knobs moved off their defaults."""
     common: dict[str, Any] = {
@@ -123,13 +141,20 @@ def full_values(chart: str) -> dict[str, Any]:
                                        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": chart}}}],
         "priorityClassName": "registration-bridge",
         "serviceAccount": {"annotations": {"example.com/role": "bridge"}},
+        "networkPolicy": {"enabled": True, "metrics": {"from": [PROMETHEUS_PEER]}},
     }
     if not CHARTS[chart].bridge:
+        common["networkPolicy"]["clients"] = {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of":
+                                                                                     "registration-bridge"}}}]}
         return merged(common, {"config": {"seed": 42, "post503Rate": 0.05, "failPrefix": "", "down": False,
                                           "latencyMinS": 3, "latencyMaxS": 6}})
+    if chart == "poller":
+        common["failureQueueLimit"] = {"enabled": True, "maxLength": 200000, "maxLengthBytes": 2147483648,
+                                       "priority": 20, "extraDefinition": {"delivery-limit": 1000000}}
     if chart == "submitter":
         common["brokerMetrics"] = {"serviceMonitor": {"enabled": True, "namespace": "rabbitmq-system",
                                                       "clusterName": "broker", "vhost": "registrations"}}
+    common["networkPolicy"]["egress"] = NETWORK_EGRESS
     return merged(common, {
         "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI,
                    "rabbitmqManagementUrl": MANAGEMENT_URL},
@@ -248,6 +273,36 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("legacy-sim",), "latency-range-inverted", {"config": {"latencyMinS": 30, "latencyMaxS": 20}},
      "must not exceed config.latencyMaxS"),
     (("legacy-sim",), "no-autoscaling", {"autoscaling": {"enabled": True}}, "'autoscaling' not allowed"),
+    (("poller",), "failure-queue-limit-without-a-limit",
+     {"failureQueueLimit": {"enabled": True, "maxLength": None, "maxLengthBytes": None}},
+     "failureQueueLimit: set maxLength or maxLengthBytes (or both)"),
+    (("poller",), "failure-queue-limit-without-management-url",
+     {"secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
+      "failureQueueLimit": {"enabled": True}}, "secret.rabbitmqManagementUrl is required"),
+    (("poller",), "failure-queue-limit-drop-head",
+     {"failureQueueLimit": {"extraDefinition": {"overflow": "drop-head"}}}, "/failureQueueLimit/extraDefinition"),
+    (("poller",), "failure-queue-limit-of-zero", {"failureQueueLimit": {"maxLength": 0}},
+     "/failureQueueLimit/maxLength"),
+    (("submitter", "legacy-sim"), "failure-queue-limit-only-in-the-poller", {"failureQueueLimit": {"enabled": True}},
+     "'failureQueueLimit' not allowed"),
+    (("legacy-sim",), "node-port", {"service": {"type": "NodePort"}},
+     "service.type NodePort would expose legacy-sim outside the cluster, and its /admin"),
+    (("legacy-sim",), "load-balancer", {"service": {"type": "LoadBalancer"}},
+     "service.type LoadBalancer would expose legacy-sim outside the cluster, and its /admin"),
+    (ALL, "network-policy-bad-cidr", {"networkPolicy": {"metrics": {"from": [{"ipBlock": {"cidr": "10.0.0.0"}}]}}},
+     "/networkPolicy/metrics/from/0/ipBlock/cidr"),
+    (ALL, "network-policy-nobody-may-scrape", {"networkPolicy": {"metrics": {"from": []}}},
+     "/networkPolicy/metrics/from"),
+    (ALL, "network-policy-empty-peer", {"networkPolicy": {"metrics": {"from": [{}]}}},
+     "/networkPolicy/metrics/from/0"),
+    (BRIDGE, "network-policy-unknown-dependency", {"networkPolicy": {"egress": {"redis": {"ports": [{"port": 1}],
+                                                                                           "to": []}}}},
+     "'redis' not allowed"),
+    (BRIDGE, "network-policy-egress-without-ports", {"networkPolicy": {"egress": {"mongodb": {"ports": []}}}},
+     "/networkPolicy/egress/mongodb/ports"),
+    (BRIDGE, "network-policy-bad-protocol",
+     {"networkPolicy": {"egress": {"dns": {"ports": [{"port": 53, "protocol": "ICMP"}]}}}},
+     "/networkPolicy/egress/dns/ports/0/protocol"),
 ]
 REJECTED_CASES = [(chart, case, values, expect) for charts, case, values, expect in REJECTED for chart in charts]
 
@@ -632,6 +687,8 @@ def test_optional_objects_follow_their_switches(scenario: tuple[ChartSpec, str, 
     expected += ["ConfigMap"] if keda and autoscaling.get("enabled") and (ca.get("secretName") or
                                                                            ca.get("configMapName")) else []
     expected += ["PodDisruptionBudget"] if values.get("podDisruptionBudget", {}).get("enabled") else []
+    expected += ["NetworkPolicy"] if values.get("networkPolicy", {}).get("enabled") else []
+    expected += ["ConfigMap", "Job"] if values.get("failureQueueLimit", {}).get("enabled") else []
     if autoscaling.get("enabled"):
         expected += ["ScaledObject", "TriggerAuthentication"] if keda else ["HorizontalPodAutoscaler"]
     assert kinds == sorted(expected)
@@ -841,7 +898,8 @@ def test_the_charts_are_consistent() -> None:
         assert defaults["service"]["port"] == defaults["config"]["httpPort"] == CHARTS[name].port
     submitter, poller = (yaml.safe_load((HELM_DIR / n / "values.yaml").read_text()) for n in ("submitter", "poller"))
     # The broker's queue metrics are scraped once, by the submitter's release.
-    assert set(submitter) - {"brokerMetrics"} == set(poller)
+    # The failure queue's bound is set once, by the poller's release (whose alerts watch that queue).
+    assert set(submitter) - {"brokerMetrics"} == set(poller) - {"failureQueueLimit"}
     shared = set(poller["config"]) - {"httpPort", "workers"}
     assert {k: submitter["config"][k] for k in shared} == {k: poller["config"][k] for k in shared}, \
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
@@ -946,7 +1004,7 @@ def test_charts_read_the_deploy_files_through_links(helm: ModuleType, tmp_path: 
     for chart in CHARTS:
         for name, target in LINKED_FILES.items():
             link = HELM_DIR / chart / "files" / name
-            if name == "registration-bridge.json" and not CHARTS[chart].bridge:
+            if chart not in LINKED_IN[name]:
                 assert not link.exists()
                 continue
             assert link.is_symlink() and link.resolve() == target.resolve(), link
@@ -959,7 +1017,7 @@ def test_charts_read_the_deploy_files_through_links(helm: ModuleType, tmp_path: 
                     extracted = packaged.extractfile(info)
                     assert info.isfile() and extracted is not None and extracted.read() == target.read_bytes()
                 else:
-                    assert name == "registration-bridge.json" and not CHARTS[chart].bridge, member
+                    assert chart not in LINKED_IN[name], member
 
 
 @pytest.mark.parametrize("chart", BRIDGE)
@@ -1155,3 +1213,100 @@ def test_helm3_lints_and_renders_like_helm4(helm: ModuleType, helm3: Path, kube_
     by_helm4 = render(helm, chart, values, release).docs
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
     assert sorted(by_helm3, key=key) == sorted(by_helm4, key=key)
+
+
+# ---- issue 14: exposure --------------------------------------------------------------------------
+
+
+def rule_ports(rule: dict[str, Any]) -> list[tuple[Any, str]]:
+    return [(p["port"], p["protocol"]) for p in rule["ports"]]
+
+
+@pytest.mark.parametrize("chart", ALL)
+def test_no_network_policy_unless_asked(helm: ModuleType, chart: str) -> None:
+    assert not render(helm, chart, {}, chart).of_kind("NetworkPolicy")
+
+
+@pytest.mark.parametrize("chart", BRIDGE)
+def test_the_network_policy_lets_in_only_prometheus_and_out_only_to_the_dependencies(
+        helm: ModuleType, chart: str) -> None:
+    rendered = render(helm, chart, full_values(chart), "staging")
+    policy = rendered.one("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    # Ingress: one rule, Prometheus's pods, the port that serves /metrics.
+    assert spec["ingress"] == [{"from": [PROMETHEUS_PEER], "ports": [{"port": "http", "protocol": "TCP"}]}]
+    ports = {p["name"]: p["containerPort"] for p in container(rendered.one("Deployment"))["ports"]}
+    assert ports == {"http": CHARTS[chart].port}
+    # Egress: the broker, MongoDB, the legacy API and DNS, each only to its peers and ports.
+    assert [(rule_ports(r), r.get("to")) for r in spec["egress"]] == [
+        ([(p["port"], p.get("protocol", "TCP")) for p in NETWORK_EGRESS[name]["ports"]], NETWORK_EGRESS[name]["to"])
+        for name in ("rabbitmq", "mongodb", "legacyApi", "dns")]
+    # The defaults: the dependencies' usual ports, to any address, and DNS only to kube-dns.
+    defaults = render(helm, chart, {"networkPolicy": {"enabled": True}}, chart).one("NetworkPolicy")["spec"]
+    assert [rule_ports(r) for r in defaults["egress"]] == [[(5672, "TCP"), (5671, "TCP")], [(27017, "TCP")],
+                                                            [(8080, "TCP"), (443, "TCP")], [(53, "UDP"), (53, "TCP")]]
+    assert [("to" in r) for r in defaults["egress"]] == [False, False, False, True]
+    assert defaults["ingress"][0]["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "prometheus"}}}]
+    extra = {"to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}], "ports": [{"port": 3128, "protocol": "TCP"}]}
+    more = render(helm, chart, {"networkPolicy": {"enabled": True, "extraEgress": [extra]}}, chart)
+    assert more.one("NetworkPolicy")["spec"]["egress"][-1] == extra
+
+
+def test_legacy_sims_network_policy_lets_in_its_clients_and_prometheus_and_nothing_out(helm: ModuleType) -> None:
+    rendered = render(helm, "legacy-sim", full_values("legacy-sim"), "staging")
+    spec = rendered.one("NetworkPolicy")["spec"]
+    http = [{"port": "http", "protocol": "TCP"}]
+    assert spec["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "registration-bridge"}}}],
+         "ports": http},
+        {"from": [PROMETHEUS_PEER], "ports": http}]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"] and spec["egress"] == []
+    # The bridge's pods carry the label the default clients rule selects.
+    for chart in BRIDGE:
+        labels = render(helm, chart, {}, chart).one("Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "registration-bridge"
+
+
+def test_legacy_sim_stays_inside_the_cluster(helm: ModuleType) -> None:
+    service = render(helm, "legacy-sim", {}, "legacy-sim").one("Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert yaml.safe_load((HELM_DIR / "legacy-sim" / "values.yaml").read_text())["service"]["type"] == "ClusterIP"
+
+
+def test_the_failure_queue_limit_job_runs_the_deploy_script_with_the_limits(helm: ModuleType) -> None:
+    rendered = render(helm, "poller", full_values("poller"), "staging")
+    (job,) = rendered.of_kind("Job")
+    script = [c for c in rendered.of_kind("ConfigMap") if "failure_queue_limit.py" in c.get("data", {})]
+    assert len(script) == 1 and script[0]["data"]["failure_queue_limit.py"] == POLICY_SCRIPT.read_text().rstrip("\n")
+    assert job["metadata"]["annotations"] == {"helm.sh/hook": "post-install,post-upgrade",
+                                              "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded"}
+    pod = job["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    assert main["command"] == ["python", "/etc/regbridge/failure-queue-limit/failure_queue_limit.py"]
+    assert main["image"] == container(rendered.one("Deployment"))["image"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in main["env"]}
+    assert env == {
+        "RABBITMQ_MANAGEMENT_URL": {"secretKeyRef": {"name": "staging-poller", "key": "RABBITMQ_MANAGEMENT_URL"}},
+        "FAILED_QUEUE": "registrations.failed", "FAILED_QUEUE_MAX_LENGTH": "200000",
+        "FAILED_QUEUE_MAX_LENGTH_BYTES": "2147483648", "FAILED_QUEUE_POLICY": "registrations-failed-limit",
+        "FAILED_QUEUE_POLICY_PRIORITY": "20", "FAILED_QUEUE_POLICY_EXTRA": '{"delivery-limit":1000000}'}
+    # Restricted like the service's pods, and selected by none of the poller's selectors.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    assert main["securityContext"]["capabilities"]["drop"] == ["ALL"] and "memory" in main["resources"]["limits"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    for selector in (rendered.one("Deployment")["spec"]["selector"]["matchLabels"],
+                     rendered.one("Service")["spec"]["selector"],
+                     rendered.one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"]):
+        assert not selector.items() <= labels.items()
+    # An existing Secret: its management key; one limit only; off by default.
+    alone = render(helm, "poller", {"failureQueueLimit": {"enabled": True, "maxLengthBytes": None},
+                                    "secret": {"rabbitmqManagementUrlKey": "mgmt"}}, "poller")
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in alone.one("Job")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["RABBITMQ_MANAGEMENT_URL"] == {"secretKeyRef": {"name": "registration-bridge", "key": "mgmt"}}
+    assert env["FAILED_QUEUE_MAX_LENGTH"] == "100000" and "FAILED_QUEUE_MAX_LENGTH_BYTES" not in env
+    assert not render(helm, "poller", {}, "poller").of_kind("Job")

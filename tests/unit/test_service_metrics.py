@@ -65,3 +65,14 @@ def test_the_build_names_the_service_s_own_version_and_the_commit_the_image_was_
         assert labels["common"] == metadata.version("regbridge-common")
     assert build_labels("submitter", {})["revision"] == "unknown"
     assert build_labels("submitter", {"REGBRIDGE_REVISION": ""})["revision"] == "unknown"
+
+
+def test_a_refused_failure_record_counts_as_a_refused_hop_and_on_its_own() -> None:
+    prefix, metrics = fresh()
+    metrics.hop_refused("registrations.pending.wait.2000ms", failed_queue="registrations.failed")
+    assert value(f"{prefix}_hops_refused_total") == 1
+    assert value(f"{prefix}_failure_records_refused_total") == 0
+    metrics.hop_refused("registrations.failed", failed_queue="registrations.failed")
+    metrics.hop_refused("registrations.failed", failed_queue="registrations.failed")
+    assert value(f"{prefix}_hops_refused_total") == 3
+    assert value(f"{prefix}_failure_records_refused_total") == 2

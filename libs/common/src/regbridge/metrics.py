@@ -64,6 +64,10 @@ class ServiceMetrics:
         self.hops_refused = Counter(f"{prefix}_hops_refused_total",
                                     "Publishes to the next queue that the broker refused (a nack, such as a length "
                                     "limit with reject-publish); each message goes back after a growing pause")
+        self.records_refused = Counter(f"{prefix}_failure_records_refused_total",
+                                       "Failure records the broker refused (the failure queue at its length "
+                                       "limit, with reject-publish): each also counts as a refused hop, and its "
+                                       "message goes back after a growing pause; nothing is dropped")
         self.broker_blocked = Gauge(f"{prefix}_broker_blocked",
                                     "1 while the broker blocks this service's publishing (a memory or disk alarm)")
         self.broker_blocks = Counter(f"{prefix}_broker_blocks_total",
@@ -93,7 +97,13 @@ class ServiceMetrics:
     def all(self) -> tuple[MetricWrapperBase, ...]:
         return (self.build, self.deliveries_in_hand, self.retries_deferred, self.consumed, self.reconnects,
                 self.store_retries, self.store_refused, self.queue_messages,
-                self.breaker_state, self.legacy_not_sent, self.hops_refused, self.broker_blocked, self.broker_blocks)
+                self.breaker_state, self.legacy_not_sent, self.hops_refused, self.records_refused, self.broker_blocked,
+                self.broker_blocks)
+
+    def hop_refused(self, queue: str, *, failed_queue: str) -> None:
+        self.hops_refused.inc()
+        if queue == failed_queue:
+            self.records_refused.inc()
 
     def blocked(self, blocked: bool) -> None:
         self.broker_blocked.set(1 if blocked else 0)

@@ -3,6 +3,7 @@ executor and runtime."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -70,7 +71,7 @@ def serve(name: str, settings: CommonSettings, *, handler: Callable[[Durable], H
         hooks=RuntimeHooks(on_delivery=lambda d: metrics.consumed.inc(),
                            on_disconnected=metrics.reconnects.inc,
                            on_queue_depth=metrics.queue_depth,
-                           on_hop_refused=lambda queue: metrics.hops_refused.inc(),
+                           on_hop_refused=functools.partial(metrics.hop_refused, failed_queue=settings.failed_queue),
                            on_blocked=metrics.blocked),
         name=name,
         order=settings.rabbitmq_url_order,

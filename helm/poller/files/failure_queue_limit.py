@@ -1,0 +1,1 @@
+../../../deploy/rabbitmq/failure_queue_limit.py

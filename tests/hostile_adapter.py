@@ -8,7 +8,9 @@ answer chosen per user, some of them attacks on the bridge's client.
   `Answer.drip(every_s, head=True)` drips the status line and headers too;
 - `Answer.huge(size)`: a 200/201 whose body of `size` bytes (400 MB by default) has no
   Content-Length (chunked), generated on the fly from one 64 KiB block, never held in memory;
-- `Answer.declared(size)`: the same body behind a `Content-Length` that announces it.
+- `Answer.declared(size)`: the same body behind a `Content-Length` that announces it;
+- `Answer.bomb(size)`: `Content-Encoding: gzip`, chunked: `size` bytes once decompressed, about
+  a thousandth of that on the wire, compressed on the fly.
 
 The request id the adapter gives a user is `R-<user_id>`, so a status answer is chosen by user
 too. It runs in a thread of the test process (`ThreadingHTTPServer`); every call is recorded
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +35,7 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Answer:
-    kind: Literal["ok", "drip", "huge", "declared"]
+    kind: Literal["ok", "drip", "huge", "declared", "bomb"]
     every_s: float = 0.75
     size: int = 400 * MB
     pad_to: int = 0
@@ -55,6 +58,10 @@ class Answer:
     def declared(cls, size: int = 400 * MB) -> Answer:
         return cls("declared", size=size)
 
+    @classmethod
+    def bomb(cls, size: int = 400 * MB) -> Answer:
+        return cls("bomb", size=size)
+
 
 @dataclass
 class Call:
@@ -66,7 +73,7 @@ class Call:
     connection: int
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
-    sent: int = 0  # body bytes the adapter wrote (with the head, for a dripped head)
+    sent: int = 0  # body bytes the adapter wrote, as sent (with the head, for a dripped head)
     hung_up: bool = False  # the client closed before the whole body went out
 
     @property
@@ -233,20 +240,28 @@ def _handler(adapter: HostileAdapter) -> type[BaseHTTPRequestHandler]:
                 else:
                     self._drip(body, answer.every_s, call)
                 return
-            chunked = answer.kind == "huge"
+            chunked = answer.kind in ("huge", "bomb")
             if chunked:
                 self.send_header("Transfer-Encoding", "chunked")
             else:
                 self.send_header("Content-Length", str(answer.size))
+            if answer.kind == "bomb":
+                self.send_header("Content-Encoding", "gzip")
             self.end_headers()
-            for block in _blocks(answer.size):
+            gzip = zlib.compressobj(9, zlib.DEFLATED, 31) if answer.kind == "bomb" else None
+            for raw in _blocks(answer.size):
                 if adapter.stopping.is_set():
                     raise BrokenPipeError
-                if chunked:
+                block = raw if gzip is None else gzip.compress(raw)
+                if chunked and block:
                     self.wfile.write(b"%x\r\n" % len(block) + block + b"\r\n")
-                else:
+                elif block:
                     self.wfile.write(block)
                 call.sent += len(block)
+            if gzip is not None:
+                tail = gzip.flush()
+                self.wfile.write(b"%x\r\n" % len(tail) + tail + b"\r\n")
+                call.sent += len(tail)
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
 

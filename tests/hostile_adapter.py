@@ -13,13 +13,15 @@ answer chosen per user, some of them attacks on the bridge's client.
   a thousandth of that on the wire, compressed on the fly.
 
 The request id the adapter gives a user is `R-<user_id>`, so a status answer is chosen by user
-too. It runs in a thread of the test process (`ThreadingHTTPServer`); every call is recorded
-with how much of its answer went out and whether the client hung up before the end.
+too. It runs in a thread of the test process (`ThreadingHTTPServer`), over TLS when given a
+server context; every call is recorded with how much of its answer went out and whether the
+client hung up before the end.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 import zlib
@@ -82,7 +84,7 @@ class Call:
 
 
 class HostileAdapter:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Lock()
         self._posts: dict[str, Answer] = {}
         self._statuses: dict[str, Answer] = {}
@@ -91,13 +93,17 @@ class HostileAdapter:
         self.stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
+        self._scheme = "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, name="hostile-adapter", daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._scheme}://{host!s}:{port}"
 
     def on_post(self, user_id: str, answer: Answer) -> None:
         with self._lock:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -158,6 +160,36 @@ def test_a_breached_connection_is_closed_and_a_read_one_is_reused(adapter: Hosti
     # One pooled connection (pool_size=1): kept across answers read to their end, closed after a
     # breach, so the call after each breach comes on a new one.
     assert [c.connection for c in adapter.calls()] == [1, 1, 1, 2, 2, 3]
+
+
+@pytest.fixture
+def tls_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HostileAdapter]:
+    """The hostile adapter over TLS, with a certificate for 127.0.0.1 that the client trusts
+    through SSL_CERT_FILE, as a service would be told to trust a private CA."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with HostileAdapter(tls=context) as hostile:
+        yield hostile
+
+
+def test_over_tls_the_deadline_and_the_cap_hold_too(tls_adapter: HostileAdapter) -> None:
+    tls_adapter.on_post("drip", Answer.drip(0.75))
+    tls_adapter.on_post("huge", Answer.huge())
+    tls_adapter.on_post("bomb", Answer.bomb())
+    client = LegacyClient(tls_adapter.url, timeout_s=DEADLINE_S, max_response_bytes=CAP, pool_size=1)
+    try:
+        outcomes = {user: call(client, "POST", user) for user in ("plain", "drip", "huge", "bomb", "plain-2")}
+    finally:
+        client.close()
+    assert tls_adapter.url.startswith("https://")
+    assert outcomes == {"plain": Accepted("R-plain"), "drip": Transient(DEADLINE_REASON),
+                        "huge": Transient(CAP_REASON, 201), "bomb": Transient(CAP_REASON, 201),
+                        "plain-2": Accepted("R-plain-2")}
 
 
 # ---- the services -------------------------------------------------------------------------------

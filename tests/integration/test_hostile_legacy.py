@@ -247,13 +247,17 @@ def test_hostile_post_answers_free_the_submitter_and_end_in_submit_failures(
                    timeout=60, what="a failure record for each hostile answer")
     peak = rss_mb(pid, "VmHWM")
     drips = adapter.calls("post-drip")
-    print(f"submitter (1 worker): plain-1 registered while post-drip was still retrying: "
+    [plain_post] = [c for c in adapter.calls("plain-1") if c.method == "POST"]
+    print(f"submitter (1 worker): plain-1 POSTed {plain_post.started - drips[0].started:.2f} s after post-drip's "
+          f"first POST, registered while post-drip was still retrying: "
           f"{len([c for c in drips if c.started < plain_done])} of its {len(drips)} POSTs begun by then; "
           f"POST durations: {durations(submitter, 'submitter_legacy_request_seconds')}; "
           f"RSS {samples[0]:.1f} MB at start, {max(samples):.1f} MB sampled peak, {peak:.1f} MB VmHWM "
           f"(bound {RSS_BOUND_MB} MB); bytes written per huge POST: "
           f"{[round(c.sent / MB, 1) for c in adapter.calls('post-huge')]} MB")
     assert peak < RSS_BOUND_MB
+    # The one worker was free at the deadline: the normal POST came between the dripped one's attempts.
+    assert plain_post.started < drips[-1].started
     assert records["post-drip"]["error"] == {"stage": "submit", "http_status": None,
                                              "reason": f"gave up after 3 attempts: {DEADLINE_REASON}"}
     assert records["post-huge"]["error"] == {"stage": "submit", "http_status": 201,
@@ -291,13 +295,17 @@ def test_hostile_status_answers_free_the_poller_and_end_in_timeouts(
         wait_until(lambda: records.update(failure_records(broker)) or set(hostile) <= set(records),
                    timeout=60, what="a failure record for each hostile status answer")
     peak = rss_mb(pid, "VmHWM")
-    drips = adapter.calls("get-drip")
-    print(f"poller (1 worker): plain-2 registered while get-drip was still polled: "
+    drips = [c for c in adapter.calls("get-drip") if c.method == "GET"]
+    [plain_get] = [c for c in adapter.calls("plain-2") if c.method == "GET"]
+    print(f"poller (1 worker): plain-2 polled {plain_get.started - drips[0].started:.2f} s after get-drip's first "
+          f"GET, registered while get-drip was still polled: "
           f"{len([c for c in drips if c.started < plain_done])} of its {len(drips)} GETs begun by then; "
           f"GET durations: {durations(poller, 'poller_legacy_request_seconds')}; "
           f"RSS {samples[0]:.1f} MB at start, {max(samples):.1f} MB sampled peak, {peak:.1f} MB VmHWM "
-          f"(bound {RSS_BOUND_MB} MB); huge GETs: {len(adapter.calls('get-huge'))}")
+          f"(bound {RSS_BOUND_MB} MB); huge GETs: {len(adapter.calls('get-huge')) - 1}")
     assert peak < RSS_BOUND_MB
+    # The one worker was free at the deadline: the normal poll came between the dripped one's polls.
+    assert plain_get.started < drips[-1].started
     for user_id, reason in [("get-drip", DEADLINE_REASON), ("get-huge", CAP_REASON),
                             ("get-declared", f"{CAP_REASON} (Content-Length {400 * MB})"), ("get-bomb", CAP_REASON)]:
         error = records[user_id]["error"]

@@ -337,13 +337,13 @@ def test_posts_with_one_key_at_the_same_time_register_once(sim: Sim) -> None:
 
 def test_a_post_that_timed_out_is_registered_once_through_its_retry(sim: Sim) -> None:
     # The bridge's own client: the first POST outlasts its read timeout, yet the sim registers it.
-    client = LegacyClient(sim.base_url, timeout_s=0.2, pool_size=2)
+    client = LegacyClient(sim.base_url, timeout_s=0.2, max_response_bytes=65536, pool_size=2)
     body = json.dumps({**VALID, "user_id": "usuário-ç"}).encode()  # a key sent as its digest
     key = "usuário-ç|mid:m-1"
     try:
         sim.patch_config(accept_latency_s=0.5)
         lost = client.submit(body, key)
-        assert isinstance(lost, Transient) and "timed out" in lost.reason
+        assert isinstance(lost, Transient) and "deadline" in lost.reason
         wait_until(lambda: sim.stats(summary=True)["submissions_total"] == 1, timeout=5,
                    what="the timed-out POST to be registered")
         sim.patch_config(accept_latency_s=0.0)

@@ -63,6 +63,7 @@ def test_tuning_knob_defaults_work() -> None:
     assert s.workers >= 1
     assert s.prefetch >= s.workers
     assert s.legacy_timeout_s > 0
+    assert s.legacy_max_response_bytes == 64 * 1024
     assert s.max_message_bytes >= 1024
     assert s.submit_max_attempts >= 2
     assert 0 < s.submit_backoff_base_s <= s.submit_backoff_max_s
@@ -144,6 +145,8 @@ def test_first_delay_may_be_zero_but_interval_and_deadline_may_not() -> None:
         ("PREFETCH", "0"),
         ("MAX_MESSAGE_BYTES", "lots"),
         ("LEGACY_TIMEOUT_S", "0"),
+        ("LEGACY_MAX_RESPONSE_BYTES", "0"),
+        ("LEGACY_MAX_RESPONSE_BYTES", "64k"),
         ("SHUTDOWN_TIMEOUT_S", "x"),
         ("RECONNECT_MAX_S", "-3"),
         ("LOG_LEVEL", "LOUD"),

@@ -47,7 +47,8 @@ def adapters(settings: CommonSettings, metrics: ServiceMetrics) -> tuple[MongoSt
     mongo = MongoStore(connect(settings.mongodb_uri, pool_size=max(2, settings.workers // 4)),
                        settings.mongodb_database, settings.mongodb_collection, settings.attempts_collection,
                        failures=settings.failures_collection, counters=settings.counters_collection)
-    client = LegacyClient(settings.legacy_api_url, timeout_s=settings.legacy_timeout_s, pool_size=settings.workers)
+    client = LegacyClient(settings.legacy_api_url, timeout_s=settings.legacy_timeout_s,
+                          max_response_bytes=settings.legacy_max_response_bytes, pool_size=settings.workers)
     # Monotonic: a step of the wall clock must neither open nor hold the breaker.
     breaker = Breaker(settings.breaker_limits(), clock=time.monotonic)
     hooks = GuardHooks(held=lambda reason: metrics.legacy_not_sent.labels(reason).inc(),

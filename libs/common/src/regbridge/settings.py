@@ -341,7 +341,9 @@ class CommonSettings(PipelineSettings, LegacyLimitSettings):
     log_level_third_party: LogLevel = "WARNING"
     workers: Count
     prefetch: Count = Field(default_factory=_eight_per_worker)
+    # One deadline for a whole legacy call: connect, request, and the answer to its last byte.
     legacy_timeout_s: Seconds = 10.0
+    legacy_max_response_bytes: Count = 64 * 1024
     shutdown_timeout_s: Seconds = 30.0
     reconnect_max_s: Seconds = 10.0
     # RabbitMQ starts a new quorum queue on at most this many nodes, and on every node of a

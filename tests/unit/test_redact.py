@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from regbridge.redact import Secrets, passwords_of, redact_url, redact_url_value
@@ -91,6 +91,8 @@ def test_the_whole_value_redactor_shows_no_part_of_any_password(user: str, passw
     value = f"amqp://{user}:{written}@{host}/%2F"
     shown = redact_url_value(value)
     assert shown == f"amqp://***@{host}/%2F"
+    # A password that is itself part of what is shown (the host's "127.0.") proves nothing either way.
+    assume(_hidden(password, f"amqp://***@{host}/%2F"))
     assert _hidden(password, shown)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Stack
+from failure_records import FailureRecords
 from harness import BIN, Broker, LegacySim, cli_env, wait_until
 from outcomes import FAILED, INBOUND, PENDING, Outcomes, good
 
@@ -49,29 +50,32 @@ def drain_failed(broker: Broker) -> list[tuple[str | None, dict[str, Any]]]:
     return [(props.message_id, json.loads(body)) for props, body in broker.drain(FAILED)]
 
 
-def failed_ids(env: dict[str, str]) -> list[str | None]:
-    return [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json"))]
+def failed_ids(env: dict[str, str], *args: str) -> list[str | None]:
+    return [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", *args))]
 
 
 # ---- browsing the failure queue: never a loss, never a reorder --------------------------------
 # (Under a delivery limit, killed midway, with other clients at once: test_delivery_limits.py.)
 
 
-def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broker) -> None:
+def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broker,
+                                                     failure_records: FailureRecords) -> None:
     env = stack.env
     published = [f"m-{i}" for i in range(25)]
     for i, mid in enumerate(published):
         stage = ("legacy", "submit", "validation")[i % 3]
-        broker.publish(FAILED, record(f"u-{i}" if stage != "validation" else None, stage,
-                                      original=None if stage != "validation" else "not json {",
-                                      reason=f"reason {i}\nwith a second line", age_s=7200 if i < 20 else 60),
-                       message_id=mid)
+        failure_records.publish(record(f"u-{i}" if stage != "validation" else None, stage,
+                                       original=None if stage != "validation" else "not json {",
+                                       reason=f"reason {i}\nwith a second line", age_s=7200 if i < 20 else 60),
+                                message_id=mid)
 
-    # Listed twice, in full, then in part: the same records in the same order each time.
+    # Listed twice, in full, then in part, from the index and from the queue itself: the same
+    # records in the same order each time.
     assert failed_ids(env) == published
-    assert failed_ids(env) == published
+    assert failed_ids(env, "--from-queue") == published
     assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--limit", "3"))] == \
         published[:3]
+    assert failed_ids(env, "--from-queue") == published
     assert failed_ids(env) == published
 
     table = ok(env, "failed", "list").splitlines()
@@ -83,16 +87,26 @@ def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broke
 
     legacy_only = json.loads(ok(env, "failed", "list", "--json", "--stage", "legacy"))
     assert [r["message_id"] for r in legacy_only] == published[0::3]
-    assert [r["position"] for r in legacy_only] == list(range(1, 26, 3))
+    assert [r["state"] for r in legacy_only] == ["queued"] * 9
+    assert [r["seq"] for r in legacy_only] == sorted(r["seq"] for r in legacy_only)
+    assert [r["position"] for r in json.loads(ok(env, "failed", "list", "--json", "--stage", "legacy",
+                                                 "--from-queue"))] == list(range(1, 26, 3))
     assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--user-id", "u-4"))] == ["m-4"]
     # --since takes a duration or a time.
     assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--since", "10m"))] == \
         published[20:]
     cutoff = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert "5 matching; 25 failure records" in ok(env, "failed", "list", "--since", cutoff)
-    assert "2 shown of 8 matching; 25 failure records" in ok(env, "failed", "list", "--stage", "submit", "--limit", "2")
+    assert "2 shown; more match (--limit); 25 failure records" in \
+        ok(env, "failed", "list", "--stage", "submit", "--limit", "2")
+    assert "2 shown of 8 matching; 25 failure records" in \
+        ok(env, "failed", "list", "--stage", "submit", "--limit", "2", "--from-queue")
 
     shown = json.loads(ok(env, "failed", "show", "m-4"))
+    assert shown["id"] == "m-4" and shown["state"] == "queued" and shown["queue"] == FAILED
+    assert shown["position"] is None and shown["copies"] is None and shown["properties"] is None
+    assert shown["record"]["user_id"] == "u-4" and shown["record"]["error"]["stage"] == "submit"
+    shown = json.loads(ok(env, "failed", "show", "m-4", "--from-queue"))
     assert shown["id"] == "m-4" and shown["position"] == 5 and shown["queue"] == FAILED and shown["copies"] == 1
     assert shown["properties"]["message_id"] == "m-4" and shown["properties"]["delivery_mode"] == 2
     assert shown["record"]["user_id"] == "u-4" and shown["record"]["error"]["stage"] == "submit"
@@ -102,12 +116,14 @@ def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broke
     # An exact id wins (m-1, though m-10 ... m-19 start so too); a start shared by several is refused.
     assert json.loads(ok(env, "failed", "show", "m-1"))["id"] == "m-1"
     ambiguous = cli(env, "failed", "show", "m-")
-    assert ambiguous.returncode == 1 and "25 records on" in ambiguous.stderr
+    assert ambiguous.returncode == 1 and "5 or more records in" in ambiguous.stderr
     assert "give more of the id" in ambiguous.stderr
+    ambiguous = cli(env, "failed", "show", "m-", "--from-queue")
+    assert ambiguous.returncode == 1 and "25 records on" in ambiguous.stderr
 
     # After all that browsing, consumed for real: every record, once, in the order published.
     assert [mid for mid, _ in drain_failed(broker)] == published
-    assert "no failure records" in ok(env, "failed", "list")
+    assert "no failure records" in ok(env, "failed", "list", "--from-queue")
 
 
 def test_failed_list_shows_the_records_the_services_wrote(stack: Stack, broker: Broker, users: Any) -> None:

@@ -21,6 +21,8 @@ What a cycle holds to:
 - Records the caller drops (a discard, or a second copy of a record replayed just before) are
   held too, and acked in their turn: a drop follows every send ahead of it, and none happens
   before `before_drops` has returned for all of them (a discard's export, written to disk).
+- Nothing held leaves before `before_leaving` has returned for all of them (the failure index
+  marks their entries): should it fail, every held record goes round instead.
 - Ctrl-C and SIGTERM wait for the cycle to end; a second one stops at once.
 
 What it cannot hold to:
@@ -112,12 +114,14 @@ class Cycle:
                  route: Callable[[Record], Send | Drop | None] | None = None,
                  *, on_sent: Callable[[Record], None] | None = None,
                  before_drops: Callable[[list[Record]], None] | None = None,
+                 before_leaving: Callable[[list[Record]], None] | None = None,
                  on_held: Callable[[int], None] | None = None, rate: float | None = None) -> None:
         self._connection = connection
         self.queue = queue
         self._route = route
         self._on_sent = on_sent
         self._before_drops = before_drops
+        self._before_leaving = before_leaving
         self._on_held = on_held  # told how many records are to be sent, before the first goes
         # Sends a second at most: the legacy API is what a replay loads, and it is the scarce part.
         self._interval_s = 1.0 / rate if rate else 0.0
@@ -170,13 +174,15 @@ class Cycle:
         drops = [record for _, record, send in held if isinstance(send, Drop)]
         if self._on_held is not None:
             self._on_held(len(held) - len(drops))
-        if drops and self._before_drops is not None:
-            try:
+        try:
+            if held and self._before_leaving is not None:
+                self._before_leaving([record for _, record, _ in held])
+            if drops and self._before_drops is not None:
                 self._before_drops(drops)
-            except Exception:
-                for tag, record, _ in held:  # nothing leaves: every held record goes round
-                    self._put_back(channel, tag, record)
-                raise
+        except Exception:
+            for tag, record, _ in held:  # nothing leaves: every held record goes round
+                self._put_back(channel, tag, record)
+            raise
         for tag, record, send in held:
             if isinstance(send, Drop):
                 if self.refused is None:

@@ -11,7 +11,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,18 +21,23 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingConnection
 
-from . import broker
+from regbridge.failure_index import QUEUED
+
+from . import broker, mongo
 from .confirm import Consent
 from .cycle import Cycle, Drop, Record, Send, exact_copy
 from .errors import FAILED, PARTIAL, USAGE, CliError
+from .index import Entry, FailureIndex
 from .output import Output
 from .progress import Progress
+from .reconcile import Keeper
 from .records import Failure, Filter, first_copies
 from .settings import CliSettings
 from .table import plural, truncate
 from .timefmt import format_age
 
 REASON_WIDTH = 60
+INDEX_ANSWER_S = 120.0  # a replay reads every entry's state once: a large index takes a while
 
 
 def failures_of(records: list[Record]) -> list[Failure]:
@@ -45,29 +51,117 @@ def read(connection: BlockingConnection, settings: CliSettings) -> list[Failure]
     return failures_of(Cycle(connection, settings.failed_queue).run().records)
 
 
-def table(failures: list[Failure], now: datetime, *, indent: str = "", out: Output | None = None,
-          copies: dict[str, int] | None = None) -> str:
-    def shown_id(f: Failure) -> str:
-        times = (copies or {}).get(f.message_id or "", 1)
-        return (f.message_id or "-") + (f" (x{times})" if times > 1 else "")
+@dataclass(frozen=True)
+class Row:
+    """One line of a table of records, read from the index or from the queue."""
 
-    rows = [[shown_id(f), f.stage, f.user_id or "-", format_age(f.age_s(now)) if f.failed_at else "?",
-             truncate(f.reason, REASON_WIDTH)] for f in failures]
-    return (out or Output()).table(["ID", "STAGE", "USER_ID", "AGE", "REASON"], rows, right=["AGE"],
-                                   indent=indent)
+    id: str
+    stage: str
+    user_id: str | None
+    failed_at: datetime | None
+    reason: str
+    state: str | None = None  # the entry's state; None when read from the queue
+
+    @classmethod
+    def of_failure(cls, failure: Failure, copies: dict[str, int] | None = None) -> Row:
+        times = (copies or {}).get(failure.message_id or "", 1)
+        return cls((failure.message_id or "-") + (f" (x{times})" if times > 1 else ""), failure.stage,
+                   failure.user_id, failure.failed_at, failure.reason)
+
+    @classmethod
+    def of_entry(cls, entry: Entry) -> Row:
+        return cls(entry.record_id, entry.stage, entry.user_id, entry.failed_at if entry.readable else None,
+                   entry.reason, entry.state)
+
+
+def table(rows: list[Row], now: datetime, *, indent: str = "", out: Output | None = None) -> str:
+    """ID, STAGE, USER_ID, AGE, REASON; and STATE after ID when some row's entry is not `queued`
+    (its record is being published, or leaving: see regbridge.failure_index)."""
+    states = any(r.state not in (None, QUEUED) for r in rows)
+    cells = [[r.id, *([r.state or "-"] if states else []), r.stage, r.user_id or "-",
+              format_age((now - r.failed_at).total_seconds()) if r.failed_at else "?",
+              truncate(r.reason, REASON_WIDTH)] for r in rows]
+    headers = ["ID", *(["STATE"] if states else []), "STAGE", "USER_ID", "AGE", "REASON"]
+    return (out or Output()).table(headers, cells, right=["AGE"], indent=indent)
 
 
 def _view(failure: Failure, now: datetime, copies: dict[str, int]) -> dict[str, Any]:
     return {**failure.view(now), "copies": copies.get(failure.message_id or "", 1)}
 
 
+def entry_view(entry: Entry, body: str, now: datetime) -> dict[str, Any]:
+    """An entry as `--json` shows it: the keys of a record read from the queue, its `state` and
+    `seq`; `position` and `copies` are the queue's to know (`--from-queue`), so null here."""
+    view = Failure.parse(0, body.encode("utf-8"), message_id=entry.record_id).view(now)
+    return {**view, "position": None, "copies": None, "state": entry.state, "seq": entry.seq}
+
+
 @dataclass(frozen=True)
 class ListOptions:
     filter: Filter
     limit: int | None = None
+    from_queue: bool = False
 
 
 def list_records(options: ListOptions, settings: CliSettings, out: Output) -> int:
+    if options.from_queue:
+        return _list_from_queue(options, settings, out)
+    now = datetime.now(UTC)
+    with mongo.database(settings) as db:
+        index = FailureIndex(db, settings)
+        page = index.page(options.filter, options.limit)
+        bodies = index.bodies(e.record_id for e in page.entries) if not out.is_table else {}
+        size = index.size()
+    depth = queue_depth(settings)
+    queue = settings.failed_queue
+    warn_if_apart(size, depth, index.name, queue)
+    shown = page.entries
+    if not out.is_table:
+        views = [entry_view(e, bodies.get(e.record_id, ""), now) for e in shown]
+        out.document(views, jsonl_rows=views)
+        return 0
+    if shown:
+        out.line(table([Row.of_entry(e) for e in shown], now, out=out))
+        out.summary("")
+    elif size == 0 and depth == 0:
+        out.summary(f"no failure records on {queue}")
+        return 0
+    parts = []
+    if page.more:
+        parts.append(f"{len(shown)} shown; more match (--limit)")
+    elif options.filter.active:
+        parts.append(f"{len(shown)} matching")
+    if depth == size:
+        parts.append(f"{plural(size, 'failure record')} on {queue}")
+    else:
+        on_queue = "unknown" if depth is None else str(depth)
+        parts.append(f"{plural(size, 'failure record')} in the index, {on_queue} on {queue}")
+    out.summary("; ".join(parts))
+    return 0
+
+
+def queue_depth(settings: CliSettings) -> int | None:
+    """The failure queue's ready messages (a passive declare), or None when the broker cannot tell."""
+    try:
+        with broker.connect(settings) as connection:
+            info = broker.queue_info(connection, settings.failed_queue)
+    except (CliError, pika.exceptions.AMQPError):
+        return None
+    return None if info is None else info.ready
+
+
+def warn_if_apart(size: int, depth: int | None, index: str, queue: str) -> None:
+    """One line on stderr when the index's size and the queue's depth differ. Both are counts from
+    metadata: a record being published or replayed right now, copies of one record, or records a
+    consumer holds make them differ for a moment; a lasting difference is what reconcile is for."""
+    if depth == size:
+        return
+    held = "an unknown number of" if depth is None else str(depth)
+    print(f"registrations: the index {index} holds {size} entries but {queue} holds {held} records; "
+          "`registrations failed reconcile` compares them record by record", file=sys.stderr)
+
+
+def _list_from_queue(options: ListOptions, settings: CliSettings, out: Output) -> int:
     now = datetime.now(UTC)
     with broker.connect(settings) as connection:
         failures, copies = first_copies(read(connection, settings))
@@ -84,7 +178,7 @@ def list_records(options: ListOptions, settings: CliSettings, out: Output) -> in
         out.summary(f"no failure records on {queue}")
         return 0
     if shown:
-        out.line(table(shown, now, out=out, copies=copies))
+        out.line(table([Row.of_failure(f, copies) for f in shown], now, out=out))
         out.summary("")
     parts = []
     if len(shown) < matching:
@@ -113,13 +207,60 @@ def find(failures: list[Failure], wanted: str, queue: str) -> Failure:
     raise CliError(f"no record with id {wanted!r}: {queue} {held} (`registrations failed list` shows their ids)")
 
 
-def show(wanted: str, settings: CliSettings, out: Output) -> int:
+PREFIX_SHOWN = 5
+
+
+def find_entry(index: FailureIndex, wanted: str) -> Entry:
+    """The entry whose id is `wanted`, or the one whose id alone starts with it."""
+    exact = index.get(wanted)
+    if exact is not None:
+        return exact
+    prefixed = index.starting_with(wanted, PREFIX_SHOWN + 1)
+    if len(prefixed) == 1:
+        found = index.get(prefixed[0].record_id)
+        if found is not None:
+            return found
+    if prefixed:
+        some = ", ".join(e.record_id for e in prefixed[:PREFIX_SHOWN])
+        many = f"{PREFIX_SHOWN} or more" if len(prefixed) > PREFIX_SHOWN else str(len(prefixed))
+        raise CliError(f"{many} records in {index.name} have ids starting with {wanted!r} ({some}"
+                       f"{', ...' if len(prefixed) > PREFIX_SHOWN else ''}): give more of the id")
+    raise CliError(f"no record with id {wanted!r} in the index {index.name} (`registrations failed list` shows "
+                   "their ids; `registrations failed reconcile` indexes records the index lacks)")
+
+
+def show(wanted: str, settings: CliSettings, out: Output, *, from_queue: bool = False) -> int:
+    if from_queue:
+        return _show_from_queue(wanted, settings, out)
+    with mongo.database(settings) as db:
+        entry = find_entry(FailureIndex(db, settings), wanted)
+    now = datetime.now(UTC)
+    if out.is_table:
+        out.line(table([Row.of_entry(entry)], now, out=out))
+        return 0
+    view = entry_view(entry, entry.body or "", now)
+    out.document({
+        "id": entry.record_id,
+        "copies": None,
+        "position": None,
+        "queue": settings.failed_queue,
+        "state": entry.state,
+        "seq": entry.seq,
+        "age_s": view["age_s"],
+        "properties": None,  # the queue's to know: `--from-queue`
+        "record": view["record"],
+        **({"problem": view["problem"]} if "problem" in view else {}),
+    })
+    return 0
+
+
+def _show_from_queue(wanted: str, settings: CliSettings, out: Output) -> int:
     with broker.connect(settings) as connection:
         failures, copies = first_copies(read(connection, settings))
     failure = find(failures, wanted, settings.failed_queue)
     now = datetime.now(UTC)
     if out.is_table:
-        out.line(table([failure], now, out=out, copies=copies))
+        out.line(table([Row.of_failure(failure, copies)], now, out=out))
         return 0
     out.document({
         "id": failure.message_id,
@@ -149,10 +290,27 @@ class _Pass:
 
     cycle: Cycle
     chosen: dict[int, Failure]
+    index_problem: str | None = None  # why the index could not follow (the queue's part is done)
+
+
+def _run(cycle: Cycle, keeper: Keeper | None, moved: Callable[[], bool]) -> str | None:
+    """Run `cycle`; with a `keeper`, settle the index after it, however it ends. A stop midway
+    exits 3 when some records were moved already."""
+    try:
+        cycle.run()
+    except CliError as exc:
+        problem = keeper.settle(cycle, whole=False) if keeper is not None else None
+        raise CliError(str(exc) + (f"; {problem}" if problem else ""), PARTIAL if moved() else exc.code) from None
+    except BaseException:
+        if keeper is not None:
+            keeper.settle(cycle, whole=False)
+        raise
+    return keeper.settle(cycle, whole=True) if keeper is not None else None
 
 
 def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Callable[[Failure], None] | None,
-                 quiet: bool = False, on_held: Callable[[int], None] | None = None) -> _Pass:
+                 quiet: bool = False, on_held: Callable[[int], None] | None = None,
+                 keeper: Keeper | None = None) -> _Pass:
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
     chosen_ids: set[str] = set()
@@ -185,20 +343,36 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
     with broker.connect(settings) as connection:
         broker.require_queue(connection, failed, settings)
         broker.require_queue(connection, inbound, settings)
-        cycle = Cycle(connection, failed, route, on_sent=sent, on_held=on_held, rate=options.rate)
-        try:
-            cycle.run()
-        except CliError as exc:
-            # Stopped midway (a lost broker): what was sent is sent, so say it was in part.
-            raise CliError(str(exc), PARTIAL if cycle.sent else exc.code) from None
+        cycle = Cycle(connection, failed, route, on_sent=sent, on_held=on_held, rate=options.rate,
+                      before_leaving=keeper.before_leaving if keeper is not None else None)
+        # Stopped midway (a lost broker): what was sent is sent, so say it was in part.
+        problem = _run(cycle, keeper, lambda: bool(cycle.sent))
     if options.dry_run and on_chosen is not None:
         for record in cycle.records:
             if record.position in chosen:
                 on_chosen(chosen[record.position])
-    return _Pass(cycle, chosen)
+    return _Pass(cycle, chosen, problem)
 
 
 def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: Consent | None = None) -> int:
+    if options.dry_run:
+        return _replay(options, settings, out, consent, None)
+    with _index(settings) as index:
+        return _replay(options, settings, out, consent, index)
+
+
+@contextmanager
+def _index(settings: CliSettings) -> Iterator[FailureIndex]:
+    """The failure index, reached before the queue is touched: a replay or a discard that could
+    not keep it in line does not start."""
+    with mongo.database(settings, answer_timeout_s=INDEX_ANSWER_S) as db:
+        index = FailureIndex(db, settings)
+        index.counter()
+        yield index
+
+
+def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: Consent | None,
+            index: FailureIndex | None) -> int:
     """Republish each matching record's `original` to the inbound queue (same message_id), and
     remove the record only once the broker has confirmed the republished message. One cycle of
     the failure queue: the other records go round and keep their order, and the chosen ones are
@@ -243,7 +417,8 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
             bar[0].advance()
 
     try:
-        result = _replay_pass(options, settings, on_chosen=report_and_advance, on_held=held)
+        result = _replay_pass(options, settings, on_chosen=report_and_advance, on_held=held,
+                              keeper=Keeper(index) if index is not None else None)
     finally:
         if bar:
             bar[0].close()
@@ -261,6 +436,8 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
         raise CliError(stopped, PARTIAL if moved else FAILED)
     out.summary(f"{verb} {plural(len(done), 'failure record')} to {inbound}; {left} left on {failed}"
                 f"{' (nothing was moved: --dry-run)' if options.dry_run else ''}")
+    if result.index_problem is not None:
+        raise CliError(result.index_problem, PARTIAL)
     return 0
 
 
@@ -341,6 +518,14 @@ def write_durably(path: Path, lines: list[str]) -> None:
 
 
 def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent: Consent | None = None) -> int:
+    if options.dry_run:
+        return _discard(options, settings, out, consent, None)
+    with _index(settings) as index:
+        return _discard(options, settings, out, consent, index)
+
+
+def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consent: Consent | None,
+             index: FailureIndex | None) -> int:
     """Remove the matching records for good, each written to the export file first. One cycle:
     the others go round and keep their order; the chosen ones are held, written and synced to
     the file together, and only then acked. At least once: a crash leaves every removed record in
@@ -368,7 +553,8 @@ def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent
         consent.require(f"discard {plural(counted, 'failure record')} from {failed} for good (kept in "
                         f"{options.export})?", "nothing was discarded (the answer was not yes)")
         limit = counted
-    result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings)
+    result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings,
+                           Keeper(index) if index is not None else None)
     done = list(result.chosen.values())
     left = _left(result.cycle)
     verb = "would discard" if options.dry_run else "discarded"
@@ -384,10 +570,12 @@ def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent
     kept = f"; written to {options.export}" if options.export is not None and not options.dry_run and done else ""
     out.summary(f"{verb} {plural(len(done), 'failure record')} from {failed}{kept}; {left} left"
                 f"{' (nothing was removed: --dry-run)' if options.dry_run else ''}")
+    if result.index_problem is not None:
+        raise CliError(result.index_problem, PARTIAL)
     return 0
 
 
-def _discard_pass(options: DiscardOptions, settings: CliSettings) -> _Pass:
+def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper | None = None) -> _Pass:
     failed = settings.failed_queue
     chosen: dict[int, Failure] = {}
     chosen_ids: set[str] = set()
@@ -413,12 +601,10 @@ def _discard_pass(options: DiscardOptions, settings: CliSettings) -> _Pass:
 
     with broker.connect(settings) as connection:
         broker.require_queue(connection, failed, settings)
-        cycle = Cycle(connection, failed, route, before_drops=keep)
-        try:
-            cycle.run()
-        except CliError as exc:
-            raise CliError(str(exc), PARTIAL if cycle.dropped else exc.code) from None
-    return _Pass(cycle, chosen)
+        cycle = Cycle(connection, failed, route, before_drops=keep,
+                      before_leaving=keeper.before_leaving if keeper is not None else None)
+        problem = _run(cycle, keeper, lambda: bool(cycle.dropped))
+    return _Pass(cycle, chosen, problem)
 
 
 def _discard_row(failure: Failure, dry_run: bool) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import pika
 from harness import Broker
 from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
@@ -40,15 +41,18 @@ class FailureRecords:
         return int(doc["next"]) - count
 
     def publish(self, body: bytes | Mapping[str, Any], *, message_id: str | None,
-                timestamp: int | None = None, indexed: bool = True) -> IndexEntry | None:
-        """Publish one record; with `indexed` (and an id) its entry is written around the publish."""
+                properties: pika.BasicProperties | None = None, indexed: bool = True) -> IndexEntry | None:
+        """Publish one record (confirmed); with `indexed` and an id, its entry is written around
+        the publish. `properties`: the message's own (its message_id wins over `message_id`)."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        if message_id is None or not indexed:
-            self.broker.publish(self.queue, data, message_id=message_id, timestamp=timestamp)
+        props = properties or pika.BasicProperties(delivery_mode=2, message_id=message_id)
+        record_id = props.message_id
+        if record_id is None or not indexed:
+            self.broker.channel.basic_publish("", self.queue, data, props, mandatory=True)
             return None
-        entry = entry_of(message_id, data, fallback_time=datetime.now(UTC))
+        entry = entry_of(record_id, data, fallback_time=datetime.now(UTC))
         self.write(entry, PUBLISHING)
-        self.broker.publish(self.queue, data, message_id=message_id, timestamp=timestamp)
+        self.broker.channel.basic_publish("", self.queue, data, props, mandatory=True)
         self.write(entry, QUEUED)
         return entry
 

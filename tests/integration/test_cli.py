@@ -606,7 +606,8 @@ def on_a_terminal(env: dict[str, str], answer: str, *args: str) -> tuple[int, st
     return process.returncode, shown.decode(errors="replace"), stdout
 
 
-def test_replay_asks_on_a_terminal_and_moves_nothing_on_no(stack: Stack, broker: Broker, failure_records: FailureRecords) -> None:
+def test_replay_asks_on_a_terminal_and_moves_nothing_on_no(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
     for i in range(4):
         failure_records.publish(record(f"u-{i}", ("legacy", "submit")[i % 2]), message_id=f"m-{i}")
 
@@ -629,7 +630,8 @@ def test_replay_asks_on_a_terminal_and_moves_nothing_on_no(stack: Stack, broker:
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-1"]
 
 
-def test_replay_without_a_terminal_refuses_unless_told_yes(stack: Stack, broker: Broker, failure_records: FailureRecords) -> None:
+def test_replay_without_a_terminal_refuses_unless_told_yes(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
     failure_records.publish(record("u-0", "legacy"), message_id="m-0")
     refused = cli(stack.env, "failed", "replay")  # stdin is /dev/null: no terminal to ask on
     print(f"\nno terminal, no --yes: exit {refused.returncode}; stderr {refused.stderr!r}")
@@ -679,7 +681,8 @@ def test_a_replay_or_a_publish_stopped_midway_exits_3(stack: Stack, broker: Brok
 # ---- ids: copies of one record are one record -------------------------------------------------
 
 
-def test_copies_of_one_record_are_listed_once_and_replayed_once(stack: Stack, broker: Broker, failure_records: FailureRecords) -> None:
+def test_copies_of_one_record_are_listed_once_and_replayed_once(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
     env = stack.env  # no service runs: what a replay publishes stays on the inbound queue
     copy = record("u-5", "legacy", reason="rejected by the legacy system")
     for mid, body in [("m-5", copy), ("m-6", record("u-6", "legacy")), ("m-5", copy), ("m-7", record("u-7", "submit"))]:
@@ -742,7 +745,8 @@ def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stac
 # ---- replay at a rate, with a progress bar ------------------------------------------------------
 
 
-def test_a_replay_keeps_to_its_rate_and_shows_its_progress(stack: Stack, broker: Broker, failure_records: FailureRecords) -> None:
+def test_a_replay_keeps_to_its_rate_and_shows_its_progress(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
     env = stack.env  # no service runs: the replayed messages stay on the inbound queue
     ids = [f"r-{i}" for i in range(30)]
     for mid in ids:

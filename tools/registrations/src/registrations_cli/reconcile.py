@@ -64,7 +64,10 @@ def bring_in_line(index: FailureIndex, found: Found, *, started_at: datetime, le
     difference unless `dry_run`. The ids in `leave_out` are the caller's to settle."""
     seen = {i: s for i, s in index.seen().items() if i not in leave_out}
     on_queue = [i for i in found.first if i not in leave_out]
-    reconciliation = failure_index.reconcile(on_queue, seen, started_at=started_at)
+    found_now = failure_index.reconcile(on_queue, seen, started_at=started_at)
+    # Added in queue order, so that their seqs list them as the queue holds them.
+    missing = set(found_now.add)
+    reconciliation = Reconciliation(tuple(i for i in on_queue if i in missing), found_now.confirm, found_now.delete)
     if not dry_run:
         now = datetime.now(UTC)
         index.apply(reconciliation, found.entries(reconciliation.add, now), now)

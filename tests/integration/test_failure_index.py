@@ -109,6 +109,26 @@ def test_the_list_marks_entries_that_are_not_queued(stack: Stack, broker: Broker
         ["queued"] * 3 + ["publishing"]
 
 
+def test_a_list_moves_the_starting_point_up_past_windows_that_emptied(
+        stack: Stack, broker: Broker, failure_records: FailureRecords) -> None:
+    """Seqs 0 to 24,999 were used and their entries deleted (records replayed long ago): a list
+    reads the empty windows once, then starts from the lowest seq in use, though never within
+    LOW_MARGIN of the newest (an entry may be on its way there)."""
+    newest = 30_000
+    failure_records.counters.update_one({"_id": failure_index.COUNTER_ID}, {"$set": {"next": newest}}, upsert=True)
+    now = datetime.now(UTC)
+    for seq in (25_000, 25_001, 29_999):
+        entry = entry_of(f"m-{seq}", record(f"u-{seq}"), fallback_time=now)
+        failure_records.entries.update_one({"_id": entry.record_id}, failure_index.entry_update(
+            entry, QUEUED, seq=seq, now=now, token="t"), upsert=True)
+    assert ids(stack.env, "--stage", "legacy") == ["m-25000", "m-25001", "m-29999"]
+    assert failure_records.counters.find_one({"_id": failure_index.COUNTER_ID}).get("low") is None  # filtered
+    assert ids(stack.env) == ["m-25000", "m-25001", "m-29999"]
+    low = failure_records.counters.find_one({"_id": failure_index.COUNTER_ID})["low"]
+    assert low == failure_index.safe_low(25_000, newest) == newest - failure_index.LOW_MARGIN
+    assert ids(stack.env, "--limit", "1") == ["m-25000"]
+
+
 # ---- reconcile ------------------------------------------------------------------------------------
 
 

@@ -5,18 +5,22 @@ with the queue; replay and discard keep it in line; and a list of 100,000 record
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import harness
 import pika
 import pytest
 from conftest import Stack
 from failure_records import FailureRecords
 from harness import BIN, Broker, cli_env
 from outcomes import FAILED, INBOUND, good
+from pymongo import MongoClient
 from registrations_cli import main as cli_main
 from registrations_cli.index import FailureIndex, entry_of
 
@@ -282,8 +286,19 @@ def timed(env: dict[str, str], *args: str) -> tuple[str, float, int]:
     return result.stdout, float(measured[2]), int(measured[3]) // 1024
 
 
-def test_list_of_100000_records(stack: Stack, broker: Broker, failure_records: FailureRecords,
-                                amqp_url: str) -> None:
+@pytest.fixture
+def own_mongo() -> Iterator[harness.Mongo]:
+    """A Mongo-wire server of the test's own: 100,000 inserts would keep the shared one busy for
+    the tests that run beside this one."""
+    server = harness.start_secantus()
+    yield server
+    server.stop()
+    shutil.rmtree(server.storage, ignore_errors=True)
+
+
+def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness.Mongo, amqp_url: str) -> None:
+    client: MongoClient[dict[str, Any]] = MongoClient(own_mongo.uri, tz_aware=True)
+    failure_records = FailureRecords(broker, client["figure"])
     now = datetime.now(UTC)
     began = time.monotonic()
     # Every thousandth record is u-000777's; the last five are the only `poll` ones.
@@ -307,7 +322,8 @@ def test_list_of_100000_records(stack: Stack, broker: Broker, failure_records: F
     assert broker.depth(FAILED) == N
     setup_s = time.monotonic() - began
 
-    env = stack.env
+    client.close()
+    env = {**stack.env, "MONGODB_URI": own_mongo.uri, "MONGODB_DATABASE": "figure"}
     figures = []
 
     def run(label: str, *args: str) -> str:

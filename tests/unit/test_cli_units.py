@@ -26,8 +26,8 @@ from registrations_cli.broker import properties_view
 from registrations_cli.confirm import Consent
 from registrations_cli.cycle import Record, exact_copy
 from registrations_cli.errors import CliError
-from registrations_cli.failed import Row, find, table
 from registrations_cli.index import Entry, entry_of
+from registrations_cli.listing import Row, find, table
 from registrations_cli.main import build_parser, version_text
 from registrations_cli.output import Output, safe_json
 from registrations_cli.progress import Progress, bar

@@ -16,7 +16,7 @@ from pymongo.errors import PyMongoError
 
 from regbridge.redact import redact_url
 
-from . import completion, failed, indexes, inspect_queues, output, publish, reconcile, rows, stats, status
+from . import completion, failed, indexes, inspect_queues, listing, output, publish, reconcile, rows, stats, status
 from .confirm import Consent
 from .errors import FAILED, INTERRUPTED, CliError
 from .output import Output
@@ -241,13 +241,13 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "inspect":
         return inspect_queues.run(settings, out)
     if args.failed_command == "show":
-        return failed.show(args.id, settings, out, from_queue=args.from_queue)
+        return listing.show(args.id, settings, out, from_queue=args.from_queue)
     if args.failed_command == "reconcile":
         return reconcile.run(settings, out, dry_run=args.dry_run)
     flt = Filter(stage=args.stage, user_id=args.user_id, since=args.since, older_than=args.older_than,
                  ids=frozenset(args.ids) if args.ids else None, reason=args.reason)
     if args.failed_command == "list":
-        return failed.list_records(failed.ListOptions(flt, args.limit, args.from_queue), settings, out)
+        return listing.list_records(listing.ListOptions(flt, args.limit, args.from_queue), settings, out)
     if args.failed_command == "discard":
         return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run), settings, out,
                               consent)

@@ -7,8 +7,8 @@ from typing import Any
 
 from . import mongo
 from .errors import CliError
-from .failed import Row, entry_view, table
 from .index import FailureIndex
+from .listing import Row, entry_view, table
 from .output import Output
 from .settings import CliSettings
 from .table import plural

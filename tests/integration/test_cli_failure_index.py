@@ -160,6 +160,8 @@ def test_reconcile_brings_the_index_in_line_with_the_queue(stack: Stack, broker:
 
     out = ok(env, "failed", "reconcile")
     print(f"\nreconcile: {out.strip()!r}")
+    assert out.splitlines()[:5] == ["added m-new", "added m-copied", "added m-junk", "confirmed m-publishing",
+                                    "deleted m-gone"]
     assert out.splitlines()[-1] == (f"6 records on {FAILED}, 5 ids (1 id with several copies): added 3, "
                                     f"confirmed 1, deleted 1 in {users_db(failure_records)}.users.failures")
     assert failure_records.states() == {"m-kept": "queued", "m-new": "queued", "m-copied": "queued",

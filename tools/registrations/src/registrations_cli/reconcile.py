@@ -107,10 +107,13 @@ def run(settings: CliSettings, out: Output, *, dry_run: bool = False) -> int:
 
 
 def _rows(done: Reconciliation, dry_run: bool) -> list[dict[str, Any]]:
-    would = "would_" if dry_run else ""
-    return ([{"action": f"{would}add", "id": i} for i in done.add]
-            + [{"action": f"{would}confirm", "id": i} for i in done.confirm]
-            + [{"action": f"{would}delete", "id": i} for i, _ in done.delete])
+    """One per change, as replay's rows are: `added` (or `would_add`), `confirmed`, `deleted`."""
+    def action(did: str, would: str) -> str:
+        return f"would_{would}" if dry_run else did
+
+    return ([{"action": action("added", "add"), "id": i} for i in done.add]
+            + [{"action": action("confirmed", "confirm"), "id": i} for i in done.confirm]
+            + [{"action": action("deleted", "delete"), "id": i} for i, _ in done.delete])
 
 
 def _document(done: Reconciliation, found: Found, shared: dict[str, int], settings: CliSettings, index: str,

@@ -8,6 +8,8 @@ from typing import Any
 
 from harness import Broker, wait_until
 
+from regbridge.failure_index import QUEUED
+
 FAILED = "registrations.failed"
 INBOUND = "registrations"
 PENDING = "registrations.pending"
@@ -121,4 +123,26 @@ def check_exact(outcomes: Outcomes, expected: dict[str, str], *, timeout: float 
             doc = outcomes.users.find_one({"_id": user_id})
             assert doc["registration_status"] == "failed" and doc["registration_error"]["stage"] == stage
     assert outcomes.registered() == want_registered
+    index_agrees(outcomes)
     return extra
+
+
+def index_agrees(outcomes: Outcomes) -> int:
+    """The failure index against the records the failure queue received: every record's id has
+    an entry, holding one of that id's records exactly; no entry says `queued` of an id that
+    never reached the queue. Returns the entries left unsure (`publishing` with no record: a
+    kill before the publish whose redelivery ended otherwise), which a reconcile deletes."""
+    entries = {doc["_id"]: doc for doc in outcomes.users.database[f"{outcomes.users.name}.failures"].find(
+        {}, {"state": 1, "stage": 1, "user_id": 1, "body": 1})}
+    received: dict[str | None, list[dict[str, Any]]] = {}
+    for message_id, record in zip(outcomes.failure_ids, outcomes.failures, strict=True):
+        received.setdefault(message_id, []).append(record)
+    missing = [m for m in received if m not in entries]
+    assert not missing, f"failure records without an index entry: {missing[:5]}"
+    for message_id, records in received.items():
+        entry = entries[message_id]
+        assert json.loads(entry["body"]) in records, f"{message_id}: the entry holds no record that was published"
+        assert entry["stage"] == records[0]["error"]["stage"] and entry["user_id"] == records[0]["user_id"]
+    phantom = [i for i, e in entries.items() if i not in received and e["state"] == QUEUED]
+    assert not phantom, f"entries queued without a record: {phantom[:5]}"
+    return sum(1 for i, e in entries.items() if i not in received)

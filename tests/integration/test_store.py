@@ -4,16 +4,18 @@ Mongo-wire server: every starting state against every write."""
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from harness import Mongo
 from pymongo import MongoClient
 
+from regbridge.failure_index import COUNTER_ID, INDEXES, LEAVING, PUBLISHING, QUEUED, SEQ_BLOCK, IndexEntry
 from regbridge.lifecycle import State, may_record
 from regbridge.messages import FailureError
-from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus
-from regbridge.store import Attempt, MongoStore, connect
+from regbridge.plans import AttemptAccepted, AttemptFailed, RecordIndexed, UserStatus
+from regbridge.store import Attempt, MongoStore, SeqBlocks, connect
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +111,62 @@ def test_record_accepted_writes_the_attempt_and_the_user_together(store: Any) ->
     assert not mongo_store.apply(AttemptAccepted("k2", "done", "R2"))
     assert mongo_store.attempt("k2").request_id == "R2"  # the attempt is on record all the same
     assert users.find_one({"_id": "done"})["legacy_request_id"] == "R0"
+
+
+# ---- the failure queue's index -------------------------------------------------------------------
+
+
+def _entry(record_id: str, reason: str = "no") -> IndexEntry:
+    return IndexEntry(record_id, "legacy", reason, "u-1", "R1", datetime(2026, 12, 1, tzinfo=UTC), '{"x":1}')
+
+
+def test_an_entry_keeps_its_place_when_its_record_is_published_again(store: Any) -> None:
+    mongo_store, users = store
+    failures = users.database["users.failures"]
+    assert mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t1", _entry("m-1")))
+    assert mongo_store.apply(RecordIndexed("m-2", PUBLISHING, "t2", _entry("m-2")))
+    first = failures.find_one({"_id": "m-1"})
+    assert first["state"] == PUBLISHING and first["body"] == '{"x":1}' and first["user_id"] == "u-1"
+    assert first["failed_at"] == datetime(2026, 12, 1, tzinfo=UTC) and first["token"] == "t1"
+    assert mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t3", _entry("m-1", "again")))  # a redelivery's
+    again = failures.find_one({"_id": "m-1"})
+    assert again["reason"] == "again" and again["token"] == "t3"
+    assert again["seq"] == first["seq"] < failures.find_one({"_id": "m-2"})["seq"]
+    assert {i["name"] for i in failures.list_indexes()} >= {name for name, _ in INDEXES}
+
+
+def test_queued_moves_only_the_entry_its_own_publish_wrote(store: Any) -> None:
+    mongo_store, users = store
+    failures = users.database["users.failures"]
+    mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t1", _entry("m-1")))
+    mongo_store.apply(RecordIndexed("m-1", QUEUED, "t1"))
+    assert failures.find_one({"_id": "m-1"})["state"] == QUEUED
+    mongo_store.apply(RecordIndexed("m-2", PUBLISHING, "t2", _entry("m-2")))
+    failures.update_one({"_id": "m-2"}, {"$set": {"state": LEAVING, "token": "cli"}})  # a reader took it meanwhile
+    mongo_store.apply(RecordIndexed("m-2", QUEUED, "t2"))
+    assert failures.find_one({"_id": "m-2"})["state"] == LEAVING
+    failures.delete_one({"_id": "m-2"})  # ... and removed it: nothing brings it back
+    mongo_store.apply(RecordIndexed("m-2", QUEUED, "t2"))
+    assert failures.find_one({"_id": "m-2"}) is None
+
+
+def test_an_index_that_exists_under_another_name_does_not_stop_entries(store: Any) -> None:
+    mongo_store, users = store
+    failures = users.database["users.failures"]
+    failures.create_index([("seq", 1)], name="someone_elses")
+    assert mongo_store.apply(RecordIndexed("m-1", PUBLISHING, "t1", _entry("m-1")))
+    assert failures.find_one({"_id": "m-1"})["state"] == PUBLISHING
+
+
+def test_seqs_come_in_blocks_from_one_counter_shared_by_processes(mongo: Mongo, database: str) -> None:
+    client = connect(mongo.uri, pool_size=2)
+    try:
+        counters = client[database]["users.counters"]
+        a, b = SeqBlocks(counters), SeqBlocks(counters)
+        taken = [a.take(), a.take(), b.take(), a.take(), b.take()]
+        assert len(set(taken)) == len(taken)
+        assert taken[:2] == [0, 1] and taken[2] == SEQ_BLOCK and taken[3] == 2
+        assert counters.find_one({"_id": COUNTER_ID})["next"] == 2 * SEQ_BLOCK
+    finally:
+        client.drop_database(database)
+        client.close()

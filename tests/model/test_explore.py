@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import pytest
 from world import FAULTS, INBOUND, NOW, PENDING, Fault, Message, NotSettled, World, lineage_of_key
 
+from regbridge.failure_index import PUBLISHING, QUEUED
 from regbridge.lifecycle import State
 from regbridge.messages import PendingMessage, Registration
 from regbridge.settings import poller_settings, submitter_settings
@@ -184,6 +185,22 @@ def check(scenario: Scenario, world: World) -> None:
         assert user[0] == State.FAILED
     # No status moves backwards within an attempt.
     _monotonic(world.store.history[USER])
+    _index_agrees(world)
+
+
+def _index_agrees(world: World) -> None:
+    """Read at every effect point of the run (`World._read_index`), the failure queue's index
+    never misses a record on the queue (unless a refusal or an error kept its entry out) and
+    never says `queued` of a record that is not there. At the end it is unsure (`publishing`)
+    of an entry only after a fault."""
+    assert not world.index_disagreements, world.index_disagreements[:3]
+    on_queue = {mid for mid, _ in world.records() if mid is not None}
+    index = world.store.index
+    assert on_queue - world.store.unindexed <= set(index), f"records without an entry: {on_queue - set(index)}"
+    queued = {rid for rid, (state, _) in index.items() if state == QUEUED}
+    assert queued <= on_queue, f"entries queued whose record is not on the queue: {queued - on_queue}"
+    unsure = {rid for rid, (state, _) in index.items() if state != QUEUED}
+    assert not unsure or world.fired, f"entries left {PUBLISHING} without a fault: {unsure}"
 
 
 def _monotonic(history: list[tuple[str, str | None]]) -> None:

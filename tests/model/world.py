@@ -12,7 +12,8 @@ The broker model: at-least-once redelivery (`redelivered`, `x-delivery-count`), 
 can be refused or lost with the channel, dead-lettering from the wait queues that can
 duplicate, settles dropped when their channel is gone, and RabbitMQ 4.x's delivery limit of 20,
 counted the way 4.0-4.2 count it (every return) or the way 4.3 does (no requeueing nack).
-The store model applies the status rule of `lifecycle.may_record` as MongoStore's filters do.
+The store model applies the status rule of `lifecycle.may_record` as MongoStore's filters do,
+and keeps the failure queue's index (`regbridge.failure_index`) as MongoStore writes it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
 from regbridge.durable import Durable
 from regbridge.executor import ERRORS_HEADER, Executor
+from regbridge.failure_index import PUBLISHING, QUEUED
 from regbridge.lifecycle import (
     Accepted,
     Completed,
@@ -47,7 +49,7 @@ from regbridge.lifecycle import (
     may_record,
 )
 from regbridge.messages import FailureRecord
-from regbridge.plans import AttemptAccepted, AttemptFailed, UserStatus, Write
+from regbridge.plans import AttemptAccepted, AttemptFailed, RecordIndexed, UserStatus, Write
 from regbridge.settings import PollerSettings, SubmitterSettings
 from regbridge.store import Attempt, UserState, WriteRefused
 from submitter.service import Submitter
@@ -64,6 +66,7 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "read": ("crash", "outage", "error", "error_always", "disconnect"),
     "reset": ("crash", "outage", "disconnect"),
     "write": ("crash", "outage", "refused", "refused_user", "disconnect"),
+    "index": ("crash", "outage", "refused", "error", "disconnect"),  # a failure record's index entry
     "post": ("crash", "transient", "lost_answer", "disconnect"),
     "get": ("crash", "transient", "disconnect"),
     "publish": ("crash", "nack", "lost_confirm", "disconnect"),
@@ -144,12 +147,14 @@ class World:
         self.in_hand: dict[int, tuple[str, Message, int]] = {}  # tag → queue, message, generation
         self.deferred: list[tuple[float, Delivery, Callable[[], None]]] = []
         self.acked: list[str | None] = []
+        self.index_disagreements: list[str] = []
         self._processes()
 
     # ---- faults ---------------------------------------------------------------------------
 
     def at(self, kind: str, lineage: str | None = None) -> str | None:
         """An effect point: the mode of the fault injected here, if any (a crash raises)."""
+        self._read_index()
         index = len(self.points)
         self.points.append(kind)
         mode = self.faults.get(index)
@@ -163,6 +168,18 @@ class World:
             self.lose_channel()
             return None
         return mode
+
+    def _read_index(self) -> None:
+        """A reader of the failure index at this moment: what it would get wrong. Nothing is
+        excused but a record whose entry a refusal or an error kept out (it went out without)."""
+        on_queue = {m.message_id for m in self.queues[FAILED] if m.message_id is not None}
+        index = self.store.index
+        for missing in on_queue - set(index) - self.store.unindexed:
+            self.index_disagreements.append(f"record {missing} on the queue without an entry (point "
+                                            f"{len(self.points)})")
+        for rid, (state, _) in index.items():
+            if state == QUEUED and rid not in on_queue:
+                self.index_disagreements.append(f"entry {rid} queued without its record (point {len(self.points)})")
 
     # ---- processes --------------------------------------------------------------------------
 
@@ -397,6 +414,11 @@ class ModelStore:
         self.history: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
         self.refused: set[str] = set()
         self.broken_reads = False
+        # The failure queue's index: record id -> (state, the world's time of the write), the
+        # token of each entry's last whole write, and the ids whose entry a fault kept out.
+        self.index: dict[str, tuple[str, float]] = {}
+        self.index_tokens: dict[str, str] = {}
+        self.unindexed: set[str] = set()
 
     def _point(self, kind: str, lineage: str | None) -> str | None:
         mode = self.world.at(kind, lineage)
@@ -425,6 +447,8 @@ class ModelStore:
         self.attempts[key] = Attempt(None, False, publish=publish)
 
     def apply(self, write: Write) -> bool:
+        if isinstance(write, RecordIndexed):
+            return self._index(write)
         lineage = (self.world.users_of.get(write.user_id) if isinstance(write, UserStatus)
                    else lineage_of_key(write.attempt_key))
         mode = self._point("write", lineage)
@@ -445,6 +469,23 @@ class ModelStore:
                 self.world.windows.record_unmarked.discard(lineage)
             return True
         return self._status(write, kind)
+
+    def _index(self, write: RecordIndexed) -> bool:
+        # The record id is the inbound message_id wherever the message had one: its lineage.
+        mode = self.world.at("index", write.record_id)
+        if mode == "outage":
+            raise AutoReconnect("connection refused")  # this call only: Durable tries again
+        if mode in ("refused", "error"):
+            self.unindexed.add(write.record_id)  # the record goes out without it
+            raise (WriteRefused("Document failed validation (index)") if mode == "refused"
+                   else OperationFailure("Index already exists with a different name", 85))
+        if write.entry is not None:
+            self.index[write.record_id] = (write.state, self.world.now)
+            self.index_tokens[write.record_id] = write.token
+        elif self.index.get(write.record_id, ("", 0.0))[0] == PUBLISHING and \
+                self.index_tokens.get(write.record_id) == write.token:
+            self.index[write.record_id] = (write.state, self.world.now)
+        return True
 
     def _refuse_if(self, kind: str) -> None:
         if kind in self.refused or (kind.startswith("user") and "user" in self.refused):

@@ -21,6 +21,7 @@ from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
 from regbridge.durable import Durable
 from regbridge.executor import ERROR_PAUSE_S, ERRORS_HEADER, POISON_DELIVERIES, Executor, Handler, Job
+from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry
 from regbridge.lifecycle import (
     Accepted,
     Completed,
@@ -35,7 +36,18 @@ from regbridge.lifecycle import (
     may_record,
 )
 from regbridge.messages import FailureError, FailureRecord, PendingMessage
-from regbridge.plans import AttemptAccepted, AttemptFailed, Failure, Finish, Forward, Requeue, Retry, UserStatus, Write
+from regbridge.plans import (
+    AttemptAccepted,
+    AttemptFailed,
+    Failure,
+    Finish,
+    Forward,
+    RecordIndexed,
+    Requeue,
+    Retry,
+    UserStatus,
+    Write,
+)
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt, UserState, WriteRefused
 from regbridge.topology import wait_queue_name
@@ -141,6 +153,11 @@ class FakeStore:
         self.attempt_errors: dict[str, FailureError] = {}
         self.refuse: set[type] = set()  # kinds of write the server refuses for good
         self.unreachable = False
+        # The failure index: record id -> (state, entry), and each index write in order.
+        self.index: dict[str, tuple[str, IndexEntry | None]] = {}
+        self.index_tokens: dict[str, str] = {}
+        self.index_log: list[str] = []
+        self.index_error: Exception | None = None  # what every index write raises
 
     def _check(self) -> None:
         if self.unreachable:
@@ -178,6 +195,17 @@ class FakeStore:
             self.attempt_errors[write.attempt_key] = write.error
             self.attempt_users[write.attempt_key] = write.user_id
             self.log.append(f"attempt-failed:{write.request_id}")
+            return True
+        if isinstance(write, RecordIndexed):
+            if self.index_error is not None:
+                raise self.index_error
+            self.index_log.append(f"{write.state}:{write.record_id}")
+            if write.entry is not None:
+                self.index[write.record_id] = (write.state, write.entry)
+                self.index_tokens[write.record_id] = write.token
+            elif (self.index.get(write.record_id, ("", None))[0] == PUBLISHING
+                  and self.index_tokens.get(write.record_id) == write.token):
+                self.index[write.record_id] = (write.state, self.index[write.record_id][1])
             return True
         return self._write(write)
 
@@ -876,6 +904,116 @@ def test_a_failure_whose_status_write_is_refused_is_still_acked_once() -> None:
     [record] = failure_records(rig.broker)
     assert record.error.stage == "legacy"
     assert rig.broker.acks == [34]
+
+
+# ---- the failure queue's index -------------------------------------------------------------------
+
+
+class WatchedBroker(FakeBroker):
+    """Notes the failure index's state of the record at its publish and at the ack."""
+
+    def __init__(self, log: list[str], store: FakeStore) -> None:
+        super().__init__(log)
+        self.store = store
+        self.seen: list[str] = []
+
+    def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
+        if routing_key == FAILED:
+            self.seen.append(f"publish:{self.store.index.get(str(properties.message_id), ('none', None))[0]}")
+        return super().publish(routing_key, body, properties)
+
+    def ack(self, delivery: Delivery) -> None:
+        self.seen.append("ack:" + ",".join(state for state, _ in self.store.index.values()))
+        super().ack(delivery)
+
+
+def watched_poller_rig(*outcomes: PollOutcome) -> tuple[PollerRig, WatchedBroker]:
+    rig = poller_rig(*outcomes, age=17.0)
+    broker = WatchedBroker(rig.log, rig.store)
+    rig.executor = executor(rig.poller, broker, rig.store, rig.clock)
+    rig.broker = broker
+    return rig, broker
+
+
+def test_a_failure_record_has_its_entry_publishing_before_it_is_out_and_queued_before_the_ack() -> None:
+    rig, broker = watched_poller_rig(LegacyFailed("rejected by the legacy system"))
+    rig.executor.run(pending_delivery(pending(polls=2), tag=41))
+    assert broker.seen == [f"publish:{PUBLISHING}", f"ack:{QUEUED}"]
+    assert rig.store.index_log == ["publishing:m-1", "queued:m-1"]
+    _, entry = rig.store.index["m-1"]
+    [published] = broker.on(FAILED)
+    assert entry is not None and entry.body.encode() == published.body  # the record exactly as published
+    assert (entry.record_id, entry.stage, entry.reason, entry.user_id, entry.legacy_request_id) == (
+        "m-1", "legacy", "rejected by the legacy system", "u-000123", "AB583C-X")
+    assert entry.failed_at == FailureRecord.decode(published.body).failed_at
+
+
+def test_a_record_without_a_confirm_leaves_its_entry_publishing_and_goes_back() -> None:
+    rig, broker = watched_poller_rig(LegacyFailed("no"))
+    broker.refuse.add(FAILED)
+    rig.executor.run(pending_delivery(pending(polls=1), tag=42))
+    assert broker.handed_back == [(42, FAILED)]
+    assert rig.store.index["m-1"][0] == PUBLISHING  # a reader shows it unconfirmed; the redelivery settles it
+
+
+def test_an_index_entry_refused_for_good_does_not_hold_the_record_back() -> None:
+    rig, broker = watched_poller_rig(LegacyFailed("no"))
+    rig.store.refuse.add(RecordIndexed)
+    rig.executor.run(pending_delivery(pending(polls=1), tag=43))
+    assert len(failure_records(broker)) == 1 and broker.acks == [43]
+    assert rig.store.index == {}
+
+
+def test_a_duplicate_after_the_mark_leaves_the_entry_as_it_is() -> None:
+    """A crash after the record's confirm, before its entry said so: the duplicate delivery that
+    finds the attempt marked publishes nothing and writes no entry (it cannot tell the entry it
+    finds from one a newer attempt is publishing): the entry stays unsure until a reconcile."""
+    rig, broker = watched_poller_rig(LegacyFailed("no"))
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", True, FailureError("legacy", "no", 200))
+    entry = IndexEntry("m-1", "legacy", "no", "u-000123", "AB583C-X", datetime.fromtimestamp(NOW, UTC), "{}")
+    rig.store.index["m-1"] = (PUBLISHING, entry)
+    rig.executor.run(pending_delivery(pending(polls=1), tag=44))
+    assert broker.on(FAILED) == [] and broker.acks == [44]
+    assert rig.store.index["m-1"] == (PUBLISHING, entry) and rig.store.index_log == []
+
+
+def test_the_entry_is_confirmed_only_if_it_is_still_the_one_written_before_the_publish() -> None:
+    """A reader (the CLI's `leaving`) or another attempt that rewrote the entry after the
+    publish keeps it: the move to `queued` names the publishing write's token."""
+    rig, broker = watched_poller_rig(LegacyFailed("no"))
+    original_publish = broker.publish
+
+    def publish_then_a_reader_marks_it(routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
+        future = original_publish(routing_key, body, properties)
+        if routing_key == FAILED:
+            state, entry = rig.store.index["m-1"]
+            rig.store.index["m-1"] = ("leaving", entry)
+            rig.store.index_tokens["m-1"] = "the CLI's"
+        return future
+
+    broker.publish = publish_then_a_reader_marks_it  # type: ignore[method-assign]
+    rig.executor.run(pending_delivery(pending(polls=1), tag=46))
+    assert broker.acks == [46] and rig.store.index["m-1"][0] == "leaving"
+
+
+@pytest.mark.parametrize("error", [OperationFailure("Index already exists with a different name", 85),
+                                   RuntimeError("anything else")])
+def test_an_index_entry_that_cannot_be_written_does_not_hold_the_record_back(error: Exception) -> None:
+    rig, broker = watched_poller_rig(LegacyFailed("rejected by the legacy system"))
+    rig.store.index_error = error
+    rig.executor.run(pending_delivery(pending(polls=1), tag=47))
+    [record] = failure_records(broker)
+    assert record.error.stage == "legacy" and broker.acks == [47] and broker.nacks == []
+    assert rig.store.users["u-000123"].status == "failed"
+
+
+def test_a_failure_without_a_message_id_is_indexed_under_its_record_id() -> None:
+    rig = submitter_rig()
+    rig.executor.run(delivery(b"not json at all", message_id=None, tag=45))
+    [published] = rig.broker.on(FAILED)
+    assert published.properties.message_id is not None
+    assert list(rig.store.index) == [published.properties.message_id]
+    assert rig.store.index[published.properties.message_id][0] == QUEUED
 
 
 # ---- the handlers' plans, without an executor ---------------------------------------------------

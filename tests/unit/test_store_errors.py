@@ -51,7 +51,8 @@ def test_a_write_concern_not_met_is_not_a_success() -> None:
 @pytest.mark.parametrize(("code", "refused"), [(121, True), (10334, True), (17419, True), (13, False), (8000, False)])
 def test_only_a_refusal_of_the_document_itself_is_for_good(code: int, refused: bool) -> None:
     errors = {"writeErrors": [{"index": 0, "code": code, "errmsg": "Document failed validation"}]}
-    client: Any = {"registry": {"users": Collection(_bulk_error(errors)), "users.attempts": Collection(None)}}
+    client: Any = {"registry": {"users": Collection(_bulk_error(errors)), "users.attempts": Collection(None),
+                             "users.failures": Collection(None), "users.counters": Collection(None)}}
 
     class Client(dict[str, Any]):
         pass

@@ -2,7 +2,8 @@
 
     Forward   writes → publish (confirmed) → ack      the request id is on record before the hand-on
     Finish    writes → ack                            the outcome is stored before the ack
-    Failure   record (confirmed) → attempt's mark → user's status → ack
+    Failure   index entry `publishing` → record (confirmed) → attempt's mark → user's status
+              → index entry `queued` → ack
     Retry     the delivery stays unacked; the handler runs again after the delay
     Requeue   nack with requeue
 
@@ -14,6 +15,13 @@ of that hands the delivery back.
 A Failure publishes no record for an attempt whose mark says its record is out already: it
 only finishes the user's status. The one window left is a crash between a record's confirm
 and its attempt's mark (see docs/guarantees.md).
+
+The failure queue's index (`regbridge.failure_index`) has an entry for the record before the
+record can be on the queue, so that a reader of the index never misses one; the entry says
+`queued` once the broker has confirmed the record (a move of that very entry: one a reader
+changed meanwhile is left as it is). An entry that cannot be written (refused for good, any
+error but an outage) does not hold the record back: it is logged and counted, and
+`registrations failed reconcile` adds it.
 
 A write that MongoDB refuses for good (a schema validator, a document too large) turns a
 Forward or a Finish into a `store` Failure, so that nothing loops on it. Within a Failure it
@@ -38,9 +46,21 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp import Delivery
 from regbridge.durable import Durable, HandBack
+from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry, new_token
 from regbridge.lifecycle import Stage
 from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord
-from regbridge.plans import Failure, Finish, Forward, Plan, Requeue, Retry, Subject, Write, failure_writes
+from regbridge.plans import (
+    Failure,
+    Finish,
+    Forward,
+    Plan,
+    RecordIndexed,
+    Requeue,
+    Retry,
+    Subject,
+    Write,
+    failure_writes,
+)
 from regbridge.store import Store, WriteRefused
 
 log = logging.getLogger(__name__)
@@ -248,13 +268,19 @@ class Executor:
     def _fail(self, delivery: Delivery, plan: Failure, *, poisoned: bool = False) -> None:
         subject, error = plan.subject, plan.error
         marked = self._marked_failed(subject, error, poisoned)
+        queued: tuple[RecordIndexed, ...] = ()
         if marked is not None:
+            # The record is out. Its entry is left as that delivery left it: `queued`, or, after a
+            # crash before that write, `publishing` (unsure) until `reconcile` sees the record.
             log.info("failure already recorded for this attempt",
                      extra={"event": "duplicate", "user_id": subject.user_id, "request_id": subject.request_id})
             error = marked
-        elif not self._publish_record(delivery, subject, error):
-            return
-        for write in failure_writes(subject, error):
+        else:
+            published = self._publish_record(delivery, subject, error)
+            if published is None:
+                return
+            queued = (published,)
+        for write in (*failure_writes(subject, error), *queued):
             try:
                 self._write(write)
             except HandBack:
@@ -292,13 +318,26 @@ class Executor:
             return None
         return attempt.error or error
 
-    def _publish_record(self, delivery: Delivery, subject: Subject, error: FailureError) -> bool:
-        """Publish the failure record and wait for its confirm; if none comes, hand the delivery back."""
+    def _publish_record(self, delivery: Delivery, subject: Subject, error: FailureError) -> RecordIndexed | None:
+        """Write the record's index entry, publish the record and wait for its confirm: then the
+        write that marks the entry `queued`; None when no confirm came and the delivery was
+        handed back."""
+        failed_at = datetime.fromtimestamp(self._clock(), UTC)
         record = FailureRecord(original=subject.original, user_id=subject.user_id,
                                legacy_request_id=subject.request_id, error=error, attempts=subject.attempts,
-                               failed_at=datetime.fromtimestamp(self._clock(), UTC))
-        future = self._broker.publish(self._failed_queue, record.encode(),
-                                      persistent(subject.record_id(delivery.body)))
+                               failed_at=failed_at)
+        body = record.encode()
+        record_id, token = subject.record_id(delivery.body), new_token()
+        entry = IndexEntry(record_id, error.stage, error.reason, subject.user_id, subject.request_id, failed_at,
+                           body.decode())
+        self._index(RecordIndexed(record_id, PUBLISHING, token, entry))
+        if not self._broker.current(delivery) and not self._broker.stopping.is_set():
+            # The channel went while the entry was written: the broker hands the delivery out
+            # again, and that delivery publishes the record. Publishing it here as well would
+            # make a second record wherever no attempt's mark can tell (a message without a user).
+            # (During a stop the channel may still stand: the publish finds out.)
+            raise HandBack("the delivery's channel is gone")
+        future = self._broker.publish(self._failed_queue, body, persistent(record_id))
         try:
             # No timeout of its own: the runtime settles every publish (a confirm, a nack, a
             # return, a lost channel, a stop). Giving up while the broker merely holds the
@@ -310,5 +349,19 @@ class Executor:
             # As a refused hop is: a failure queue that refuses (a length limit) is not asked
             # again at once, in a loop.
             self._broker.hand_back(delivery, self._failed_queue, exc)
-            return False
-        return True
+            return None
+        return RecordIndexed(record_id, QUEUED, token)
+
+    def _index(self, write: RecordIndexed) -> None:
+        """The entry before its record: waited out through an outage, like every write. Any
+        other error does not hold the record back: nothing may keep a failure from its record.
+        It is logged and counted, and `registrations failed reconcile` adds the entry."""
+        try:
+            self._write(write)
+        except HandBack:
+            raise
+        except Exception as exc:
+            self._observer.store_refused()
+            reason = exc.reason if isinstance(exc, WriteRefused) else f"{type(exc).__name__}: {exc}"[:300]
+            log.error("the failure record's index entry was not written; the record goes out without it: %s",
+                      reason, extra={"event": "store_refused", "reason": reason})

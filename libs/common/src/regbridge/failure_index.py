@@ -9,9 +9,10 @@ what reads it cheaply. Two writes cannot be one, so the index says how sure it i
                 the bridge took it; `reconcile` finds that)
     leaving     the CLI is replaying or discarding it: it may be gone already
 
-The executor writes `publishing` before the publish and `queued` after the confirm, so a
-record on the queue always has an entry (the one exception: MongoDB refused the entry for
-good, which is logged and counted). The CLI writes `leaving` before a record leaves and
+The executor writes `publishing` before the publish and `queued` after the confirm (a move of
+its own entry only, named by its token), so a record on the queue always has an entry (the
+one exception: an entry that could not be written, refused or in error, which is logged and
+counted: nothing may keep a failure from its record). The CLI writes `leaving` before a record leaves and
 deletes the entry after the record's ack, only if no service wrote it since (its `token`).
 `reconcile` compares the whole queue with the index, id by id, and brings the index into line.
 
@@ -42,11 +43,14 @@ WINDOW = 1000  # seqs a reader asks for at once: an index range of at most this 
 # just after its seq is taken, and a process that took a seq this many failures ago and has
 # not inserted yet is not waited for (reconcile would still find its record).
 LOW_MARGIN = 10 * WINDOW
-# An entry written this recently is left alone by reconcile: its publish or removal may be
-# under way (a publish waits at most the confirm watchdog's 20 s without an alarm).
+# An entry written this recently is left alone by reconcile: a removal may be under way, or a
+# record published just before the pass may have landed behind it.
 RECONCILE_GRACE = timedelta(minutes=2)
+# ... and a `publishing` entry, for longer: its publish may be held by a broker alarm, with no
+# timeout, and once its record lands nothing but the next reconcile would index it again.
+PUBLISHING_GRACE = timedelta(hours=1)
 
-# The indexes a reader needs; the services create them when they start (cheap, idempotent).
+# The indexes a reader needs; each service creates them with the first entry it writes.
 INDEXES: tuple[tuple[str, list[tuple[str, int]]], ...] = (
     ("seq_1", [("seq", 1)]),
     ("stage_1_seq_1", [("stage", 1), ("seq", 1)]),
@@ -114,17 +118,20 @@ class Reconciliation:
 
 
 def reconcile(on_queue: Iterable[str], entries: Mapping[str, Seen], *, started_at: datetime,
-              grace: timedelta = RECONCILE_GRACE) -> Reconciliation:
+              grace: timedelta = RECONCILE_GRACE, publishing_grace: timedelta = PUBLISHING_GRACE) -> Reconciliation:
     """`on_queue`: every record id that one whole pass of the queue found, started at
     `started_at`. An entry not found is deleted only if it was last written before the pass
-    started, by more than `grace`: a record published meanwhile may have landed behind the
-    pass, and a removal under way is the CLI's to finish."""
+    started, by more than `grace` (`publishing_grace` for an entry still `publishing`): a
+    record published meanwhile may land behind the pass, and a removal under way is the CLI's
+    to finish."""
     present = set(on_queue)
     add = tuple(sorted(i for i in present if i not in entries))
     confirm = tuple(sorted(i for i in present if i in entries and entries[i].state != QUEUED))
-    cutoff = started_at - grace
-    delete = tuple(sorted((i, seen.token) for i, seen in entries.items()
-                          if i not in present and seen.written_at < cutoff))
+
+    def stale(seen: Seen) -> bool:
+        return seen.written_at < started_at - (publishing_grace if seen.state == PUBLISHING else grace)
+
+    delete = tuple(sorted((i, seen.token) for i, seen in entries.items() if i not in present and stale(seen)))
     return Reconciliation(add, confirm, delete)
 
 

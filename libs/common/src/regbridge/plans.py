@@ -54,12 +54,14 @@ class AttemptFailed:
 
 @dataclass(frozen=True)
 class RecordIndexed:
-    """The failure record's entry in the failure queue's index (`regbridge.failure_index`), in
-    `state`: the whole entry when `entry` is given (upserted), else only its state, and only
-    over an entry still `publishing` (a record that an earlier delivery put out)."""
+    """The failure record's entry in the failure queue's index (`regbridge.failure_index`):
+    with `entry`, the whole entry upserted in `state` under `token`; without, only a move to
+    `state` of the entry this same failure wrote under `token` and left `publishing` (so that
+    an entry a reader or another attempt wrote since is never overwritten)."""
 
     record_id: str
     state: str
+    token: str
     entry: IndexEntry | None = None
 
 

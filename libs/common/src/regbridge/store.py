@@ -15,6 +15,7 @@ Failures (`<collection>.failures`, `_id` = the failure record's id): the failure
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,13 +26,16 @@ from typing import Any, Protocol
 
 from pymongo import MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import OperationFailure
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from regbridge import failure_index
 from regbridge.batching import Batcher
+from regbridge.durable import retryable
 from regbridge.lifecycle import State
 from regbridge.messages import FailureError
 from regbridge.plans import AttemptAccepted, AttemptFailed, RecordIndexed, UserStatus, Write
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class MongoStore:
         self._failures: Collection[dict[str, Any]] = client[database][failures or f"{users}.failures"]
         self._seqs = SeqBlocks(client[database][counters or f"{users}.counters"])
         self._indexed = threading.Event()
+        self._indexing = threading.Lock()
         self._clock = clock
         # Every operation goes through the batcher: one round trip carries what many worker
         # threads asked for meanwhile (see regbridge.batching).
@@ -164,23 +169,35 @@ class MongoStore:
 
     def _index(self, write: RecordIndexed) -> bool:
         self.ensure_failure_indexes()
-        now, token = self._clock(), failure_index.new_token()
+        now = self._clock()
         if write.entry is None:
-            op = UpdateOne({"_id": write.record_id, "state": failure_index.PUBLISHING},
-                           failure_index.state_update(write.state, now=now, token=token))
+            op = UpdateOne({"_id": write.record_id, "state": failure_index.PUBLISHING, "token": write.token},
+                           failure_index.state_update(write.state, now=now, token=write.token))
         else:
             op = UpdateOne({"_id": write.record_id}, failure_index.entry_update(
-                write.entry, write.state, seq=self._seqs.take(), now=now, token=token), upsert=True)
+                write.entry, write.state, seq=self._seqs.take(), now=now, token=write.token), upsert=True)
         return self._batcher.update(self._failures, op)
 
     def ensure_failure_indexes(self) -> None:
-        """The indexes that the failure index's readers walk, created by the first entry's write
-        (idempotent; on an empty or small collection, cheap)."""
+        """The indexes the failure index's readers walk, created with the first entry this
+        process writes: on the bridge's own collection, new or small when it first fills, so
+        the build is cheap. Once per process, whatever the answer: an index that cannot be
+        made (one that exists under another name) slows readers down, and must never keep a
+        failure from its record."""
         if self._indexed.is_set():
             return
-        for name, keys in failure_index.INDEXES:
-            self._failures.create_index(keys, name=name)
-        self._indexed.set()
+        with self._indexing:
+            if self._indexed.is_set():
+                return
+            for name, keys in failure_index.INDEXES:
+                try:
+                    self._failures.create_index(keys, name=name)
+                except OperationFailure as exc:
+                    if retryable(exc):
+                        raise  # an outage: the write that asked is waited out, and asks again
+                    log.warning("cannot create the failure index's index %s: %s", name, exc,
+                                extra={"event": "index_not_created"})
+            self._indexed.set()
 
     def _accepted(self, write: AttemptAccepted) -> bool:
         """The attempt's request id and the user's `submitted`, in one round trip: both are
@@ -237,9 +254,10 @@ class SeqBlocks:
     def take(self) -> int:
         with self._lock:
             if self._next >= self._end or self._clock() - self._taken_at > failure_index.SEQ_BLOCK_MAX_AGE_S:
-                doc = self._counters.find_one_and_update(
-                    {"_id": failure_index.COUNTER_ID}, {"$inc": {"next": failure_index.SEQ_BLOCK}},
-                    upsert=True, return_document=ReturnDocument.AFTER)
+                try:
+                    doc = self._take_block()
+                except DuplicateKeyError:  # two processes made the counter at once: it exists now
+                    doc = self._take_block()
                 assert doc is not None  # an upsert that returns the document after
                 self._end = int(doc["next"])
                 self._next = self._end - failure_index.SEQ_BLOCK
@@ -247,6 +265,11 @@ class SeqBlocks:
             seq = self._next
             self._next += 1
             return seq
+
+    def _take_block(self) -> dict[str, Any] | None:
+        return self._counters.find_one_and_update(
+            {"_id": failure_index.COUNTER_ID}, {"$inc": {"next": failure_index.SEQ_BLOCK}},
+            upsert=True, return_document=ReturnDocument.AFTER)
 
 
 def connect(uri: str, *, pool_size: int, timeout_s: float = 5.0) -> MongoClient[dict[str, Any]]:

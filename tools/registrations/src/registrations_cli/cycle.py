@@ -19,22 +19,35 @@ What a cycle holds to:
   while the others go round, then published one by one, each acked on its confirm. Whatever
   their sending causes (a replay that fails again at once) lands behind the records put back.
 - Records the caller drops (a discard, or a second copy of a record replayed just before) are
-  held too, and acked in their turn: a drop follows every send ahead of it, and none happens
-  before `before_drops` has returned for all of them (a discard's export, written to disk).
+  held too, and acked in their turn: none before `before_drops` has returned for all of them (a
+  discard's export, written to disk), and a copy of a record sent elsewhere only once that
+  record has gone.
 - Nothing held leaves before `before_leaving` has returned for all of them (the failure index
   marks their entries): should it fail, every held record goes round instead.
-- Ctrl-C and SIGTERM wait for the cycle to end; a second one stops at once.
+- Ctrl-C and SIGTERM during the take let it finish, so that the queue keeps its order; a second
+  one stops at once. A browse (`stoppable` false) then raises KeyboardInterrupt. A `stoppable`
+  cycle sends nothing after the take: the held records are put back, as exact copies, and `run`
+  returns with `interrupted` set. During the sends, a first signal stops them after the record
+  in hand (its send is confirmed and it is acked, or it goes back): the held records not sent
+  are put back, at the broker's pace (a confirm each, a few milliseconds), and `run` returns
+  with `interrupted` set. Those put back land behind the rest of the queue, as the copies of a
+  cycle always do, so they leave their places: a chosen record that was at the head is now at
+  the tail. Nothing is handed back to the broker on the way.
 
 What it cannot hold to:
 - A record published while a cycle runs (a service's new failure) lands among the copies:
   behind those put back so far, ahead of the rest. The records that were there keep their
   order among themselves, and the new ones theirs.
-- If the command dies mid-cycle (SIGKILL, a lost connection), nothing is lost, but the queue
-  is left rotated where it stopped: the records not reached yet come first, then those put
-  back. The broker returns what the command held (the record in hand, and those held to be
-  sent elsewhere) to the head of a queue that has a delivery limit, as ours have; each such
-  return counts once against the limit. A death between a copy's confirm and its original's ack
-  leaves that record twice.
+- If the command dies mid-cycle (SIGKILL, a lost connection, a second signal), nothing is
+  lost, but the queue is left rotated where it stopped: the records not reached yet come first,
+  then those put back. The broker returns what the command held (the record in hand, and those
+  held to be sent elsewhere or dropped and not yet gone) to the head of a queue that has a
+  delivery limit, as ours have; each such return counts once against the limit. A death
+  between a copy's confirm and its original's ack leaves that record twice on the queue; a
+  death between a send's confirm and its original's ack leaves that record both sent and
+  returned, so the next replay sends it again. A quorum queue applies an ack through its log,
+  so the record acked just before can come back too when the queue had not applied its ack:
+  a crash sends at most those two twice.
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ from .errors import CliError
 
 LOCK_WAIT_S = 120.0  # a cycle costs 3-5 ms a record on a local broker: 10,000 records in under a minute
 LOCK_RETRY_S = 0.1
+PACE_SLICE_S = 0.05  # a send that waits for its turn looks at a stop this often
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,11 @@ class Send:
 
 @dataclass(frozen=True)
 class Drop:
-    """A record to remove: acked without a copy, once `Cycle`'s `before_drops` has kept it."""
+    """A record to remove: acked without a copy, once `Cycle`'s `before_drops` has kept it. With
+    `copy_of` (the position of a record sent elsewhere in this cycle), only once that record
+    has gone; if it does not go, the copy stays as well."""
+
+    copy_of: int | None = None
 
 
 def exact_copy(properties: pika.BasicProperties) -> pika.BasicProperties:
@@ -108,14 +126,17 @@ class Cycle:
     """One cycle of `queue` (see the module's docstring). `route` decides, record by record, which
     go elsewhere (a `Send`); the rest are put back. After `run`: `records` holds every record
     taken, in queue order; `sent` those that went elsewhere; `refused` the first send the broker
-    would not take, with why (that record and every later one to be sent were put back instead)."""
+    would not take, with why (that record and every later one to be sent were put back instead);
+    `interrupted` whether a signal stopped a `stoppable` cycle before every held record had gone
+    (those that had not were put back)."""
 
     def __init__(self, connection: BlockingConnection, queue: str,
                  route: Callable[[Record], Send | Drop | None] | None = None,
                  *, on_sent: Callable[[Record], None] | None = None,
                  before_drops: Callable[[list[Record]], None] | None = None,
                  before_leaving: Callable[[list[Record]], None] | None = None,
-                 on_held: Callable[[int], None] | None = None, rate: float | None = None) -> None:
+                 on_held: Callable[[int], None] | None = None, rate: float | None = None,
+                 stoppable: bool = False) -> None:
         self._connection = connection
         self.queue = queue
         self._route = route
@@ -123,6 +144,7 @@ class Cycle:
         self._before_drops = before_drops
         self._before_leaving = before_leaving
         self._on_held = on_held  # told how many records are to be sent, before the first goes
+        self._stop = _Stop(queue, stoppable)
         # Sends a second at most: the legacy API is what a replay loads, and it is the scarce part.
         self._interval_s = 1.0 / rate if rate else 0.0
         self._next_send = 0.0
@@ -131,10 +153,11 @@ class Cycle:
         self.dropped: list[Record] = []
         self.put_back = 0
         self.refused: tuple[Record, str] | None = None
+        self.interrupted = False
         self._sending: Record | None = None
 
     def run(self) -> Cycle:
-        with _lock(self._connection, self.queue), _finishing_first():
+        with _lock(self._connection, self.queue), _finishing_first(self._stop):
             channel = self._connection.channel()
             channel.confirm_delivery()
             try:
@@ -171,6 +194,12 @@ class Cycle:
         return held
 
     def _send(self, channel: BlockingChannel, held: list[tuple[int, Record, Send | Drop]]) -> None:
+        self._stop.sending = True
+        if self._stop.stopping:  # during the take: nothing goes, every held record goes round
+            self.interrupted = bool(held)
+            for tag, record, _ in held:
+                self._put_back(channel, tag, record)
+            return
         drops = [record for _, record, send in held if isinstance(send, Drop)]
         if self._on_held is not None:
             self._on_held(len(held) - len(drops))
@@ -183,16 +212,16 @@ class Cycle:
             for tag, record, _ in held:  # nothing leaves: every held record goes round
                 self._put_back(channel, tag, record)
             raise
+        sent: set[int] = set()
         for tag, record, send in held:
             if isinstance(send, Drop):
-                if self.refused is None:
+                if (self.refused is None) if send.copy_of is None else send.copy_of in sent:
                     channel.basic_ack(tag)
                     self.dropped.append(record)
                 else:  # what it follows did not go: it stays, as that did
                     self._put_back(channel, tag, record)
                 continue
-            if self.refused is None:
-                self._pace()
+            if self.refused is None and not self._stop.stopping and self._pace():
                 self._sending = record
                 try:
                     channel.basic_publish("", send.queue, send.body, send.properties, mandatory=True)
@@ -202,22 +231,25 @@ class Cycle:
                     channel.basic_ack(tag)  # only now: what it was sent as is confirmed
                     self._sending = None
                     self.sent.append(record)
+                    sent.add(record.position)
                     if self._on_sent is not None:
                         self._on_sent(record)
                     continue
                 self._sending = None
-            # The broker would not take a send: this record and the later ones go back instead,
-            # behind the others, rather than be handed back (a return would count).
+            # The broker would not take a send, or a signal stopped the sends: this record and the
+            # later ones go back instead, behind the others, rather than be handed back (a return
+            # would count).
+            self.interrupted = self.interrupted or self.refused is None
             self._put_back(channel, tag, record)
 
-    def _pace(self) -> None:
-        """Wait for the next send's turn; the connection's own sleep keeps its heartbeats going."""
-        if not self._interval_s:
-            return
-        wait = self._next_send - time.monotonic()
-        if wait > 0:
-            self._connection.sleep(wait)
-        self._next_send = max(self._next_send, time.monotonic() - self._interval_s) + self._interval_s
+    def _pace(self) -> bool:
+        """Wait for the next send's turn; the connection's own sleep keeps its heartbeats going.
+        False if a signal came meanwhile: that send is not made."""
+        if self._interval_s:
+            while (wait := self._next_send - time.monotonic()) > 0 and not self._stop.stopping:
+                self._connection.sleep(min(wait, PACE_SLICE_S))
+            self._next_send = max(self._next_send, time.monotonic() - self._interval_s) + self._interval_s
+        return not self._stop.stopping
 
     def _put_back(self, channel: BlockingChannel, tag: int, record: Record) -> None:
         try:
@@ -273,21 +305,45 @@ def _lock(connection: BlockingConnection, queue: str) -> Iterator[None]:
             channel.close()
 
 
+class _Stop:
+    """The first Ctrl-C or SIGTERM of a cycle, which the cycle reads between records."""
+
+    def __init__(self, queue: str, stoppable: bool) -> None:
+        self.queue = queue
+        self.stoppable = stoppable
+        self.requested = False
+        self.sending = False  # past the take: the held records are being sent or dropped
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the cycle is to stop short: a cycle that is not stoppable runs to its end."""
+        return self.requested and self.stoppable
+
+    def notice(self) -> str:
+        if not self.stoppable:
+            return "finishing the browse first, so that the queue keeps its order (interrupt again to stop now)"
+        if not self.sending:
+            return (f"finishing the browse first, so that the queue keeps its order; then the records chosen go "
+                    f"back onto {self.queue} unsent (interrupt again to stop now)")
+        return (f"stopping after the record in hand; the records not sent yet go back onto {self.queue} "
+                "(interrupt again to stop now)")
+
+
 @contextmanager
-def _finishing_first() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait for the cycle to end, since stopping midway leaves the queue
-    rotated; a second signal stops at once. Signal handlers belong to the main thread only."""
+def _finishing_first(stop: _Stop) -> Iterator[None]:
+    """A first Ctrl-C or SIGTERM sets `stop.requested` for the cycle to read (see the module's
+    docstring); a second one stops at once. A cycle that is not stoppable raises
+    KeyboardInterrupt once it has ended. Signal handlers belong to the main thread only: in
+    another thread a cycle hears no signal."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[int] = []
 
     def hold(signum: int, frame: FrameType | None) -> None:
-        if caught:
+        if stop.requested:
             raise KeyboardInterrupt
-        caught.append(signum)
-        print("registrations: finishing the browse first, so that the queue keeps its order "
-              "(interrupt again to stop now)", file=sys.stderr)
+        stop.requested = True
+        print(f"registrations: {stop.notice()}", file=sys.stderr)
 
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -295,5 +351,5 @@ def _finishing_first() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if caught:
+    if stop.requested and not stop.stoppable:
         raise KeyboardInterrupt

@@ -23,7 +23,7 @@ import pika
 from . import broker, mongo
 from .confirm import Consent
 from .cycle import Cycle, Drop, Record, Send, exact_copy
-from .errors import FAILED, PARTIAL, USAGE, CliError
+from .errors import FAILED, INTERRUPTED, PARTIAL, USAGE, CliError
 from .index import FailureIndex
 from .listing import failures_of
 from .output import Output
@@ -75,7 +75,7 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
                  keeper: Keeper | None = None) -> _Pass:
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
-    chosen_ids: set[str] = set()
+    chosen_ids: dict[str, int] = {}  # id -> position of the copy that is replayed
 
     def route(record: Record) -> Send | Drop | None:
         [failure] = failures_of([record])
@@ -86,7 +86,7 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
         if failure.message_id in chosen_ids:
             # A copy of a record replayed in this cycle: it leaves once that one has gone, and
             # stays if that one could not go.
-            return None if options.dry_run else Drop()
+            return None if options.dry_run else Drop(copy_of=chosen_ids[failure.message_id])
         if options.limit is not None and len(chosen) >= options.limit:
             return None
         if not failure.has_original:
@@ -95,7 +95,7 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
             return None
         chosen[record.position] = failure
         if failure.message_id is not None:
-            chosen_ids.add(failure.message_id)
+            chosen_ids[failure.message_id] = record.position
         return None if options.dry_run else Send(inbound, failure.replay_body(), _properties(failure, failed))
 
     def sent(record: Record) -> None:
@@ -105,8 +105,10 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
     with broker.connect(settings) as connection:
         broker.require_queue(connection, failed, settings)
         broker.require_queue(connection, inbound, settings)
+        # A dry run is a browse: a signal lets it end, then stops the command.
         cycle = Cycle(connection, failed, route, on_sent=sent, on_held=on_held, rate=options.rate,
-                      before_leaving=keeper.before_leaving if keeper is not None else None)
+                      before_leaving=keeper.before_leaving if keeper is not None else None,
+                      stoppable=not options.dry_run)
         # Stopped midway (a lost broker): what was sent is sent, so say it was in part.
         problem = _run(cycle, keeper, lambda: bool(cycle.sent))
     if options.dry_run and on_chosen is not None:
@@ -143,8 +145,13 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
 
     With `consent` that has to ask, a dry run counts the records first and the question names
     that count; the replay then takes at most that many, so that a record that matched only
-    after the question was answered is left for the next replay."""
+    after the question was answered is left for the next replay.
+
+    Ctrl-C or SIGTERM stops the sends after the record in hand; the chosen records not sent go
+    back onto the failure queue, behind the others, and the same command run again replays
+    them (those replayed are gone from the queue, so none is replayed twice)."""
     failed, inbound = settings.failed_queue, settings.inbound_queue
+    limit_given = options.limit
     if not options.dry_run and consent is not None and consent.needs_asking:
         counted = len(_replay_pass(ReplayOptions(options.filter, options.limit, dry_run=True), settings,
                                    on_chosen=None, quiet=True).chosen)
@@ -188,14 +195,22 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
     moved = len(cycle.sent)
     left = _left(cycle)
     stopped = None
+    code = PARTIAL if moved else FAILED
     if cycle.refused is not None:
         record, why = cycle.refused
         stopped = (f"the broker did not take the replay of #{record.position} to {inbound} ({why}); stopped "
                    f"after {moved}: that record and the rest are still on {failed}, behind the others")
+    elif cycle.interrupted:
+        again = ("run the same command again to replay them" if limit_given is None else
+                 f"run it again with --limit {limit_given - moved} to replay as many more (the first that "
+                 "match, in queue order)")
+        stopped = (f"interrupted: {moved} of {len(result.chosen)} replayed; the rest are still "
+                   f"on {failed}, behind the others; {again}")
+        code = PARTIAL if moved else INTERRUPTED
     if out.format == "json":
-        out.document(_replay_document(options, settings, done, left, stopped))
+        out.document(_replay_document(options, settings, done, left, stopped, interrupted=cycle.interrupted))
     if stopped is not None:
-        raise CliError(stopped, PARTIAL if moved else FAILED)
+        raise CliError(stopped, code)
     out.summary(f"{verb} {plural(len(done), 'failure record')} to {inbound}; {left} left on {failed}"
                 f"{' (nothing was moved: --dry-run)' if options.dry_run else ''}")
     if result.index_problem is not None:
@@ -215,10 +230,11 @@ def _replay_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
 
 
 def _replay_document(options: ReplayOptions, settings: CliSettings, done: list[Failure], left: int,
-                     stopped: str | None) -> dict[str, Any]:
+                     stopped: str | None, *, interrupted: bool = False) -> dict[str, Any]:
     return {"dry_run": options.dry_run, "from": settings.failed_queue, "to": settings.inbound_queue,
             "records": [_replay_row(f, options.dry_run) for f in done], "count": len(done), "left": left,
-            "complete": stopped is None, **({"stopped": stopped} if stopped else {})}
+            "complete": stopped is None, **({"stopped": stopped} if stopped else {}),
+            **({"interrupted": True} if interrupted else {})}
 
 
 def _properties(failure: Failure, failed_queue: str) -> pika.BasicProperties:
@@ -292,7 +308,8 @@ def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consen
     the others go round and keep their order; the chosen ones are held, written and synced to
     the file together, and only then acked. At least once: a crash leaves every removed record in
     the file, and at worst a record in the file that is still on the queue (a second run appends
-    it again)."""
+    it again). Ctrl-C or SIGTERM before the file is written removes nothing: the chosen records go
+    back, behind the others; once it is written, the removals (acks, no waiting) finish."""
     failed = settings.failed_queue
     if not options.dry_run and options.export is None:
         raise CliError("failed discard removes records for good: give --export FILE to keep them (or --dry-run)",
@@ -317,8 +334,16 @@ def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consen
         limit = counted
     result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings,
                            Keeper(index) if index is not None else None)
-    done = list(result.chosen.values())
     left = _left(result.cycle)
+    if result.cycle.interrupted:
+        stopped = (f"interrupted before the records were written to {options.export}: nothing was discarded; the "
+                   f"{len(result.chosen)} chosen are still on {failed}, behind the others; run the same command "
+                   "again to discard them")
+        if out.format == "json":
+            out.document({**_discard_document(options, settings, [], left), "complete": False, "stopped": stopped,
+                          "interrupted": True})
+        raise CliError(stopped, INTERRUPTED)
+    done = list(result.chosen.values())
     verb = "would discard" if options.dry_run else "discarded"
     if out.format == "json":
         out.document(_discard_document(options, settings, done, left))
@@ -364,7 +389,8 @@ def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper
     with broker.connect(settings) as connection:
         broker.require_queue(connection, failed, settings)
         cycle = Cycle(connection, failed, route, before_drops=keep,
-                      before_leaving=keeper.before_leaving if keeper is not None else None)
+                      before_leaving=keeper.before_leaving if keeper is not None else None,
+                      stoppable=not options.dry_run)
         problem = _run(cycle, keeper, lambda: bool(cycle.dropped))
     return _Pass(cycle, chosen, problem)
 

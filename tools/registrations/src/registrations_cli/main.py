@@ -40,8 +40,8 @@ EPILOG = """exit codes:
   2    wrong arguments or configuration, or a destructive command with no terminal to confirm on
        and no --yes
   3    partial success: stopped midway, some of the work done and the rest not (the message says
-       which)
-  130  interrupted (Ctrl-C)
+       which; a replay stopped by Ctrl-C or SIGTERM after sending some exits so)
+  130  interrupted (Ctrl-C) with nothing done yet, or stopped at once by a second Ctrl-C
 
 shell completion: eval "$(registrations completion bash)"  (or zsh)"""
 
@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(same message_id), and remove the record once the broker confirmed it. "
                                     "Records that do not match stay, in order. Without --dry-run it asks first "
                                     "(counting the matching records with a dry run, then replaying at most that "
-                                    "many), on a terminal; with no terminal it needs --yes.",
+                                    "many), on a terminal; with no terminal it needs --yes. Ctrl-C or SIGTERM "
+                                    "stops the sends after the record in hand and puts the records not sent back, "
+                                    "behind the others (exit 3): the same command run again replays them.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _filters(fr)
     fr.add_argument("--dry-run", action="store_true", help="move nothing; print what would be moved")

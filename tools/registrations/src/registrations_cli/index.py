@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ReturnDocument, UpdateOne
+from pymongo import DeleteOne, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 
@@ -28,7 +28,7 @@ from .records import Failure, Filter
 from .settings import CliSettings
 
 UNREADABLE_STAGE = "?"  # the stage of an entry whose record does not decode
-_FIELDS = ("seq", "state", "stage", "reason", "user_id", "failed_at")
+BULK = 1000  # entries written in one round trip
 
 
 @dataclass(frozen=True)
@@ -203,31 +203,32 @@ class FailureIndex:
 
     # ---- writing ------------------------------------------------------------------------------
 
+    def _write(self, ops: list[UpdateOne] | list[DeleteOne]) -> tuple[int, int]:
+        """(modified, deleted), in bulks of `BULK`. One operation per entry, each an `_id`
+        equality: a filter of thousands of ids in `$in` costs more than in proportion on some
+        MongoDB-wire servers, and one huge write would outlast the socket's timeout."""
+        modified = deleted = 0
+        for start in range(0, len(ops), BULK):
+            result = self.entries.bulk_write(ops[start:start + BULK], ordered=False)
+            modified, deleted = modified + result.modified_count, deleted + result.deleted_count
+        return modified, deleted
+
     def mark_leaving(self, ids: Iterable[str], now: datetime | None = None) -> str:
         """Marks the entries of records about to leave the queue; the token names this write."""
         token = failure_index.new_token()
-        wanted = sorted(set(ids))
-        if wanted:
-            self.entries.update_many({"_id": {"$in": wanted}}, failure_index.state_update(
-                failure_index.LEAVING, now=now or datetime.now(UTC), token=token))
+        update = failure_index.state_update(failure_index.LEAVING, now=now or datetime.now(UTC), token=token)
+        self._write([UpdateOne({"_id": i}, update) for i in sorted(set(ids))])
         return token
 
     def remove(self, ids: Iterable[str], token: str) -> int:
         """Deletes the entries of records that left, unless a service wrote them since `mark_leaving`
         (the record failed again under the same id: the new entry is its own)."""
-        wanted = sorted(set(ids))
-        if not wanted:
-            return 0
-        return int(self.entries.delete_many({"_id": {"$in": wanted}, "token": token}).deleted_count)
+        return self._write([DeleteOne({"_id": i, "token": token}) for i in sorted(set(ids))])[1]
 
     def restore(self, ids: Iterable[str], token: str, now: datetime | None = None) -> int:
         """Back to `queued`: the records were marked to leave but stayed."""
-        wanted = sorted(set(ids))
-        if not wanted:
-            return 0
-        result = self.entries.update_many({"_id": {"$in": wanted}, "token": token}, failure_index.state_update(
-            QUEUED, now=now or datetime.now(UTC), token=failure_index.new_token()))
-        return int(result.modified_count)
+        update = failure_index.state_update(QUEUED, now=now or datetime.now(UTC), token=failure_index.new_token())
+        return self._write([UpdateOne({"_id": i, "token": token}, update) for i in sorted(set(ids))])[0]
 
     def apply(self, reconciliation: Reconciliation, entries: Mapping[str, IndexEntry],
               now: datetime | None = None) -> None:
@@ -248,8 +249,7 @@ class FailureIndex:
             token = failure_index.new_token()
             ops.extend(UpdateOne({"_id": record_id}, failure_index.state_update(QUEUED, now=now, token=token))
                        for record_id in reconciliation.confirm)
-        if ops:
-            self.entries.bulk_write(ops, ordered=False)
-        for record_id, token_seen in reconciliation.delete:
-            # Only the write that reconcile saw: an entry written since is someone's news.
-            self.entries.delete_one({"_id": record_id, "token": token_seen})
+        self._write(ops)
+        # Only the write that reconcile saw: an entry written since is someone's news.
+        self._write([DeleteOne({"_id": record_id, "token": token_seen})
+                     for record_id, token_seen in reconciliation.delete])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import harness
 from pymongo import MongoClient
-from registrations_cli import failed, stats
+from registrations_cli import listing, stats
 from registrations_cli import settings as cli_settings
 from registrations_cli.mongo import ensure_status_index
 
@@ -108,7 +108,7 @@ def main() -> int:
                 break
             broker.connection.sleep(1.0)
 
-        failures = failed.read(broker.connection, cli)  # browsed: the records stay on the queue
+        failures = listing.read(broker.connection, cli)  # browsed: the records stay on the queue
         got = Counter({"registered": (snapshot.outcomes or {}).get("registered", 0)})
         for record in failures:
             got[f"failed: {record.stage}"] += 1
@@ -116,7 +116,7 @@ def main() -> int:
         for kind in sorted(set(expected) | set(got)):
             print(f"  {kind:22s} {expected[kind]:8d}  {got[kind]:3d}")
         print(f"\nThe failure queue ({FAILED}), as `registrations failed list` shows it:")
-        print(failed.table(failures, datetime.now(UTC), indent="  "))
+        print(listing.table([listing.Row.of_failure(f) for f in failures], datetime.now(UTC), indent="  "))
         ok = got == expected
         print("\n" + ("every registration reached its expected outcome" if ok else "UNEXPECTED OUTCOMES"))
         return 0 if ok else 1

@@ -20,6 +20,7 @@ from pymongo import MongoClient
 sys.path.insert(0, str(Path(__file__).parent))
 
 import harness
+from failure_records import FailureRecords
 from rabbit_cluster import ClusterUnavailable, Node, ctl, rabbit_cluster
 
 
@@ -130,6 +131,12 @@ def broker(amqp_url: str) -> Iterator[harness.Broker]:
     client.declare("registrations", "registrations.pending", "registrations.failed")
     yield client
     client.close()
+
+
+@pytest.fixture
+def failure_records(broker: harness.Broker, users: Any) -> FailureRecords:
+    """Failure records put on the queue as the services put them: with their index entries."""
+    return FailureRecords(broker, users.database)
 
 
 class Stack:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Stack
+from failure_records import FailureRecords
 from harness import BIN, Broker, LegacySim, cli_env, wait_until
 from outcomes import FAILED, INBOUND, PENDING, Outcomes, good
 
@@ -49,29 +50,32 @@ def drain_failed(broker: Broker) -> list[tuple[str | None, dict[str, Any]]]:
     return [(props.message_id, json.loads(body)) for props, body in broker.drain(FAILED)]
 
 
-def failed_ids(env: dict[str, str]) -> list[str | None]:
-    return [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json"))]
+def failed_ids(env: dict[str, str], *args: str) -> list[str | None]:
+    return [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", *args))]
 
 
 # ---- browsing the failure queue: never a loss, never a reorder --------------------------------
 # (Under a delivery limit, killed midway, with other clients at once: test_delivery_limits.py.)
 
 
-def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broker) -> None:
+def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broker,
+                                                     failure_records: FailureRecords) -> None:
     env = stack.env
     published = [f"m-{i}" for i in range(25)]
     for i, mid in enumerate(published):
         stage = ("legacy", "submit", "validation")[i % 3]
-        broker.publish(FAILED, record(f"u-{i}" if stage != "validation" else None, stage,
-                                      original=None if stage != "validation" else "not json {",
-                                      reason=f"reason {i}\nwith a second line", age_s=7200 if i < 20 else 60),
-                       message_id=mid)
+        failure_records.publish(record(f"u-{i}" if stage != "validation" else None, stage,
+                                       original=None if stage != "validation" else "not json {",
+                                       reason=f"reason {i}\nwith a second line", age_s=7200 if i < 20 else 60),
+                                message_id=mid)
 
-    # Listed twice, in full, then in part: the same records in the same order each time.
+    # Listed twice, in full, then in part, from the index and from the queue itself: the same
+    # records in the same order each time.
     assert failed_ids(env) == published
-    assert failed_ids(env) == published
+    assert failed_ids(env, "--from-queue") == published
     assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--limit", "3"))] == \
         published[:3]
+    assert failed_ids(env, "--from-queue") == published
     assert failed_ids(env) == published
 
     table = ok(env, "failed", "list").splitlines()
@@ -83,16 +87,26 @@ def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broke
 
     legacy_only = json.loads(ok(env, "failed", "list", "--json", "--stage", "legacy"))
     assert [r["message_id"] for r in legacy_only] == published[0::3]
-    assert [r["position"] for r in legacy_only] == list(range(1, 26, 3))
+    assert [r["state"] for r in legacy_only] == ["queued"] * 9
+    assert [r["seq"] for r in legacy_only] == sorted(r["seq"] for r in legacy_only)
+    assert [r["position"] for r in json.loads(ok(env, "failed", "list", "--json", "--stage", "legacy",
+                                                 "--from-queue"))] == list(range(1, 26, 3))
     assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--user-id", "u-4"))] == ["m-4"]
     # --since takes a duration or a time.
     assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--since", "10m"))] == \
         published[20:]
     cutoff = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert "5 matching; 25 failure records" in ok(env, "failed", "list", "--since", cutoff)
-    assert "2 shown of 8 matching; 25 failure records" in ok(env, "failed", "list", "--stage", "submit", "--limit", "2")
+    assert "2 shown; more match (--limit); 25 failure records" in \
+        ok(env, "failed", "list", "--stage", "submit", "--limit", "2")
+    assert "2 shown of 8 matching; 25 failure records" in \
+        ok(env, "failed", "list", "--stage", "submit", "--limit", "2", "--from-queue")
 
     shown = json.loads(ok(env, "failed", "show", "m-4"))
+    assert shown["id"] == "m-4" and shown["state"] == "queued" and shown["queue"] == FAILED
+    assert shown["position"] is None and shown["copies"] is None and shown["properties"] is None
+    assert shown["record"]["user_id"] == "u-4" and shown["record"]["error"]["stage"] == "submit"
+    shown = json.loads(ok(env, "failed", "show", "m-4", "--from-queue"))
     assert shown["id"] == "m-4" and shown["position"] == 5 and shown["queue"] == FAILED and shown["copies"] == 1
     assert shown["properties"]["message_id"] == "m-4" and shown["properties"]["delivery_mode"] == 2
     assert shown["record"]["user_id"] == "u-4" and shown["record"]["error"]["stage"] == "submit"
@@ -102,21 +116,32 @@ def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broke
     # An exact id wins (m-1, though m-10 ... m-19 start so too); a start shared by several is refused.
     assert json.loads(ok(env, "failed", "show", "m-1"))["id"] == "m-1"
     ambiguous = cli(env, "failed", "show", "m-")
-    assert ambiguous.returncode == 1 and "25 records on" in ambiguous.stderr
+    assert ambiguous.returncode == 1 and "5 or more records in" in ambiguous.stderr
     assert "give more of the id" in ambiguous.stderr
+    ambiguous = cli(env, "failed", "show", "m-", "--from-queue")
+    assert ambiguous.returncode == 1 and "25 records on" in ambiguous.stderr
 
     # After all that browsing, consumed for real: every record, once, in the order published.
     assert [mid for mid, _ in drain_failed(broker)] == published
-    assert "no failure records" in ok(env, "failed", "list")
+    assert "no failure records" in ok(env, "failed", "list", "--from-queue")
 
 
-def test_failed_list_shows_the_records_the_services_wrote(stack: Stack, broker: Broker, users: Any) -> None:
+def indexed(records: FailureRecords, count: int) -> None:
+    """Wait until the services' entries of `count` records say `queued` (the executor writes them
+    after each record's confirm)."""
+    wait_until(lambda: list(records.states().values()) == ["queued"] * count, timeout=30,
+               what=f"{count} failure records indexed")
+
+
+def test_failed_list_shows_the_records_the_services_wrote(stack: Stack, broker: Broker, users: Any,
+                                                          failure_records: FailureRecords) -> None:
     stack.start("submitter")
     stack.start("poller")
     broker.publish(INBOUND, b"this is not json", message_id="bad-json")
     broker.publish(INBOUND, good("bad-cpf", cpf="123"), message_id="m-bad-cpf")
     broker.publish(INBOUND, good("refused", name="FAIL Maria"), message_id="m-refused")
     wait_until(lambda: broker.depth(FAILED) == 3, timeout=30, what="three failure records")
+    indexed(failure_records, 3)
 
     listed = json.loads(ok(stack.env, "failed", "list", "--json"))
     assert sorted(r["record"]["error"]["stage"] for r in listed) == ["legacy", "submit", "validation"]
@@ -132,12 +157,13 @@ def test_failed_list_shows_the_records_the_services_wrote(stack: Stack, broker: 
 
 
 def test_replay_after_the_cause_is_fixed_registers_and_empties_the_failure_queue(
-        stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+        stack: Stack, broker: Broker, users: Any, legacy: LegacySim, failure_records: FailureRecords) -> None:
     stack.start("submitter")
     stack.start("poller")
     broker.publish(INBOUND, good("replay-me", name="FAIL at first"), message_id="mid-replay")
     broker.publish(INBOUND, good("bad-cpf", cpf="123"), message_id="mid-bad-cpf")  # fails for good
     wait_until(lambda: broker.depth(FAILED) == 2, timeout=30, what="two failure records")
+    indexed(failure_records, 2)
     failed_rid = users.find_one({"_id": "replay-me"})["legacy_request_id"]
 
     status = ok(stack.env, "status", "replay-me")
@@ -163,27 +189,34 @@ def test_replay_after_the_cause_is_fixed_registers_and_empties_the_failure_queue
     assert {a["legacy_request_id"] for a in attempts.values()} == {failed_rid, doc["legacy_request_id"]}
     assert [a["failed"] for a in attempts.values() if a["legacy_request_id"] == failed_rid] == [True]
 
-    # Only the record that did not match is left; nothing new failed.
+    # Only the record that did not match is left, in the index too; nothing new failed.
+    assert failure_records.states() == {"mid-bad-cpf": "queued"}
     left = drain_failed(broker)
     assert [(mid, r["error"]["stage"]) for mid, r in left] == [("mid-bad-cpf", "submit")]
     status = ok(stack.env, "status", "replay-me")
     assert "registration_status      registered" in status and "no failure record on" in status
 
 
-def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Broker) -> None:
+def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Broker,
+                                                      failure_records: FailureRecords) -> None:
     env = stack.env  # no service runs: replayed messages stay on the inbound queue to be looked at
     specs = [("m-0", "u-0", "legacy", None), ("m-1", "u-1", "submit", None), ("m-2", "u-2", "legacy", None),
              (None, "u-3", "legacy", None), ("m-4", None, "validation", "not json {"),
              ("m-5", None, "validation", ["an", "array"]), ("m-6", "u-0", "timeout", None)]
     for mid, uid, stage, original in specs:
-        broker.publish(FAILED, record(uid, stage, original=original), message_id=mid)
-    broker.publish(FAILED, b"not a failure record", message_id="m-junk")
+        failure_records.publish(record(uid, stage, original=original), message_id=mid)
+    failure_records.publish(b"not a failure record", message_id="m-junk")
     order = [s[0] for s in specs] + ["m-junk"]
+
+    def queue_and_index(expected: list[str | None]) -> bool:
+        # A record without an id has no entry; every other record has one, in queue order.
+        return (failed_ids(env, "--from-queue") == expected
+                and failed_ids(env) == [m for m in expected if m is not None])
 
     dry = ok(env, "failed", "replay", "--stage", "legacy", "--dry-run")
     assert [line.split()[2] for line in dry.splitlines() if line.startswith("would replay ") and "user_id=" in line] \
         == ["m-0", "m-2", "#4"] and "nothing was moved" in dry  # a record without an id: its position
-    assert broker.depth(INBOUND) == 0 and failed_ids(env) == order
+    assert broker.depth(INBOUND) == 0 and queue_and_index(order)
 
     # --limit: the first matching record only.
     out = ok(env, "failed", "replay", "--stage", "legacy", "--limit", "1", "--yes")
@@ -192,13 +225,13 @@ def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Brok
     assert props.message_id == "m-0" and props.delivery_mode == 2 and props.timestamp
     assert props.headers["x-replayed-from"] == FAILED
     assert json.loads(body) == good("u-0")
-    assert failed_ids(env) == order[1:]
+    assert queue_and_index(order[1:])
 
     # --user-id, across stages; the rest stay in order.
     ok(env, "failed", "replay", "--user-id", "u-0", "-y")
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-6"]
     remaining = [*order[1:6], "m-junk"]
-    assert failed_ids(env) == remaining
+    assert queue_and_index(remaining)
 
     # A record without a message_id gets a fresh one; a string original goes back as its text,
     # anything else as JSON; a record with no original is never replayed (nor removed).
@@ -208,20 +241,20 @@ def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Brok
     assert [p.message_id for p, _ in published][:2] == ["m-1", "m-2"]
     assert published[2][0].message_id not in (None, "")  # the record of u-3 had none
     assert [b for _, b in published][3:] == [b"not json {", b'["an","array"]']
-    assert failed_ids(env) == ["m-junk"]
+    assert queue_and_index(["m-junk"])
 
 
-def test_replay_never_takes_a_record_that_arrived_after_it_started(stack: Stack, broker: Broker,
-                                                                   users: Any) -> None:
+def test_replay_never_takes_a_record_that_arrived_after_it_started(stack: Stack, broker: Broker, users: Any,
+                                                                   failure_records: FailureRecords) -> None:
     """A replayed message that fails again at once comes back as a new record while the replay is
     still running: it waits for the next replay (no loop), and the records left in place keep
     their place ahead of it."""
     stack.start("submitter")
     started = datetime.now(UTC) - timedelta(seconds=1)
-    broker.publish(FAILED, record("stays-1", "legacy"), message_id="stays-1")
+    failure_records.publish(record("stays-1", "legacy"), message_id="stays-1")
     for i in range(30):
-        broker.publish(FAILED, record(None, "validation", original=f"still not json {i}"), message_id=f"v-{i}")
-    broker.publish(FAILED, record("stays-2", "legacy"), message_id="stays-2")
+        failure_records.publish(record(None, "validation", original=f"still not json {i}"), message_id=f"v-{i}")
+    failure_records.publish(record("stays-2", "legacy"), message_id="stays-2")
     out = ok(stack.env, "failed", "replay", "--stage", "validation", "--yes")
     assert "replayed 30 failure records" in out
     wait_until(lambda: broker.depth(FAILED) == 32, timeout=30, what="the 30 replays to fail again")
@@ -349,11 +382,12 @@ def test_publish_to_a_queue_nobody_declared_fails_clearly(stack: Stack, tmp_path
 # ---- status and stats ---------------------------------------------------------------------------
 
 
-def test_status_of_users_in_every_state(stack: Stack, broker: Broker, users: Any) -> None:
+def test_status_of_users_in_every_state(stack: Stack, broker: Broker, users: Any,
+                                        failure_records: FailureRecords) -> None:
     now = datetime.now(UTC)
     users.insert_one({"_id": "done", "registration_status": "registered", "legacy_request_id": "AB583C-X",
                       "registration_updated_at": now})
-    broker.publish(FAILED, record("gone", "timeout", reason="still processing after 300 s"), message_id="m-gone")
+    failure_records.publish(record("gone", "timeout", reason="still processing after 300 s"), message_id="m-gone")
     text = ok(stack.env, "status", "done")
     assert "registration_status      registered" in text and "legacy_request_id        AB583C-X" in text
     assert "registration_error       -" in text and "no failure record on" in text
@@ -362,6 +396,7 @@ def test_status_of_users_in_every_state(stack: Stack, broker: Broker, users: Any
     assert "no document in" in text and "timeout" in text and "still processing after 300 s" in text
     as_json = json.loads(ok(stack.env, "status", "gone", "--json"))
     assert as_json["document"] is None and as_json["failures"][0]["message_id"] == "m-gone"
+    assert as_json["failures"][0]["state"] == "queued"
 
     unknown = cli(stack.env, "status", "nobody")
     assert unknown.returncode == 1 and "nothing known about user 'nobody'" in unknown.stderr
@@ -415,9 +450,9 @@ def test_a_list_of_brokers_reaches_the_one_that_answers(stack: Stack, broker: Br
     down = broker.url.replace("127.0.0.1:5672", "127.0.0.1:1").replace("guest:guest", "bob:s3cret")
     env = {**stack.env, "RABBITMQ_URL": f"{down},{broker.url}", "RABBITMQ_URL_ORDER": "listed"}
     broker.publish(FAILED, record("u-list", "legacy"), message_id="u-list")
-    assert "u-list" in ok(env, "failed", "list")
+    assert "u-list" in ok(env, "failed", "list", "--from-queue")
     # Every node down: one line naming each node, credentials hidden.
-    result = cli({**env, "RABBITMQ_URL": f"{down},{down.replace(':1/', ':2/')}"}, "failed", "list")
+    result = cli({**env, "RABBITMQ_URL": f"{down},{down.replace(':1/', ':2/')}"}, "failed", "list", "--from-queue")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "127.0.0.1:1" in result.stderr and "127.0.0.1:2" in result.stderr and "s3cret" not in result.stderr
 
@@ -434,12 +469,12 @@ def jsonl(text: str) -> list[Any]:
 
 
 def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Broker, users: Any,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, failure_records: FailureRecords) -> None:
     env = stack.env  # no service runs: what is published or replayed stays on the inbound queue
     hostile = "rejected: \u202egnp.exe\u202c \u0085\u009b2J \x1b[31m"
     for mid, uid, stage, reason in [("m-0", "u-0", "legacy", hostile), ("m-1", "u-1", "submit", "bad cpf"),
                                     ("m-2", "u-0", "legacy", "refused")]:
-        broker.publish(FAILED, record(uid, stage, reason=reason), message_id=mid)
+        failure_records.publish(record(uid, stage, reason=reason), message_id=mid)
     users.insert_one({"_id": "u-0", "registration_status": "failed", "legacy_request_id": "AB583C-X",
                       "registration_updated_at": datetime.now(UTC)})
     rows = tmp_path / "rows.jsonl"
@@ -468,13 +503,16 @@ def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Br
     # The hostile reason survives as data but reaches the terminal escaped, never raw.
     assert json.loads(listed)[0]["record"]["error"]["reason"] == hostile
     assert not {"\u202e", "\u0085", "\u009b", "\x1b"} & set(listed) and "\\u202e" in listed
-    assert [r["position"] for r in jsonl(run("failed", "list", "-o", "jsonl", "--stage", "legacy"))] == [1, 3]
+    assert [r["id"] for r in jsonl(run("failed", "list", "-o", "jsonl", "--stage", "legacy"))] == ["m-0", "m-2"]
+    assert [r["position"] for r in jsonl(run("failed", "list", "-o", "jsonl", "--stage", "legacy",
+                                             "--from-queue"))] == [1, 3]
     bare = lines_of(run("failed", "list", "--no-headers"))
     assert [line.split()[:3] for line in bare] == [["m-0", "legacy", "u-0"], ["m-1", "submit", "u-1"],
                                                    ["m-2", "legacy", "u-0"]]
 
     # failed show: JSON by default (the record in full), one line with jsonl, a table row on request.
-    assert json.loads(run("failed", "show", "m-1"))["properties"]["message_id"] == "m-1"
+    assert json.loads(run("failed", "show", "m-1"))["record"]["user_id"] == "u-1"
+    assert json.loads(run("failed", "show", "m-1", "--from-queue"))["properties"]["message_id"] == "m-1"
     [one] = jsonl(run("failed", "show", "m-1", "-o", "jsonl"))
     assert one["record"]["user_id"] == "u-1"
     table = lines_of(run("failed", "show", "m-1", "-o", "table"))
@@ -497,7 +535,7 @@ def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Br
     assert lines_of(run("failed", "replay", "--yes", "--no-headers")) == \
         ["replayed m-2  legacy      user_id=u-0"]
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-1", "m-0", "m-2"]
-    broker.publish(FAILED, record("u-0", "legacy", reason="refused again"), message_id="m-3")
+    failure_records.publish(record("u-0", "legacy", reason="refused again"), message_id="m-3")
 
     # status: the document and the records; rows only with --no-headers.
     status = json.loads(run("status", "u-0", "-o", "json"))
@@ -568,9 +606,10 @@ def on_a_terminal(env: dict[str, str], answer: str, *args: str) -> tuple[int, st
     return process.returncode, shown.decode(errors="replace"), stdout
 
 
-def test_replay_asks_on_a_terminal_and_moves_nothing_on_no(stack: Stack, broker: Broker) -> None:
+def test_replay_asks_on_a_terminal_and_moves_nothing_on_no(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
     for i in range(4):
-        broker.publish(FAILED, record(f"u-{i}", ("legacy", "submit")[i % 2]), message_id=f"m-{i}")
+        failure_records.publish(record(f"u-{i}", ("legacy", "submit")[i % 2]), message_id=f"m-{i}")
 
     code, shown, stdout = on_a_terminal(stack.env, "n\n", "failed", "replay", "--stage", "legacy")
     print(f"\nterminal, answered n: exit {code}; it showed {shown!r}")
@@ -591,8 +630,9 @@ def test_replay_asks_on_a_terminal_and_moves_nothing_on_no(stack: Stack, broker:
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-1"]
 
 
-def test_replay_without_a_terminal_refuses_unless_told_yes(stack: Stack, broker: Broker) -> None:
-    broker.publish(FAILED, record("u-0", "legacy"), message_id="m-0")
+def test_replay_without_a_terminal_refuses_unless_told_yes(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
+    failure_records.publish(record("u-0", "legacy"), message_id="m-0")
     refused = cli(stack.env, "failed", "replay")  # stdin is /dev/null: no terminal to ask on
     print(f"\nno terminal, no --yes: exit {refused.returncode}; stderr {refused.stderr!r}")
     assert refused.returncode == 2 and refused.stdout == ""
@@ -604,13 +644,14 @@ def test_replay_without_a_terminal_refuses_unless_told_yes(stack: Stack, broker:
     assert broker.depth(FAILED) == 0 and broker.depth(INBOUND) == 1
 
 
-def test_a_replay_or_a_publish_stopped_midway_exits_3(stack: Stack, broker: Broker, tmp_path: Path) -> None:
+def test_a_replay_or_a_publish_stopped_midway_exits_3(stack: Stack, broker: Broker, tmp_path: Path,
+                                                      failure_records: FailureRecords) -> None:
     # An inbound queue that takes two messages and refuses the rest.
     small = "small-inbound"
     broker.channel.queue_declare(small, durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
     env = {**stack.env, "INBOUND_QUEUE": small}
     for i in range(5):
-        broker.publish(FAILED, record(f"u-{i}", "legacy"), message_id=f"m-{i}")
+        failure_records.publish(record(f"u-{i}", "legacy"), message_id=f"m-{i}")
 
     result = cli(env, "failed", "replay", "--yes", "-o", "json")
     print(f"\nreplay into a queue that takes 2 of 5: exit {result.returncode}; stderr {result.stderr.strip()!r}")
@@ -618,6 +659,9 @@ def test_a_replay_or_a_publish_stopped_midway_exits_3(stack: Stack, broker: Brok
     doc = json.loads(result.stdout)
     assert (doc["count"], doc["complete"], [r["message_id"] for r in doc["records"]]) == (2, False, ["m-0", "m-1"])
     assert broker.depth(small) == 2 and failed_ids(env) == ["m-2", "m-3", "m-4"]
+    # The index followed: the two replayed records' entries are gone, the refused ones are queued again.
+    assert failure_records.states() == {"m-2": "queued", "m-3": "queued", "m-4": "queued"}
+    assert failed_ids(env, "--from-queue") == ["m-2", "m-3", "m-4"]
 
     # Nothing moved at all: a failure, not a partial success.
     result = cli(env, "failed", "replay", "--yes")
@@ -637,28 +681,31 @@ def test_a_replay_or_a_publish_stopped_midway_exits_3(stack: Stack, broker: Brok
 # ---- ids: copies of one record are one record -------------------------------------------------
 
 
-def test_copies_of_one_record_are_listed_once_and_replayed_once(stack: Stack, broker: Broker) -> None:
+def test_copies_of_one_record_are_listed_once_and_replayed_once(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
     env = stack.env  # no service runs: what a replay publishes stays on the inbound queue
     copy = record("u-5", "legacy", reason="rejected by the legacy system")
     for mid, body in [("m-5", copy), ("m-6", record("u-6", "legacy")), ("m-5", copy), ("m-7", record("u-7", "submit"))]:
-        broker.publish(FAILED, body, message_id=mid)
-    listed = json.loads(ok(env, "failed", "list", "-o", "json"))
+        failure_records.publish(body, message_id=mid)
+    # The index holds one entry per id; the queue itself counts the copies.
+    assert failed_ids(env) == ["m-5", "m-6", "m-7"]
+    listed = json.loads(ok(env, "failed", "list", "-o", "json", "--from-queue"))
     assert [(r["id"], r["copies"]) for r in listed] == [("m-5", 2), ("m-6", 1), ("m-7", 1)]
-    assert "m-5 (x2)" in ok(env, "failed", "list")
-    assert json.loads(ok(env, "failed", "show", "m-5"))["copies"] == 2
+    assert "m-5 (x2)" in ok(env, "failed", "list", "--from-queue")
+    assert json.loads(ok(env, "failed", "show", "m-5", "--from-queue"))["copies"] == 2
 
     done = json.loads(ok(env, "failed", "replay", "--id", "m-5", "--yes", "-o", "json"))
     assert (done["count"], [r["id"] for r in done["records"]], done["left"]) == (1, ["m-5"], 2)
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ["m-5"]  # once, for both copies
-    assert failed_ids(env) == ["m-6", "m-7"]
+    assert failed_ids(env) == ["m-6", "m-7"] and failed_ids(env, "--from-queue") == ["m-6", "m-7"]
     print("two copies of m-5: listed once, replayed once, both removed")
 
 
 # ---- discard: written first, then removed ----------------------------------------------------
 
 
-def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stack, broker: Broker,
-                                                                      tmp_path: Path) -> None:
+def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stack, broker: Broker, tmp_path: Path,
+                                                                      failure_records: FailureRecords) -> None:
     env = stack.env
     month = 40 * 86400
     bodies = {"m-0": record(None, "validation", original="not json {", age_s=month),
@@ -666,7 +713,7 @@ def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stac
               "m-2": record("u-2", "legacy", age_s=month),
               "m-3": record(None, "validation", original=["an", "array"], age_s=month)}
     for mid, body in [*bodies.items(), ("m-0", bodies["m-0"])]:  # m-0 twice: a crash window's copy
-        broker.publish(FAILED, body, message_id=mid)
+        failure_records.publish(body, message_id=mid)
     chosen = ("failed", "discard", "--stage", "validation", "--older-than", "30d")
 
     refused = cli(env, *chosen, "--yes")
@@ -677,8 +724,9 @@ def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stac
     assert (dry["count"], [r["id"] for r in dry["records"]]) == (2, ["m-0", "m-3"])
     unwritable = cli(env, *chosen, "--export", str(tmp_path / "no-such-dir" / "x.jsonl"), "--yes")
     assert unwritable.returncode == 1 and "nothing was discarded" in unwritable.stderr
-    listed = json.loads(ok(env, "failed", "list", "-o", "json"))  # all there, in order
+    listed = json.loads(ok(env, "failed", "list", "-o", "json", "--from-queue"))  # all there, in order
     assert [(r["id"], r["copies"]) for r in listed] == [("m-0", 2), ("m-1", 1), ("m-2", 1), ("m-3", 1)]
+    assert failure_records.states() == dict.fromkeys(bodies, "queued")
 
     export = tmp_path / "discarded.jsonl"
     done = json.loads(ok(env, *chosen, "--export", str(export), "--yes", "-o", "json"))
@@ -687,7 +735,7 @@ def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stac
     assert [k["id"] for k in kept] == ["m-0", "m-3"]  # one line per record, its copies included
     assert [k["body"].encode() for k in kept] == [bodies["m-0"], bodies["m-3"]]
     assert all(k["queue"] == FAILED and k["properties"]["message_id"] == k["id"] for k in kept)
-    assert failed_ids(env) == ["m-1", "m-2"]
+    assert failed_ids(env) == ["m-1", "m-2"] and failed_ids(env, "--from-queue") == ["m-1", "m-2"]
     # Run again: nothing left to take, and the file is appended to, never rewritten.
     assert "discarded 0 failure records" in ok(env, *chosen, "--export", str(export), "--yes")
     assert len(export.read_text().splitlines()) == 2
@@ -697,11 +745,12 @@ def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stac
 # ---- replay at a rate, with a progress bar ------------------------------------------------------
 
 
-def test_a_replay_keeps_to_its_rate_and_shows_its_progress(stack: Stack, broker: Broker) -> None:
+def test_a_replay_keeps_to_its_rate_and_shows_its_progress(stack: Stack, broker: Broker,
+        failure_records: FailureRecords) -> None:
     env = stack.env  # no service runs: the replayed messages stay on the inbound queue
     ids = [f"r-{i}" for i in range(30)]
     for mid in ids:
-        broker.publish(FAILED, record(mid, "legacy"), message_id=mid)
+        failure_records.publish(record(mid, "legacy"), message_id=mid)
     rate = 20.0
     began = time.monotonic()
     code, shown, _ = on_a_terminal(env, "y\n", "failed", "replay", "--rate", str(rate))

@@ -17,6 +17,7 @@ import pika
 import pika.exceptions
 import pytest
 from conftest import Stack
+from failure_records import FailureRecords
 from harness import BIN, Broker, cli_env, rabbitmqctl, wait_until
 from outcomes import FAILED, Outcomes, check_exact, mixed_load
 from pika.adapters.blocking_connection import BlockingChannel
@@ -78,11 +79,15 @@ def properties(i: int) -> pika.BasicProperties:
     )
 
 
-def publish_records(broker: Broker, n: int, *, users: int = 5) -> list[str]:
+def publish_records(broker: Broker, n: int, *, users: int = 5, records: FailureRecords | None = None) -> list[str]:
+    """`n` records; with `records`, each with its index entry, as the services write them."""
     for i in range(n):
         stage = ("legacy", "submit", "validation")[i % 3]
         user = f"u-{i % users}" if stage != "validation" else None
-        broker.channel.basic_publish("", FAILED, record(user, stage, i), properties(i), mandatory=True)
+        if records is not None:
+            records.publish(record(user, stage, i), message_id=None, properties=properties(i))
+        else:
+            broker.channel.basic_publish("", FAILED, record(user, stage, i), properties(i), mandatory=True)
     return [f"m-{i}" for i in range(n)]
 
 
@@ -159,19 +164,20 @@ def test_what_the_broker_does_with_a_returned_message(broker: Broker, amqp_url: 
 
 
 def test_fifty_browses_under_a_delivery_limit_lose_nothing_and_reorder_nothing(
-        stack: Stack, broker: Broker, users: Any, amqp_url: str) -> None:
+        stack: Stack, broker: Broker, users: Any, amqp_url: str, failure_records: FailureRecords) -> None:
     limit_every_queue(amqp_url)
-    published = publish_records(broker, 25)
+    published = publish_records(broker, 25, records=failure_records)
     env = stack.env
     for i in range(50):
         path = i % 5
         if path in (0, 1):
-            assert [r["message_id"] for r in json.loads(cli(env, "failed", "list", "--json"))] == published
+            listed = json.loads(cli(env, "failed", "list", "--from-queue", "--json"))
+            assert [r["message_id"] for r in listed] == published
         elif path == 2:
             mine = json.loads(cli(env, "status", "u-1", "--json"))["failures"]
             assert [r["message_id"] for r in mine] == [f"m-{i}" for i in (1, 6, 16, 21)]
         elif path == 3:
-            shown = json.loads(cli(env, "failed", "show", "m-7"))
+            shown = json.loads(cli(env, "failed", "show", "m-7", "--from-queue"))
             assert shown["properties"]["message_id"] == "m-7"
             assert shown["properties"]["headers"]["x-delivery-count"] == 0  # never returned
         else:
@@ -194,7 +200,7 @@ def test_a_replay_under_a_delivery_limit_keeps_the_rest_in_order(stack: Stack, b
     replayed = [f"m-{i}" for i in (1, 4, 7, 10)]
     assert [p.message_id for p, _ in broker.drain("registrations")] == replayed
     for _ in range(25):
-        cli(stack.env, "failed", "list", "--json")
+        cli(stack.env, "failed", "list", "--from-queue", "--json")
     after = drain(broker)
     assert [p.message_id for p, _ in after] == [m for m in published if m not in replayed]
     assert set(delivery_counts(after)) == {0}
@@ -277,7 +283,8 @@ def test_a_browse_killed_with_sigkill_loses_nothing(stack: Stack, broker: Broker
     for i in range(n):
         broker.publish(FAILED, record(f"u-{i}", "legacy", i), message_id=f"m-{i}")
     published = [f"m-{i}" for i in range(n)]
-    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list"], env=cli_env(stack.env),
+    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--from-queue"],
+                              env=cli_env(stack.env),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     wait_until(lambda: browsing(broker), timeout=30, what="the browse to start", every=0.01)
@@ -293,8 +300,8 @@ def test_ctrl_c_lets_the_browse_finish_first(stack: Stack, broker: Broker, amqp_
     n = 600
     for i in range(n):
         broker.publish(FAILED, record(f"u-{i}", "legacy", i), message_id=f"m-{i}")
-    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--json"], env=cli_env(stack.env),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    browse = subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--from-queue", "--json"],
+                              env=cli_env(stack.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: browsing(broker), timeout=30, what="the browse to start", every=0.01)
     time.sleep(0.2)
     browse.send_signal(signal.SIGINT)
@@ -308,8 +315,9 @@ def test_ctrl_c_lets_the_browse_finish_first(stack: Stack, broker: Broker, amqp_
 
 def test_two_browses_at_once_each_see_every_record_in_order(stack: Stack, broker: Broker) -> None:
     published = publish_records(broker, 200)
-    browses = [subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--json"], env=cli_env(stack.env),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    browses = [subprocess.Popen([str(BIN / "registrations"), "failed", "list", "--from-queue", "--json"],
+                                env=cli_env(stack.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(3)]
     for browse in browses:
         out, err = browse.communicate(timeout=120)
         assert browse.returncode == 0, err
@@ -341,7 +349,7 @@ def test_records_published_during_a_browse_are_kept_and_the_others_keep_their_or
     thread = threading.Thread(target=publish_meanwhile)
     thread.start()
     try:
-        listed = [r["message_id"] for r in json.loads(cli(stack.env, "failed", "list", "--json"))]
+        listed = [r["message_id"] for r in json.loads(cli(stack.env, "failed", "list", "--from-queue", "--json"))]
     finally:
         thread.join()
     assert listed == published  # the records there when the browse started, in their order
@@ -370,7 +378,7 @@ def test_the_pipeline_under_a_delivery_limit_with_browses_running(stack: Stack, 
 
     def with_the_command() -> None:
         while not stop.is_set():
-            cli(stack.env, "failed", "list", "--json")
+            cli(stack.env, "failed", "list", "--from-queue", "--json")
             status = subprocess.run([str(BIN / "registrations"), "status", "load-3", "--json"], env=cli_env(stack.env),
                                     capture_output=True, text=True, timeout=120)
             assert status.returncode in (0, 1) and "Traceback" not in status.stderr, status.stderr

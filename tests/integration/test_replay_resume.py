@@ -20,8 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import harness
 import pika
 import pytest
+from failure_records import FailureRecords
 from harness import BIN, Broker, cli_env, wait_until
 from outcomes import FAILED, INBOUND, good
 from pika.adapters.blocking_connection import BlockingChannel
@@ -36,10 +38,10 @@ FAILED_AT = datetime(2026, 12, 1, tzinfo=UTC)
 
 
 @pytest.fixture
-def env(amqp_url: str) -> dict[str, str]:
-    """The command's environment: the test's vhost, every other setting its default."""
+def env(amqp_url: str, mongo: harness.Mongo, database: str) -> dict[str, str]:
+    """The command's environment: the test's vhost and database, every other setting its default."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("POLL_", "LEGACY_SIM_"))},
-            "RABBITMQ_URL": amqp_url}
+            "RABBITMQ_URL": amqp_url, "MONGODB_URI": mongo.uri, "MONGODB_DATABASE": database}
 
 
 def record(i: int, stage: str) -> bytes:
@@ -48,18 +50,22 @@ def record(i: int, stage: str) -> bytes:
                          error=FailureError(stage, f"reason {i}"), attempts=1, failed_at=FAILED_AT).encode()
 
 
-def fill(broker: Broker, n: int, *, other_every: int, copy_of: int | None = None) -> tuple[list[str], list[str]]:
+def fill(records: FailureRecords, n: int, *, other_every: int,
+         copy_of: int | None = None) -> tuple[list[str], list[str]]:
     """`n` legacy records on the failure queue, and before every `other_every`-th one a record of
     another stage, each with an id of its own (with `copy_of`, a second copy of that legacy record
-    at the end); published without confirms, which is fast, then awaited. Returns the legacy ids
-    and the others', each in queue order."""
+    at the end); published without confirms, which is fast, then awaited, and indexed in bulk.
+    Returns the legacy ids and the others', each in queue order."""
+    broker = records.broker
     legacy: list[str] = []
     others: list[str] = []
+    indexed: dict[str, bytes] = {}
     connection = pika.BlockingConnection(pika.URLParameters(broker.url))
     channel = connection.channel()
 
     def publish(mid: str, body: bytes) -> None:
         channel.basic_publish("", FAILED, body, pika.BasicProperties(delivery_mode=2, message_id=mid))
+        indexed.setdefault(mid, body)
 
     for i in range(n):
         if i % other_every == 0:
@@ -72,6 +78,7 @@ def fill(broker: Broker, n: int, *, other_every: int, copy_of: int | None = None
     connection.close()
     total = n + len(others) + (copy_of is not None)
     wait_until(lambda: broker.depth(FAILED) == total, timeout=60, what=f"{total} records on {FAILED}", every=0.1)
+    records.index_many(list(indexed.items()))
     return legacy, others
 
 
@@ -140,10 +147,11 @@ INTERRUPTED = re.compile(r"interrupted: (\d+) of (\d+) replayed; the rest are st
 
 
 def test_a_replay_of_10000_interrupted_halfway_and_run_again_replays_each_record_once(
-        broker: Broker, env: dict[str, str], amqp_url: str, tmp_path: Path) -> None:
+        broker: Broker, env: dict[str, str], amqp_url: str, tmp_path: Path,
+        failure_records: FailureRecords) -> None:
     # A rate this machine's broker can keep (a send waits for its confirm: about 3 ms on a quorum queue).
     n, rate = 10_000, 300.0
-    legacy, others = fill(broker, n, other_every=100)
+    legacy, others = fill(failure_records, n, other_every=100)
     # A delivery limit of 0: a record handed back to the failure queue even once would be gone, and
     # missing below. The interrupt must put records back as copies, never hand them back.
     limit_every_queue(amqp_url, 0)
@@ -175,6 +183,7 @@ def test_a_replay_of_10000_interrupted_halfway_and_run_again_replays_each_record
     assert inbound == legacy  # the first run's in order, then the rest in theirs
     left, counts = drained(broker, FAILED)
     assert left == others and set(counts) == {0}
+    assert failure_records.states() == dict.fromkeys(others, "queued")  # the index followed both runs
     print(f"\nreplay of {n:,} records (+{len(others)} others kept) at --rate {rate:g}: "
           f"{(d1 - d0) / (t1 - t0):.0f}/s achieved; first run {stopped.took_s:.1f} s (first send after "
           f"{t0 - first.began:.1f} s, the take), SIGINT after {sent_first:,} "
@@ -184,13 +193,13 @@ def test_a_replay_of_10000_interrupted_halfway_and_run_again_replays_each_record
 
 
 def test_a_replay_killed_halfway_and_run_again_sends_at_most_the_record_in_hand_twice(
-        broker: Broker, env: dict[str, str], tmp_path: Path) -> None:
+        broker: Broker, env: dict[str, str], tmp_path: Path, failure_records: FailureRecords) -> None:
     """The record whose send was confirmed and whose original was not acked is sent again by the
     next run. A quorum queue applies an ack through its log, so the record before it can come back
     as well when its ack had not been applied (test_delivery_limits.py sees the same of a browse):
     at most those two, one after the other."""
     n = 1_000
-    legacy, others = fill(broker, n, other_every=20)
+    legacy, others = fill(failure_records, n, other_every=20)
     command = ["--stage", "legacy", "--rate", "1000", "--yes"]
 
     first = Replay(env, command, tmp_path / "first")
@@ -248,20 +257,22 @@ def to_inbound(args: tuple[Any, ...]) -> bool:
     return bool(args[1] == INBOUND)
 
 
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], amqp_url: str,
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str],
         *args: str) -> tuple[int, str, str]:
-    monkeypatch.setenv("RABBITMQ_URL", amqp_url)
+    for name in ("RABBITMQ_URL", "MONGODB_URI", "MONGODB_DATABASE"):
+        monkeypatch.setenv(name, env[name])
     code = cli_main.main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_a_signal_during_the_sends_stops_after_the_record_in_hand(
-        broker: Broker, amqp_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    legacy, others = fill(broker, 30, other_every=5, copy_of=2)  # r-2's copy, at the end, goes with it
+        broker: Broker, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        failure_records: FailureRecords) -> None:
+    legacy, others = fill(failure_records, 30, other_every=5, copy_of=2)  # r-2's copy, at the end, goes with it
     replay = ("failed", "replay", "--stage", "legacy", "--yes", "-o", "json")
     with signal_at(monkeypatch, "basic_publish", 10, [signal.SIGTERM], when=to_inbound):
-        code, out, err = run(monkeypatch, capsys, amqp_url, *replay)
+        code, out, err = run(monkeypatch, capsys, env, *replay)
     assert code == 3, err
     doc = json.loads(out)
     assert (doc["count"], doc["complete"], doc["interrupted"]) == (10, False, True)
@@ -270,20 +281,23 @@ def test_a_signal_during_the_sends_stops_after_the_record_in_hand(
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == legacy[:10]
     left, counts = drained(broker, FAILED)
     assert left == others + legacy[10:] and set(counts) == {0}  # the unsent behind the others; no copy of r-2
+    # The index followed: the sent records' entries are gone, the unsent ones' queued again.
+    assert failure_records.states() == dict.fromkeys(others + legacy[10:], "queued")
     for mid in left:
         broker.publish(FAILED, record(int(mid[2:]), "legacy" if mid.startswith("r-") else "submit"), message_id=mid)
 
-    code, out, err = run(monkeypatch, capsys, amqp_url, *replay)
+    code, out, err = run(monkeypatch, capsys, env, *replay)
     assert code == 0 and json.loads(out)["count"] == 20, err
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == legacy[10:]
     assert drained(broker, FAILED)[0] == others
 
 
 def test_a_signal_during_the_take_sends_nothing_and_keeps_the_order(
-        broker: Broker, amqp_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    legacy, others = fill(broker, 30, other_every=5)
+        broker: Broker, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        failure_records: FailureRecords) -> None:
+    legacy, others = fill(failure_records, 30, other_every=5)
     with signal_at(monkeypatch, "basic_get", 8, [signal.SIGINT]):
-        code, out, err = run(monkeypatch, capsys, amqp_url, "failed", "replay", "--stage", "legacy", "--yes",
+        code, out, err = run(monkeypatch, capsys, env, "failed", "replay", "--stage", "legacy", "--yes",
                              "-o", "json")
     assert code == 130, err
     assert "finishing the browse first" in err and "go back onto registrations.failed unsent" in err
@@ -297,10 +311,11 @@ def test_a_signal_during_the_take_sends_nothing_and_keeps_the_order(
 
 
 def test_a_second_signal_stops_at_once_and_loses_nothing(
-        broker: Broker, amqp_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    legacy, others = fill(broker, 30, other_every=5)
+        broker: Broker, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        failure_records: FailureRecords) -> None:
+    legacy, others = fill(failure_records, 30, other_every=5)
     with signal_at(monkeypatch, "basic_publish", 5, [signal.SIGINT, signal.SIGINT], when=to_inbound):
-        code, _, err = run(monkeypatch, capsys, amqp_url, "failed", "replay", "--stage", "legacy", "--yes")
+        code, _, err = run(monkeypatch, capsys, env, "failed", "replay", "--stage", "legacy", "--yes")
     assert code == 130 and err.rstrip().endswith("registrations: interrupted"), err
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == legacy[:5]
     # The held records went back to the head (one return each), r-4 too: its send was confirmed,
@@ -311,12 +326,12 @@ def test_a_second_signal_stops_at_once_and_loses_nothing(
 
 
 def test_a_discard_interrupted_before_its_export_removes_nothing(
-        broker: Broker, amqp_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        tmp_path: Path) -> None:
-    legacy, others = fill(broker, 30, other_every=5)
+        broker: Broker, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path, failure_records: FailureRecords) -> None:
+    legacy, others = fill(failure_records, 30, other_every=5)
     export = tmp_path / "gone.jsonl"
     with signal_at(monkeypatch, "basic_get", 20, [signal.SIGINT]):
-        code, _, err = run(monkeypatch, capsys, amqp_url, "failed", "discard", "--stage", "legacy", "--yes",
+        code, _, err = run(monkeypatch, capsys, env, "failed", "discard", "--stage", "legacy", "--yes",
                            "--export", str(export))
     assert code == 130, err
     assert "interrupted before the records were written" in err and "nothing was discarded" in err
@@ -326,13 +341,14 @@ def test_a_discard_interrupted_before_its_export_removes_nothing(
 
 
 def test_an_interrupted_replay_with_a_limit_says_how_many_more_to_ask_for(
-        broker: Broker, amqp_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    legacy, _ = fill(broker, 30, other_every=5)
+        broker: Broker, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        failure_records: FailureRecords) -> None:
+    legacy, _ = fill(failure_records, 30, other_every=5)
     with signal_at(monkeypatch, "basic_publish", 4, [signal.SIGINT], when=to_inbound):
-        code, _, err = run(monkeypatch, capsys, amqp_url, "failed", "replay", "--stage", "legacy", "--limit", "12",
+        code, _, err = run(monkeypatch, capsys, env, "failed", "replay", "--stage", "legacy", "--limit", "12",
                            "--yes")
     assert code == 3 and "interrupted: 4 of 12 replayed" in err and "run it again with --limit 8" in err, err
-    code, _, err = run(monkeypatch, capsys, amqp_url, "failed", "replay", "--stage", "legacy", "--limit", "8", "--yes")
+    code, _, err = run(monkeypatch, capsys, env, "failed", "replay", "--stage", "legacy", "--limit", "8", "--yes")
     assert code == 0, err
     # The limit takes the first that match, in queue order: those it left out before come ahead of
     # the 8 put back at the tail. Twelve in all, none twice.

@@ -24,12 +24,14 @@ from harness import fetch_tools
 from registrations_cli import completion, rows
 from registrations_cli.broker import properties_view
 from registrations_cli.confirm import Consent
-from registrations_cli.cycle import exact_copy
+from registrations_cli.cycle import Record, exact_copy
 from registrations_cli.errors import CliError
-from registrations_cli.failed import find
+from registrations_cli.index import Entry, entry_of
+from registrations_cli.listing import Row, find, table
 from registrations_cli.main import build_parser, version_text
 from registrations_cli.output import Output, safe_json
 from registrations_cli.progress import Progress, bar
+from registrations_cli.reconcile import Found
 from registrations_cli.records import Failure, Filter, encode_original, first_copies
 from registrations_cli.settings import CliSettings, from_env
 from registrations_cli.table import one_line, plural, render, truncate
@@ -505,7 +507,8 @@ def test_bash_completion(tmp_path: Path) -> None:
     assert _bash_complete(str(script), "fa") == ["failed"]
     assert _bash_complete(str(script), "") == ["publish", "failed", "status", "stats", "init-indexes", "inspect",
                                                "completion", "-h", "--help", "--version"]
-    assert _bash_complete(str(script), "failed", "re") == ["replay"]
+    assert _bash_complete(str(script), "failed", "re") == ["reconcile", "replay"]
+    assert _bash_complete(str(script), "failed", "list", "--from") == ["--from-queue"]
     assert _bash_complete(str(script), "failed", "replay", "--st") == ["--stage"]
     assert _bash_complete(str(script), "failed", "replay", "--stage", "l") == ["legacy"]
     assert _bash_complete(str(script), "failed", "list", "-o", "js") == ["json", "jsonl"]
@@ -609,3 +612,45 @@ def record_body(stage: str, reason: str, at: datetime) -> dict[str, Any]:
     return {"original": {"user_id": "u"}, "user_id": "u", "legacy_request_id": None,
             "error": {"stage": stage, "reason": reason, "http_status": None}, "attempts": 1,
             "failed_at": at.isoformat()}
+
+
+# ---- the failure index, from the command's side ------------------------------------------------
+
+
+def test_an_entry_is_made_from_whatever_record_the_queue_holds() -> None:
+    body = FailureRecord(original=person("u-1"), user_id="u-1", legacy_request_id="AB583C-X",
+                         error=FailureError("legacy", "rejected by the legacy system", 200), attempts=4,
+                         failed_at=NOW - timedelta(minutes=5)).encode()
+    entry = entry_of("m-1", body, fallback_time=NOW)
+    assert (entry.record_id, entry.stage, entry.reason, entry.user_id, entry.legacy_request_id) == \
+        ("m-1", "legacy", "rejected by the legacy system", "u-1", "AB583C-X")
+    assert entry.failed_at == NOW - timedelta(minutes=5) and entry.body.encode() == body
+    # Unreadable: indexed all the same, under stage `?`, with why as its reason.
+    junk = entry_of("m-junk", b"\xff not json", fallback_time=NOW)
+    assert (junk.stage, junk.user_id, junk.failed_at) == ("?", None, NOW) and "malformed" in junk.reason
+    partial = entry_of("m-p", json.dumps({"original": {}, "user_id": "p", "error": {"stage": "poll"}}).encode(),
+                       fallback_time=NOW)
+    assert (partial.stage, partial.user_id) == ("?", "p")
+
+
+def test_the_list_shows_a_state_column_only_when_some_entry_is_not_queued() -> None:
+    def row(record_id: str, state: str | None) -> Row:
+        return Row(record_id, "legacy", "u-1", NOW - timedelta(seconds=42), "rejected", state)
+
+    plain = table([row("m-1", "queued"), row("m-2", None)], NOW).splitlines()
+    assert plain[0].split() == ["ID", "STAGE", "USER_ID", "AGE", "REASON"]
+    marked = table([row("m-1", "queued"), row("m-2", "leaving")], NOW).splitlines()
+    assert marked[0].split() == ["ID", "STATE", "STAGE", "USER_ID", "AGE", "REASON"]
+    assert marked[2].split()[:3] == ["m-2", "leaving", "legacy"]
+    unreadable = Row.of_entry(Entry("m-3", 7, "queued", "?", "failure record is malformed", None, NOW))
+    assert unreadable.failed_at is None  # the time it was indexed is no time it failed
+    assert table([unreadable], NOW).splitlines()[1].split()[3] == "?"
+
+
+def test_a_whole_cycle_found_each_id_once_with_its_copies() -> None:
+    def taken(position: int, message_id: str | None) -> Record:
+        return Record(position, pika.BasicProperties(message_id=message_id), b"{}")
+
+    found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None)])
+    assert list(found.first) == ["a", "b"] and found.first["a"].position == 1
+    assert found.copies == {"a": 2, "b": 1} and found.without_id == 1

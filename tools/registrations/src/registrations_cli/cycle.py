@@ -22,6 +22,8 @@ What a cycle holds to:
   held too, and acked in their turn: none before `before_drops` has returned for all of them (a
   discard's export, written to disk), and a copy of a record sent elsewhere only once that
   record has gone.
+- Nothing held leaves before `before_leaving` has returned for all of them (the failure index
+  marks their entries): should it fail, every held record goes round instead.
 - Ctrl-C and SIGTERM during the take let it finish, so that the queue keeps its order; a second
   one stops at once. A browse (`stoppable` false) then raises KeyboardInterrupt. A `stoppable`
   cycle sends nothing after the take: the held records are put back, as exact copies, and `run`
@@ -132,6 +134,7 @@ class Cycle:
                  route: Callable[[Record], Send | Drop | None] | None = None,
                  *, on_sent: Callable[[Record], None] | None = None,
                  before_drops: Callable[[list[Record]], None] | None = None,
+                 before_leaving: Callable[[list[Record]], None] | None = None,
                  on_held: Callable[[int], None] | None = None, rate: float | None = None,
                  stoppable: bool = False) -> None:
         self._connection = connection
@@ -139,6 +142,7 @@ class Cycle:
         self._route = route
         self._on_sent = on_sent
         self._before_drops = before_drops
+        self._before_leaving = before_leaving
         self._on_held = on_held  # told how many records are to be sent, before the first goes
         self._stop = _Stop(queue, stoppable)
         # Sends a second at most: the legacy API is what a replay loads, and it is the scarce part.
@@ -199,13 +203,15 @@ class Cycle:
         drops = [record for _, record, send in held if isinstance(send, Drop)]
         if self._on_held is not None:
             self._on_held(len(held) - len(drops))
-        if drops and self._before_drops is not None:
-            try:
+        try:
+            if held and self._before_leaving is not None:
+                self._before_leaving([record for _, record, _ in held])
+            if drops and self._before_drops is not None:
                 self._before_drops(drops)
-            except Exception:
-                for tag, record, _ in held:  # nothing leaves: every held record goes round
-                    self._put_back(channel, tag, record)
-                raise
+        except Exception:
+            for tag, record, _ in held:  # nothing leaves: every held record goes round
+                self._put_back(channel, tag, record)
+            raise
         sent: set[int] = set()
         for tag, record, send in held:
             if isinstance(send, Drop):

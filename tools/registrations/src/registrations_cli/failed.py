@@ -1,7 +1,7 @@
-"""`registrations failed list | show | replay | discard`: the failure queue, browsed without loss,
-redriven, and pruned. A record is addressed by its id, its AMQP message_id
-(`regbridge.plans.Subject.record_id`): copies of one record that a crash window made share it, so
-each is listed once, and replayed or discarded once."""
+"""`registrations failed replay | discard`: the failure queue redriven and pruned, each by one
+cycle of the queue, with the failure index kept in line. A record is addressed by its id, its
+AMQP message_id (`regbridge.plans.Subject.record_id`): copies of one record that a crash window
+made share it, so each is replayed or discarded once."""
 
 from __future__ import annotations
 
@@ -11,127 +11,30 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pika
-from pika.adapters.blocking_connection import BlockingConnection
 
-from . import broker
+from . import broker, mongo
 from .confirm import Consent
 from .cycle import Cycle, Drop, Record, Send, exact_copy
 from .errors import FAILED, INTERRUPTED, PARTIAL, USAGE, CliError
+from .index import FailureIndex
+from .listing import failures_of
 from .output import Output
 from .progress import Progress
+from .reconcile import Keeper
 from .records import Failure, Filter, first_copies
 from .settings import CliSettings
-from .table import plural, truncate
-from .timefmt import format_age
+from .table import plural
 
 REASON_WIDTH = 60
-
-
-def failures_of(records: list[Record]) -> list[Failure]:
-    return [Failure.parse(r.position, r.body, message_id=r.properties.message_id,
-                          properties=broker.properties_view(r.properties)) for r in records]
-
-
-def read(connection: BlockingConnection, settings: CliSettings) -> list[Failure]:
-    """Every record on the failure queue, in order, by one cycle: the queue is left in its order."""
-    broker.require_queue(connection, settings.failed_queue, settings)
-    return failures_of(Cycle(connection, settings.failed_queue).run().records)
-
-
-def table(failures: list[Failure], now: datetime, *, indent: str = "", out: Output | None = None,
-          copies: dict[str, int] | None = None) -> str:
-    def shown_id(f: Failure) -> str:
-        times = (copies or {}).get(f.message_id or "", 1)
-        return (f.message_id or "-") + (f" (x{times})" if times > 1 else "")
-
-    rows = [[shown_id(f), f.stage, f.user_id or "-", format_age(f.age_s(now)) if f.failed_at else "?",
-             truncate(f.reason, REASON_WIDTH)] for f in failures]
-    return (out or Output()).table(["ID", "STAGE", "USER_ID", "AGE", "REASON"], rows, right=["AGE"],
-                                   indent=indent)
-
-
-def _view(failure: Failure, now: datetime, copies: dict[str, int]) -> dict[str, Any]:
-    return {**failure.view(now), "copies": copies.get(failure.message_id or "", 1)}
-
-
-@dataclass(frozen=True)
-class ListOptions:
-    filter: Filter
-    limit: int | None = None
-
-
-def list_records(options: ListOptions, settings: CliSettings, out: Output) -> int:
-    now = datetime.now(UTC)
-    with broker.connect(settings) as connection:
-        failures, copies = first_copies(read(connection, settings))
-    shown = [f for f in failures if options.filter.matches(f)]
-    matching = len(shown)
-    if options.limit is not None:
-        shown = shown[: options.limit]
-    if not out.is_table:
-        views = [_view(f, now, copies) for f in shown]
-        out.document(views, jsonl_rows=views)
-        return 0
-    queue = settings.failed_queue
-    if not failures:
-        out.summary(f"no failure records on {queue}")
-        return 0
-    if shown:
-        out.line(table(shown, now, out=out, copies=copies))
-        out.summary("")
-    parts = []
-    if len(shown) < matching:
-        parts.append(f"{len(shown)} shown of {matching} matching")
-    elif options.filter.active:
-        parts.append(f"{matching} matching")
-    parts.append(f"{plural(len(failures), 'failure record')} on {queue}")
-    out.summary("; ".join(parts))
-    return 0
-
-
-def find(failures: list[Failure], wanted: str, queue: str) -> Failure:
-    """The record whose id is `wanted`, or the one whose id alone starts with it (ids of records
-    without a message_id are long: a unique prefix will do, as with git's commits)."""
-    exact = [f for f in failures if f.message_id == wanted]
-    if exact:
-        return exact[0]
-    prefixed = {f.message_id: f for f in failures if f.message_id is not None and f.message_id.startswith(wanted)}
-    if len(prefixed) == 1:
-        return next(iter(prefixed.values()))
-    if prefixed:
-        some = ", ".join(sorted(str(k) for k in prefixed)[:5])
-        raise CliError(f"{len(prefixed)} records on {queue} have ids starting with {wanted!r} ({some}"
-                       f"{', ...' if len(prefixed) > 5 else ''}): give more of the id")
-    held = f"holds {plural(len(failures), 'record')}" if failures else "is empty"
-    raise CliError(f"no record with id {wanted!r}: {queue} {held} (`registrations failed list` shows their ids)")
-
-
-def show(wanted: str, settings: CliSettings, out: Output) -> int:
-    with broker.connect(settings) as connection:
-        failures, copies = first_copies(read(connection, settings))
-    failure = find(failures, wanted, settings.failed_queue)
-    now = datetime.now(UTC)
-    if out.is_table:
-        out.line(table([failure], now, out=out, copies=copies))
-        return 0
-    out.document({
-        "id": failure.message_id,
-        "copies": copies.get(failure.message_id or "", 1),
-        "position": failure.position,
-        "queue": settings.failed_queue,
-        "age_s": round(failure.age_s(now), 3) if failure.failed_at else None,
-        "properties": failure.properties,
-        "record": failure.view(now)["record"],
-        **({"problem": failure.problem} if failure.problem else {}),
-    })
-    return 0
+INDEX_ANSWER_S = 120.0  # a replay reads every entry's state once: a large index takes a while
 
 
 @dataclass(frozen=True)
@@ -149,10 +52,27 @@ class _Pass:
 
     cycle: Cycle
     chosen: dict[int, Failure]
+    index_problem: str | None = None  # why the index could not follow (the queue's part is done)
+
+
+def _run(cycle: Cycle, keeper: Keeper | None, moved: Callable[[], bool]) -> str | None:
+    """Run `cycle`; with a `keeper`, settle the index after it, however it ends. A stop midway
+    exits 3 when some records were moved already."""
+    try:
+        cycle.run()
+    except CliError as exc:
+        problem = keeper.settle(cycle, whole=False) if keeper is not None else None
+        raise CliError(str(exc) + (f"; {problem}" if problem else ""), PARTIAL if moved() else exc.code) from None
+    except BaseException:
+        if keeper is not None:
+            keeper.settle(cycle, whole=False)
+        raise
+    return keeper.settle(cycle, whole=True) if keeper is not None else None
 
 
 def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Callable[[Failure], None] | None,
-                 quiet: bool = False, on_held: Callable[[int], None] | None = None) -> _Pass:
+                 quiet: bool = False, on_held: Callable[[int], None] | None = None,
+                 keeper: Keeper | None = None) -> _Pass:
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
     chosen_ids: dict[str, int] = {}  # id -> position of the copy that is replayed
@@ -187,20 +107,36 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
         broker.require_queue(connection, inbound, settings)
         # A dry run is a browse: a signal lets it end, then stops the command.
         cycle = Cycle(connection, failed, route, on_sent=sent, on_held=on_held, rate=options.rate,
+                      before_leaving=keeper.before_leaving if keeper is not None else None,
                       stoppable=not options.dry_run)
-        try:
-            cycle.run()
-        except CliError as exc:
-            # Stopped midway (a lost broker): what was sent is sent, so say it was in part.
-            raise CliError(str(exc), PARTIAL if cycle.sent else exc.code) from None
+        # Stopped midway (a lost broker): what was sent is sent, so say it was in part.
+        problem = _run(cycle, keeper, lambda: bool(cycle.sent))
     if options.dry_run and on_chosen is not None:
         for record in cycle.records:
             if record.position in chosen:
                 on_chosen(chosen[record.position])
-    return _Pass(cycle, chosen)
+    return _Pass(cycle, chosen, problem)
 
 
 def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: Consent | None = None) -> int:
+    if options.dry_run:
+        return _replay(options, settings, out, consent, None)
+    with _index(settings) as index:
+        return _replay(options, settings, out, consent, index)
+
+
+@contextmanager
+def _index(settings: CliSettings) -> Iterator[FailureIndex]:
+    """The failure index, reached before the queue is touched: a replay or a discard that could
+    not keep it in line does not start."""
+    with mongo.database(settings, answer_timeout_s=INDEX_ANSWER_S) as db:
+        index = FailureIndex(db, settings)
+        index.counter()
+        yield index
+
+
+def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: Consent | None,
+            index: FailureIndex | None) -> int:
     """Republish each matching record's `original` to the inbound queue (same message_id), and
     remove the record only once the broker has confirmed the republished message. One cycle of
     the failure queue: the other records go round and keep their order, and the chosen ones are
@@ -250,7 +186,8 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
             bar[0].advance()
 
     try:
-        result = _replay_pass(options, settings, on_chosen=report_and_advance, on_held=held)
+        result = _replay_pass(options, settings, on_chosen=report_and_advance, on_held=held,
+                              keeper=Keeper(index) if index is not None else None)
     finally:
         if bar:
             bar[0].close()
@@ -276,6 +213,8 @@ def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: 
         raise CliError(stopped, code)
     out.summary(f"{verb} {plural(len(done), 'failure record')} to {inbound}; {left} left on {failed}"
                 f"{' (nothing was moved: --dry-run)' if options.dry_run else ''}")
+    if result.index_problem is not None:
+        raise CliError(result.index_problem, PARTIAL)
     return 0
 
 
@@ -357,6 +296,14 @@ def write_durably(path: Path, lines: list[str]) -> None:
 
 
 def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent: Consent | None = None) -> int:
+    if options.dry_run:
+        return _discard(options, settings, out, consent, None)
+    with _index(settings) as index:
+        return _discard(options, settings, out, consent, index)
+
+
+def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consent: Consent | None,
+             index: FailureIndex | None) -> int:
     """Remove the matching records for good, each written to the export file first. One cycle:
     the others go round and keep their order; the chosen ones are held, written and synced to
     the file together, and only then acked. At least once: a crash leaves every removed record in
@@ -385,7 +332,8 @@ def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent
         consent.require(f"discard {plural(counted, 'failure record')} from {failed} for good (kept in "
                         f"{options.export})?", "nothing was discarded (the answer was not yes)")
         limit = counted
-    result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings)
+    result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings,
+                           Keeper(index) if index is not None else None)
     left = _left(result.cycle)
     if result.cycle.interrupted:
         stopped = (f"interrupted before the records were written to {options.export}: nothing was discarded; the "
@@ -409,10 +357,12 @@ def discard(options: DiscardOptions, settings: CliSettings, out: Output, consent
     kept = f"; written to {options.export}" if options.export is not None and not options.dry_run and done else ""
     out.summary(f"{verb} {plural(len(done), 'failure record')} from {failed}{kept}; {left} left"
                 f"{' (nothing was removed: --dry-run)' if options.dry_run else ''}")
+    if result.index_problem is not None:
+        raise CliError(result.index_problem, PARTIAL)
     return 0
 
 
-def _discard_pass(options: DiscardOptions, settings: CliSettings) -> _Pass:
+def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper | None = None) -> _Pass:
     failed = settings.failed_queue
     chosen: dict[int, Failure] = {}
     chosen_ids: set[str] = set()
@@ -438,12 +388,11 @@ def _discard_pass(options: DiscardOptions, settings: CliSettings) -> _Pass:
 
     with broker.connect(settings) as connection:
         broker.require_queue(connection, failed, settings)
-        cycle = Cycle(connection, failed, route, before_drops=keep, stoppable=not options.dry_run)
-        try:
-            cycle.run()
-        except CliError as exc:
-            raise CliError(str(exc), PARTIAL if cycle.dropped else exc.code) from None
-    return _Pass(cycle, chosen)
+        cycle = Cycle(connection, failed, route, before_drops=keep,
+                      before_leaving=keeper.before_leaving if keeper is not None else None,
+                      stoppable=not options.dry_run)
+        problem = _run(cycle, keeper, lambda: bool(cycle.dropped))
+    return _Pass(cycle, chosen, problem)
 
 
 def _discard_row(failure: Failure, dry_run: bool) -> dict[str, Any]:

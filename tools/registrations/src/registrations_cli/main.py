@@ -16,7 +16,7 @@ from pymongo.errors import PyMongoError
 
 from regbridge.redact import redact_url
 
-from . import completion, failed, indexes, inspect_queues, output, publish, rows, stats, status
+from . import completion, failed, indexes, inspect_queues, listing, output, publish, reconcile, rows, stats, status
 from .confirm import Consent
 from .errors import FAILED, INTERRUPTED, CliError
 from .output import Output
@@ -107,6 +107,11 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="at most N records")
 
 
+def _from_queue(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument("--from-queue", action="store_true",
+                        help=f"read the queue itself, by a cycle{extra} (slow on a long queue; needs no MongoDB)")
+
+
 def _pattern(text: str) -> re.Pattern[str]:
     try:
         return re.compile(text)
@@ -132,15 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     output.add_arguments(p)
 
-    f = commands.add_parser("failed", help="the failure queue: list, show, replay, discard")
+    f = commands.add_parser("failed", help="the failure queue: list, show, replay, discard, reconcile")
     sub = f.add_subparsers(dest="failed_command", required=True, metavar="ACTION")
-    fl = sub.add_parser("list", help="a table of the failure records (the queue is left as it was)")
+    fl = sub.add_parser("list", help="a table of the failure records, from the failure index",
+                        description="The failure records in the order they failed, read from the failure index "
+                                    "in MongoDB (the queue is not touched). Warns on stderr when the index and the "
+                                    "queue hold different numbers of records: `failed reconcile` then compares "
+                                    "them record by record.")
     _filters(fl)
+    _from_queue(fl)
     output.add_arguments(fl, json_alias=True)
-    fs = sub.add_parser("show", help="one record in full, with its AMQP properties")
+    fs = sub.add_parser("show", help="one record in full, from the failure index")
     fs.add_argument("id", metavar="ID", help="the record's id in `failed list` (or the start of it, if only "
                                              "one id starts so)")
+    _from_queue(fs, extra=", with its AMQP properties")
     output.add_arguments(fs, default="json")
+    fc = sub.add_parser("reconcile", help="compare the failure index with the queue, record by record, and fix it",
+                        description="One whole cycle of the failure queue (every record put back, in order), then "
+                                    "the failure index brought in line with what it found: an entry added for each "
+                                    "record that has none, marked queued where it said otherwise, deleted where its "
+                                    "record is gone (unless written in the last minutes: a publish or a replay may "
+                                    "be under way).")
+    fc.add_argument("--dry-run", action="store_true", help="change nothing; print what would change")
+    output.add_arguments(fc)
     fr = sub.add_parser("replay", help="republish records' originals to the inbound queue, then remove them",
                         description="For each matching record: republish its original to the inbound queue "
                                     "(same message_id), and remove the record once the broker confirmed it. "
@@ -224,11 +243,13 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "inspect":
         return inspect_queues.run(settings, out)
     if args.failed_command == "show":
-        return failed.show(args.id, settings, out)
+        return listing.show(args.id, settings, out, from_queue=args.from_queue)
+    if args.failed_command == "reconcile":
+        return reconcile.run(settings, out, dry_run=args.dry_run)
     flt = Filter(stage=args.stage, user_id=args.user_id, since=args.since, older_than=args.older_than,
                  ids=frozenset(args.ids) if args.ids else None, reason=args.reason)
     if args.failed_command == "list":
-        return failed.list_records(failed.ListOptions(flt, args.limit), settings, out)
+        return listing.list_records(listing.ListOptions(flt, args.limit, args.from_queue), settings, out)
     if args.failed_command == "discard":
         return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run), settings, out,
                               consent)

@@ -1,5 +1,5 @@
-"""MongoDB: the users' registration fields, read only; and the one index `stats` counts with,
-which only `init-indexes` creates."""
+"""MongoDB: the users' registration fields, read only; the one index `stats` counts with, which
+only `init-indexes` creates; and the database that holds the failure queue's index (`index.py`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from pymongo import MongoClient
 from pymongo.collection import Collection
+from pymongo.database import Database
 from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError, ServerSelectionTimeoutError
 
 from .errors import CliError
@@ -19,9 +20,9 @@ STATUSES = ("submitted", "registered", "failed")
 
 
 @contextmanager
-def users(settings: CliSettings, timeout_s: float = 5.0,
-          answer_timeout_s: float | None = 10.0) -> Iterator[Collection[dict[str, Any]]]:
-    """The users collection; a one-line error when MongoDB cannot be reached or used.
+def database(settings: CliSettings, timeout_s: float = 5.0,
+             answer_timeout_s: float | None = 10.0) -> Iterator[Database[dict[str, Any]]]:
+    """The pipeline's database; a one-line error when MongoDB cannot be reached or used.
     `answer_timeout_s`: how long one operation may take (None: as long as it takes)."""
     where = settings.mongodb_shown
     try:
@@ -32,7 +33,7 @@ def users(settings: CliSettings, timeout_s: float = 5.0,
     except (ConfigurationError, InvalidURI, ValueError):
         raise CliError("MONGODB_URI is not a usable MongoDB URI (value not shown: it may hold credentials)") from None
     try:
-        yield client[settings.mongodb_database][settings.mongodb_collection]
+        yield client[settings.mongodb_database]
     except ServerSelectionTimeoutError:
         raise CliError(f"cannot reach MongoDB at {where} (no server answered within {timeout_s:g} s)") from None
     except PyMongoError as exc:
@@ -41,6 +42,14 @@ def users(settings: CliSettings, timeout_s: float = 5.0,
     finally:
         with suppress(Exception):
             client.close()
+
+
+@contextmanager
+def users(settings: CliSettings, timeout_s: float = 5.0,
+          answer_timeout_s: float | None = 10.0) -> Iterator[Collection[dict[str, Any]]]:
+    """The users collection (see `database`)."""
+    with database(settings, timeout_s, answer_timeout_s) as db:
+        yield db[settings.mongodb_collection]
 
 
 def registration(collection: Collection[dict[str, Any]], user_id: str) -> dict[str, Any] | None:

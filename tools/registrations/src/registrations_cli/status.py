@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from . import broker, mongo
+from . import mongo
 from .errors import CliError
-from .failed import read, table
+from .index import FailureIndex
+from .listing import Row, entry_view, table
 from .output import Output
 from .settings import CliSettings
 from .table import plural
@@ -15,14 +16,14 @@ from .timefmt import format_age
 
 
 def run(user_id: str, settings: CliSettings, out: Output) -> int:
-    with mongo.users(settings) as users:
-        document = mongo.registration(users, user_id)
-    with broker.connect(settings) as connection:
-        failures = [f for f in read(connection, settings) if f.user_id == user_id]
+    """The user's document, and the user's failure records as the failure index holds them."""
+    with mongo.database(settings) as db:
+        document = mongo.registration(db[settings.mongodb_collection], user_id)
+        failures = FailureIndex(db, settings).of_user(user_id)
     now = datetime.now(UTC)
     if not out.is_table:
         out.document({"user_id": user_id, "document": _plain(document),
-                      "failures": [f.view(now) for f in failures]})
+                      "failures": [entry_view(e, e.body or "", now) for e in failures]})
         return 0 if document is not None or failures else 1
     where = f"{settings.mongodb_database}.{settings.mongodb_collection}"
     if document is None and not failures:
@@ -38,7 +39,7 @@ def run(user_id: str, settings: CliSettings, out: Output) -> int:
     queue = settings.failed_queue
     if failures:
         out.summary(f"\n{plural(len(failures), 'failure record')} on {queue}:")
-        out.line(table(failures, now, indent=indent, out=out))
+        out.line(table([Row.of_entry(e) for e in failures], now, indent=indent, out=out))
     else:
         out.summary(f"\nno failure record on {queue}")
     return 0

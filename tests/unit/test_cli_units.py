@@ -33,6 +33,7 @@ from registrations_cli.output import Output, safe_json
 from registrations_cli.progress import Progress, bar
 from registrations_cli.reconcile import Found
 from registrations_cli.records import Failure, Filter, encode_original, first_copies
+from registrations_cli.sanitize import visible, warn
 from registrations_cli.settings import CliSettings, from_env
 from registrations_cli.table import one_line, plural, render, truncate
 from registrations_cli.timefmt import format_age, parse_duration, parse_since
@@ -416,12 +417,52 @@ def test_json_output_escapes_every_character_a_terminal_acts_on() -> None:
     hostile = "Jos\u00e9 \x1b[2J \x07 \u009b31m \u0085 \u202eevil\u202c \u2066x\u2069 \u200f \u2028"
     text = safe_json({"name": hostile})
     assert json.loads(text) == {"name": hostile}  # the same value, read back
-    assert "Jos\u00e9" in text  # ensure_ascii stays off: a name keeps its letters
-    assert not [c for c in text if ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c in "\u202a\u202b\u202c\u202d"
-                "\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u2028\u2029\u061c"]
+    assert text.isascii() and "Jos\\u00e9" in text  # ensure_ascii: plain ASCII, every other character escaped
     assert "\\u009b" in text and "\\u202e" in text and "\\u001b" in text
     indented = safe_json({"a": ["\u0085"]}, indent=2)
     assert "\\u0085" in indented and json.loads(indented) == {"a": ["\u0085"]}
+
+
+HOSTILE = {
+    "ESC clear screen": "\x1b[2J",
+    "OSC 52 clipboard write": "\x1b]52;c;ZWNobyBwd25lZA==\x07",
+    "C1 CSI": "\u009b31m",
+    "right-to-left override": "\u202eevil",
+    "bidi isolate": "\u2066x\u2069",
+    "DEL and NEL": "\x7f\u0085",
+    "line separator": "\u2028",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_every_escape_class_is_rendered_visibly_wherever_the_command_prints(name: str) -> None:
+    hostile = f"u-{HOSTILE[name]}-1"
+    for fmt in ("table", "json", "jsonl"):
+        stream = io.StringIO()
+        out = Output(fmt, True, stream)
+        if out.is_table:
+            out.line(out.table(["USER_ID", "REASON"], [[hostile, f"reason {hostile}"]]))
+            out.line(f"replayed {hostile}")
+            out.summary(f"about {hostile}")
+        else:
+            out.document({"user_id": hostile}, jsonl_rows=[{"user_id": hostile}])
+        printed = stream.getvalue()
+        assert not unsafe(printed.replace("\n", "")), (fmt, printed)
+        assert "\\u" in printed, (fmt, printed)  # shown as an escape, not dropped
+    err = io.StringIO()
+    warn(f"no record with id {hostile!s}", err)
+    assert not unsafe(err.getvalue().rstrip("\n")) and err.getvalue().startswith("registrations: no record")
+
+
+def unsafe(text: str) -> list[str]:
+    return [c for c in text if ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c in "\u202a\u202b\u202c\u202d"
+            "\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u2028\u2029\u061c"]
+
+
+def test_visible_keeps_the_lines_the_command_joined_and_nothing_else() -> None:
+    assert visible("a\nb") == "a\\u000ab"
+    assert visible("a\nb\tc", keep_newlines=True) == "a\nb\\u0009c"
+    assert visible("Jos\u00e9 \u00e7") == "Jos\u00e9 \u00e7"  # letters are not controls
 
 
 def test_output_formats_and_no_headers() -> None:

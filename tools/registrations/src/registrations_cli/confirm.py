@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from .errors import FAILED, USAGE, CliError
+from .sanitize import visible
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Consent:
         """`question [y/N]` on the terminal; True for y or yes. Always True with --yes."""
         if self.yes:
             return True
-        self.stderr.write(f"{question} [y/N] ")
+        self.stderr.write(f"{visible(question)} [y/N] ")
         self.stderr.flush()
         answer = self.stdin.readline()
         if not answer.endswith("\n"):  # end of input: no answer, so no

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -68,6 +67,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from .errors import CliError
+from .sanitize import warn
 
 LOCK_WAIT_S = 120.0  # a cycle costs 3-5 ms a record on a local broker: 10,000 records in under a minute
 LOCK_RETRY_S = 0.1
@@ -294,7 +294,7 @@ def _lock(connection: BlockingConnection, queue: str) -> Iterator[None]:
             raise CliError(f"another browse of {queue} has held {name!r} for over {LOCK_WAIT_S:.0f} s; "
                            "try again once it is done")
         if not waiting:
-            print(f"registrations: waiting for another browse of {queue} to finish", file=sys.stderr)
+            warn(f"waiting for another browse of {queue} to finish")
             waiting = True
         connection.sleep(LOCK_RETRY_S)
     try:
@@ -343,7 +343,7 @@ def _finishing_first(stop: _Stop) -> Iterator[None]:
         if stop.requested:
             raise KeyboardInterrupt
         stop.requested = True
-        print(f"registrations: {stop.notice()}", file=sys.stderr)
+        warn(stop.notice())
 
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

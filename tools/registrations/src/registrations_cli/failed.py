@@ -30,6 +30,7 @@ from .output import Output
 from .progress import Progress
 from .reconcile import Keeper
 from .records import Failure, Filter, first_copies
+from .sanitize import visible
 from .settings import CliSettings
 from .table import plural
 
@@ -91,7 +92,8 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
             return None
         if not failure.has_original:
             if not quiet:
-                print(f"skipped #{failure.position}: {failure.reason} (no original to replay)", file=sys.stderr)
+                print(visible(f"skipped #{failure.position}: {failure.reason} (no original to replay)"),
+                      file=sys.stderr)
             return None
         chosen[record.position] = failure
         if failure.message_id is not None:
@@ -172,8 +174,7 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
         if out.format == "jsonl":
             out.row(_replay_row(failure, options.dry_run))
         elif out.is_table:
-            out.line(f"{verb} {failure.message_id or '#' + str(failure.position)}  {failure.stage:<10}  "
-                     f"user_id={failure.user_id or '-'}")
+            out.line(_action_line(verb, failure))
 
     bar: list[Progress] = []
 
@@ -222,6 +223,12 @@ def _left(cycle: Cycle) -> int:
     """Records left on the queue after the cycle, each counted once however many copies it has."""
     gone = {id(r) for r in cycle.sent} | {id(r) for r in cycle.dropped}
     return len(first_copies(failures_of([r for r in cycle.records if id(r) not in gone]))[0])
+
+
+def _action_line(verb: str, failure: Failure) -> str:
+    """One record replayed or discarded, on one line whatever its fields hold."""
+    return (f"{verb} {visible(failure.message_id or '#' + str(failure.position))}  {visible(failure.stage):<10}  "
+            f"user_id={visible(failure.user_id or '-')}")
 
 
 def _replay_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
@@ -352,8 +359,7 @@ def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consen
             out.row(_discard_row(failure, options.dry_run))
     else:
         for failure in done:
-            out.line(f"{verb} {failure.message_id or '#' + str(failure.position)}  {failure.stage:<10}  "
-                     f"user_id={failure.user_id or '-'}")
+            out.line(_action_line(verb, failure))
     kept = f"; written to {options.export}" if options.export is not None and not options.dry_run and done else ""
     out.summary(f"{verb} {plural(len(done), 'failure record')} from {failed}{kept}; {left} left"
                 f"{' (nothing was removed: --dry-run)' if options.dry_run else ''}")

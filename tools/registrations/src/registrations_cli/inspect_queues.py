@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from regbridge.redact import redact_url
 from . import broker, management
 from .errors import FAILED
 from .output import Output
+from .sanitize import warn
 from .settings import CliSettings
 from .table import render as render_table
 
@@ -135,8 +135,8 @@ def run(settings: CliSettings, out: Output) -> int:
         problem = f"management API at {where.base} not usable ({exc})"
         view = from_amqp(settings, problem)
         show(view, out)
-        print(f"registrations: {redact_url(problem)}; showed AMQP passive-declare depths instead "
-              "(set RABBITMQ_MANAGEMENT_URL if the API is elsewhere)", file=sys.stderr)
+        warn(f"{redact_url(problem)}; showed AMQP passive-declare depths instead "
+             "(set RABBITMQ_MANAGEMENT_URL if the API is elsewhere)")
         return FAILED
     show(view, out)
     return 0

@@ -4,7 +4,6 @@ also shows what only the queue knows: each record's place, its copies and its AM
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +20,7 @@ from .errors import CliError
 from .index import Entry, FailureIndex
 from .output import Output
 from .records import Failure, Filter, first_copies
+from .sanitize import warn
 from .settings import CliSettings
 from .table import plural, truncate
 from .timefmt import format_age
@@ -144,8 +144,8 @@ def warn_if_apart(size: int, depth: int | None, index: str, queue: str) -> None:
     if depth == size:
         return
     held = "an unknown number of" if depth is None else str(depth)
-    print(f"registrations: the index {index} holds {size} entries but {queue} holds {held} records; "
-          "`registrations failed reconcile` compares them record by record", file=sys.stderr)
+    warn(f"the index {index} holds {size} entries but {queue} holds {held} records; "
+         "`registrations failed reconcile` compares them record by record")
 
 
 def _list_from_queue(options: ListOptions, settings: CliSettings, out: Output) -> int:

@@ -21,6 +21,7 @@ from .confirm import Consent
 from .errors import FAILED, INTERRUPTED, CliError
 from .output import Output
 from .records import STAGES, Filter
+from .sanitize import warn
 from .settings import from_env
 from .timefmt import parse_duration, parse_since
 
@@ -278,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int = FAILED) -> int:
-    print(f"registrations: {redact_url(message)}", file=sys.stderr)
+    warn(redact_url(message))
     return code
 
 

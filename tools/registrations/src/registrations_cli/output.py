@@ -6,42 +6,31 @@
 - `jsonl` (for a stream into `jq -c`): one JSON object per line, one per record or row, written
   as soon as it is known; no summary.
 
-JSON is written with `ensure_ascii=False`, so names keep their accents, yet it never carries a
-character that a terminal or an editor acts on: json.dumps escapes C0 controls, and `safe_json`
-escapes the rest (C1 controls, which some terminals read as escape sequences, and the bidi
-controls that make text display in another order than it reads). A record's fields come from
-whoever published the registration, so this matters even for output nobody pipes anywhere.
+JSON is written with `ensure_ascii=True`: every character outside ASCII as `\\uXXXX`, and the
+C0 controls escaped by json itself, so that a field carries nothing a terminal or an editor
+acts on. Everything printed goes through `sanitize.visible` as well, the one sanitiser of the
+command: a table, a `show`, a replay's lines. A record's fields come from whoever published the
+registration, so this matters even for output nobody pipes anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .sanitize import visible
 from .table import render
 
 FORMATS = ("table", "json", "jsonl")
 
-# C1 controls; LRM, RLM; line and paragraph separators; the bidi embeddings, overrides and isolates;
-# the Arabic letter mark.
-_UNSAFE = re.compile("[\u0080-\u009f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\u061c]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
-
-
 def safe_json(value: Any, *, indent: int | None = None) -> str:
-    """`value` as JSON text in which every character a terminal could act on is escaped. After
-    json.dumps such a character can only stand inside a string, where `\\uXXXX` means the same."""
-    text = json.dumps(value, indent=indent, ensure_ascii=False, default=str,
+    """`value` as JSON text in plain ASCII (see the module's docstring)."""
+    return json.dumps(value, indent=indent, ensure_ascii=True, default=str,
                       separators=None if indent is not None else (",", ":"))
-    return _UNSAFE.sub(_escape, text)
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, default: str = "table", json_alias: bool = False) -> None:
@@ -73,7 +62,7 @@ class Output:
         return self.format == "table"
 
     def line(self, text: str = "") -> None:
-        self.stream.write(text + "\n")
+        self.stream.write(visible(text, keep_newlines=True) + "\n")
         self.stream.flush()
 
     def document(self, value: Any, *, jsonl_rows: Iterable[Any] | None = None) -> None:

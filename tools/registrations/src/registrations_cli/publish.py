@@ -15,6 +15,7 @@ from . import broker, rows
 from .errors import FAILED, PARTIAL, USAGE, CliError
 from .output import Output
 from .progress import Progress
+from .sanitize import visible
 from .settings import CliSettings
 from .table import plural
 
@@ -44,9 +45,9 @@ def load(options: Options, settings: CliSettings) -> rows.Parsed:
 
 def report_bad(parsed: rows.Parsed, path: str) -> None:
     for bad in parsed.bad[:SHOW_BAD_ROWS]:
-        print(f"{path}:{bad.line}: {bad.reason}", file=sys.stderr)
+        print(visible(f"{path}:{bad.line}: {bad.reason}"), file=sys.stderr)
     if len(parsed.bad) > SHOW_BAD_ROWS:
-        print(f"{path}: ... and {len(parsed.bad) - SHOW_BAD_ROWS} more invalid rows", file=sys.stderr)
+        print(visible(f"{path}: ... and {len(parsed.bad) - SHOW_BAD_ROWS} more invalid rows"), file=sys.stderr)
 
 
 def run(options: Options, settings: CliSettings, out: Output) -> int:

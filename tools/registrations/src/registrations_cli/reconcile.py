@@ -8,7 +8,6 @@ what the queue holds; a cycle stopped midway settles the records it moved and no
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +21,7 @@ from . import broker, mongo
 from .cycle import Cycle, Record
 from .index import FailureIndex, entry_of
 from .output import Output
+from .sanitize import warn
 from .settings import CliSettings
 from .table import plural
 
@@ -86,8 +86,8 @@ def run(settings: CliSettings, out: Output, *, dry_run: bool = False) -> int:
         found = Found.of(records)
         done = bring_in_line(index, found, started_at=started_at, dry_run=dry_run)
     if found.without_id:
-        print(f"registrations: {plural(found.without_id, 'record')} on {failed} without a message_id: the index "
-              "cannot hold such records (`failed list --from-queue` shows them)", file=sys.stderr)
+        warn(f"{plural(found.without_id, 'record')} on {failed} without a message_id: the index "
+             "cannot hold such records (`failed list --from-queue` shows them)")
     shared = {i: n for i, n in found.copies.items() if n > 1}
     if out.format == "json":
         out.document(_document(done, found, shared, settings, index.name, dry_run, len(records)))

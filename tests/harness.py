@@ -45,6 +45,20 @@ def cli_env(env: Mapping[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+def run_cli(env: Mapping[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`registrations ARGS` from this checkout, with no terminal on stdin."""
+    return subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def cli_ok(env: Mapping[str, str], *args: str, timeout: float = 60) -> str:
+    """Its stdout, once it has exited 0 without a traceback."""
+    result = run_cli(env, *args, timeout=timeout)
+    assert result.returncode == 0, f"registrations {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,24 +16,14 @@ import pytest
 from conftest import Stack
 from failure_records import FailureRecords
 from harness import BIN, Broker, LegacySim, cli_env, wait_until
+from harness import cli_ok as ok
+from harness import run_cli as cli
 from outcomes import FAILED, INBOUND, PENDING, Outcomes, good
 
 from regbridge.messages import FailureError, FailureRecord
 from regbridge.topology import wait_queue
 
 pytestmark = pytest.mark.integration
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def ok(env: dict[str, str], *args: str) -> str:
-    result = cli(env, *args)
-    assert result.returncode == 0, f"registrations {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    return result.stdout
 
 
 def record(user_id: str | None, stage: str, *, original: Any = None, reason: str = "it went wrong",

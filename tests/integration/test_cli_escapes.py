@@ -4,14 +4,13 @@ server, prints each escape class as a visible `\\uXXXX`."""
 
 from __future__ import annotations
 
-import subprocess
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from conftest import Stack
 from failure_records import FailureRecords
-from harness import BIN, cli_env
+from harness import run_cli as run
 
 from regbridge.messages import FailureError, FailureRecord
 
@@ -27,10 +26,6 @@ HOSTILE = {
 UNSAFE = {chr(c) for c in [*range(0x20), *range(0x7f, 0xa0)]} - {"\n"} | set(
     "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
-
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
 
 
 def test_every_escape_class_is_shown_visibly_by_every_command(stack: Stack, failure_records: FailureRecords) -> None:

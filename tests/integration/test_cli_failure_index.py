@@ -19,6 +19,8 @@ import pytest
 from conftest import Stack
 from failure_records import FailureRecords
 from harness import BIN, Broker, cli_env
+from harness import cli_ok as ok
+from harness import run_cli as cli
 from outcomes import FAILED, INBOUND, good
 from pymongo import MongoClient
 from registrations_cli import main as cli_main
@@ -29,18 +31,6 @@ from regbridge.failure_index import QUEUED
 from regbridge.messages import FailureError, FailureRecord
 
 pytestmark = pytest.mark.integration
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def ok(env: dict[str, str], *args: str) -> str:
-    result = cli(env, *args)
-    assert result.returncode == 0, f"registrations {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    return result.stdout
 
 
 def record(user_id: str, stage: str = "legacy", *, age_s: float = 60, reason: str = "it went wrong") -> bytes:

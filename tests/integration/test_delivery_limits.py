@@ -18,7 +18,7 @@ import pika.exceptions
 import pytest
 from conftest import Stack
 from failure_records import FailureRecords
-from harness import BIN, Broker, cli_env, rabbitmqctl, wait_until
+from harness import BIN, Broker, cli_env, cli_ok, rabbitmqctl, wait_until
 from outcomes import FAILED, Outcomes, check_exact, mixed_load
 from pika.adapters.blocking_connection import BlockingChannel
 from registrations_cli import broker as cli_broker
@@ -52,12 +52,7 @@ def limit_every_queue(url: str, limit: int = LIMIT) -> None:
 
 
 def cli(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([str(BIN / "registrations"), *args], env=cli_env(env), capture_output=True, text=True,
-                            timeout=120, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, f"registrations {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    return result.stdout
-
+    return cli_ok(env, *args, timeout=120)
 
 def record(user_id: str | None, stage: str, i: int) -> bytes:
     return FailureRecord(

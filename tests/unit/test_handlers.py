@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import pytest
 from pika.spec import BasicProperties
 from pymongo.errors import AutoReconnect, OperationFailure
+from recursion_limit import low_recursion_limit
 
 from poller.service import Poller
 from regbridge.amqp import Delivery, PublishError
@@ -861,27 +860,13 @@ def test_poller_unexpected_error_goes_back_until_the_limit_then_fails() -> None:
 DEEP_990 = BODY[:-1] + b', "x": ' + b"[" * 990 + b"]" * 990 + b"}"
 
 
-@contextmanager
-def low_recursion_limit(headroom: int = 200) -> Iterator[None]:
-    """The recursion limit just above the frames in use: room for json's recursion through
-    MAX_NESTING levels, none for a recursion through 990."""
-    frames, frame = 0, sys._getframe()
-    while frame is not None:
-        frames, frame = frames + 1, frame.f_back
-    before = sys.getrecursionlimit()
-    sys.setrecursionlimit(frames + headroom)
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(before)
-
 
 @pytest.mark.parametrize("body", [DEEP_990, BODY[:-1] + b', "x": ' + b"[" * 100_000 + b"}",
                                   b'{"user_id": "victim", "name": "M", "user_id": "attacker"}'],
                          ids=["deep-990", "deep-100000", "duplicate-user_id"])
 def test_submitter_hostile_body_is_one_validation_failure_without_a_post(body: bytes) -> None:
     rig = submitter_rig(Accepted("AB583C-X"), env={"MAX_MESSAGE_BYTES": "300000"})
-    with low_recursion_limit():
+    with low_recursion_limit(200):
         rig.executor.run(delivery(body, tag=41))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and record.user_id is None
@@ -896,7 +881,7 @@ def test_poller_pending_message_nested_990_deep_is_one_validation_failure_withou
     data = json.loads(pending(polls=1).encode())
     data["payload"] = "@"
     body = json.dumps(data).encode().replace(b'"@"', DEEP_990)
-    with low_recursion_limit():
+    with low_recursion_limit(200):
         rig.executor.run(delivery(body, queue=PENDING, tag=42))
     [record] = failure_records(rig.broker)
     assert record.error.stage == "validation" and "nested more than" in record.error.reason
@@ -945,7 +930,7 @@ def test_the_poison_path_cannot_fail_the_way_the_handler_did(subject: Subject | 
     log: list[str] = []
     broker, store, clock = FakeBroker(log), FakeStore(log), FakeClock()
     run = executor(_BrokenHandler(subject), broker, store, clock)
-    with low_recursion_limit():
+    with low_recursion_limit(200):
         run.run(_with_deliveries(delivery(DEEP_990, tag=43), POISON_DELIVERIES - 1))
     [record] = failure_records(broker)
     assert record.error.stage == "validation" and f"in {POISON_DELIVERIES} deliveries" in record.error.reason

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from recursion_limit import low_recursion_limit
 
 from regbridge.messages import (
     MAX_NESTING,
@@ -533,22 +531,6 @@ def test_failure_record_decode_of_arbitrary_json_objects(obj: dict[str, Any]) ->
 
 # ---- bounded input: nesting, duplicate keys ---------------------------------------------------
 
-
-@contextmanager
-def low_recursion_limit(headroom: int = 150) -> Iterator[None]:
-    """Python's recursion limit set just above the frames in use: json's parser may recurse
-    through the MAX_NESTING levels it is given (and it counts against this limit), but a
-    recursion through hundreds of levels raises RecursionError. A decoder that passes its deep
-    cases under it did not recurse over their depth."""
-    frames, frame = 0, sys._getframe()
-    while frame is not None:
-        frames, frame = frames + 1, frame.f_back
-    before = sys.getrecursionlimit()
-    sys.setrecursionlimit(frames + headroom)
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(before)
 
 
 def nested_in(levels: int, *, closed: bool = True, user_id: str = "u-1") -> bytes:

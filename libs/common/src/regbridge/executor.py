@@ -281,16 +281,9 @@ class Executor:
                 return
             queued = (published,)
         for write in (*failure_writes(subject, error), *queued):
-            try:
-                self._write(write)
-            except HandBack:
-                raise
-            except Exception as exc:
-                # The record is out and is what counts: handing the delivery back now would
-                # only publish another. An outage is waited out above; this is anything else.
-                self._observer.store_refused()
-                log.error("a failure's write did not go through; its record is out: %s", exc,
-                          extra={"event": "store_refused", "user_id": subject.user_id})
+            # The record is out and is what counts: handing the delivery back now would only
+            # publish another.
+            self._not_holding_back(write, "a failure's write did not go through; its record is out", subject)
         self._broker.ack(delivery)
         if marked is None:
             log.warning("failed: %s", error.reason, extra={"event": "failed", "user_id": subject.user_id,
@@ -330,7 +323,11 @@ class Executor:
         record_id, token = subject.record_id(delivery.body), new_token()
         entry = IndexEntry(record_id, error.stage, error.reason, subject.user_id, subject.request_id, failed_at,
                            body.decode())
-        self._index(RecordIndexed(record_id, PUBLISHING, token, entry))
+        # The entry before its record. One that cannot be written does not hold the record back:
+        # `registrations failed reconcile` adds it.
+        self._not_holding_back(RecordIndexed(record_id, PUBLISHING, token, entry),
+                               "the failure record's index entry was not written; the record goes out without it",
+                               subject)
         if not self._broker.current(delivery) and not self._broker.stopping.is_set():
             # The channel went while the entry was written: the broker hands the delivery out
             # again, and that delivery publishes the record. Publishing it here as well would
@@ -352,10 +349,9 @@ class Executor:
             return None
         return RecordIndexed(record_id, QUEUED, token)
 
-    def _index(self, write: RecordIndexed) -> None:
-        """The entry before its record: waited out through an outage, like every write. Any
-        other error does not hold the record back: nothing may keep a failure from its record.
-        It is logged and counted, and `registrations failed reconcile` adds the entry."""
+    def _not_holding_back(self, write: Write, what: str, subject: Subject) -> None:
+        """A write that must not keep a failure from its record: waited out through an outage
+        (or handed back during a stop), like every write; anything else is logged and counted."""
         try:
             self._write(write)
         except HandBack:
@@ -363,5 +359,5 @@ class Executor:
         except Exception as exc:
             self._observer.store_refused()
             reason = exc.reason if isinstance(exc, WriteRefused) else f"{type(exc).__name__}: {exc}"[:300]
-            log.error("the failure record's index entry was not written; the record goes out without it: %s",
-                      reason, extra={"event": "store_refused", "reason": reason})
+            log.error("%s: %s", what, reason, extra={"event": "store_refused", "user_id": subject.user_id,
+                                                    "reason": reason})

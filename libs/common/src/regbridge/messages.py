@@ -124,6 +124,22 @@ def loads(data: bytes | str) -> Any:
     return json.loads(data, parse_constant=_no_constants, parse_float=_finite, object_pairs_hook=_unique_keys)
 
 
+def _bounded_loads(text: str, body: bytes, what: str, depth: int) -> Any:
+    """`text` parsed, or a DecodeError for a value nested deeper than `depth` (checked on the
+    text, before json recurses through it) or holding a key twice; a ValueError for text that
+    is not JSON. The raw text is the `original` of a refusal: a parsed value would show one of
+    two values of a key as if it were the only one."""
+    if nested_deeper_than(text, depth):
+        raise DecodeError(f"{what} is nested more than {depth} levels deep",
+                          original=_text_of(body, TRUNCATED_ORIGINAL_CHARS))
+    try:
+        return loads(text)
+    except DuplicateKey as exc:
+        raise DecodeError(f"{what} is refused: {exc}", original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
+    except RecursionError:  # not reached within `depth`; kept so that nothing else is raised
+        raise DecodeError(f"{what} is nested too deeply", original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
+
+
 @dataclass(frozen=True)
 class Registration:
     """An inbound registration: the body as received, and what was read out of it."""
@@ -159,18 +175,10 @@ class Registration:
         except UnicodeDecodeError as exc:
             raise DecodeError(f"message body is not UTF-8 ({exc.reason} at byte {exc.start})",
                               original=_text_of(body)) from None
-        if nested_deeper_than(text, MAX_NESTING):
-            raise DecodeError(f"message body is nested more than {MAX_NESTING} levels deep",
-                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS))
         try:
-            parsed = loads(text)
-        except DuplicateKey as exc:
-            # The raw text: a parsed value would show one of the two values as if it were the only one.
-            raise DecodeError(f"message body is refused: {exc}",
-                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
-        except RecursionError:  # not reached below MAX_NESTING; kept so that nothing else is raised
-            raise DecodeError("message body is nested too deeply",
-                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
+            parsed = _bounded_loads(text, body, "message body", MAX_NESTING)
+        except DecodeError:
+            raise
         except ValueError as exc:
             raise DecodeError(f"message body is not JSON ({exc})", original=text) from None
         # From here the value nests at most MAX_NESTING deep and holds only what json writes back.
@@ -217,16 +225,12 @@ class PendingMessage:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise DecodeError("pending message is not JSON (not UTF-8)", original=_text_of(body)) from None
-        # The payload sits one level inside the message.
-        if nested_deeper_than(text, MAX_NESTING + 1):
-            raise DecodeError(f"pending message is nested more than {MAX_NESTING + 1} levels deep",
-                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS))
         try:
-            data = loads(text)
-        except DuplicateKey as exc:
-            raise DecodeError(f"pending message is refused: {exc}",
-                              original=_text_of(body, TRUNCATED_ORIGINAL_CHARS)) from None
-        except (ValueError, RecursionError):
+            # The payload sits one level inside the message.
+            data = _bounded_loads(text, body, "pending message", MAX_NESTING + 1)
+        except DecodeError:
+            raise
+        except ValueError:
             raise DecodeError("pending message is not JSON", original=_text_of(body)) from None
         if not isinstance(data, dict):
             raise DecodeError("pending message is not a JSON object", original=data)

@@ -30,6 +30,7 @@ from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -89,11 +90,40 @@ def proc_sample(pid: int) -> dict[str, Any] | None:
             "fds": fds, "cpu_s": (int(stat[11]) + int(stat[12])) / TICK}
 
 
-def queue_depths(url: str) -> dict[str, int]:
+def descriptors(pid: int, peers: dict[int, str]) -> dict[str, int]:
+    """Open descriptors by kind: TCP sockets by the process they connect to (`peers`, by port),
+    listening sockets, other sockets, pipes, files, and anonymous inodes (eventfd, epoll...)."""
+    remote: dict[str, str] = {}  # socket inode -> what it is
+    for table in ("tcp", "tcp6"):
+        with suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = line.split()
+                port = int(cols[2].rsplit(":", 1)[1], 16)
+                remote[cols[9]] = "tcp listen" if port == 0 else f"tcp {peers.get(port, 'other')}"
+    kinds: dict[str, int] = {}
+    with suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                kind = remote.get(target[8:-1], "socket other")
+            elif target.startswith("pipe:"):
+                kind = "pipe"
+            elif target.startswith("anon_inode:"):
+                kind = target.removeprefix("anon_inode:").strip("[]")
+            else:
+                kind = "file"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
+def queue_depths(url: str, *, exact: bool = False) -> dict[str, int]:
     """Messages (ready + unacked) per queue of the vhost: the management API's figures, a few
-    seconds old at most, else `rabbitmqctl` (a second of CPU a call)."""
+    seconds old at most, else (or when `exact`) `rabbitmqctl`'s (a second of CPU a call)."""
     vhost = url.rsplit("/", 1)[1]
-    if harness.management_api():
+    if harness.management_api() and not exact:
         response = requests.get(f"{harness.MANAGEMENT}/queues/{vhost}", params={"columns": "name,messages"},
                                 auth=("guest", "guest"), timeout=10)
         response.raise_for_status()
@@ -293,7 +323,8 @@ def main() -> int:
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
     logs = Path(env_default("BENCH_LOGS", f"/tmp/regbridge-soak-{stamp}"))
     logs.mkdir(parents=True, exist_ok=True)
-    out = HERE / "results" / f"{stamp}-soak-{args.minutes:g}m"
+    # Not Path.with_suffix: a run of 1.5 minutes would lose its ".5m".
+    out = HERE / "results" / f"{stamp}-soak-{args.minutes:g}m.json"
     out.parent.mkdir(exist_ok=True)
     data: dict[str, Any] = {"stamp": stamp, "machine": {"cores": os.cpu_count()}, "args": vars(args) | {
         "docs": str(args.docs) if args.docs else None}, "samples": [], "logs": str(logs)}
@@ -340,6 +371,9 @@ def main() -> int:
         beam = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout.split()
         if beam:
             pids["rabbitmq"] = int(beam[0])
+        peers = {5672: "rabbitmq", 15672: "rabbitmq-management", int(legacy.url.rsplit(":", 1)[1]): "legacy-sim"}
+        with suppress(ValueError):  # a URI of several hosts: their sockets count as `other`
+            peers[urlsplit(mongo.uri).port or 27017] = "mongodb"
         failures = FailureLog(broker)
         publisher = Publisher(url, args.rate, args.minutes * 60, args.seed)
 
@@ -360,8 +394,11 @@ def main() -> int:
 
         def sample(phase: str) -> None:
             processes = {name: s for name, pid in pids.items() if (s := proc_sample(pid)) is not None}
+            for name in soak_report.SERVICES:
+                if name in processes:
+                    processes[name]["fd_kinds"] = descriptors(pids[name], peers)
             try:
-                queues = queue_depths(url)
+                queues = queue_depths(url, exact=phase != "load")
             except (requests.RequestException, subprocess.SubprocessError) as exc:
                 print(f"  (queue depths not read: {exc})", flush=True)
                 queues = {}
@@ -428,14 +465,14 @@ def main() -> int:
                        "max_lag_s": publisher.max_lag_s, "wall_s": time.monotonic() - wall0}
     data["run"]["wall_s"] = time.monotonic() - wall0
     data["summary"] = soak_report.summarise(data) if data["samples"] else {}
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.write_text(json.dumps(data, indent=1))
     if data["samples"]:
         soak_report.plot(data, out.with_suffix(".png"))
         print(soak_report.summary_text(data))
     if args.docs:
-        soak_report.write_docs(soak_report.markdown(data, out.with_suffix(".json"), args.docs.resolve()), args.docs)
+        soak_report.write_docs(soak_report.markdown(data, out, args.docs.resolve()), args.docs)
         print(f"wrote the figures into {args.docs}")
-    print(f"wrote {out}.json and {out}.png")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return code
 
 

@@ -59,6 +59,11 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
         anon = [(t / 60, p["rss_anon_kb"]) for t, p in rows if p.get("rss_anon_kb") is not None]
         if anon:
             entry["rss_anon_slope_kb_per_min"] = fit_slope(anon)
+        if "fd_kinds" in rows[0][1]:
+            entry["fd_kinds_first"], entry["fd_kinds_last"] = rows[0][1]["fd_kinds"], rows[-1][1]["fd_kinds"]
+        load = [(s["published"], s["processes"][name]["cpu_s"]) for s in samples if name in s["processes"]]
+        if len(load) > 1 and load[-1][0] > load[0][0]:
+            entry["cpu_ms_per_registration"] = (load[-1][1] - load[0][1]) * 1000 / (load[-1][0] - load[0][0])
         for measure in ("fds", "threads"):
             values = [p[measure] for _, p in rows if p.get(measure) is not None]
             if values:
@@ -76,14 +81,19 @@ def summary_text(data: dict[str, Any]) -> str:
              f"outcomes: {data['check']['verdict']}",
              f"after a {summary['warmup_min']:g}-minute warm-up ({summary['samples_after_warmup']} samples):"]
     header = f"  {'process':<11} {'RSS first→last MB':>19} {'growth MB':>9} {'max-min MB':>10} " \
-             f"{'slope KB/min':>12} {'MB/span':>8} {'fds':>7} {'threads':>7}"
+             f"{'slope KB/min':>12} {'MB/span':>8} {'fds':>7} {'threads':>7} {'CPU ms/reg':>10}"
     lines.append(header)
     for name, p in summary["processes"].items():
         fds = f"{p['fds_min']}-{p['fds_max']}" if "fds_min" in p else "-"
         threads = f"{p['threads_min']}-{p['threads_max']}" if "threads_min" in p else "-"
         lines.append(f"  {name:<11} {p['rss_first_mb']:>8.2f} → {p['rss_last_mb']:>8.2f} "
                      f"{p['rss_growth_mb']:>+9.2f} {p['rss_range_mb']:>10.2f} {p['rss_slope_kb_per_min']:>+12.1f} "
-                     f"{p['rss_slope_mb_over_span']:>+8.2f} {fds:>7} {threads:>7}")
+                     f"{p['rss_slope_mb_over_span']:>+8.2f} {fds:>7} {threads:>7} "
+                     f"{p.get('cpu_ms_per_registration', float('nan')):>10.2f}")
+    for name, p in summary["processes"].items():
+        if p.get("fd_kinds_first") != p.get("fd_kinds_last"):
+            lines.append(f"  {name} descriptors by kind, after warm-up → end: {p['fd_kinds_first']} → "
+                         f"{p['fd_kinds_last']}")
     return "\n".join(lines)
 
 
@@ -101,8 +111,8 @@ def markdown(data: dict[str, Any], json_path: Path, docs: Path) -> str:
         f"({summary['samples_after_warmup']} samples, every {args['sample_s']:g} s):",
         "",
         "| process | RSS after warm-up → end (MB) | growth (MB) | max-min (MB) | slope (KB/min) "
-        "| slope over the span (MB) | fds | threads |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| slope over the span (MB) | fds | threads | CPU ms/reg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, p in summary["processes"].items():
         label = f"{name} (shared)" if name in SHARED else name
@@ -110,7 +120,8 @@ def markdown(data: dict[str, Any], json_path: Path, docs: Path) -> str:
         threads = f"{p['threads_min']}-{p['threads_max']}" if "threads_min" in p else "-"
         out.append(f"| {label} | {p['rss_first_mb']:.2f} → {p['rss_last_mb']:.2f} | {p['rss_growth_mb']:+.2f} "
                    f"| {p['rss_range_mb']:.2f} | {p['rss_slope_kb_per_min']:+.1f} "
-                   f"| {p['rss_slope_mb_over_span']:+.2f} | {fds} | {threads} |")
+                   f"| {p['rss_slope_mb_over_span']:+.2f} | {fds} | {threads} "
+                   f"| {p.get('cpu_ms_per_registration', float('nan')):.2f} |")
     out += ["", f"![RSS, descriptors, threads and queue depths over the soak]({rel_png})"]
     return "\n".join(out)
 

@@ -127,12 +127,13 @@ def markdown(data: dict[str, Any], json_path: Path, docs: Path) -> str:
 
 
 def write_docs(text: str, docs: Path) -> None:
-    """Between the markers when `docs` holds them (the rest of the file is kept), else the whole file."""
-    old = docs.read_text() if docs.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        docs.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    """Between the markers when `docs` holds them, each on a line of its own (the rest of the
+    file is kept; prose may name the markers), else the whole file."""
+    lines = docs.read_text().splitlines() if docs.exists() else []
+    if BEGIN in lines and END in lines[lines.index(BEGIN):]:
+        begin = lines.index(BEGIN)
+        end = lines.index(END, begin)
+        docs.write_text("\n".join([*lines[:begin + 1], text, *lines[end:]]) + "\n")
     else:
         docs.write_text(text + "\n")
 

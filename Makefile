@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock check-locks demo test unit integration lint typecheck bench clean dashboard
+.PHONY: install lock check-locks demo test unit integration lint typecheck bench soak clean dashboard
 
 LOCAL_PACKAGES := libs/common services/submitter services/poller services/legacy-sim tools/registrations
 
@@ -53,6 +53,13 @@ typecheck: install
 # N registrations in one burst (default 2000), pipeline and baseline side by side.
 bench: install
 	$(BIN)/python bench/run.py $(if $(N),--n $(N))
+
+# The pipeline at a steady rate for a set time (default 30 minutes at 50 registrations/s),
+# sampling RSS, descriptors, threads and queue depths: bench/README.md#soak. DOCS=FILE also
+# writes the figures into FILE between its `<!-- soak figures -->` markers.
+soak: install
+	$(BIN)/python bench/soak.py $(if $(MINUTES),--minutes $(MINUTES)) $(if $(RATE),--rate $(RATE)) \
+		$(if $(SAMPLE_S),--sample-s $(SAMPLE_S)) $(if $(DOCS),--docs $(DOCS))
 
 # docs/dashboard.png: the Grafana dashboard's panels drawn from a live run (Grafana need not run).
 dashboard: install

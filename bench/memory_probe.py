@@ -21,7 +21,9 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -47,6 +49,22 @@ def rss_kb(trim: bool) -> int:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def pymalloc_arenas() -> str:
+    """How many of the interpreter's own 1 MiB arenas are allocated (`sys._debugmallocstats`,
+    which writes to the C stderr)."""
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        found = re.search(rb"# arenas allocated current\s*=\s*([\d,]+)", out.read())
+    return found.group(1).decode() if found else "?"
 
 
 def main() -> None:
@@ -97,7 +115,7 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
     sent = 0
     baseline: tracemalloc.Snapshot | None = None
     started = time.monotonic()
-    print("round  delivered  traced_KB  rss_KB  s", flush=True)
+    print("round  delivered  traced_KB  rss_KB  arenas  s", flush=True)
     for round_ in range(args.rounds + 1):
         for _ in range(args.round):
             sent += 1
@@ -110,8 +128,8 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
         # The snapshot kept as the baseline is traced too, and tracemalloc's own tables add to
         # the RSS: the RSS that counts is the one of a run with --no-tracemalloc.
         traced = tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0
-        print(f"{round_:5d}  {sent:9d}  {traced:9d}  {rss_kb(args.trim):6d}  {time.monotonic() - started:.0f}",
-              flush=True)
+        print(f"{round_:5d}  {sent:9d}  {traced:9d}  {rss_kb(args.trim):6d}  {pymalloc_arenas():>6}  "
+              f"{time.monotonic() - started:.0f}", flush=True)
         if not tracemalloc.is_tracing():
             continue
         snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])

@@ -90,13 +90,16 @@ class Confirms:
         )
         for seq in tags:
             self._sent_at.pop(seq, None)
+            # A return comes before its confirm, whichever the confirm is: the seq is done with
+            # here, or it would stay until the channel closes (a nack after a return keeps it too).
+            returned = seq in self._returned
+            self._returned.discard(seq)
             future = self._unconfirmed.pop(seq, None)
             if future is None:
                 continue
             if not ack:
                 future.set_exception(PublishRefused("the broker refused the message (nack)"))
-            elif seq in self._returned:
-                self._returned.discard(seq)
+            elif returned:
                 future.set_exception(PublishError("unroutable: no queue took the message"))
                 self._on_unroutable()
             else:

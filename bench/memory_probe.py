@@ -1,0 +1,151 @@
+"""A real submitter in this process under `tracemalloc`: which allocation sites grow with deliveries.
+
+The submitter is wired as `submitter.main` wires it (runtime, executor, MongoDB store with its
+batcher, legacy client behind the breaker, metrics, JSON logs to /dev/null), against the local
+broker (a fresh vhost), SecantusDB and legacy-sim with 1 % transient 503s. Registrations are
+published in rounds of `--round`; after each round has been taken and settled, the probe prints
+the traced total, the process's RSS and the sites that grew most since the snapshot after the
+warm-up round. A leak shows as a site that grows round after round in proportion; warm-up as
+growth that stops; allocator fragmentation as RSS growth while the traced total stays flat.
+
+    PYTHONPATH=... .venv/bin/python bench/memory_probe.py --rounds 6 --round 3000
+
+`MALLOC_ARENA_MAX=2` in the environment, or `--trim` (glibc `malloc_trim(0)` before each RSS
+reading), tells arena growth from the interpreter's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import harness
+
+from regbridge import logs
+from regbridge.amqp import AmqpRuntime, RuntimeHooks
+from regbridge.durable import Durable
+from regbridge.executor import Executor, Observer
+from regbridge.process import adapters
+from regbridge.settings import submitter_settings
+from regbridge.topology import submitter_queues
+from submitter import metrics
+from submitter.service import Submitter
+
+
+def rss_kb(trim: bool) -> int:
+    if trim:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def pymalloc_arenas() -> str:
+    """How many of the interpreter's own 1 MiB arenas are allocated (`sys._debugmallocstats`,
+    which writes to the C stderr)."""
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        found = re.search(rb"# arenas allocated current\s*=\s*([\d,]+)", out.read())
+    return found.group(1).decode() if found else "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--round", type=int, default=3000)
+    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--trim", action="store_true")
+    parser.add_argument("--no-tracemalloc", action="store_true", help="RSS only, at full speed")
+    args = parser.parse_args()
+
+    with harness.vhost("memprobe") as url, harness.mongodb() as mongo:
+        sim = harness.start_legacy_sim({"LEGACY_SIM_POST_503_RATE": "0.01"})
+        try:
+            env = harness.service_env(rabbitmq_url=url, mongodb_uri=mongo.uri, database="memprobe",
+                                      legacy_url=sim.url)
+            probe(env, url, args)
+        finally:
+            sim.stop()
+
+
+def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
+    settings = submitter_settings(env)
+    logs.setup("submitter", "INFO")
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the whole run
+    mongo, legacy = adapters(settings, metrics.EDGE)
+    runtime = AmqpRuntime(url=url, queues=submitter_queues(inbound=settings.inbound_queue,
+                                                           pending=settings.pending_queue,
+                                                           failed=settings.failed_queue,
+                                                           first_delay_s=settings.poll_first_delay_s,
+                                                           group_size=settings.quorum_initial_group_size),
+                          consume=[settings.inbound_queue], workers=settings.workers, prefetch=settings.prefetch,
+                          hooks=RuntimeHooks(on_delivery=lambda d: metrics.EDGE.consumed.inc()), name="submitter")
+    durable = Durable(runtime.stopping)
+    executor = Executor(Submitter(settings, store=mongo, legacy=legacy, durable=durable), broker=runtime,
+                        store=mongo, durable=durable, failed_queue=settings.failed_queue, clock=time.time,
+                        observer=Observer(finished=metrics.finished))
+    thread = threading.Thread(target=runtime.run, args=(executor.run,), name="io", daemon=True)
+    thread.start()
+    harness.wait_until(lambda: runtime.connected, timeout=30, what="the submitter to connect")
+    broker = harness.Broker(url)
+    inbound = settings.inbound_queue
+    if not args.no_tracemalloc:
+        tracemalloc.start(args.frames)
+    sent = 0
+    baseline: tracemalloc.Snapshot | None = None
+    started = time.monotonic()
+    print("round  delivered  traced_KB  rss_KB  arenas  s", flush=True)
+    for round_ in range(args.rounds + 1):
+        for _ in range(args.round):
+            sent += 1
+            broker.publish(inbound, {"user_id": f"u-{sent:07d}", "name": "Maria da Silva",
+                                     "email": f"m{sent}@example.com", "cpf": "12345678909"},
+                           message_id=f"m-{sent}")
+        harness.wait_until(lambda: broker.depth(inbound) == 0 and runtime.unacked(inbound) == 0
+                           and runtime.deferred == 0, timeout=900, what="the round to be settled", every=0.5)
+        gc.collect()
+        # The snapshot kept as the baseline is traced too, and tracemalloc's own tables add to
+        # the RSS: the RSS that counts is the one of a run with --no-tracemalloc.
+        traced = tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0
+        print(f"{round_:5d}  {sent:9d}  {traced:9d}  {rss_kb(args.trim):6d}  {pymalloc_arenas():>6}  "
+              f"{time.monotonic() - started:.0f}", flush=True)
+        if not tracemalloc.is_tracing():
+            continue
+        snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+        if baseline is None:
+            baseline = snapshot
+            continue
+        grown = sorted(snapshot.compare_to(baseline, "traceback"), key=lambda stat: -stat.size_diff)
+        for stat in grown[:args.top]:
+            if stat.size_diff <= 0:
+                break
+            frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(stat.traceback))
+            print(f"      +{stat.size_diff / 1024:8.1f} KB {stat.count_diff:+6d} blocks  {frames}")
+    broker.close()
+    runtime.request_stop()
+    thread.join(60)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Memory does not grow with the number of deliveries: no allocation site of the project's code,
+or of the libraries it calls, keeps growing once warmed up.
+
+Each test drives hundreds of deliveries (thousands of publishes) through the real code with
+in-memory fakes, takes a `tracemalloc` snapshot after a warm-up and after N and 2N more, and fails
+naming every site that grew by more than SLACK_BYTES between N and 2N, about as much as it grew
+between the warm-up and N (a cache that fills up grows less the second time). The 100 bytes a
+registration that a long run measured would show as 40 KB between N and 2N. The fakes record
+nothing that outlives a delivery, and what they allocate themselves is left out, so what is
+measured is the code under test. Logging goes through the services' JSON formatter to a stream
+that keeps nothing, so the log calls are measured too; pytest's own capture of log records is set
+aside meanwhile.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import itertools
+import logging
+import time
+import tracemalloc
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+from pika.spec import Basic, BasicProperties
+from test_handlers import (
+    BODY,
+    FAILED,
+    NOW,
+    PollerRig,
+    SubmitterRig,
+    delivery,
+    pending,
+    pending_delivery,
+    poller_rig,
+    submitter_rig,
+)
+from test_runtime_workers import WAIT_S, FakeLoop
+
+from regbridge.amqp import Delivery
+from regbridge.amqp.calls import CallQueue
+from regbridge.amqp.confirms import PUBLISH_SEQ_HEADER, Confirms
+from regbridge.amqp.hops import RefusedHops
+from regbridge.amqp.pool import WorkerPool
+from regbridge.lifecycle import Accepted, Completed, LegacyFailed, Processing, Rejected, Transient
+from regbridge.logs import JsonFormatter
+
+WARM_UP = 150
+N = 400
+# Publishes through the confirm tracker alone, which are cheap to drive.
+CONFIRMS_N = 2000
+# What a site may grow by between N and 2N more deliveries: caches filling, a dict resizing once,
+# and what is alive by chance at the moment of a snapshot (a few KB measured in the log formatter).
+SLACK_BYTES = 16384
+# Enough frames to reach from a library's allocation back to the project's code that called it.
+FRAMES = 10
+# A site: the allocating frame, its callers up to the project's code, named by their last frames.
+SITE_FRAMES = 4
+# The code under test: the project's packages and the libraries they call (by path).
+MEASURED = ("*/regbridge/*", "*/submitter/*", "*/poller/*")
+
+
+class Discard(io.TextIOBase):
+    """A log stream that formats everything and keeps nothing."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+@contextmanager
+def logging_to_nowhere() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    handler = logging.StreamHandler(Discard())
+    handler.setFormatter(JsonFormatter("leaks"))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _snapshot() -> dict[tuple[str, ...], int]:
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces([
+        # Allocated with the project's code somewhere on the stack...
+        *(tracemalloc.Filter(True, pattern, all_frames=True) for pattern in MEASURED),
+    ]).filter_traces([
+        # ...but not by the fakes and the test itself, which stand in for the outside world.
+        tracemalloc.Filter(False, "*/tests/*", all_frames=False),
+        tracemalloc.Filter(False, tracemalloc.__file__),
+    ])
+    sizes: dict[tuple[str, ...], int] = defaultdict(int)
+    for trace in snapshot.traces:
+        frames = list(trace.traceback)[-SITE_FRAMES:]  # oldest first: the allocating frame last
+        sizes[tuple(f"{frame.filename}:{frame.lineno}" for frame in frames)] += trace.size
+    return sizes
+
+
+def growing_sites(drive: Callable[[int], None], n: int = N) -> list[str]:
+    """Drive `drive(i)` WARM_UP times, then n and n more; the sites that grew in the second n,
+    largest first, each with its growth over n and over 2n."""
+    with logging_to_nowhere():
+        tracemalloc.start(FRAMES)
+        try:
+            count = iter(range(WARM_UP + 2 * n))
+            for i in itertools.islice(count, WARM_UP):
+                drive(i)
+            start = _snapshot()
+            for i in itertools.islice(count, n):
+                drive(i)
+            middle = _snapshot()
+            for i in itertools.islice(count, n):
+                drive(i)
+            end = _snapshot()
+        finally:
+            tracemalloc.stop()
+    grown = sorted(((end.get(site, 0) - middle.get(site, 0), site) for site in end), reverse=True)
+    # A leak grows as much in the second n as in the first; a cache filling up grows less.
+    return [f"+{growth} B over the last {n} (+{end[site] - start.get(site, 0)} B over {2 * n}) at\n    "
+            + "\n    ".join(reversed(site))
+            for growth, site in grown
+            if growth > SLACK_BYTES and 2 * growth >= middle.get(site, 0) - start.get(site, 0)]
+
+
+def assert_flat(drive: Callable[[int], None], n: int = N) -> None:
+    sites = growing_sites(drive, n)
+    assert not sites, "memory grows with the number of deliveries:\n" + "\n".join(sites)
+
+
+# ---- the handlers and their executor ---------------------------------------------------------------
+
+
+def forget(rig: SubmitterRig | PollerRig) -> None:
+    """What the fakes recorded of a delivery: gone before the next one, as in the outside world."""
+    rig.log.clear()
+    for recorded in (rig.broker.published, rig.broker.acks, rig.broker.nacks, rig.broker.handed_back,
+                     rig.legacy.submitted, rig.legacy.keys, rig.legacy.polled):
+        recorded.clear()
+    rig.store.users.clear()
+    rig.store.attempts.clear()
+    rig.store.attempt_users.clear()
+    rig.store.attempt_errors.clear()
+    rig.store.index.clear()
+    rig.store.index_tokens.clear()
+    rig.store.index_log.clear()
+
+
+def test_submitter_memory_is_flat_across_accepted_rejected_retried_and_handed_back_deliveries() -> None:
+    rig = submitter_rig()
+    busy = Transient("legacy API busy: HTTP 503", 503)
+
+    def drive(i: int) -> None:
+        # Every delivery its own message id and tag: state kept per message would show.
+        each = delivery(BODY, message_id=f"m-{i}", tag=i + 1)
+        kind = i % 4
+        if kind == 0:  # accepted, handed on, acked
+            rig.legacy.submit_outcomes.append(Accepted(f"R-{i}"))
+        elif kind == 1:  # refused: a failure record
+            rig.legacy.submit_outcomes.append(Rejected("rejected by the legacy API: bad cpf", 400))
+        elif kind == 2:  # busy, then a deferred retry that is accepted
+            rig.legacy.submit_outcomes.extend([busy, Accepted(f"R-{i}")])
+        else:  # accepted, but the hop is refused: the delivery goes back
+            rig.legacy.submit_outcomes.append(Accepted(f"R-{i}"))
+            rig.broker.refuse.add("registrations.pending.wait.10000ms")
+        rig.executor.run(each)
+        while rig.broker.deferred:
+            rig.broker.run_deferred()
+        rig.broker.refuse.clear()
+        assert not rig.legacy.submit_outcomes
+        forget(rig)
+
+    assert_flat(drive)
+
+
+def test_poller_memory_is_flat_across_waiting_completed_and_failed_deliveries() -> None:
+    rig = poller_rig(age=15.0)
+
+    def drive(i: int) -> None:
+        msg = pending(polls=1, request_id=f"R-{i}")
+        kind = i % 4
+        if kind == 0:
+            rig.legacy.status_outcomes.append(Processing())
+        elif kind == 1:
+            rig.legacy.status_outcomes.append(Completed())
+        elif kind == 2:
+            rig.legacy.status_outcomes.append(LegacyFailed("rejected by the legacy system"))
+        else:  # a failure whose record the broker refuses: handed back
+            rig.legacy.status_outcomes.append(LegacyFailed("rejected by the legacy system"))
+            rig.broker.refuse.add(FAILED)
+        rig.executor.run(pending_delivery(msg, tag=i + 1))
+        rig.broker.refuse.clear()
+        assert not rig.legacy.status_outcomes
+        forget(rig)
+
+    assert_flat(drive)
+
+
+# ---- the runtime's bookkeeping -------------------------------------------------------------------
+
+
+class Channel:
+    """A channel in confirm mode that keeps only what is not yet confirmed."""
+
+    def __init__(self) -> None:
+        self.on_return: Callable[..., None] = lambda *_: None
+        self.on_confirm: Callable[[Any], None] = lambda _: None
+        self.sent: list[BasicProperties] = []
+
+    def add_on_return_callback(self, callback: Callable[..., None]) -> None:
+        self.on_return = callback
+
+    def confirm_delivery(self, *, ack_nack_callback: Callable[[Any], None], callback: Callable[[Any], None]) -> None:
+        self.on_confirm = ack_nack_callback
+        callback(None)
+
+    def basic_publish(self, exchange: str, routing_key: str, body: bytes, properties: BasicProperties, *,
+                      mandatory: bool) -> None:
+        self.sent.append(properties)
+
+    def confirm(self, seq: int, *, ack: bool, multiple: bool = False) -> None:
+        method = Basic.Ack if ack else Basic.Nack
+        self.on_confirm(SimpleNamespace(method=method(delivery_tag=seq, multiple=multiple)))
+
+    def give_back(self, properties: BasicProperties) -> None:
+        self.on_return(self, Basic.Return(reply_code=312, reply_text="NO_ROUTE"), properties, b"")
+
+
+class Tracker:
+    def __init__(self) -> None:
+        self.confirms = Confirms(on_unroutable=lambda: None)
+        self.channel = Channel()
+        self.confirms.attach(self.channel, lambda: None)
+
+    def publish(self) -> tuple[int, Future[None]]:
+        future: Future[None] = Future()
+        self.confirms.publish(self.channel, "q", b"{}", BasicProperties(headers={}), future)
+        return self.channel.sent[-1].headers[PUBLISH_SEQ_HEADER], future
+
+
+def test_confirm_bookkeeping_is_flat_across_acks_nacks_and_returns_on_one_channel() -> None:
+    """One long-lived channel: what the tracker keeps for a publish goes when it is confirmed,
+    whichever way (a channel lost would clear everything and hide what lingers)."""
+    tracker = Tracker()
+    channel = tracker.channel
+
+    def drive(i: int) -> None:
+        kind = i % 5
+        seq, future = tracker.publish()
+        if kind == 0:  # acked
+            channel.confirm(seq, ack=True)
+        elif kind == 1:  # nacked
+            channel.confirm(seq, ack=False)
+        elif kind == 2:  # returned, then acked: unroutable
+            channel.give_back(channel.sent[-1])
+            channel.confirm(seq, ack=True)
+        elif kind == 3:  # returned, then nacked
+            channel.give_back(channel.sent[-1])
+            channel.confirm(seq, ack=False)
+        else:  # three confirmed by one multiple ack
+            tracker.publish()
+            seq, _last = tracker.publish()
+            channel.confirm(seq, ack=True, multiple=True)
+        assert future.done()
+        assert not tracker.confirms.pending
+        channel.sent.clear()
+
+    # A publish costs little to drive: enough of them that a few bytes kept per confirm show.
+    assert_flat(drive, CONFIRMS_N)
+
+
+def test_confirm_bookkeeping_is_flat_across_lost_channels() -> None:
+    tracker = Tracker()
+
+    def drive(i: int) -> None:
+        _seq, future = tracker.publish()
+        if i % 2:
+            tracker.channel.give_back(tracker.channel.sent[-1])
+        tracker.confirms.fail_all("channel closed")
+        tracker.confirms.attach(tracker.channel, lambda: None)
+        assert future.done()
+        tracker.channel.sent.clear()
+
+    assert_flat(drive)
+
+
+def test_deferred_retries_and_hand_backs_are_flat_in_the_worker_pool() -> None:
+    """Deferred work, pauses before a hand-back and refused hops, on the pool's timers and its
+    worker thread, with the I/O loop turned by hand."""
+    loop = FakeLoop()
+    calls = CallQueue(loop)
+    settled: list[tuple[int, bool]] = []
+
+    class Link:
+        generation = 1
+
+        def settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
+            settled.append((delivery.delivery_tag, ack))
+
+    pool = WorkerPool(workers=1, name="leaks", calls=calls, ioloop=loop, link=Link())
+    calls.bind()
+    pool.start(lambda d: pool_ran.append(d.delivery_tag))
+    pool_ran: list[int] = []
+    hops = RefusedHops(clock=lambda: NOW)
+
+    def until_idle() -> None:
+        # The worker reports each finished item through the call queue: turn until it has.
+        deadline = time.monotonic() + WAIT_S
+        while pool.in_hand:
+            assert time.monotonic() < deadline, "the worker did not finish its item"
+            loop.turn()
+            time.sleep(0)  # let the worker have the GIL
+        loop.turn()
+
+    def drive(i: int) -> None:
+        each = Delivery(b"{}", BasicProperties(message_id=f"m-{i}"), False, i + 1, "q", 1, NOW)
+        kind = i % 3
+        if kind == 0:  # a deferred retry: a timer, then the work on a worker
+            pool.defer(each, 0.5, lambda: pool_ran.append(-1))
+            loop.fire_timers()
+        elif kind == 1:  # a refused hop: a pause, then back to the broker
+            pool.pause_then_hand_back(each, hops.refused("q"))
+            loop.fire_timers()
+        else:  # a delivery run at once
+            pool.submit(each)
+        until_idle()
+        assert pool.deferred == 0 and pool.in_hand == 0
+        settled.clear()
+        pool_ran.clear()
+
+    try:
+        assert_flat(drive)
+    finally:
+        pool.end()

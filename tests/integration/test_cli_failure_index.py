@@ -18,7 +18,7 @@ import pika
 import pytest
 from conftest import Stack
 from failure_records import FailureRecords
-from harness import BIN, Broker, cli_env
+from harness import BIN, Broker, cli_env, wait_until
 from harness import cli_ok as ok
 from harness import run_cli as cli
 from outcomes import FAILED, INBOUND, good
@@ -308,9 +308,7 @@ def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness
              "body": bodies[i].decode(), "written_at": written, "token": "bulk", "seq": i}
             for i, r in enumerate(records[start:start + BATCH], start=start)], ordered=False)
     failure_records.counters.update_one({"_id": failure_index.COUNTER_ID}, {"$set": {"next": N}}, upsert=True)
-    deadline = time.monotonic() + 60
-    while broker.depth(FAILED) < N and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: broker.depth(FAILED) >= N, timeout=60, what=f"{N:,} records on {FAILED}", every=0.2)
     assert broker.depth(FAILED) == N
     setup_s = time.monotonic() - began
 

@@ -215,6 +215,50 @@ class Broker:
     def depth(self, queue: str) -> int:
         return int(self.channel.queue_declare(queue, passive=True).method.message_count)
 
+    def queue_report(self) -> str:
+        """Every queue of this vhost with its counts, and the broker's alarms: what a failed wait shows."""
+        vhost = self.url.rsplit("/", 1)[1]
+        queues = subprocess.run(["rabbitmqctl", *node_args(self.url), "-q", "list_queues", "-p", vhost, "name",
+                                 "messages", "messages_ready", "messages_unacknowledged", "leader", "online"],
+                                capture_output=True, text=True, timeout=60)
+        alarms = subprocess.run(["rabbitmqctl", *node_args(self.url), "-q", "list_alarms"], capture_output=True,
+                                text=True, timeout=60)
+        return f"{queues.stdout}{queues.stderr}alarms: {alarms.stdout.strip() or 'none'} {alarms.stderr.strip()}"
+
+    def publish_in_order(self, queue: str, messages: list[tuple[str, bytes]], *, timeout: float = 60) -> None:
+        """Put `messages` (message id, body) on `queue`, empty before, in this order, fast: one
+        channel publishes them without waiting on each, then one last publish it waits for.
+
+        The broker confirms a message once its queue has taken it, and a queue takes one channel's
+        messages in the order they were published, so the last one's confirm covers them all. The
+        channel stays open until then: an unconfirmed publish is the broker's to lose, and a
+        channel closed with publishes in flight is when it can. The depth is then checked too."""
+        if not messages:
+            return
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            channel = connection.channel()
+            for message_id, body in messages[:-1]:
+                channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2, message_id=message_id))
+            channel.confirm_delivery()
+            last_id, last_body = messages[-1]
+            channel.basic_publish("", queue, last_body, pika.BasicProperties(delivery_mode=2, message_id=last_id),
+                                  mandatory=True)
+        finally:
+            with suppress(pika.exceptions.AMQPError):
+                connection.close()
+        seen: list[int] = []
+
+        def all_there() -> bool:
+            seen.append(self.depth(queue))
+            return seen[-1] == len(messages)
+
+        try:
+            wait_until(all_there, timeout=timeout, what=f"{len(messages):,} messages on {queue}", every=0.1)
+        except AssertionError as timed_out:
+            raise AssertionError(f"{timed_out}; the depth read {seen[-1]:,} last (first {seen[0]:,});\n"
+                                 f"{self.queue_report()}") from None
+
     def close(self) -> None:
         with suppress(Exception):
             self.connection.close()

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import harness
-import pika
 import pytest
 from failure_records import FailureRecords
 from harness import BIN, Broker, cli_env, wait_until
@@ -54,17 +53,15 @@ def fill(records: FailureRecords, n: int, *, other_every: int,
          copy_of: int | None = None) -> tuple[list[str], list[str]]:
     """`n` legacy records on the failure queue, and before every `other_every`-th one a record of
     another stage, each with an id of its own (with `copy_of`, a second copy of that legacy record
-    at the end); published without confirms, which is fast, then awaited, and indexed in bulk.
+    at the end); published in order (Broker.publish_in_order), then indexed in bulk.
     Returns the legacy ids and the others', each in queue order."""
-    broker = records.broker
     legacy: list[str] = []
     others: list[str] = []
-    indexed: dict[str, bytes] = {}
-    connection = pika.BlockingConnection(pika.URLParameters(broker.url))
-    channel = connection.channel()
+    messages: list[tuple[str, bytes]] = []
+    indexed: dict[str, bytes] = {}  # a copy's entry is its first record's
 
     def publish(mid: str, body: bytes) -> None:
-        channel.basic_publish("", FAILED, body, pika.BasicProperties(delivery_mode=2, message_id=mid))
+        messages.append((mid, body))
         indexed.setdefault(mid, body)
 
     for i in range(n):
@@ -75,9 +72,7 @@ def fill(records: FailureRecords, n: int, *, other_every: int,
         publish(legacy[-1], record(i, "legacy"))
     if copy_of is not None:
         publish(f"r-{copy_of}", record(copy_of, "legacy"))
-    connection.close()
-    total = n + len(others) + (copy_of is not None)
-    wait_until(lambda: broker.depth(FAILED) == total, timeout=60, what=f"{total} records on {FAILED}", every=0.1)
+    records.broker.publish_in_order(FAILED, messages)
     records.index_many(list(indexed.items()))
     return legacy, others
 

@@ -51,6 +51,22 @@ def rss_kb(trim: bool) -> int:
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def malloc_kb() -> tuple[int, int]:
+    """glibc's own account of its heaps, every arena together (`mallinfo2`): the bytes handed
+    out and not freed (a chunk parked in a thread's tcache counts as handed out), and the bytes
+    free inside the heaps. The first growing is memory held; the second, fragmentation."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return info.uordblks // 1024, info.fordblks // 1024
+
+
 def pymalloc_arenas() -> str:
     """How many of the interpreter's own 1 MiB arenas are allocated (`sys._debugmallocstats`,
     which writes to the C stderr)."""
@@ -115,7 +131,7 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
     sent = 0
     baseline: tracemalloc.Snapshot | None = None
     started = time.monotonic()
-    print("round  delivered  traced_KB  rss_KB  arenas  s", flush=True)
+    print("round  delivered  traced_KB  rss_KB  malloc_used_KB  malloc_free_KB  arenas  s", flush=True)
     for round_ in range(args.rounds + 1):
         for _ in range(args.round):
             sent += 1
@@ -128,7 +144,9 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
         # The snapshot kept as the baseline is traced too, and tracemalloc's own tables add to
         # the RSS: the RSS that counts is the one of a run with --no-tracemalloc.
         traced = tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0
-        print(f"{round_:5d}  {sent:9d}  {traced:9d}  {rss_kb(args.trim):6d}  {pymalloc_arenas():>6}  "
+        used_kb, free_kb = malloc_kb()
+        print(f"{round_:5d}  {sent:9d}  {traced:9d}  {rss_kb(args.trim):6d}  {used_kb:14d}  {free_kb:14d}  "
+              f"{pymalloc_arenas():>6}  "
               f"{time.monotonic() - started:.0f}", flush=True)
         if not tracemalloc.is_tracing():
             continue

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import harness
 import pytest
 import requests
 from harness import wait_until
@@ -536,6 +537,27 @@ def test_a_profile_with_bounds_at_start_exits_naming_both() -> None:
     )
     assert result.returncode == 2
     assert "LEGACY_SIM_LATENCY_MIN_S='5', --latency-profile='lognormal:15,0.5': give a latency profile" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "profile"),
+    [
+        ({}, "uniform:0.3,0.6"),
+        ({"latency_profile": "lognormal:0.2,0.5,0.4"}, "lognormal:0.2,0.5,0.4"),
+        ({"env": {"LEGACY_SIM_LATENCY_PROFILE": "uniform:0.1,0.2 for 60 then uniform:0.3,0.4"}},
+         "uniform:0.1,0.2 for 60 then uniform:0.3,0.4"),
+    ],
+)
+def test_the_harness_starts_legacy_sim_with_a_profile_that_a_reset_puts_back(kwargs: dict[str, Any],
+                                                                             profile: str) -> None:
+    legacy = harness.start_legacy_sim(**kwargs)
+    try:
+        assert legacy.configure()["latency_profile"] == profile
+        legacy.configure(latency_profile="lognormal:5,1")
+        legacy.reset()
+        assert legacy.configure()["latency_profile"] == profile
+    finally:
+        legacy.stop()
 
 
 # ---- process life ----

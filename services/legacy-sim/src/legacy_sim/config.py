@@ -8,6 +8,10 @@ here (LEGACY_SIM_FAIL_PREFIX="" turns the forced failures off).
 
 The runtime-tunable fields (latencies and faults) can be changed through PATCH /admin/config;
 the app then swaps in a new Config made by `apply_patch`, so a Config is never mutated.
+
+The completion latency is one setting written two ways: a latency profile (legacy_sim.latency),
+or the bounds latency_min_s/latency_max_s, which mean the profile uniform:MIN,MAX and are kept
+as that default's representation. The two are never given together, at start or in one PATCH.
 """
 
 from __future__ import annotations
@@ -202,16 +206,15 @@ class Config(BaseSettings):
         """The settings as GET /admin/config shows them: `latency_profile` is the profile in
         force, written as it is parsed; the bounds are null unless it is a plain uniform."""
         profile = self.profile
-        uniform = profile if isinstance(profile, Uniform) else None
+        low, high = (profile.min_s, profile.max_s) if isinstance(profile, Uniform) else (None, None)
         shown: dict[str, Any] = {}
         for field, value in self.model_dump(exclude={"latency_profile"}).items():
             if field == "latency_min_s":
-                value = uniform.min_s if uniform else None
+                shown[field] = low
             elif field == "latency_max_s":
-                value = uniform.max_s if uniform else None
+                shown.update(latency_max_s=high, latency_profile=str(profile))
+            else:
                 shown[field] = value
-                field, value = "latency_profile", str(profile)
-            shown[field] = value
         return shown
 
 

@@ -97,7 +97,7 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
         broker.declare("registrations", "registrations.pending", "registrations.failed")
         broker.close()
         legacy = harness.start_legacy_sim(
-            {"LEGACY_SIM_LATENCY_MIN_S": str(args.latency_min), "LEGACY_SIM_LATENCY_MAX_S": str(args.latency_max),
+            {**harness.latency_env(args.latency_min, args.latency_max, args.latency_profile),
              "LEGACY_SIM_ACCEPT_LATENCY_S": "0.03", "LEGACY_SIM_RETRY_AFTER_S": "1"},
             log=logs / f"legacy-{design}.log")
         stack.callback(legacy.stop)
@@ -258,6 +258,9 @@ def main() -> int:
     parser.add_argument("--designs", default=os.environ.get("DESIGNS", "pipeline,baseline"))
     parser.add_argument("--latency-min", type=float, default=10.0)
     parser.add_argument("--latency-max", type=float, default=20.0)
+    parser.add_argument("--latency-profile", default=None, metavar="PROFILE",
+                        help="legacy-sim's latency profile instead of --latency-min/--latency-max, "
+                             "e.g. lognormal:15,0.5 or 'uniform:10,20 for 300 then uniform:40,80'")
     parser.add_argument("--first-delay", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--log-level", default="INFO")

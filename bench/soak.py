@@ -308,6 +308,8 @@ def main() -> int:
     parser.add_argument("--warmup-min", type=float, default=2.0, help="left out of the slopes")
     parser.add_argument("--latency-min", type=float, default=0.3)
     parser.add_argument("--latency-max", type=float, default=0.9)
+    parser.add_argument("--latency-profile", default=None, metavar="PROFILE",
+                        help="legacy-sim's latency profile instead of --latency-min/--latency-max")
     parser.add_argument("--fault-rate", type=float, default=0.01, help="legacy-sim's 503s on POST and GET")
     parser.add_argument("--first-delay", type=float, default=0.3)
     parser.add_argument("--interval", type=float, default=0.2)
@@ -339,7 +341,7 @@ def main() -> int:
         stack.callback(broker.close)
         broker.declare(INBOUND, PENDING, FAILED)
         legacy = harness.start_legacy_sim(
-            {"LEGACY_SIM_LATENCY_MIN_S": str(args.latency_min), "LEGACY_SIM_LATENCY_MAX_S": str(args.latency_max),
+            {**harness.latency_env(args.latency_min, args.latency_max, args.latency_profile),
              "LEGACY_SIM_ACCEPT_LATENCY_S": "0.01", "LEGACY_SIM_RETRY_AFTER_S": "0.2",
              "LEGACY_SIM_POST_503_RATE": str(args.fault_rate), "LEGACY_SIM_GET_503_RATE": str(args.fault_rate)},
             log=logs / "legacy-sim.log")

@@ -385,15 +385,36 @@ def await_answer(process: subprocess.Popen[bytes], url: str, *, what: str, log: 
     wait_until(answers, timeout=timeout, what=f"{what} to answer {url}")
 
 
-def start_legacy_sim(env: Mapping[str, str] | None = None, log: Path | None = None) -> LegacySim:
+_BOUNDS = ("LEGACY_SIM_LATENCY_MIN_S", "LEGACY_SIM_LATENCY_MAX_S")
+_PROFILE = "LEGACY_SIM_LATENCY_PROFILE"
+
+
+def latency_env(min_s: float, max_s: float, profile: str | None = None) -> dict[str, str]:
+    """legacy-sim's latency settings: the profile when one is given (such as `lognormal:15,0.5`
+    or `uniform:10,20 for 300 then uniform:40,80`), else the bounds of the uniform one. Never
+    both: legacy-sim refuses that."""
+    if profile is not None:
+        return {_PROFILE: profile}
+    return {_BOUNDS[0]: str(min_s), _BOUNDS[1]: str(max_s)}
+
+
+def start_legacy_sim(env: Mapping[str, str] | None = None, log: Path | None = None, *,
+                     latency_profile: str | None = None) -> LegacySim:
+    """Starts legacy-sim with FAST_LEGACY's settings, overridden by `env`. A `latency_profile`
+    (or LEGACY_SIM_LATENCY_PROFILE in `env`) replaces FAST_LEGACY's latency bounds."""
     port = free_port()
-    full = {**os.environ, **FAST_LEGACY, **(env or {}), "HTTP_PORT": str(port), "LEGACY_SIM_HOST": "127.0.0.1"}
+    given = {**(env or {}), **({_PROFILE: latency_profile} if latency_profile is not None else {})}
+    fast = {k: v for k, v in FAST_LEGACY.items() if not (_PROFILE in given and k in _BOUNDS)}
+    # As FAST_LEGACY's bounds override the caller's environment, so does leaving the profile out.
+    inherited = {k: v for k, v in os.environ.items() if k != _PROFILE}
+    full = {**inherited, **fast, **given, "HTTP_PORT": str(port), "LEGACY_SIM_HOST": "127.0.0.1"}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     process = subprocess.Popen([str(BIN / "legacy-sim")], env=full, stdout=out, stderr=subprocess.STDOUT)
     sim = LegacySim(url=f"http://127.0.0.1:{port}", process=process)
     await_answer(process, f"{sim.url}/healthz", what="legacy-sim", log=log)
     sim.defaults = {k: v for k, v in requests.get(f"{sim.url}/admin/config", timeout=5).json().items()
-                    if k in ("latency_min_s", "latency_max_s", "accept_latency_s", "post_503_rate",
+                    # The profile stands for the bounds too, whatever its kind.
+                    if k in ("latency_profile", "accept_latency_s", "post_503_rate",
                              "get_503_rate", "retry_after_s", "fail_prefix", "down", "response_delay_s")}
     return sim
 

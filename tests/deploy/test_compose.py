@@ -271,6 +271,30 @@ def test_legacy_sim_is_built_from_its_own_folder(model: dict[str, Any]) -> None:
     assert (Path(build["context"]) / build.get("dockerfile", "Dockerfile")).is_file()
 
 
+LATENCY_VARIABLES = ("LEGACY_SIM_LATENCY_PROFILE", "LEGACY_SIM_LATENCY_MIN_S", "LEGACY_SIM_LATENCY_MAX_S")
+
+
+@pytest.mark.parametrize(
+    ("given", "profile"),
+    [
+        ({}, "uniform:10,20"),
+        ({"LEGACY_SIM_LATENCY_MIN_S": "3", "LEGACY_SIM_LATENCY_MAX_S": "6"}, "uniform:3,6"),
+        ({"LEGACY_SIM_LATENCY_PROFILE": "uniform:10,20 for 300 then lognormal:60,0.5"},
+         "uniform:10,20 for 300 then lognormal:60,0.5"),
+    ],
+)
+def test_legacy_sims_latency_is_one_profile_that_it_accepts(tools: dict[str, Path], given: dict[str, str],
+                                                            profile: str) -> None:
+    """The bounds or a profile from the shell reach legacy-sim as one profile: it refuses both at once."""
+    from legacy_sim.config import load_config
+
+    # Empty is unset to Compose's ${VAR:-default}: a developer's own values stay out of the test.
+    env = {**{name: "" for name in LATENCY_VARIABLES}, **given}
+    legacy_env = rendered(tools, env)["services"]["legacy-sim"]["environment"]
+    assert legacy_env == {"LEGACY_SIM_LATENCY_PROFILE": profile}
+    assert str(load_config([], legacy_env).profile) == profile
+
+
 @pytest.mark.parametrize("name", ["submitter", "poller"])
 def test_bridge_environment_follows_the_contract(model: dict[str, Any], name: str) -> None:
     env = model["services"][name]["environment"]

@@ -870,9 +870,28 @@ def test_environment_is_the_contract_and_the_service_accepts_it(
         assert {k: v for k, v in loaded.to_json().items() if k != "host"} == \
             {k: v for k, v in defaults.to_json().items() if k != "host"}
     else:
-        # Every setting legacy-sim reads is one the chart can set (the seed only when given).
-        assert recording.asked <= set(env), sorted(recording.asked - set(env))
+        # Every setting legacy-sim reads is one the chart can set (the seed only when given; the
+        # latency profile instead of the bounds these values give, see the next test).
+        asked = recording.asked - {"LEGACY_SIM_LATENCY_PROFILE"}
+        assert asked <= set(env), sorted(asked - set(env))
         assert (loaded.seed, loaded.post_503_rate, loaded.fail_prefix, loaded.latency_max_s) == (42, 0.05, None, 6.0)
+
+
+def test_a_latency_profile_replaces_the_bounds_in_legacy_sims_environment(helm: ModuleType) -> None:
+    """legacy-sim refuses a profile given with the bounds: the chart renders one or the other."""
+    from legacy_sim.config import load_config
+    from legacy_sim.latency import parse_profile
+
+    profile = "uniform:10,20 for 300 then lognormal:60,0.5"
+    rendered = render(helm, "legacy-sim", {"config": {"latencyProfile": profile}}, "legacy-sim")
+    env = {k: v for k, v in environment(rendered).items() if v is not None}
+    assert env["LEGACY_SIM_LATENCY_PROFILE"] == profile
+    assert not {"LEGACY_SIM_LATENCY_MIN_S", "LEGACY_SIM_LATENCY_MAX_S"} & set(env)
+    assert load_config([], env).profile == parse_profile(profile)
+    assert f"the latency profile {profile}" in rendered.files["legacy-sim/templates/NOTES.txt"]
+    bounds = environment(render(helm, "legacy-sim", {}, "legacy-sim"))
+    assert "LEGACY_SIM_LATENCY_PROFILE" not in bounds
+    assert (bounds["LEGACY_SIM_LATENCY_MIN_S"], bounds["LEGACY_SIM_LATENCY_MAX_S"]) == ("10", "20")
 
 
 @pytest.mark.parametrize("chart", BRIDGE)

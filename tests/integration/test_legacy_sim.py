@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import harness
 import pytest
 import requests
 from harness import wait_until
@@ -108,6 +109,9 @@ def start_sim(extra_env: dict[str, str] | None = None) -> Sim:
         "LEGACY_SIM_ACCEPT_LATENCY_S": "0",
         **(extra_env or {}),
     }
+    if "LEGACY_SIM_LATENCY_PROFILE" in env:
+        # The profile replaces the bounds; legacy-sim refuses to be given both.
+        del env["LEGACY_SIM_LATENCY_MIN_S"], env["LEGACY_SIM_LATENCY_MAX_S"]
     process = subprocess.Popen([str(LEGACY_SIM)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sim = Sim(process=process, base_url=f"http://127.0.0.1:{port}", http=requests.Session())
 
@@ -418,6 +422,142 @@ def test_reset_clears_state_and_counters(sim: Sim) -> None:
     assert stats["polls_total"] == 0
     assert stats["requests"] == {}
     assert sim.get(request_id).status_code == 404
+
+
+# ---- latency profiles ----
+
+
+def latencies(sim: Sim, request_ids: list[str]) -> list[float]:
+    """The completion latency legacy-sim drew for each registration, in the order given."""
+    requests_ = sim.stats()["requests"]
+    return [requests_[rid]["completes_at"] - requests_[rid]["submitted_at"] for rid in request_ids]
+
+
+def config_of(sim: Sim) -> dict[str, Any]:
+    config: dict[str, Any] = sim.http.get(sim.url("/admin/config"), timeout=TIMEOUT_S).json()
+    return config
+
+
+def test_a_latency_profile_set_at_run_time_is_shown_and_drawn_from(sim: Sim) -> None:
+    # A lognormal without spread draws its median: the registrations' latencies say which
+    # profile they were drawn from.
+    shown = sim.patch_config(latency_profile="lognormal:0.25,0")
+    assert shown["latency_profile"] == "lognormal:0.25,0"
+    assert (shown["latency_min_s"], shown["latency_max_s"]) == (None, None)
+    assert config_of(sim) == shown
+    request_ids = [sim.submit() for _ in range(5)]
+    for request_id in request_ids:
+        assert sim.wait_terminal(request_id) == {"request_id": request_id, "status": "completed"}
+    assert latencies(sim, request_ids) == pytest.approx([0.25] * 5)
+    # The bounds make it a uniform again.
+    assert sim.patch_config(latency_min_s=0.1, latency_max_s=0.1)["latency_profile"] == "uniform:0.1,0.1"
+    assert latencies(sim, [sim.submit()]) == pytest.approx([0.1])
+
+
+def test_a_drift_switches_during_the_run_and_starts_again_when_reset(sim: Sim) -> None:
+    phase_s = 3.0
+    began = time.time()
+    shown = sim.patch_config(latency_profile=f"uniform:0.1,0.1 for {phase_s:g} then lognormal:0.3,0")
+    assert shown["latency_profile"] == "uniform:0.1,0.1 for 3 then lognormal:0.3,0"
+    request_ids = [sim.submit()]
+    # The profile's clock started after `began`, so a registration made before began + phase_s
+    # falls in the first phase whatever the machine's load.
+    first_surely_early = time.time() - began < phase_s
+
+    def switched() -> bool:
+        request_ids.append(sim.submit())
+        return latencies(sim, request_ids[-1:]) == pytest.approx([0.3])
+
+    wait_until(switched, timeout=phase_s + 10, what="a registration drawn from the drift's second phase", every=0.1)
+    drawn = latencies(sim, request_ids)
+    assert all(d == pytest.approx(0.1) or d == pytest.approx(0.3) for d in drawn), drawn
+    # Once switched, it stays switched.
+    switch = next(i for i, d in enumerate(drawn) if d == pytest.approx(0.3))
+    assert all(d == pytest.approx(0.3) for d in drawn[switch:]), drawn
+    if first_surely_early:
+        assert drawn[0] == pytest.approx(0.1)
+    for request_id in (request_ids[0], request_ids[-1]):
+        assert sim.wait_terminal(request_id)["status"] == "completed"
+
+    began = time.time()
+    assert sim.http.post(sim.url("/admin/reset"), timeout=TIMEOUT_S).status_code == 200
+    after_reset = latencies(sim, [sim.submit()])
+    if time.time() - began < phase_s:
+        assert after_reset == pytest.approx([0.1])
+    assert config_of(sim)["latency_profile"] == shown["latency_profile"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"latency_profile": "uniform:0.5"}, "latency_profile: 'uniform:0.5': expected uniform:MIN,MAX"),
+        ({"latency_profile": "gamma:1,2"}, "unknown kind 'gamma'"),
+        ({"latency_profile": "uniform:1,2 for 10"}, "must be followed by 'then PROFILE'"),
+        ({"latency_profile": ""}, "empty latency profile"),
+        ({"latency_profile": 3}, "latency_profile must be a string"),
+        ({"latency_profile": "lognormal:1,0.5", "latency_max_s": 2},
+         "latency_profile and latency_max_s given together"),
+    ],
+)
+def test_a_bad_latency_profile_is_refused_with_a_reason(sim: Sim, patch: dict[str, Any], message: str) -> None:
+    before = config_of(sim)
+    response = sim.http.patch(sim.url("/admin/config"), json=patch, timeout=TIMEOUT_S)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    assert config_of(sim) == before
+
+
+def test_one_bound_cannot_reshape_a_lognormal(sim: Sim) -> None:
+    sim.patch_config(latency_profile="lognormal:0.3,0.5")
+    response = sim.http.patch(sim.url("/admin/config"), json={"latency_max_s": 1}, timeout=TIMEOUT_S)
+    assert response.status_code == 400
+    assert "latency_max_s alone cannot change the latency profile lognormal:0.3,0.5" in response.json()["error"]
+
+
+def test_a_latency_profile_is_taken_from_the_environment() -> None:
+    sim = start_sim({"LEGACY_SIM_LATENCY_PROFILE": "lognormal:0.2,0 for 600 then uniform:1,2"})
+    try:
+        assert sim.process.stdout is not None
+        assert "latency profile lognormal:0.2,0 for 600 then uniform:1,2" in sim.process.stdout.readline()
+        assert config_of(sim)["latency_profile"] == "lognormal:0.2,0 for 600 then uniform:1,2"
+        request_id = sim.submit()
+        assert latencies(sim, [request_id]) == pytest.approx([0.2])
+        assert sim.wait_terminal(request_id)["status"] == "completed"
+    finally:
+        stop_sim(sim)
+
+
+def test_a_profile_with_bounds_at_start_exits_naming_both() -> None:
+    result = subprocess.run(
+        [str(LEGACY_SIM), "--latency-profile", "lognormal:15,0.5"],
+        env={**os.environ, "LEGACY_SIM_LATENCY_MIN_S": "5"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "LEGACY_SIM_LATENCY_MIN_S='5', --latency-profile='lognormal:15,0.5': give a latency profile" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "profile"),
+    [
+        ({}, "uniform:0.3,0.6"),
+        ({"latency_profile": "lognormal:0.2,0.5,0.4"}, "lognormal:0.2,0.5,0.4"),
+        ({"env": {"LEGACY_SIM_LATENCY_PROFILE": "uniform:0.1,0.2 for 60 then uniform:0.3,0.4"}},
+         "uniform:0.1,0.2 for 60 then uniform:0.3,0.4"),
+    ],
+)
+def test_the_harness_starts_legacy_sim_with_a_profile_that_a_reset_puts_back(kwargs: dict[str, Any],
+                                                                             profile: str) -> None:
+    legacy = harness.start_legacy_sim(**kwargs)
+    try:
+        assert legacy.configure()["latency_profile"] == profile
+        legacy.configure(latency_profile="lognormal:5,1")
+        legacy.reset()
+        assert legacy.configure()["latency_profile"] == profile
+    finally:
+        legacy.stop()
 
 
 # ---- process life ----

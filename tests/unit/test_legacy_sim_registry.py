@@ -9,6 +9,7 @@ import re
 import pytest
 
 from legacy_sim.config import Config, ConfigError, apply_patch, format_retry_after, load_config
+from legacy_sim.latency import Uniform
 from legacy_sim.registry import Registry, new_request_id
 from legacy_sim.validation import InvalidRegistration, parse_registration
 
@@ -40,8 +41,8 @@ def submit(
     return registry.submit(
         user_id=user_id,
         name=name,
-        latency_min_s=latency[0],
-        latency_max_s=latency[1],
+        latency=Uniform(*latency),
+        latency_age_s=0.0,
         fail_prefix=fail_prefix,
         idempotency_key=key,
     )

@@ -60,7 +60,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Rules across values, which values.schema.json cannot express. Included by the Deployment. */}}
 {{- define "legacy-sim.validate" -}}
-{{- if gt (.Values.config.latencyMinS | float64) (.Values.config.latencyMaxS | float64) }}
+{{- if and (not .Values.config.latencyProfile) (gt (.Values.config.latencyMinS | float64) (.Values.config.latencyMaxS | float64)) }}
 {{- fail (printf "config.latencyMinS (%v) must not exceed config.latencyMaxS (%v)" .Values.config.latencyMinS .Values.config.latencyMaxS) }}
 {{- end }}
 {{- end }}

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from starlette.types import Receive, Scope, Send
 
-from legacy_sim.config import Config, ConfigError, apply_patch, format_retry_after
+from legacy_sim.config import LATENCY_FIELDS, Config, ConfigError, apply_patch, format_retry_after
 from legacy_sim.registry import FAILED_REASON, Registry
 from legacy_sim.validation import InvalidRegistration, parse_registration
 
@@ -44,9 +44,24 @@ class Simulator:
 
     def __init__(self, config: Config, *, clock: Callable[[], float]) -> None:
         self.config = config
+        self.clock = clock
         # One seeded RNG for ids, latencies and faults, so a seeded run is reproducible.
         self.rng = random.Random(config.seed)
         self.registry = Registry(clock=clock, rng=self.rng)
+        # When the latency profile took effect: a drift's phases count from here.
+        self.latency_since = clock()
+
+    def reconfigure(self, patch: object) -> None:
+        """Applies a PATCH body (or raises ConfigError). Setting the latency, even to the profile
+        in force, starts its clock again: a drift then begins with its first phase."""
+        self.config = apply_patch(self.config, patch)
+        if isinstance(patch, dict) and patch.keys() & LATENCY_FIELDS:
+            self.latency_since = self.clock()
+
+    def reset(self) -> None:
+        """Forgets every registration and starts the latency profile's clock again."""
+        self.registry.reset()
+        self.latency_since = self.clock()
 
     async def submit(self, raw: bytes, idempotency_key: str | None = None) -> Response:
         registry = self.registry
@@ -74,8 +89,8 @@ class Simulator:
         request_id = registry.submit(
             user_id=body.get("user_id"),
             name=body["name"],
-            latency_min_s=config.latency_min_s,
-            latency_max_s=config.latency_max_s,
+            latency=config.profile,
+            latency_age_s=self.clock() - self.latency_since,
             fail_prefix=config.fail_prefix,
             idempotency_key=idempotency_key,
         )
@@ -197,14 +212,14 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> Fas
         except ValueError:
             return _json(400, {"error": "body is not valid JSON"})
         try:
-            sim.config = apply_patch(sim.config, patch)
+            sim.reconfigure(patch)
         except ConfigError as exc:
             return _json(400, {"error": str(exc)})
         return _json(200, sim.config.to_json())
 
     @app.post("/admin/reset")
     async def admin_reset() -> Response:
-        registry.reset()
+        sim.reset()
         return _json(200, {"status": "reset"})
 
     return FastPath(app, sim)

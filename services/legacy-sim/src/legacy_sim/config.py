@@ -8,6 +8,10 @@ here (LEGACY_SIM_FAIL_PREFIX="" turns the forced failures off).
 
 The runtime-tunable fields (latencies and faults) can be changed through PATCH /admin/config;
 the app then swaps in a new Config made by `apply_patch`, so a Config is never mutated.
+
+The completion latency is one setting written two ways: a latency profile (legacy_sim.latency),
+or the bounds latency_min_s/latency_max_s, which mean the profile uniform:MIN,MAX and are kept
+as that default's representation. The two are never given together, at start or in one PATCH.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Self
 
-from pydantic import BeforeValidator, ValidationError, model_validator
+from pydantic import BeforeValidator, PlainValidator, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from legacy_sim.latency import Drift, LatencyProfile, LogNormal, ProfileError, Uniform, parse_profile
 
 
 class ConfigError(ValueError):
@@ -89,6 +95,17 @@ def _prefix(raw: str) -> str | None:
     return raw or None
 
 
+def _profile(raw: object) -> LatencyProfile | None:
+    if raw is None or isinstance(raw, Uniform | LogNormal | Drift):
+        return raw
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    try:
+        return parse_profile(raw)
+    except ProfileError as exc:
+        raise ValueError(str(exc)) from None
+
+
 Host = Annotated[str, BeforeValidator(_host)]
 Port = Annotated[int, BeforeValidator(_port)]
 Seconds = Annotated[float, BeforeValidator(_non_negative)]
@@ -96,6 +113,8 @@ Rate = Annotated[float, BeforeValidator(_rate)]
 Switch = Annotated[bool, BeforeValidator(_bool)]
 Prefix = Annotated[str | None, BeforeValidator(_prefix)]
 Seed = Annotated[int | None, BeforeValidator(_int)]
+# Parsed whole by its own code: pydantic is not asked to rebuild the frozen dataclasses.
+Profile = Annotated[LatencyProfile | None, PlainValidator(_profile)]
 
 
 def variable_name(field: str) -> str:
@@ -118,8 +137,12 @@ class Config(BaseSettings):
 
     host: Host = "127.0.0.1"
     port: Port = 8080
+    # The bounds of the default profile, uniform:MIN,MAX. A latency_profile replaces them; the
+    # two are never given together (see `_latency`).
     latency_min_s: Seconds = 10.0
     latency_max_s: Seconds = 20.0
+    # None: uniform between the bounds. Never a plain Uniform once `folded`.
+    latency_profile: Profile = None
     accept_latency_s: Seconds = 0.03
     post_503_rate: Rate = 0.0
     get_503_rate: Rate = 0.0
@@ -143,7 +166,15 @@ class Config(BaseSettings):
         return (init_settings,)
 
     @model_validator(mode="after")
-    def _latency_range(self) -> Self:
+    def _latency(self) -> Self:
+        # Only at construction, from what was given: model_copy marks the fields it updates as
+        # set, so apply_patch checks its own body for the same conflict.
+        if "latency_profile" in self.model_fields_set and (
+            {"latency_min_s", "latency_max_s"} & self.model_fields_set
+        ):
+            raise ConfigError(
+                "give a latency profile or the latency bounds, not both (the bounds mean uniform:MIN,MAX)"
+            )
         return self.checked()
 
     def checked(self) -> Self:
@@ -154,8 +185,37 @@ class Config(BaseSettings):
             )
         return self
 
+    @property
+    def profile(self) -> LatencyProfile:
+        """The latency profile in force."""
+        if self.latency_profile is not None:
+            return self.latency_profile
+        return Uniform(self.latency_min_s, self.latency_max_s)
+
+    def folded(self) -> Config:
+        """The same settings with a plain uniform profile kept as the bounds, so that one state
+        has one representation whichever way it was written."""
+        profile = self.latency_profile
+        if isinstance(profile, Uniform):
+            return self.model_copy(
+                update={"latency_min_s": profile.min_s, "latency_max_s": profile.max_s, "latency_profile": None}
+            )
+        return self
+
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump()
+        """The settings as GET /admin/config shows them: `latency_profile` is the profile in
+        force, written as it is parsed; the bounds are null unless it is a plain uniform."""
+        profile = self.profile
+        low, high = (profile.min_s, profile.max_s) if isinstance(profile, Uniform) else (None, None)
+        shown: dict[str, Any] = {}
+        for field, value in self.model_dump(exclude={"latency_profile"}).items():
+            if field == "latency_min_s":
+                shown[field] = low
+            elif field == "latency_max_s":
+                shown.update(latency_max_s=high, latency_profile=str(profile))
+            else:
+                shown[field] = value
+        return shown
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -182,16 +242,21 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Confi
             given[variable] = (variable, environ[variable])
     texts: dict[str, Any] = {variable: raw for variable, (_, raw) in given.items()}
     try:
-        return Config(**texts)
+        return Config(**texts).folded()
     except ValidationError as exc:
         raise ConfigError("; ".join(_problem(error, given) for error in exc.errors())) from None
+
+
+LATENCY_FIELDS = ("latency_min_s", "latency_max_s", "latency_profile")
 
 
 def _problem(error: ErrorDetails, given: Mapping[str, tuple[str, str]]) -> str:
     reason = error.get("ctx", {}).get("error", error["msg"])
     if not error["loc"]:
-        # The only cross-field rule is the latency range.
-        return f"LEGACY_SIM_LATENCY_MIN_S/LEGACY_SIM_LATENCY_MAX_S (or --latency-min-s/--latency-max-s): {reason}"
+        # The cross-field rules are all about the latency: name what was given of it.
+        latency = [given[variable_name(field)] for field in LATENCY_FIELDS if variable_name(field) in given]
+        sources = ", ".join(f"{source}={raw!r}" for source, raw in latency)
+        return f"{sources or 'the latency settings'}: {reason}"
     source, raw = given[str(error["loc"][0])]
     return f"{source}={raw!r}: {reason}"
 
@@ -202,6 +267,7 @@ TUNABLE_FIELDS: frozenset[str] = frozenset(
     {
         "latency_min_s",
         "latency_max_s",
+        "latency_profile",
         "accept_latency_s",
         "post_503_rate",
         "get_503_rate",
@@ -231,8 +297,10 @@ def apply_patch(config: Config, patch: object) -> Config:
     unknown = sorted(set(patch) - TUNABLE_FIELDS)
     if unknown:
         raise ConfigError(f"unknown or read-only fields: {', '.join(unknown)}")
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = _latency_changes(config, patch)
     for field, value in patch.items():
+        if field in LATENCY_FIELDS:
+            continue
         if field == "down":
             if not isinstance(value, bool):
                 raise ConfigError("down must be true or false")
@@ -244,6 +312,43 @@ def apply_patch(config: Config, patch: object) -> Config:
         else:
             changes[field] = _json_number(field, value)
     return config.model_copy(update=changes).checked()
+
+
+def _latency_changes(config: Config, patch: dict[str, Any]) -> dict[str, Any]:
+    """The fields a PATCH body's latency settings change: a `latency_profile`, or one or both
+    bounds of the uniform profile in force (which a bound alone cannot turn a lognormal or a
+    drift into)."""
+    bounds = [field for field in ("latency_min_s", "latency_max_s") if field in patch]
+    if "latency_profile" in patch:
+        if bounds:
+            raise ConfigError(
+                f"latency_profile and {'/'.join(bounds)} given together: give one "
+                "(the bounds mean uniform:MIN,MAX)"
+            )
+        text = patch["latency_profile"]
+        if not isinstance(text, str):
+            raise ConfigError("latency_profile must be a string such as uniform:10,20")
+        try:
+            profile = parse_profile(text)
+        except ProfileError as exc:
+            raise ConfigError(f"latency_profile: {exc}") from None
+        if isinstance(profile, Uniform):
+            return {"latency_min_s": profile.min_s, "latency_max_s": profile.max_s, "latency_profile": None}
+        return {"latency_profile": profile}
+    if not bounds:
+        return {}
+    current = config.profile
+    if not isinstance(current, Uniform) and len(bounds) == 1:
+        raise ConfigError(
+            f"{bounds[0]} alone cannot change the latency profile {current}: "
+            "give both latency_min_s and latency_max_s, or a latency_profile"
+        )
+    changes: dict[str, Any] = {field: _json_number(field, patch[field]) for field in bounds}
+    if isinstance(current, Uniform):
+        changes.setdefault("latency_min_s", current.min_s)
+        changes.setdefault("latency_max_s", current.max_s)
+    changes["latency_profile"] = None
+    return changes
 
 
 def format_retry_after(seconds: float) -> str:

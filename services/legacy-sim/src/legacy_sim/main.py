@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _absorb_signal)
     print(
         f"legacy-sim listening on http://{config.host}:{config.port} "
-        f"(latency {config.latency_min_s}-{config.latency_max_s} s)",
+        f"(latency profile {config.profile})",
         flush=True,
     )
     server.run()

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from legacy_sim.latency import LatencyProfile
+
 Status = Literal["processing", "completed", "failed"]
 FAILED_REASON = "rejected by the legacy system"
 # The OpenAPI description promises 24 hours; a key is forgotten no sooner.
@@ -72,13 +74,14 @@ class Registry:
         *,
         user_id: str | None,
         name: str,
-        latency_min_s: float,
-        latency_max_s: float,
+        latency: LatencyProfile,
+        latency_age_s: float,
         fail_prefix: str | None,
         idempotency_key: str | None = None,
     ) -> str:
         """Records an accepted registration and returns its new, unique request id, remembered
-        under `idempotency_key` when there is one (see `replay`)."""
+        under `idempotency_key` when there is one (see `replay`). Its completion time is drawn
+        from `latency`, whose own clock reads `latency_age_s` (which phase of a drift is in force)."""
         request_id = new_request_id(self._rng)
         while request_id in self._requests:
             request_id = new_request_id(self._rng)
@@ -87,7 +90,7 @@ class Registry:
         self._requests[request_id] = Registration(
             user_id=user_id,
             submitted_at=now,
-            completes_at=now + self._rng.uniform(latency_min_s, latency_max_s),
+            completes_at=now + latency.sample(self._rng, latency_age_s),
             outcome="failed" if failed else "completed",
         )
         if user_id is not None:

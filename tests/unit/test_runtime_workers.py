@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +12,7 @@ from pika.spec import BasicProperties
 
 from regbridge.amqp import Delivery
 from regbridge.amqp.calls import CallQueue
-from regbridge.amqp.pool import ERROR_PAUSE_S, LastIdleFirst, WorkerPool
+from regbridge.amqp.pool import ERROR_PAUSE_S, WorkerPool
 
 WAIT_S = 5.0
 
@@ -284,107 +283,3 @@ def test_a_paused_hand_back_holds_the_delivery_then_requeues_it(make_pool: MakeP
     assert pool.link.settled == [] and pool.pool.in_hand == 1
     assert pool.loop.fire_timers() == [4.0]
     assert pool.link.settled == [(11, False, True)] and pool.pool.in_hand == 0
-
-
-# ---- the hand-off to the workers --------------------------------------------------------------
-
-
-def until(done: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
-
-
-def takers(work: LastIdleFirst[int | None], count: int, took: list[tuple[str, int]],
-           run: Callable[[int], None] = lambda item: None) -> list[threading.Thread]:
-    lock = threading.Lock()
-
-    def take() -> None:
-        while (item := work.get()) is not None:
-            run(item)
-            with lock:
-                took.append((threading.current_thread().name, item))
-
-    threads = [threading.Thread(target=take, name=f"taker-{i}", daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
-def test_a_light_load_stays_on_the_worker_idle_last() -> None:
-    """One item at a time, each put once every worker waits: the same worker takes them all, so
-    the others' memory stays cold. Handed out in turn (queue.Queue), the 40 would reach all 8."""
-    work: LastIdleFirst[int | None] = LastIdleFirst()
-    took: list[tuple[str, int]] = []
-    threads = takers(work, 8, took)
-    for i in range(40):
-        until(lambda: work.idle == 8)
-        work.put(i)
-        until(lambda i=i: len(took) == i + 1)
-    assert [item for _, item in took] == list(range(40))
-    assert len({name for name, _ in took}) == 1, took
-    for _ in threads:
-        work.put(None)
-    for thread in threads:
-        thread.join(WAIT_S)
-
-
-def test_items_put_together_wake_as_many_workers() -> None:
-    """Each of three items waits for the other two to be running: a put that woke no worker, or
-    woke one already woken, would leave them waiting."""
-    work: LastIdleFirst[int | None] = LastIdleFirst()
-    together = threading.Barrier(3, timeout=WAIT_S)
-    took: list[tuple[str, int]] = []
-    threads = takers(work, 5, took, run=lambda item: together.wait() and None)
-    until(lambda: work.idle == 5)
-    for i in range(3):
-        work.put(i)
-    until(lambda: len(took) == 3)
-    assert sorted(item for _, item in took) == [0, 1, 2] and len({name for name, _ in took}) == 3
-    for _ in threads:
-        work.put(None)
-    for thread in threads:
-        thread.join(WAIT_S)
-
-
-def test_under_contention_every_item_is_taken_once_in_order() -> None:
-    work: LastIdleFirst[int | None] = LastIdleFirst()
-    took: list[tuple[str, int]] = []
-    threads = takers(work, 6, took)
-    producers = [threading.Thread(target=lambda base=base: [work.put(base + i) for i in range(2_500)])
-                 for base in (0, 10_000)]
-    for producer in producers:
-        producer.start()
-    for producer in producers:
-        producer.join(WAIT_S)
-    until(lambda: len(took) == 5_000)
-    items = sorted(item for _, item in took)
-    assert items == [*range(2_500), *range(10_000, 12_500)]
-    for _ in threads:
-        work.put(None)
-    for thread in threads:
-        thread.join(WAIT_S)
-    assert not any(thread.is_alive() for thread in threads)
-
-
-def test_get_nowait_takes_in_order_and_says_when_there_is_nothing() -> None:
-    work: LastIdleFirst[str] = LastIdleFirst()
-    work.put("a")
-    work.put("b")
-    assert (work.get_nowait(), work.get_nowait()) == ("a", "b")
-    with pytest.raises(queue.Empty):
-        work.get_nowait()
-
-
-def test_the_pool_runs_a_light_load_on_one_worker() -> None:
-    ran_on: list[str] = []
-    pool = Pool(lambda d: ran_on.append(threading.current_thread().name), workers=8)
-    try:
-        for tag in range(30):
-            pool.until(lambda: pool.pool._work.idle == 8)
-            pool.pool.submit(delivery(tag))
-            pool.idle()
-        assert len(ran_on) == 30 and len(set(ran_on)) == 1, ran_on
-    finally:
-        pool.pool.end()

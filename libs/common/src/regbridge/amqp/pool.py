@@ -16,9 +16,8 @@ import itertools
 import logging
 import queue
 import threading
-from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol
 
 from pika.adapters.select_connection import IOLoop
 
@@ -28,7 +27,6 @@ from regbridge.amqp.model import Delivery, Handler
 log = logging.getLogger(__name__)
 
 Work = Callable[[], None]
-T = TypeVar("T")
 # After an unexpected error, how long a delivery waits before it goes back to its queue.
 ERROR_PAUSE_S = 2.0
 
@@ -42,63 +40,12 @@ class Channels(Protocol):
     def settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None: ...
 
 
-class LastIdleFirst(Generic[T]):
-    """Items taken in the order they came, each by the worker that went idle last.
-
-    A `queue.Queue` wakes its waiters in turn, so every worker of a large pool takes a share of
-    even a light load, and each keeps memory of its own warm: glibc parks freed blocks in a cache
-    per thread (tcache), counted as in use, and each worker's cache fills over hours as blocks of
-    new sizes pass through it (docs/design.md, Memory). Handing work to the worker idle for the
-    shortest time keeps the load on as few threads as it needs; the others stay cold. The wake-up
-    is a per-worker event on a stack of idle workers: a worker registers under the lock only when
-    there is nothing to take, and every put wakes one registered worker, so no item waits while
-    a worker sleeps."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: deque[T] = deque()
-        self._idle: list[threading.Event] = []
-        self._mine = threading.local()
-
-    @property
-    def idle(self) -> int:
-        """Workers waiting in `get`."""
-        with self._lock:
-            return len(self._idle)
-
-    def put(self, item: T) -> None:
-        with self._lock:
-            self._items.append(item)
-            if self._idle:
-                self._idle.pop().set()
-
-    def get(self) -> T:
-        wake: threading.Event | None = getattr(self._mine, "wake", None)
-        if wake is None:
-            wake = self._mine.wake = threading.Event()
-        while True:
-            with self._lock:
-                if self._items:
-                    return self._items.popleft()
-                wake.clear()
-                self._idle.append(wake)
-            # Woken, the item may have gone to a worker that came back from work meanwhile:
-            # then this one registers again, on top.
-            wake.wait()
-
-    def get_nowait(self) -> T:
-        with self._lock:
-            if not self._items:
-                raise queue.Empty
-            return self._items.popleft()
-
-
 class WorkerPool:
     def __init__(self, *, workers: int, name: str, calls: CallQueue, ioloop: IOLoop, link: Channels) -> None:
         self._calls = calls
         self._ioloop = ioloop
         self._link = link
-        self._work: LastIdleFirst[tuple[Delivery, Work] | None] = LastIdleFirst()
+        self._work: queue.Queue[tuple[Delivery, Work] | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._worker, name=f"{name}-worker-{i}", daemon=True) for i in range(workers)
         ]

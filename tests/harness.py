@@ -472,9 +472,16 @@ class Service:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+# What the services' image sets (services/pipeline.Dockerfile): no per-thread cache of freed
+# blocks in glibc's malloc, which otherwise lets each worker thread's memory grow for hours
+# (docs/design.md, Memory). The services run here as they run in production.
+ALLOCATOR_ENV = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}
+
+
 def service_env(*, rabbitmq_url: str, mongodb_uri: str, database: str, legacy_url: str,
                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {
+        **ALLOCATOR_ENV,
         **{k: v for k, v in os.environ.items() if not k.startswith(("POLL_", "LEGACY_SIM_"))},
         "RABBITMQ_URL": rabbitmq_url,
         "MONGODB_URI": mongodb_uri,

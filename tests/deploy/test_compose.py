@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from harness import fetch_tools
+from harness import ALLOCATOR_ENV, fetch_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -558,6 +559,9 @@ def test_dockerfile_shape(name: str, port: int) -> None:
     (health,) = [args for kw, args in image if kw == "HEALTHCHECK"]
     assert "/healthz" in health and "urllib" in health and "HTTP_PORT" in health
     assert [json.loads(args) for kw, args in image if kw == "CMD"] == [[name]]
+    # The allocator setting the tests, the soak and the demo start the services with (harness).
+    env = dict(pair.split("=", 1) for kw, args in image if kw == "ENV" for pair in shlex.split(args))
+    assert {k: env.get(k) for k in ALLOCATOR_ENV} == ALLOCATOR_ENV
     env = " ".join(args for kw, args in image if kw == "ENV")
     assert f"HTTP_PORT={port}" in env
     assert "HTTP_HOST=0.0.0.0" in env  # the services' own default is loopback

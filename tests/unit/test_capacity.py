@@ -155,6 +155,20 @@ def test_capacity_adaptive_plan_agrees_with_a_seeded_simulation_of_its_ages() ->
     assert model.delay_s == pytest.approx(delay, rel=0.05)
 
 
+def test_capacity_adaptive_on_a_point_mass_polls_once_when_it_is_done() -> None:
+    p = capacity.adaptive_polling(Uniform(3.0, 3.0), Adaptive(0.3), 300.0)
+    assert p.poll_ages_s == (3.0,) and p.polls == 1.0 and p.delay_s == 0.0
+
+
+def test_capacity_adaptive_polls_end_at_the_deadline() -> None:
+    dist = LogNormal(15.0, 2.0)
+    p = capacity.adaptive_polling(dist, Adaptive(1.5), 120.0)
+    assert max(p.poll_ages_s) == 120.0
+    assert p.timed_out == pytest.approx(1.0 - dist.cdf(120.0))
+    everything_late = capacity.adaptive_polling(parse_latency("uniform:10,20"), Adaptive(1.5), 5.0)
+    assert everything_late.poll_ages_s == (5.0,) and everything_late.timed_out == 1.0
+
+
 # ---- the flows ----
 
 

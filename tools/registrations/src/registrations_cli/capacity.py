@@ -33,6 +33,7 @@ class LatencyError(ValueError):
 
 
 def _number(value: float) -> str:
+    value = float(value)
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
@@ -275,7 +276,8 @@ _BISECTIONS = 32
 def _grid(dist: Latency, deadline_s: float) -> list[float]:
     low = dist.quantile(_FLOOR_Q)
     top = min(deadline_s, dist.highest if dist.highest < CEILING_S else dist.quantile(1.0 - _TOP_Q))
-    top = max(top, low)
+    # A deadline before the earliest completions: the polls still end at the deadline.
+    low = min(low, top)
     if top - low < 1e-9:
         return [top]
     f_low, f_top = dist.cdf(low), dist.cdf(top)

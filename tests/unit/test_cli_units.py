@@ -547,7 +547,9 @@ def test_bash_completion(tmp_path: Path) -> None:
     script.write_text(completion.script(build_parser(), "bash"))
     assert _bash_complete(str(script), "fa") == ["failed"]
     assert _bash_complete(str(script), "") == ["publish", "failed", "status", "stats", "init-indexes", "inspect",
-                                               "completion", "-h", "--help", "--version"]
+                                               "capacity", "completion", "-h", "--help", "--version"]
+    assert _bash_complete(str(script), "capacity", "--sch") == ["--schedule"]
+    assert _bash_complete(str(script), "capacity", "--schedule", "") == ["adaptive", "fixed"]
     assert _bash_complete(str(script), "failed", "re") == ["reconcile", "replay"]
     assert _bash_complete(str(script), "failed", "list", "--from") == ["--from-queue"]
     assert _bash_complete(str(script), "failed", "replay", "--st") == ["--stage"]

@@ -10,13 +10,28 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pika.exceptions
 from pymongo.errors import PyMongoError
 
 from regbridge.redact import redact_url
 
-from . import completion, failed, indexes, inspect_queues, listing, output, publish, reconcile, rows, stats, status
+from . import (
+    capacity,
+    capacity_report,
+    completion,
+    failed,
+    indexes,
+    inspect_queues,
+    listing,
+    output,
+    publish,
+    reconcile,
+    rows,
+    stats,
+    status,
+)
 from .confirm import Consent
 from .errors import FAILED, INTERRUPTED, CliError
 from .output import Output
@@ -30,7 +45,7 @@ Operate the registration bridge: publish registrations, inspect and replay the f
 follow one registration, watch the queues. Configured by the services' environment variables
 (RABBITMQ_URL, MONGODB_URI, MONGODB_DATABASE, MONGODB_COLLECTION, INBOUND_QUEUE, PENDING_QUEUE,
 FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults;
-`inspect` also reads RABBITMQ_MANAGEMENT_URL.
+`inspect` also reads RABBITMQ_MANAGEMENT_URL; `capacity` reads nothing and connects nowhere.
 
 Every command that prints results takes -o table|json|jsonl and --no-headers."""
 
@@ -86,6 +101,30 @@ def _seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a time > 0, got {text!r}")
     return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _latency(text: str) -> capacity.Latency:
+    try:
+        return capacity.parse_latency(text)
+    except capacity.LatencyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _since(text: str) -> datetime:
@@ -213,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(RABBITMQ_MANAGEMENT_URL, or RABBITMQ_URL's host on port 15672).")
     output.add_arguments(qi, json_alias=True)
 
+    _capacity_parser(commands)
+
     c = commands.add_parser("completion", help="print a shell completion script (bash or zsh)",
                             description="Print a completion script for bash or zsh, made from this command's own "
                                         "arguments. bash: eval \"$(registrations completion bash)\" in ~/.bashrc; "
@@ -222,10 +263,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _capacity_parser(commands: Any) -> None:
+    cp = commands.add_parser(
+        "capacity", help="a capacity plan: in flight, legacy requests, broker messages, replicas",
+        description="A steady-state plan for RATE registrations a second whose legacy latency follows PROFILE: "
+                    "the registrations in flight (Little's law), polls and detection delay of the schedule, "
+                    "the legacy API's requests, the broker's messages, MongoDB's writes, the CPU of the "
+                    "services and the broker, and the replicas needed, from the per-unit figures measured by "
+                    "`make bench` (docs/capacity.md says what each assumes). Pure arithmetic: it reads no "
+                    "environment and connects to nothing.")
+    cp.add_argument("--rate", type=_positive_float, required=True, metavar="N", help="registrations a second")
+    cp.add_argument("--latency", type=_latency, default=capacity.parse_latency("uniform:10,20"), metavar="PROFILE",
+                    help="the legacy system's completion time, as legacy-sim's profiles are written: "
+                         "uniform:MIN,MAX or lognormal:MEDIAN,SIGMA[,MAX] (default uniform:10,20)")
+    cp.add_argument("--schedule", choices=("adaptive", "fixed"), default="adaptive",
+                    help="the poll schedule (POLL_SCHEDULE; default adaptive)")
+    cp.add_argument("--target-delay", type=_seconds, metavar="SECONDS",
+                    help="adaptive: the mean detection delay aimed at (default a tenth of the median latency)")
+    cp.add_argument("--max-polls", type=_at_least_one, metavar="N",
+                    help="adaptive: the most polls a registration may take on average (default 4)")
+    cp.add_argument("--first-delay", type=_seconds_or_zero, metavar="SECONDS",
+                    help="fixed: the first poll's age (POLL_FIRST_DELAY_S; default 10)")
+    cp.add_argument("--interval", type=_seconds, metavar="SECONDS",
+                    help="fixed: the time between polls (POLL_INTERVAL_S; default 2)")
+    cp.add_argument("--deadline", type=_seconds, default=300.0, metavar="SECONDS",
+                    help="POLL_DEADLINE_S: still processing at this age fails as a timeout (default 300)")
+    cp.add_argument("--failed-share", type=_share, default=0.0, metavar="SHARE",
+                    help="the share of registrations the legacy system fails, 0 to 1 (default 0)")
+    figures = capacity.Figures()
+    cp.add_argument("--utilization", type=_share, default=figures.utilization, metavar="SHARE",
+                    help="the share of one core and of its worker threads a replica is planned to use "
+                         f"(default {figures.utilization}: the rest is headroom)")
+    cp.add_argument("--submitter-ms", type=_positive_float, default=figures.submitter_ms_per_registration,
+                    metavar="MS", help="submitter CPU per registration "
+                                       f"(default {figures.submitter_ms_per_registration}, measured)")
+    cp.add_argument("--poller-ms", type=_positive_float, default=figures.poller_ms_per_message, metavar="MS",
+                    help=f"poller CPU per message it handles (default {figures.poller_ms_per_message}, measured)")
+    cp.add_argument("--broker-ms", type=_positive_float, default=figures.broker_ms_per_message, metavar="MS",
+                    help="broker CPU per publish, dead-lettering or delivery "
+                         f"(default {figures.broker_ms_per_message}, measured)")
+    cp.add_argument("--legacy-call-ms", type=_positive_float, default=1000 * figures.legacy_call_s, metavar="MS",
+                    help="how long a legacy call holds a worker thread (default 30)")
+    cp.add_argument("--submitter-workers", type=_positive_int, default=figures.submitter_workers, metavar="N",
+                    help=f"the submitter's WORKERS (default {figures.submitter_workers})")
+    cp.add_argument("--poller-workers", type=_positive_int, default=figures.poller_workers, metavar="N",
+                    help=f"the poller's WORKERS (default {figures.poller_workers})")
+    output.add_arguments(cp, json_alias=True)
+
+
+def _at_least_one(text: str) -> float:
+    value = _positive_float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
+def capacity_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> capacity.Plan:
+    """The plan the arguments describe; a contradiction among them is a usage error (exit 2)."""
+    schedule: capacity.Schedule
+    if args.schedule == "fixed":
+        if args.target_delay is not None or args.max_polls is not None:
+            parser.error("capacity: --target-delay and --max-polls describe the adaptive schedule")
+        schedule = capacity.Fixed(10.0 if args.first_delay is None else args.first_delay,
+                                  2.0 if args.interval is None else args.interval)
+    else:
+        if args.first_delay is not None or args.interval is not None:
+            parser.error("capacity: --first-delay and --interval describe the fixed schedule (--schedule fixed)")
+        target = args.target_delay if args.target_delay is not None else 0.1 * args.latency.quantile(0.5)
+        schedule = capacity.Adaptive(target, 4.0 if args.max_polls is None else args.max_polls)
+    if args.utilization <= 0:
+        parser.error("capacity: --utilization must be > 0")
+    figures = capacity.Figures(
+        submitter_ms_per_registration=args.submitter_ms, poller_ms_per_message=args.poller_ms,
+        broker_ms_per_message=args.broker_ms, utilization=args.utilization,
+        submitter_workers=args.submitter_workers, poller_workers=args.poller_workers,
+        legacy_call_s=args.legacy_call_ms / 1000.0)
+    return capacity.plan(rate=args.rate, latency=args.latency, schedule=schedule, deadline_s=args.deadline,
+                         failed_share=args.failed_share, figures=figures)
+
+
 def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "completion":
         print(completion.script(parser, args.shell), end="")
         return 0
+    if args.command == "capacity":
+        # Before the settings: a plan needs no broker, no MongoDB and no configuration.
+        return capacity_report.run(capacity_plan(args, parser), Output.of(args))
     consent = Consent(yes=getattr(args, "yes", False))
     if args.command == "failed" and args.failed_command in ("replay", "discard") and not args.dry_run:
         # Before the settings or the broker: a refusal touches nothing.

@@ -41,6 +41,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
+def rss_mib(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
 def peak_rss_mib(pid: int) -> float:
     match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024 if match else 0.0
@@ -59,6 +64,12 @@ class Result:
     polls_per_registration: float | None = None
     detection_delay_mean_s: float | None = None
     finalisations: int | None = None
+    # The shared broker's and the Mongo-wire server's RSS at its highest during the run, sampled
+    # with the progress (their own peak, VmHWM, spans their whole life, not this run).
+    side_peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    # Every process's CPU-seconds in the run (services, legacy-sim, MongoDB, the broker, this
+    # publisher) over the machine's cores: the makespan if the run were CPU-bound and perfectly spread.
+    cpu_floor_s: float = 0.0
     submissions: int | None = None
     timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (t, submitted, finished)
 
@@ -157,12 +168,17 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
                  **({"mongodb": cpu_seconds(mongo_pid)} if mongo_pid else {}),
                  **({"rabbitmq": cpu_seconds(rabbit_pid)} if rabbit_pid else {}),
                  "bench publisher": time.process_time()}
+        sides = {"rabbitmq": rabbit_pid, "mongodb": mongo_pid}
         began = time.monotonic()
         publisher = threading.Thread(target=lambda: setattr(result, "publish_s", publish_burst(url, n)))
         publisher.start()
         deadline = began + args.timeout
         while True:
             sample()
+            for side, pid in sides.items():
+                if pid:
+                    seen = result.side_peak_rss_mib.get(side, 0.0)
+                    result.side_peak_rss_mib[side] = round(max(seen, rss_mib(pid)), 1)
             t = time.monotonic() - began
             result.timeline.append((round(t, 2), progress["submitted"], progress["finished"]))
             if progress["finished"] >= n:
@@ -183,6 +199,7 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
             result.cpu_ms_per_registration["rabbitmq"] = (cpu_seconds(rabbit_pid) - side0["rabbitmq"]) * 1000 / n
         # This process: the burst's publisher and the sampling of progress.
         result.cpu_ms_per_registration["bench publisher"] = (time.process_time() - side0["bench publisher"]) * 1000 / n
+        result.cpu_floor_s = sum(result.cpu_ms_per_registration.values()) * n / 1000 / (os.cpu_count() or 1)
         stats = legacy.stats()
         longest = max(r["completes_at"] - r["submitted_at"] for r in stats["requests"].values())
         result.ideal_s = result.publish_s + longest
@@ -212,6 +229,8 @@ def table(results: list[Result]) -> str:
     add("ideal (s)", "{:.1f}", [r.ideal_s for r in results])
     add("makespan / ideal", "{:.2f}", [r.ratio for r in results])
     add("throughput (reg/s)", "{:.0f}", [r.throughput_per_s for r in results])
+    add("CPU floor (s)", "{:.1f}", [r.cpu_floor_s for r in results])
+    add("makespan / CPU floor", "{:.2f}", [r.makespan_s / r.cpu_floor_s if r.cpu_floor_s else None for r in results])
     names = sorted({k for r in results for k in r.cpu_ms_per_registration})
     for name in names:
         add(f"CPU ms/reg {name}", "{:.2f}", [r.cpu_ms_per_registration.get(name) for r in results])
@@ -219,6 +238,8 @@ def table(results: list[Result]) -> str:
                                                if k.startswith(("submitter", "poller", "baseline"))) for r in results])
     for name in sorted({k for r in results for k in r.peak_rss_mib}):
         add(f"peak RSS MiB {name}", "{:.0f}", [r.peak_rss_mib.get(name) for r in results])
+    for name in sorted({k for r in results for k in r.side_peak_rss_mib}):
+        add(f"peak RSS MiB {name} (in the run)", "{:.0f}", [r.side_peak_rss_mib.get(name) for r in results])
     add("legacy submissions", "{:d}", [r.submissions for r in results])
     add("finalisations", "{:d}", [r.finalisations for r in results])
     add("polls / registration", "{:.2f}", [r.polls_per_registration for r in results])

@@ -9,7 +9,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -296,8 +296,10 @@ class SubmitterRig:
 def submitter_rig(*outcomes: SubmitOutcome, env: dict[str, str] | None = None) -> SubmitterRig:
     log: list[str] = []
     broker, store, legacy, clock = FakeBroker(log), FakeStore(log), FakeLegacy(submits=outcomes), FakeClock()
+    # The fixed schedule's first hop (FIRST_HOP); the adaptive one's has its own test.
     settings = submitter_settings({"SUBMIT_MAX_ATTEMPTS": "3", "SUBMIT_BACKOFF_BASE_S": "1",
-                                   "SUBMIT_BACKOFF_MAX_S": "8", "MAX_MESSAGE_BYTES": "4096", **(env or {})})
+                                   "SUBMIT_BACKOFF_MAX_S": "8", "MAX_MESSAGE_BYTES": "4096",
+                                   "POLL_SCHEDULE": "fixed", **(env or {})})
     submitter = Submitter(settings, store=store, legacy=legacy, durable=Durable(broker.stopping, max_delay_s=0.0),
                           clock=clock, rng=lambda: 0.5)
     return SubmitterRig(submitter, executor(submitter, broker, store, clock), broker, store, legacy, clock, log)
@@ -372,6 +374,17 @@ def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
     assert rig.broker.on(FAILED) == []
     # Stored before published, published (confirmed) before acked.
     assert rig.log == ["attempt:AB583C-X", "submitted:AB583C-X", "publish:registrations.pending.wait.10000ms", "ack:3"]
+
+
+def test_submitter_on_the_adaptive_schedule_hands_on_to_pending_unwaited() -> None:
+    # Only the poller knows when the first poll is due: it sends the id on from pending.
+    rig = submitter_rig(Accepted("AB583C-X"), env={"POLL_SCHEDULE": "adaptive"})
+    rig.executor.run(delivery(BODY, message_id="m-1", tag=3, received_at=NOW - 2))
+    assert rig.broker.on(FIRST_HOP) == []
+    [published] = rig.broker.on(PENDING)
+    msg = PendingMessage.decode(published.body)
+    assert (msg.request_id, msg.polls, msg.waited_s) == ("AB583C-X", 0, 0.0)
+    assert rig.log == ["attempt:AB583C-X", "submitted:AB583C-X", f"publish:{PENDING}", "ack:3"]
 
 
 def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
@@ -628,7 +641,7 @@ def test_poller_processing_waits_the_interval_with_one_more_poll_counted() -> No
     rig.executor.run(pending_delivery(pending(polls=2), tag=3))
     [published] = rig.broker.published
     assert published.routing_key == wait_queue_name(PENDING, 2.0) == "registrations.pending.wait.2000ms"
-    assert PendingMessage.decode(published.body) == pending(polls=3).waited(2.0)
+    assert PendingMessage.decode(published.body) == replace(pending(polls=3), processing_age_s=12.0).waited(2.0)
     assert_persistent(published, "m-1")
     assert rig.broker.acks == [3]
     assert rig.log == ["publish:registrations.pending.wait.2000ms", "ack:3"]

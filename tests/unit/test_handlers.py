@@ -51,6 +51,7 @@ from regbridge.plans import (
     UserStatus,
     Write,
 )
+from regbridge.poll_schedule import LearnedSchedule, adaptive_tiers
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt, UserState, WriteRefused
 from regbridge.topology import wait_queue_name
@@ -590,11 +591,13 @@ class PollerRig:
     log: list[str]
 
 
-def poller_rig(*outcomes: PollOutcome, age: float = 15.0) -> PollerRig:
+def poller_rig(*outcomes: PollOutcome, age: float = 15.0, env: dict[str, str] | None = None) -> PollerRig:
     log: list[str] = []
     clock = FakeClock(SUBMITTED_AT + age)
     broker, store, legacy = FakeBroker(log), FakeStore(log), FakeLegacy(statuses=outcomes)
-    settings = poller_settings({"POLL_FIRST_DELAY_S": "10", "POLL_INTERVAL_S": "2", "POLL_DEADLINE_S": "300"})
+    # The default schedule (adaptive) starts as the configured one: these tests hold for both.
+    settings = poller_settings({"POLL_FIRST_DELAY_S": "10", "POLL_INTERVAL_S": "2", "POLL_DEADLINE_S": "300",
+                                **(env or {})})
     poller = Poller(settings, legacy=legacy, clock=clock)
     # The submitter's state of affairs when a pending message exists.
     store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", False)
@@ -646,6 +649,39 @@ def test_poller_processing_waits_the_interval_with_one_more_poll_counted() -> No
     assert rig.broker.acks == [3]
     assert rig.log == ["publish:registrations.pending.wait.2000ms", "ack:3"]
     assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
+
+
+def test_poller_declares_the_fixed_schedules_two_queues_or_the_adaptive_ladder() -> None:
+    fixed = poller_rig(env={"POLL_SCHEDULE": "fixed"}).poller
+    assert fixed.tiers() == (2.0, 10.0) and fixed.learning is None
+    adaptive = poller_rig().poller
+    assert adaptive.tiers() == adaptive_tiers(10.0, 2.0)
+    assert adaptive.schedule is adaptive.policy  # the cold start: the configured schedule
+
+
+def test_poller_learns_from_completions_then_polls_when_they_complete() -> None:
+    rig = poller_rig(*[Completed()] * 20, age=3.0)
+    # Each seen processing at 2 s and done at 3 s, the poller's first polls still at 10 s.
+    for tag in range(20):
+        msg = replace(pending(polls=1, request_id=f"R-{tag}"), processing_age_s=2.0)
+        rig.executor.run(pending_delivery(msg, tag=tag))
+    learned = rig.poller.schedule
+    assert isinstance(learned, LearnedSchedule) and learned.observations == 20
+    assert 3.0 * 0.99 <= learned.first_poll_s < 3.5  # never before the earliest completion seen
+    rig.broker.published.clear()
+    rig.clock.now = SUBMITTED_AT + 0.05  # a new id, straight from the submitter
+    rig.executor.run(pending_delivery(pending(polls=0, request_id="R-NEW"), tag=99))
+    [published] = rig.broker.published
+    waited = PendingMessage.decode(published.body).waited_s
+    assert 0 < waited <= learned.first_poll_s and waited in rig.poller.tiers()
+    assert published.routing_key == wait_queue_name(PENDING, waited)
+
+
+def test_poller_on_the_fixed_schedule_learns_nothing() -> None:
+    rig = poller_rig(*[Completed()] * 25, age=3.0, env={"POLL_SCHEDULE": "fixed"})
+    for tag in range(25):
+        rig.executor.run(pending_delivery(pending(polls=1, request_id=f"R-{tag}"), tag=tag))
+    assert rig.poller.schedule is rig.poller.policy
 
 
 def test_poller_transient_before_the_deadline_waits_the_interval() -> None:

@@ -99,18 +99,22 @@ def tier_not_below(wait_s: float, tiers: Sequence[float]) -> float:
 
 
 def first_hop(remaining_s: float, tiers: Sequence[float]) -> float:
-    """The next wait towards an age `remaining_s` away: one tier that lands there, else the longer
-    of two that do, else the longest tier short of it (another hop follows). Never lands early by
-    more than the composition needs: the last hop lands at the age, or just after."""
+    """The next wait towards an age `remaining_s` away: of one tier, or two, whichever lands
+    there soonest at or after it (within a late message's slack; a second hop counts as
+    `_SLACK_S` later, for what a hop adds), the first; else the longest tier short of it, and
+    another hop follows. Never lands early."""
     slack = _slack(remaining_s)
+    best, best_score = None, math.inf
     i = bisect.bisect_left(tiers, remaining_s)
-    if i < len(tiers) and tiers[i] <= remaining_s + slack:
-        return tiers[i]
+    if i < len(tiers) and tiers[i] - remaining_s <= slack:
+        best, best_score = tiers[i], tiers[i] - remaining_s
     for t in reversed(tiers[:i]):
         rest = remaining_s - t
         j = bisect.bisect_left(tiers, rest)
-        if j < len(tiers) and tiers[j] <= rest + slack:
-            return t
+        if j < len(tiers) and tiers[j] - rest <= slack and tiers[j] - rest + _SLACK_S < best_score:
+            best, best_score = t, tiers[j] - rest + _SLACK_S
+    if best is not None:
+        return best
     return tiers[i - 1] if i > 0 else tiers[0]
 
 
@@ -138,7 +142,7 @@ class AdaptiveConfig:
     tiers: tuple[float, ...]
     window: int = 500
     min_observations: int = 20
-    delay_ratio: float = 0.06
+    delay_ratio: float = 0.05
     max_polls: float = 4.0
     refit_every: int = 20
     refit_min_s: float = 2.0
@@ -380,9 +384,11 @@ class _Plan:
     delay_s: float
 
 
-def _solve(grid: _Grid, tiers: Sequence[float], firsts: Sequence[tuple[float, int, float]], lam: float) -> _Plan:
+def _solve(grid: _Grid, tiers: Sequence[float], firsts: Sequence[tuple[float, int, float]], lam: float,
+           longest: float) -> _Plan:
     """The plan minimising E[polls] + lam * E[detection delay]: backwards over the grid, each
-    step one tier. (The inner loop is written out: it runs a few thousand times a fit.)"""
+    step one tier, none longer than `longest` times the age it starts from. (The inner loop is
+    written out: it runs a few thousand times a fit.)"""
     n = grid.size
     steps = sorted({max(1, round(t / grid.step_s)) for t in tiers})
     cdf, moment, floor_s, step_s = grid.cdf, grid.moment, grid.floor_s, grid.step_s
@@ -393,7 +399,10 @@ def _solve(grid: _Grid, tiers: Sequence[float], firsts: Sequence[tuple[float, in
         best, best_s = math.inf, steps[-1]
         c_i, m_i = cdf[i], moment[i]
         s_i = max(1.0 - c_i, _LEAST_POLL_COST)
+        reach = max(1, int(longest * (floor_s + i * step_s) / step_s))
         for s in steps:
+            if s > reach and s != steps[0]:
+                break
             j = i + s
             age_j = floor_s + j * step_s
             if j >= n:
@@ -431,21 +440,26 @@ def _solve(grid: _Grid, tiers: Sequence[float], firsts: Sequence[tuple[float, in
 
 
 def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ratio: float,
-         max_polls: float) -> _Plan:
-    """The cheapest plan whose expected delay is `delay_ratio` of the median, polls capped."""
+         max_polls: float, longest: float) -> _Plan:
+    """The cheapest plan whose expected delay is `delay_ratio` of the median, polls capped, no
+    wait between polls longer than `longest` times the age. (That bound keeps a plan from
+    feeding itself: a last poll long after the others would yield wide intervals, whose spread
+    mass would justify the same long wait again.)"""
     grid = _grid(dist, floor_s)
     firsts = [(a, grid.index(a), grid.delay_from_start(grid.index(a)))
               for a in two_tier_ages(tiers) if a >= floor_s - 1e-9]
     median = max(dist.quantile(0.5), 1e-3)
-    target = delay_ratio * median
+    # The aim is for the delay the plan can change: mass the estimate puts before the floor is
+    # found at the first poll at best, and that much delay no plan avoids.
+    target = delay_ratio * median + grid.delay_from_start(0)
     lo, hi = math.log(1e-3 / median), math.log(1e4 / median)
     # The smallest lambda that meets the delay (E[delay] falls as lambda grows).
-    best = _solve(grid, tiers, firsts, math.exp(hi))
+    best = _solve(grid, tiers, firsts, math.exp(hi), longest)
     if best.delay_s <= target:
         a, b = lo, hi
         for _ in range(_BISECTIONS):
             mid = (a + b) / 2
-            p = _solve(grid, tiers, firsts, math.exp(mid))
+            p = _solve(grid, tiers, firsts, math.exp(mid), longest)
             if p.delay_s <= target:
                 b, best = mid, p
             else:
@@ -453,10 +467,10 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     if best.polls > max_polls:
         # Too many polls for that delay: the largest lambda within the cap.
         a, b = lo, math.log(1e4 / median)
-        best = _solve(grid, tiers, firsts, math.exp(lo))
+        best = _solve(grid, tiers, firsts, math.exp(lo), longest)
         for _ in range(_BISECTIONS):
             mid = (a + b) / 2
-            p = _solve(grid, tiers, firsts, math.exp(mid))
+            p = _solve(grid, tiers, firsts, math.exp(mid), longest)
             if p.polls <= max_polls:
                 a, best = mid, p
             else:
@@ -479,7 +493,7 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
             observations, dist = recent, newer
     floor_s = _round_age(min(o.hi_s for o in observations))
     best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
-                max_polls=config.max_polls)
+                max_polls=config.max_polls, longest=config.tail_ratio)
     # Ids done at their first poll may have been done long before it: probe below the first
     # poll, the more of them the more often (none when the first poll always finds `processing`).
     first_done = sum(1 for o in observations if o.lo_s <= 0) / len(observations)

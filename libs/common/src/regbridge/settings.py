@@ -403,7 +403,7 @@ class PollerSettings(CommonSettings):
     # completion age, and the most polls a registration is planned to take on average.
     poll_adaptive_window: Count = 500
     poll_adaptive_min_observations: Count = 20
-    poll_adaptive_delay_ratio: Fraction = 0.06
+    poll_adaptive_delay_ratio: Fraction = 0.05
     poll_adaptive_max_polls: AtLeastOne = 4.0
 
 

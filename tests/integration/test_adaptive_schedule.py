@@ -47,8 +47,8 @@ def test_the_poller_learns_that_registrations_complete_before_the_first_delay(
 
     assert gauge(poller, "poller_schedule_learned") == 1
     assert (gauge(poller, "poller_schedule_observations") or 0) >= 20
-    p10 = gauge(poller, 'poller_completion_age_seconds{quantile="0.1"}')
-    p90 = gauge(poller, 'poller_completion_age_seconds{quantile="0.9"}')
+    p10 = gauge(poller, 'poller_completion_age_seconds{percentile="10"}')
+    p90 = gauge(poller, 'poller_completion_age_seconds{percentile="90"}')
     assert p10 is not None and p90 is not None and 0 < p10 <= p90 < 2.0
     stats = legacy.stats()
     polls = stats["polls_by_request"]

@@ -28,9 +28,10 @@ SCHEDULE_PROBE_RATIO = Gauge("poller_schedule_probe_ratio", "Share of registrati
 SCHEDULE_EXPECTED_POLLS = Gauge("poller_schedule_expected_polls", "Polls a registration takes, as the schedule expects")
 SCHEDULE_EXPECTED_DELAY_SECONDS = Gauge("poller_schedule_expected_delay_seconds",
                                         "Mean detection delay the schedule expects")
+# A gauge may not carry `quantile`, the label of a summary: the percentile is its own label.
 COMPLETION_AGE_SECONDS = Gauge("poller_completion_age_seconds",
-                               "Learned age of registrations at completion, by quantile", ["quantile"])
-QUANTILES = ("0.1", "0.5", "0.9")
+                               "Learned age of registrations at completion, by percentile", ["percentile"])
+PERCENTILES = ("10", "50", "90")
 # The stages a poller's failure record can carry.
 STAGES = (Stage.VALIDATION, Stage.LEGACY, Stage.POLL, Stage.TIMEOUT, Stage.STORE)
 
@@ -60,7 +61,7 @@ def schedule_changed(cold: PollPolicy, *, learned: LearnedSchedule | None) -> No
     SCHEDULE_PROBE_RATIO.set(learned.probe_share)
     SCHEDULE_EXPECTED_POLLS.set(learned.expected_polls)
     SCHEDULE_EXPECTED_DELAY_SECONDS.set(learned.expected_delay_s)
-    for name, value in zip(QUANTILES, learned.quantiles, strict=True):
+    for name, value in zip(PERCENTILES, learned.quantiles, strict=True):
         COMPLETION_AGE_SECONDS.labels(name).set(value)
 
 
@@ -72,7 +73,7 @@ def _create_label_values() -> None:
     FINALISED.labels("registered", "")
     for stage in STAGES:
         FINALISED.labels("failed", stage)
-    for name in QUANTILES:
+    for name in PERCENTILES:
         COMPLETION_AGE_SECONDS.labels(name)
 
 

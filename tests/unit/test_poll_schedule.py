@@ -353,3 +353,9 @@ def test_observations_from_many_threads_fit_one_schedule_at_a_time() -> None:
     for t in threads:
         t.join()
     assert len(learner) == 500 and fits
+
+
+def test_completions_later_than_two_hops_reach_are_still_planned() -> None:
+    learned = fit([Observation(900.0 + k, 910.0 + k) for k in range(50)], CONFIG)
+    assert learned is not None and learned.first_poll_s >= 900.0
+    assert _first_poll_age(learned, 0.99) >= learned.first_poll_s

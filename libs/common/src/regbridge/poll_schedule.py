@@ -3,32 +3,44 @@
 What is observed. Each registration the poller finds completed tells it an interval: it completed
 after the age of its last poll that said `processing` (0 when there was none) and no later than
 the age of the poll that said `completed`. A `Learner` keeps the last `window` such intervals
-(bounded memory; a drift pushes the old ones out). Below `min_observations` the schedule is the
-configured one (`PollPolicy`: `POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`).
+(bounded memory). Below `min_observations` the schedule is the configured one (`PollPolicy`:
+`POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`).
 
-What is estimated. `fit` turns the window into a distribution of completion ages with Turnbull's
-self-consistency algorithm, the maximum-likelihood estimate for interval-censored data: an
-interval (0, 10] ("done at the first poll, at 10 s") and a probe's (0, 5] ("done already at 5 s")
-together say the mass lies before 5 s, which no per-interval spreading would find. Ages are
-rounded to 1 % first, so the intervals fall into a few dozen distinct ones and the fit stays cheap.
+What is estimated. `estimate` turns the window into a distribution of completion ages with a few
+rounds of Turnbull's self-consistency algorithm (the maximum-likelihood method for
+interval-censored data), started from each interval spread evenly. That is enough to move the
+mass of intervals like (0, 10] ("done at the first poll, at 10 s") to where probes' (0, 5] ("done
+already at 5 s") put it, which no per-interval spreading would do, and stops short of the
+maximum-likelihood estimate's habit of piling the mass on a few points, which a plan would then
+fit too closely. Ages are rounded to 1 % first, so the intervals fall into a few dozen distinct
+ones and the fit stays cheap. A drift: when the newest quarter of the window disagrees with the
+whole about the median by more than `shift` (in log), the older part is set aside, so the plan is
+fitted to the registrations now arriving rather than to a mixture of old and new.
 
 What is chosen. A plan of poll ages: the first poll, then a wait from the ladder between each
 poll and the next. It minimises E[polls] + lambda * E[detection delay] by dynamic programming over
 a grid of ages, where each step is "wait one tier of the ladder, then poll"; lambda is found by
-bisection so that the expected delay is `delay_ratio` of the median completion age, unless that
-would cost more than `max_polls` polls on average, in which case the polls are capped. The first
-poll may be any sum of one or two tiers (two hops through the broker before the first poll); every
-later wait is exactly one tier, so each poll costs one hop, as on the fixed schedule. Past the
-plan's last age (completions later than any in the window) the waits grow geometrically
-(`tail_ratio` of the age), so a latency that moved later is caught in a few polls and then learned.
+bisection so that the expected delay the plan can change is `delay_ratio` of the median completion
+age, unless that would cost more than `max_polls` polls on average, in which case the polls are
+capped. The first poll may be any sum of one or two tiers (two hops through the broker before it);
+every later wait is exactly one tier, so each poll costs one hop, as on the fixed schedule. Two
+bounds keep a plan from hurting the day the latency moves later: a poll counts as at least
+`_LEAST_POLL_COST` of a poll however few ids are expected to need it (no long train of polls for
+the last percent), and no wait is longer than `tail_ratio` of the age it starts from (a last poll
+long after the others would yield wide intervals whose spread mass would justify it again). Past
+the plan's last age the waits grow by that same ratio, so a latency that moved later is caught in
+a few polls and then learned. After a poll, the next is at the next planned age at least half a
+planned gap ahead, so an id whose plan was refitted while it waited is not polled twice in a row.
 
 The rule of promise 4. The first poll is never planned before the earliest age at which a
 registration in the window was seen completed (the smallest upper bound, the `floor`): mass the
-estimate puts below it is counted as found at the floor. The only polls before it are probes:
-when at least `probe_trigger` of the window was already done at its first poll, the latency may
-have moved earlier, so `probe_share` of the ids (chosen by a hash of the request id, the same at
-every redelivery) make their first poll at half the planned age. A probe that finds `completed`
-lowers the floor; one that finds `processing` bounds the mass from below. Both are observations.
+estimate puts below it is found at the first poll, its delay counted but left out of the aim (no
+plan can change it). The only polls before the floor are probes: when registrations were done at
+their first poll, the latency may have moved earlier, so a share of the ids growing with theirs
+(`probe_share` of them once `probe_trigger` of the window was; chosen by a hash of the request
+id, the same at every redelivery) make their first poll earlier, down to half the planned age
+when every one was done. A probe that finds `completed` lowers the floor; one that finds
+`processing` bounds the mass from below. Both are observations.
 
 Why a ladder. The broker serves a delay only as a wait queue of fixed TTL, declared at connect
 time. `LADDER_S` is 25 tiers from 0.1 s to 409.6 s in steps of sqrt(2); the configured
@@ -139,6 +151,10 @@ class Observation:
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
+    """What the adaptive schedule is tuned by: the waits it may use, and the knobs above (the
+    poller sets the window, the cold start's length, the delay aimed at and the polls cap from
+    its settings; the rest are the defaults the simulations were run with)."""
+
     tiers: tuple[float, ...]
     window: int = 500
     min_observations: int = 20
@@ -152,6 +168,7 @@ class AdaptiveConfig:
     probe_trigger: float = 0.8
     probe_share: float = 0.3
     probe_depth: float = 0.5
+    # No wait longer than this times the age it starts from; past the plan, waits of that.
     tail_ratio: float = 0.4
     # How far (log of the ratio of medians) the newest quarter of the window may stray before the
     # rest is set aside as a distribution that has gone.
@@ -448,6 +465,8 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     grid = _grid(dist, floor_s)
     firsts = [(a, grid.index(a), grid.delay_from_start(grid.index(a)))
               for a in two_tier_ages(tiers) if a >= floor_s - 1e-9]
+    if not firsts:  # a floor beyond two hops of the longest tier: the hops to it are composed
+        firsts = [(floor_s, 0, grid.delay_from_start(0))]
     median = max(dist.quantile(0.5), 1e-3)
     # The aim is for the delay the plan can change: mass the estimate puts before the floor is
     # found at the first poll at best, and that much delay no plan avoids.

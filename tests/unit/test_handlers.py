@@ -677,6 +677,34 @@ def test_poller_learns_from_completions_then_polls_when_they_complete() -> None:
     assert published.routing_key == wait_queue_name(PENDING, waited)
 
 
+def test_poller_on_a_learned_schedule_polls_at_the_deadline_not_a_long_wait_after() -> None:
+    rig = poller_rig(*[Completed()] * 20, Processing(), age=100.0)
+    for tag in range(20):  # done between 60 and 100 s
+        msg = replace(pending(polls=1, request_id=f"R-{tag}"), processing_age_s=60.0)
+        rig.executor.run(pending_delivery(msg, tag=tag))
+    assert isinstance(rig.poller.schedule, LearnedSchedule)
+    rig.broker.published.clear()
+    rig.clock.now = SUBMITTED_AT + 299.0  # past the plan: its waits grow with the age, 0.4 of it
+    rig.executor.run(pending_delivery(pending(polls=3, request_id="R-LATE"), tag=99))
+    [published] = rig.broker.published
+    waited = PendingMessage.decode(published.body).waited_s
+    assert 1.0 <= waited <= 1.2  # the shortest tier that reaches 300 s
+
+
+def test_poller_on_a_learned_schedule_survives_a_fit_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import poller.service
+
+    def broken(*_args: object) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(poller.service, "fit", broken)
+    rig = poller_rig(*[Completed()] * 21, age=3.0)
+    for tag in range(21):
+        rig.executor.run(pending_delivery(pending(polls=1, request_id=f"R-{tag}"), tag=tag))
+    assert rig.poller.schedule is rig.poller.policy
+    assert rig.broker.acks == list(range(21))
+
+
 def test_poller_on_the_fixed_schedule_learns_nothing() -> None:
     rig = poller_rig(*[Completed()] * 25, age=3.0, env={"POLL_SCHEDULE": "fixed"})
     for tag in range(25):

@@ -110,6 +110,14 @@ def tier_not_below(wait_s: float, tiers: Sequence[float]) -> float:
     return tiers[min(i, len(tiers) - 1)]
 
 
+def within_deadline(wait_s: float, *, age_s: float, deadline_s: float, tiers: Sequence[float]) -> float:
+    """`wait_s`, or, when it would end past the deadline, the shortest tier that reaches the
+    deadline: the deadline stays absolute, the last poll comes at it, not a long wait after."""
+    if age_s + wait_s <= deadline_s or age_s >= deadline_s:
+        return wait_s
+    return min(wait_s, tier_not_below(deadline_s - age_s, tiers))
+
+
 def first_hop(remaining_s: float, tiers: Sequence[float]) -> float:
     """The next wait towards an age `remaining_s` away: of one tier, or two, whichever lands
     there soonest at or after it (within a late message's slack; a second hop counts as

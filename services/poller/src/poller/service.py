@@ -28,7 +28,15 @@ from regbridge.legacy_http import Legacy
 from regbridge.lifecycle import Completed, Fail, PollAfter, PollPolicy, Processing, Register, Stage, State, Transient
 from regbridge.messages import DecodeError, FailureError, PendingMessage
 from regbridge.plans import Failure, Finish, Forward, Plan, Subject, UserStatus
-from regbridge.poll_schedule import AdaptiveConfig, Learner, Observation, PollSchedule, adaptive_tiers, fit
+from regbridge.poll_schedule import (
+    AdaptiveConfig,
+    Learner,
+    Observation,
+    PollSchedule,
+    adaptive_tiers,
+    fit,
+    within_deadline,
+)
 from regbridge.settings import PollerSettings, Schedule
 from regbridge.topology import wait_queue_name
 
@@ -67,9 +75,10 @@ class Poller:
                            FailureError(Stage.VALIDATION, exc.reason))
         schedule = self.schedule
         if msg.polls == 0:
-            wait = schedule.first_wait(age_s=msg.age_s(self._clock()), share=_share(msg.request_id))
+            age = msg.age_s(self._clock())
+            wait = schedule.first_wait(age_s=age, share=_share(msg.request_id))
             if wait is not None:
-                return self._wait(msg, wait)
+                return self._wait(msg, self._within_deadline(wait, age))
         with metrics.LEGACY_SECONDS.time():
             outcome = self._legacy.status(msg.request_id)
         # A poll the breaker or the cap held back reached nobody: it is neither counted nor a poll.
@@ -80,7 +89,8 @@ class Poller:
         polled = msg if held else msg.polled(processing_at_s=age if isinstance(outcome, Processing) else None)
         if isinstance(outcome, Completed) and self.learning is not None:
             self.learning.observe(Observation(msg.processing_age_s or 0.0, age), now=self._clock())
-        decision = self.policy.decide(outcome, age_s=age, wait_s=schedule.next_wait(age_s=age))
+        decision = self.policy.decide(outcome, age_s=age,
+                                      wait_s=self._within_deadline(schedule.next_wait(age_s=age), age))
         if isinstance(decision, PollAfter):
             return self._wait(polled, decision.delay_s)
         if isinstance(decision, Register):
@@ -88,6 +98,12 @@ class Poller:
                           registered=True)
         assert isinstance(decision, Fail)
         return Failure(_subject(polled), FailureError(decision.stage, decision.reason, decision.http_status))
+
+    def _within_deadline(self, wait_s: float, age_s: float) -> float:
+        # The fixed schedule's waits are its own two tiers, whatever the deadline, as they always were.
+        if self.learning is None:
+            return wait_s
+        return within_deadline(wait_s, age_s=age_s, deadline_s=self.policy.deadline_s, tiers=self.learning.config.tiers)
 
     def _wait(self, msg: PendingMessage, delay_s: float) -> Forward:
         return Forward(_subject(msg), wait_queue_name(self._pending_queue, delay_s), msg.waited(delay_s).encode())
@@ -119,20 +135,20 @@ class Learning:
                 return
             self._fitting = True
             window = self._learner.take(now)
+        learned = None
         try:
             learned = fit(window, self.config)
         except Exception:
             # A fit that fails keeps the schedule there is; the handler's decision stands.
             log.exception("refitting the poll schedule failed; keeping the current one",
                           extra={"event": "schedule_fit_failed"})
-            learned = None
-            return
         finally:
             with self._lock:
                 self._fitting = False
                 if learned is not None:
                     self.schedule = learned
-        metrics.schedule_changed(self._cold, learned=learned)
+        if learned is not None:
+            metrics.schedule_changed(self._cold, learned=learned)
 
 
 def _share(request_id: str) -> float:

@@ -133,7 +133,10 @@ def test_a_queue_with_other_arguments_stops_the_service_with_one_clear_error(
     broker = Broker(amqp_url)
     broker.channel.queue_declare(queue, durable=True, arguments=arguments)
     broker.close()
-    env = service_env(rabbitmq_url=amqp_url, mongodb_uri=mongo.uri, database=database, legacy_url=legacy.url)
+    # The fixed schedule: its submitter declares the first delay's wait queue (the adaptive one's
+    # hands on to the pending queue, and its poller declares the wait queues).
+    env = service_env(rabbitmq_url=amqp_url, mongodb_uri=mongo.uri, database=database, legacy_url=legacy.url,
+                      extra={"POLL_SCHEDULE": "fixed"})
     submitter = Service("submitter", env, tmp_path / "submitter.log").start()
     assert submitter.process is not None
     began = time.monotonic()

@@ -409,37 +409,52 @@ class _Plan:
     delay_s: float
 
 
-def _solve(grid: _Grid, tiers: Sequence[float], firsts: Sequence[tuple[float, int, float]], lam: float,
-           longest: float) -> _Plan:
+def _moves(grid: _Grid, tiers: Sequence[float], longest: float) -> list[list[tuple[int, float, float]]]:
+    """From each grid point, the polls one tier can reach: (point, its age, the tier), shortest
+    first, none longer than `longest` times the age (but the shortest), and none past the first
+    that reaches the end of the mass (a longer wait there only adds delay)."""
+    n, floor_s, step_s = grid.size, grid.floor_s, grid.step_s
+    by_step: dict[int, float] = {}
+    for t in sorted(tiers, reverse=True):  # the shortest tier of a step, for the plan's exact ages
+        by_step[max(1, round(t / step_s))] = t
+    steps = sorted(by_step)
+    moves = []
+    for i in range(n):
+        reach = max(1, int(longest * (floor_s + i * step_s) / step_s))
+        out = []
+        for k, step in enumerate(steps):
+            if step > reach and k > 0:
+                break
+            j = i + step
+            out.append((j, floor_s + j * step_s, by_step[step]))
+            if j >= n:
+                break
+        moves.append(out)
+    return moves
+
+
+def _solve(grid: _Grid, moves: Sequence[Sequence[tuple[int, float, float]]],
+           firsts: Sequence[tuple[float, int, float]], lam: float) -> _Plan:
     """The plan minimising E[polls] + lam * E[detection delay]: backwards over the grid, each
-    step one tier, none longer than `longest` times the age it starts from. (The inner loop is
-    written out: it runs a few thousand times a fit.)"""
+    step one of `moves`. (The inner loop is written out: it runs a few thousand times a fit.)"""
     n = grid.size
-    steps = sorted({max(1, round(t / grid.step_s)) for t in tiers})
-    cdf, moment, floor_s, step_s = grid.cdf, grid.moment, grid.floor_s, grid.step_s
+    cdf, moment = grid.cdf, grid.moment
     total_moment = moment[n]
     value = [0.0] * (n + 1)
-    choice = [steps[-1]] * (n + 1)
+    choice: list[tuple[int, float, float]] = [(n, 0.0, 0.0)] * (n + 1)
     for i in range(n - 1, -1, -1):
-        best, best_s = math.inf, steps[-1]
+        best, best_move = math.inf, moves[i][-1]
         c_i, m_i = cdf[i], moment[i]
         s_i = max(1.0 - c_i, _LEAST_POLL_COST)
-        reach = max(1, int(longest * (floor_s + i * step_s) / step_s))
-        for s in steps:
-            if s > reach and s != steps[0]:
-                break
-            j = i + s
-            age_j = floor_s + j * step_s
-            if j >= n:
-                # Past the last completion: everything left is caught; a longer step only delays.
+        for move in moves[i]:
+            j, age_j, _ = move
+            if j >= n:  # past the last completion: everything left is caught
                 cost = s_i + lam * (age_j * (1.0 - c_i) - (total_moment - m_i))
-                if cost < best:
-                    best, best_s = cost, s
-                break
-            cost = s_i + lam * (age_j * (cdf[j] - c_i) - (moment[j] - m_i)) + value[j]
+            else:
+                cost = s_i + lam * (age_j * (cdf[j] - c_i) - (moment[j] - m_i)) + value[j]
             if cost < best:
-                best, best_s = cost, s
-        value[i], choice[i] = best, best_s
+                best, best_move = cost, move
+        value[i], choice[i] = best, best_move
     # The first poll: any age one or two hops reach, from the floor on (each with its grid
     # point and the delay of the mass it catches).
     best, first, first_age = math.inf, -1, 0.0
@@ -450,17 +465,16 @@ def _solve(grid: _Grid, tiers: Sequence[float], firsts: Sequence[tuple[float, in
         if cost < best:
             best, first, first_age = cost, j, a
     # Walk the plan: its ages (exact sums of tiers) and what it is expected to cost.
-    by_step = {max(1, round(t / grid.step_s)): t for t in sorted(tiers, reverse=True)}
     ages = [first_age]
     j = first
     polls = 1.0
     delay = grid.delay_from_start(j)
     while j < n:
-        s = choice[j]
-        polls += 1.0 - grid.cdf[j]
-        delay += grid.delay(j, j + s)
-        j += s
-        ages.append(round(ages[-1] + by_step[s], 6))
+        nxt, _, tier = choice[j]
+        polls += 1.0 - cdf[j]
+        delay += grid.delay(j, nxt)
+        j = nxt
+        ages.append(round(ages[-1] + tier, 6))
     return _Plan(tuple(ages), polls, max(0.0, delay))
 
 
@@ -471,6 +485,7 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     feeding itself: a last poll long after the others would yield wide intervals, whose spread
     mass would justify the same long wait again.)"""
     grid = _grid(dist, floor_s)
+    moves = _moves(grid, tiers, longest)
     firsts = [(a, grid.index(a), grid.delay_from_start(grid.index(a)))
               for a in two_tier_ages(tiers) if a >= floor_s - 1e-9]
     if not firsts:  # a floor beyond two hops of the longest tier: the hops to it are composed
@@ -481,12 +496,12 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     target = delay_ratio * median + grid.delay_from_start(0)
     lo, hi = math.log(1e-3 / median), math.log(1e4 / median)
     # The smallest lambda that meets the delay (E[delay] falls as lambda grows).
-    best = _solve(grid, tiers, firsts, math.exp(hi), longest)
+    best = _solve(grid, moves, firsts, math.exp(hi))
     if best.delay_s <= target:
         a, b = lo, hi
         for _ in range(_BISECTIONS):
             mid = (a + b) / 2
-            p = _solve(grid, tiers, firsts, math.exp(mid), longest)
+            p = _solve(grid, moves, firsts, math.exp(mid))
             if p.delay_s <= target:
                 b, best = mid, p
             else:
@@ -494,10 +509,10 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     if best.polls > max_polls:
         # Too many polls for that delay: the largest lambda within the cap.
         a, b = lo, math.log(1e4 / median)
-        best = _solve(grid, tiers, firsts, math.exp(lo), longest)
+        best = _solve(grid, moves, firsts, math.exp(lo))
         for _ in range(_BISECTIONS):
             mid = (a + b) / 2
-            p = _solve(grid, tiers, firsts, math.exp(mid), longest)
+            p = _solve(grid, moves, firsts, math.exp(mid))
             if p.polls <= max_polls:
                 a, best = mid, p
             else:

@@ -133,7 +133,10 @@ def test_a_queue_with_other_arguments_stops_the_service_with_one_clear_error(
     broker = Broker(amqp_url)
     broker.channel.queue_declare(queue, durable=True, arguments=arguments)
     broker.close()
-    env = service_env(rabbitmq_url=amqp_url, mongodb_uri=mongo.uri, database=database, legacy_url=legacy.url)
+    # The fixed schedule: its submitter declares the first delay's wait queue (the adaptive one's
+    # hands on to the pending queue, and its poller declares the wait queues).
+    env = service_env(rabbitmq_url=amqp_url, mongodb_uri=mongo.uri, database=database, legacy_url=legacy.url,
+                      extra={"POLL_SCHEDULE": "fixed"})
     submitter = Service("submitter", env, tmp_path / "submitter.log").start()
     assert submitter.process is not None
     began = time.monotonic()
@@ -223,7 +226,7 @@ def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, us
     # keeps that one there long enough that the refusals are nearly all there is.
     n = 20
     legacy.configure(latency_min_s=15.0, latency_max_s=15.0)
-    stack.env.update(POLL_INTERVAL_S="2", POLL_DEADLINE_S="120")
+    stack.env.update(POLL_SCHEDULE="fixed", POLL_INTERVAL_S="2", POLL_DEADLINE_S="120")
     interval_queue = wait_queue_name(PENDING, 2.0)
     with policy(vhost_of(amqp_url), "refuse-polls", f"^{re.escape(interval_queue)}$",
                 {"max-length": 0, "overflow": "reject-publish"}):

@@ -44,8 +44,8 @@ DESCRIPTION = """\
 Operate the registration bridge: publish registrations, inspect and replay the failure queue,
 follow one registration, watch the queues. Configured by the services' environment variables
 (RABBITMQ_URL, MONGODB_URI, MONGODB_DATABASE, MONGODB_COLLECTION, INBOUND_QUEUE, PENDING_QUEUE,
-FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, MAX_MESSAGE_BYTES), with the same defaults;
-`inspect` also reads RABBITMQ_MANAGEMENT_URL; `capacity` reads nothing and connects nowhere.
+FAILED_QUEUE, POLL_FIRST_DELAY_S, POLL_INTERVAL_S, POLL_SCHEDULE, MAX_MESSAGE_BYTES), with the same
+defaults; `inspect` also reads RABBITMQ_MANAGEMENT_URL; `capacity` reads nothing and connects nowhere.
 
 Every command that prints results takes -o table|json|jsonl and --no-headers."""
 

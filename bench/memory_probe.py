@@ -114,6 +114,7 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
                                                            pending=settings.pending_queue,
                                                            failed=settings.failed_queue,
                                                            first_delay_s=settings.poll_first_delay_s,
+                                                           adaptive=settings.poll_schedule == "adaptive",
                                                            group_size=settings.quorum_initial_group_size),
                           consume=[settings.inbound_queue], workers=settings.workers, prefetch=settings.prefetch,
                           hooks=RuntimeHooks(on_delivery=lambda d: metrics.EDGE.consumed.inc()), name="submitter")

@@ -919,7 +919,11 @@ def test_the_charts_are_consistent() -> None:
     # The broker's queue metrics are scraped once, by the submitter's release.
     # The failure queue's bound is set once, by the poller's release (whose alerts watch that queue).
     assert set(submitter) - {"brokerMetrics"} == set(poller) - {"failureQueueLimit"}
-    shared = set(poller["config"]) - {"httpPort", "workers"}
+    # The adaptive schedule's knobs are the poller's alone (the submitter reads POLL_SCHEDULE only).
+    poller_only = {"pollAdaptiveWindow", "pollAdaptiveMinObservations", "pollAdaptiveDelayRatio",
+                   "pollAdaptiveMaxPolls"}
+    assert poller_only <= set(poller["config"]) and not poller_only & set(submitter["config"])
+    shared = set(poller["config"]) - {"httpPort", "workers"} - poller_only
     assert {k: submitter["config"][k] for k in shared} == {k: poller["config"][k] for k in shared}, \
         "the two bridge charts must agree on queues, POLL_* and the rest they share"
 

@@ -223,7 +223,7 @@ def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, us
     # keeps that one there long enough that the refusals are nearly all there is.
     n = 20
     legacy.configure(latency_min_s=15.0, latency_max_s=15.0)
-    stack.env.update(POLL_INTERVAL_S="2", POLL_DEADLINE_S="120")
+    stack.env.update(POLL_SCHEDULE="fixed", POLL_INTERVAL_S="2", POLL_DEADLINE_S="120")
     interval_queue = wait_queue_name(PENDING, 2.0)
     with policy(vhost_of(amqp_url), "refuse-polls", f"^{re.escape(interval_queue)}$",
                 {"max-length": 0, "overflow": "reject-publish"}):

@@ -51,7 +51,8 @@ def test_a_down_legacy_api_gets_only_probes_and_every_registration_its_outcome(
         stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
     # Registrations take 8-15 s: all of them are still processing when the API goes down.
     legacy.configure(latency_min_s=8, latency_max_s=15)
-    stack.env.update(POLL_FIRST_DELAY_S="0.5", POLL_INTERVAL_S="0.5", POLL_DEADLINE_S="180")
+    # The fixed schedule: every waiting id polled every 0.5 s, the load the breaker must hold off.
+    stack.env.update(POLL_SCHEDULE="fixed", POLL_FIRST_DELAY_S="0.5", POLL_INTERVAL_S="0.5", POLL_DEADLINE_S="180")
     submitter = stack.start("submitter")
     pollers = [stack.start("poller"), stack.start("poller")]
     replicas = 1 + len(pollers)

@@ -39,6 +39,7 @@ from registrations_cli.table import one_line, plural, render, truncate
 from registrations_cli.timefmt import format_age, parse_duration, parse_since
 
 from regbridge.messages import FailureError, FailureRecord
+from regbridge.poll_schedule import LADDER_S
 
 MAX = 65536
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -320,17 +321,22 @@ def test_settings_default_to_the_contract() -> None:
     assert (s.inbound_queue, s.pending_queue, s.failed_queue) == (
         "registrations", "registrations.pending", "registrations.failed")
     assert (s.poll_first_delay_s, s.poll_interval_s, s.max_message_bytes) == (10.0, 2.0, 65536)
-    assert s.wait_queues == ["registrations.pending.wait.10000ms", "registrations.pending.wait.2000ms"]
+    # The adaptive schedule's: the configured delays', then the ladder's.
+    assert s.wait_queues[:2] == ["registrations.pending.wait.10000ms", "registrations.pending.wait.2000ms"]
+    assert s.wait_queues[2:] == [f"registrations.pending.wait.{round(d * 1000)}ms" for d in LADDER_S if d != 2.0]
+    assert from_env({"POLL_SCHEDULE": "fixed"}).wait_queues == [
+        "registrations.pending.wait.10000ms", "registrations.pending.wait.2000ms"]
     assert s.broker_shown == "amqp://***@localhost:5672/%2F"
 
 
 def test_settings_from_the_environment() -> None:
     s = from_env({"RABBITMQ_URL": "amqps://bridge:p@ss@rabbit:5671/regs", "PENDING_QUEUE": "p",
-                  "POLL_FIRST_DELAY_S": "0", "POLL_INTERVAL_S": "0.25", "MONGODB_DATABASE": " db "})
+                  "POLL_FIRST_DELAY_S": "0", "POLL_INTERVAL_S": "0.25", "MONGODB_DATABASE": " db ",
+                  "POLL_SCHEDULE": "Fixed"})
     assert s.wait_queues == ["p.wait.250ms"]  # no first delay, no first wait queue
     assert s.mongodb_database == "db"
     assert s.broker_shown == "amqps://***@rabbit:5671/regs"
-    assert from_env({"POLL_FIRST_DELAY_S": "2", "POLL_INTERVAL_S": "2"}).wait_queues == \
+    assert from_env({"POLL_FIRST_DELAY_S": "2", "POLL_INTERVAL_S": "2", "POLL_SCHEDULE": "fixed"}).wait_queues == \
         ["registrations.pending.wait.2000ms"]
 
 

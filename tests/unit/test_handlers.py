@@ -9,7 +9,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +51,7 @@ from regbridge.plans import (
     UserStatus,
     Write,
 )
+from regbridge.poll_schedule import LearnedSchedule, adaptive_tiers
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt, UserState, WriteRefused
 from regbridge.topology import wait_queue_name
@@ -296,8 +297,10 @@ class SubmitterRig:
 def submitter_rig(*outcomes: SubmitOutcome, env: dict[str, str] | None = None) -> SubmitterRig:
     log: list[str] = []
     broker, store, legacy, clock = FakeBroker(log), FakeStore(log), FakeLegacy(submits=outcomes), FakeClock()
+    # The fixed schedule's first hop (FIRST_HOP); the adaptive one's has its own test.
     settings = submitter_settings({"SUBMIT_MAX_ATTEMPTS": "3", "SUBMIT_BACKOFF_BASE_S": "1",
-                                   "SUBMIT_BACKOFF_MAX_S": "8", "MAX_MESSAGE_BYTES": "4096", **(env or {})})
+                                   "SUBMIT_BACKOFF_MAX_S": "8", "MAX_MESSAGE_BYTES": "4096",
+                                   "POLL_SCHEDULE": "fixed", **(env or {})})
     submitter = Submitter(settings, store=store, legacy=legacy, durable=Durable(broker.stopping, max_delay_s=0.0),
                           clock=clock, rng=lambda: 0.5)
     return SubmitterRig(submitter, executor(submitter, broker, store, clock), broker, store, legacy, clock, log)
@@ -372,6 +375,17 @@ def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
     assert rig.broker.on(FAILED) == []
     # Stored before published, published (confirmed) before acked.
     assert rig.log == ["attempt:AB583C-X", "submitted:AB583C-X", "publish:registrations.pending.wait.10000ms", "ack:3"]
+
+
+def test_submitter_on_the_adaptive_schedule_hands_on_to_pending_unwaited() -> None:
+    # Only the poller knows when the first poll is due: it sends the id on from pending.
+    rig = submitter_rig(Accepted("AB583C-X"), env={"POLL_SCHEDULE": "adaptive"})
+    rig.executor.run(delivery(BODY, message_id="m-1", tag=3, received_at=NOW - 2))
+    assert rig.broker.on(FIRST_HOP) == []
+    [published] = rig.broker.on(PENDING)
+    msg = PendingMessage.decode(published.body)
+    assert (msg.request_id, msg.polls, msg.waited_s) == ("AB583C-X", 0, 0.0)
+    assert rig.log == ["attempt:AB583C-X", "submitted:AB583C-X", f"publish:{PENDING}", "ack:3"]
 
 
 def test_submitter_without_message_id_keys_the_attempt_by_body_digest() -> None:
@@ -577,11 +591,13 @@ class PollerRig:
     log: list[str]
 
 
-def poller_rig(*outcomes: PollOutcome, age: float = 15.0) -> PollerRig:
+def poller_rig(*outcomes: PollOutcome, age: float = 15.0, env: dict[str, str] | None = None) -> PollerRig:
     log: list[str] = []
     clock = FakeClock(SUBMITTED_AT + age)
     broker, store, legacy = FakeBroker(log), FakeStore(log), FakeLegacy(statuses=outcomes)
-    settings = poller_settings({"POLL_FIRST_DELAY_S": "10", "POLL_INTERVAL_S": "2", "POLL_DEADLINE_S": "300"})
+    # The default schedule (adaptive) starts as the configured one: these tests hold for both.
+    settings = poller_settings({"POLL_FIRST_DELAY_S": "10", "POLL_INTERVAL_S": "2", "POLL_DEADLINE_S": "300",
+                                **(env or {})})
     poller = Poller(settings, legacy=legacy, clock=clock)
     # The submitter's state of affairs when a pending message exists.
     store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", False)
@@ -628,11 +644,44 @@ def test_poller_processing_waits_the_interval_with_one_more_poll_counted() -> No
     rig.executor.run(pending_delivery(pending(polls=2), tag=3))
     [published] = rig.broker.published
     assert published.routing_key == wait_queue_name(PENDING, 2.0) == "registrations.pending.wait.2000ms"
-    assert PendingMessage.decode(published.body) == pending(polls=3).waited(2.0)
+    assert PendingMessage.decode(published.body) == replace(pending(polls=3), processing_age_s=12.0).waited(2.0)
     assert_persistent(published, "m-1")
     assert rig.broker.acks == [3]
     assert rig.log == ["publish:registrations.pending.wait.2000ms", "ack:3"]
     assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
+
+
+def test_poller_declares_the_fixed_schedules_two_queues_or_the_adaptive_ladder() -> None:
+    fixed = poller_rig(env={"POLL_SCHEDULE": "fixed"}).poller
+    assert fixed.tiers() == (2.0, 10.0) and fixed.learning is None
+    adaptive = poller_rig().poller
+    assert adaptive.tiers() == adaptive_tiers(10.0, 2.0)
+    assert adaptive.schedule is adaptive.policy  # the cold start: the configured schedule
+
+
+def test_poller_learns_from_completions_then_polls_when_they_complete() -> None:
+    rig = poller_rig(*[Completed()] * 20, age=3.0)
+    # Each seen processing at 2 s and done at 3 s, the poller's first polls still at 10 s.
+    for tag in range(20):
+        msg = replace(pending(polls=1, request_id=f"R-{tag}"), processing_age_s=2.0)
+        rig.executor.run(pending_delivery(msg, tag=tag))
+    learned = rig.poller.schedule
+    assert isinstance(learned, LearnedSchedule) and learned.observations == 20
+    assert 3.0 * 0.99 <= learned.first_poll_s < 3.5  # never before the earliest completion seen
+    rig.broker.published.clear()
+    rig.clock.now = SUBMITTED_AT + 0.05  # a new id, straight from the submitter
+    rig.executor.run(pending_delivery(pending(polls=0, request_id="R-NEW"), tag=99))
+    [published] = rig.broker.published
+    waited = PendingMessage.decode(published.body).waited_s
+    assert 0 < waited <= learned.first_poll_s and waited in rig.poller.tiers()
+    assert published.routing_key == wait_queue_name(PENDING, waited)
+
+
+def test_poller_on_the_fixed_schedule_learns_nothing() -> None:
+    rig = poller_rig(*[Completed()] * 25, age=3.0, env={"POLL_SCHEDULE": "fixed"})
+    for tag in range(25):
+        rig.executor.run(pending_delivery(pending(polls=1, request_id=f"R-{tag}"), tag=tag))
+    assert rig.poller.schedule is rig.poller.policy
 
 
 def test_poller_transient_before_the_deadline_waits_the_interval() -> None:

@@ -290,7 +290,7 @@ def _pending(**overrides: Any) -> PendingMessage:
 
 
 PENDING_FIELDS = ["request_id", "user_id", "payload", "attempt_key", "submitted_at", "message_id", "received_at",
-                  "submit_attempts", "polls", "waited_s"]
+                  "submit_attempts", "polls", "waited_s", "processing_age_s"]
 
 
 def _check_pending(body: bytes) -> None:
@@ -370,6 +370,18 @@ def test_a_pending_message_without_waited_s_reads_as_never_waited() -> None:
     data = json.loads(_pending().encode())
     del data["waited_s"]
     assert PendingMessage.decode(json.dumps(data).encode()).waited_s == 0.0
+
+
+def test_polled_keeps_the_age_of_the_last_poll_that_said_processing() -> None:
+    msg = _pending()
+    assert msg.processing_age_s is None
+    seen = msg.polled(processing_at_s=12.5)
+    assert seen.processing_age_s == 12.5
+    assert seen.polled().processing_age_s == 12.5  # a poll that said nothing of the kind (a 503)
+    assert PendingMessage.decode(seen.encode()) == seen
+    data = json.loads(msg.encode())
+    del data["processing_age_s"]  # a message from before the field: no such poll known
+    assert PendingMessage.decode(json.dumps(data).encode()).processing_age_s is None
 
 
 def test_polled_counts_one_more_poll_and_keeps_the_rest() -> None:

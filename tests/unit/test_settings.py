@@ -10,6 +10,7 @@ from regbridge.breaker import Limits
 from regbridge.settings import (
     CommonSettings,
     PollerSettings,
+    Schedule,
     SettingsError,
     SubmitterSettings,
     poller_settings,
@@ -390,3 +391,26 @@ def test_third_party_loggers_are_capped_at_warning_unless_set() -> None:
 def test_spaces_around_a_lists_commas_separate_urls() -> None:
     settings = submitter_settings({"RABBITMQ_URL": "amqp://u:pw@rabbit-0/%2F , amqp://u:pw@rabbit-1/%2F"})
     assert settings.rabbitmq_urls == ["amqp://u:pw@rabbit-0/%2F", "amqp://u:pw@rabbit-1/%2F"]
+
+
+@pytest.mark.parametrize("build", BUILDERS)
+def test_the_poll_schedule_is_adaptive_unless_set_fixed(build: Build) -> None:
+    assert build({}).poll_schedule is Schedule.ADAPTIVE
+    assert build({"POLL_SCHEDULE": " Fixed "}).poll_schedule is Schedule.FIXED
+    assert "POLL_SCHEDULE: expected adaptive or fixed, got 'learned'" in _error(build, {"POLL_SCHEDULE": "learned"})
+
+
+def test_the_adaptive_schedules_knobs_are_read_and_checked() -> None:
+    s = poller_settings({})
+    assert (s.poll_adaptive_window, s.poll_adaptive_min_observations, s.poll_adaptive_delay_ratio,
+            s.poll_adaptive_max_polls) == (500, 20, 0.05, 4.0)
+    s = poller_settings({"POLL_ADAPTIVE_WINDOW": "200", "POLL_ADAPTIVE_MIN_OBSERVATIONS": "5",
+                         "POLL_ADAPTIVE_DELAY_RATIO": "0.1", "POLL_ADAPTIVE_MAX_POLLS": "2.5"})
+    assert (s.poll_adaptive_window, s.poll_adaptive_min_observations, s.poll_adaptive_delay_ratio,
+            s.poll_adaptive_max_polls) == (200, 5, 0.1, 2.5)
+    message = _error(poller_settings, {"POLL_ADAPTIVE_WINDOW": "0", "POLL_ADAPTIVE_DELAY_RATIO": "1.5",
+                                       "POLL_ADAPTIVE_MAX_POLLS": "0.5", "POLL_ADAPTIVE_MIN_OBSERVATIONS": "x"})
+    for name in ("POLL_ADAPTIVE_WINDOW", "POLL_ADAPTIVE_DELAY_RATIO", "POLL_ADAPTIVE_MAX_POLLS",
+                 "POLL_ADAPTIVE_MIN_OBSERVATIONS"):
+        assert name in message
+    assert "POLL_ADAPTIVE_MAX_POLLS: expected a number >= 1" in message

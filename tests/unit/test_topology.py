@@ -87,6 +87,13 @@ def test_without_a_first_delay_the_submitter_hands_on_to_pending() -> None:
     assert first_hop("pend", 10.0) == "pend.wait.10000ms"
 
 
+def test_on_the_adaptive_schedule_the_submitter_hands_on_to_pending() -> None:
+    # Only the poller knows when the first poll is due; the fixed schedule's hop is unchanged.
+    assert first_hop("pend", 10.0, adaptive=True) == "pend"
+    specs = submitter_queues(inbound="in", pending="pend", failed="dlq", first_delay_s=10.0, adaptive=True)
+    assert [s.name for s in specs] == ["in", "pend", "dlq"]
+
+
 def test_poller_queues_declare_one_wait_queue_per_delay() -> None:
     specs = poller_queues(pending="pend", failed="dlq", delays=(2.0, 10.0))
     assert [s.name for s in specs] == ["pend", "dlq", "pend.wait.2000ms", "pend.wait.10000ms"]

@@ -194,13 +194,19 @@ class PollPolicy:
         tiers = self.tiers()
         return next((t for t in tiers if t >= delay_s), tiers[-1])
 
-    def first_wait(self, *, age_s: float) -> float | None:
-        """How long a registration that was never polled must still wait, or None: poll now."""
+    def first_wait(self, *, age_s: float, share: float = 0.0) -> float | None:
+        """How long a registration that was never polled must still wait, or None: poll now.
+        (`share` picks the ids that probe on an adaptive schedule; the fixed one has none.)"""
         remaining = self.first_delay_s - age_s
         return self.tier_for(remaining) if remaining > 0 else None
 
-    def decide(self, outcome: PollOutcome, *, age_s: float) -> Decision:
-        """SUBMITTED → REGISTERED (Register), stays SUBMITTED (PollAfter), or → FAILED (Fail)."""
+    def next_wait(self, *, age_s: float) -> float:
+        """The wait after a poll that found the registration not done: the interval."""
+        return self.tier_for(self.interval_s)
+
+    def decide(self, outcome: PollOutcome, *, age_s: float, wait_s: float | None = None) -> Decision:
+        """SUBMITTED → REGISTERED (Register), stays SUBMITTED (PollAfter), or → FAILED (Fail).
+        A PollAfter waits `wait_s` when the caller's schedule chose it, else the interval."""
         if isinstance(outcome, Completed):
             return Register()
         if isinstance(outcome, LegacyFailed):
@@ -212,7 +218,7 @@ class PollPolicy:
             status = outcome.http_status if isinstance(outcome, Transient) else 200
             return Fail(Stage.TIMEOUT, clean_text(
                 f"no final status {self.deadline_s:g} s after submission (last poll: {last})"), status)
-        return PollAfter(self.tier_for(self.interval_s))
+        return PollAfter(self.next_wait(age_s=age_s) if wait_s is None else wait_s)
 
 
 # ---- what the legacy API's answers mean -------------------------------------------------------

@@ -214,6 +214,9 @@ class PendingMessage:
     # Seconds the broker has held it in wait queues, by their TTLs: a lower bound of its age
     # that no host's clock enters, so a clock behind the submitter's adds no wait.
     waited_s: float = 0.0
+    # Its age at the last poll that found it still processing (None: no such poll yet): the
+    # lower bound of its completion age, which the adaptive schedule learns from.
+    processing_age_s: float | None = None
 
     def encode(self) -> bytes:
         # Every field, by its own name: the poller's decode reads the same names back.
@@ -247,6 +250,7 @@ class PendingMessage:
                 submit_attempts=_require(data, "submit_attempts", int),
                 polls=_require(data, "polls", int),
                 waited_s=_optional_float(data, "waited_s") or 0.0,
+                processing_age_s=_optional_float(data, "processing_age_s"),
             )
         except (ValueError, OverflowError) as exc:
             raise DecodeError(f"pending message is malformed: {exc}",
@@ -255,8 +259,10 @@ class PendingMessage:
             raise DecodeError("pending message has an invalid user_id", original=msg.payload)
         return msg
 
-    def polled(self) -> PendingMessage:
-        return PendingMessage(**{**self.__dict__, "polls": self.polls + 1})
+    def polled(self, *, processing_at_s: float | None = None) -> PendingMessage:
+        """One more poll counted; `processing_at_s`: the age at which it said `processing`."""
+        seen = self.processing_age_s if processing_at_s is None else processing_at_s
+        return PendingMessage(**{**self.__dict__, "polls": self.polls + 1, "processing_age_s": seen})
 
     def waited(self, delay_s: float) -> PendingMessage:
         return PendingMessage(**{**self.__dict__, "waited_s": self.waited_s + delay_s})

@@ -18,6 +18,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
@@ -102,6 +103,32 @@ def _order(value: str) -> Order:
     return Order(value.lower())
 
 
+class Schedule(StrEnum):
+    """How the poller spaces its polls (`POLL_SCHEDULE`): learned from the completions it sees
+    (regbridge.poll_schedule), or the configured first delay and interval."""
+
+    ADAPTIVE = "adaptive"
+    FIXED = "fixed"
+
+
+def _schedule(value: str) -> Schedule:
+    return Schedule(value.lower())
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0 < number <= 1:
+        raise ValueError
+    return number
+
+
+def _at_least_one(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number < 1:
+        raise ValueError
+    return number
+
+
 def _base_url(value: str) -> str:
     # Paths are appended to it.
     return _url(value, ("http", "https")).rstrip("/")
@@ -164,6 +191,9 @@ AmqpUrls = Annotated[
     SecretStr, BeforeValidator(_amqp_urls), Expect("a URL (amqp/amqps), or several separated by commas", secret=True)
 ]
 UrlOrder = Annotated[Order, BeforeValidator(_order), Expect("shuffled or listed")]
+PollSchedule = Annotated[Schedule, BeforeValidator(_schedule), Expect("adaptive or fixed")]
+Fraction = Annotated[float, BeforeValidator(_fraction), Expect("a number > 0 and <= 1")]
+AtLeastOne = Annotated[float, BeforeValidator(_at_least_one), Expect("a number >= 1")]
 MongoUrl = Annotated[
     SecretStr,
     BeforeValidator(partial(_url, schemes=("mongodb", "mongodb+srv"))),
@@ -274,6 +304,8 @@ class PipelineSettings(EnvSettings):
     failed_queue: Text = "registrations.failed"
     poll_first_delay_s: SecondsOrZero = 10.0
     poll_interval_s: Seconds = 2.0
+    # The submitter's first hop and the wait queues depend on it (regbridge.topology).
+    poll_schedule: PollSchedule = Schedule.ADAPTIVE
     max_message_bytes: Count = 64 * 1024
 
     @property
@@ -366,6 +398,13 @@ class SubmitterSettings(CommonSettings):
 class PollerSettings(CommonSettings):
     http_port: Port = 8082
     workers: Count = 16
+    # The adaptive schedule (regbridge.poll_schedule): completions remembered, completions
+    # before the first learned plan, the detection delay aimed at as a share of the median
+    # completion age, and the most polls a registration is planned to take on average.
+    poll_adaptive_window: Count = 500
+    poll_adaptive_min_observations: Count = 20
+    poll_adaptive_delay_ratio: Fraction = 0.05
+    poll_adaptive_max_polls: AtLeastOne = 4.0
 
 
 def submitter_settings(env: Mapping[str, str]) -> SubmitterSettings:

@@ -76,16 +76,18 @@ def wait_queue(pending_queue: str, delay_s: float, group_size: int = DEFAULT_GRO
     )
 
 
-def first_hop(pending_queue: str, first_delay_s: float) -> str:
-    """Where the submitter hands a submitted registration on: straight into the wait queue of
-    the first delay (it dead-letters to pending when due), which spares every registration a
-    trip through the poller only to be put there; pending itself when there is no first delay."""
-    return wait_queue_name(pending_queue, first_delay_s) if first_delay_s > 0 else pending_queue
+def first_hop(pending_queue: str, first_delay_s: float, *, adaptive: bool = False) -> str:
+    """Where the submitter hands a submitted registration on. On the fixed schedule: straight
+    into the wait queue of the first delay (it dead-letters to pending when due), which spares
+    every registration a trip through the poller only to be put there; pending itself when there
+    is no first delay. On the adaptive schedule: pending, since only the poller knows when the
+    first poll is due (what it has learned); it sends the id on to the wait that leads there."""
+    return wait_queue_name(pending_queue, first_delay_s) if first_delay_s > 0 and not adaptive else pending_queue
 
 
-def submitter_queues(*, inbound: str, pending: str, failed: str, first_delay_s: float,
+def submitter_queues(*, inbound: str, pending: str, failed: str, first_delay_s: float, adaptive: bool = False,
                      group_size: int = DEFAULT_GROUP_SIZE) -> list[QueueSpec]:
-    first = [wait_queue(pending, first_delay_s, group_size)] if first_delay_s > 0 else []
+    first = [wait_queue(pending, first_delay_s, group_size)] if first_delay_s > 0 and not adaptive else []
     return [work_queue(inbound, group_size), work_queue(pending, group_size), work_queue(failed, group_size), *first]
 
 

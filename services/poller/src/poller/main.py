@@ -17,7 +17,7 @@ def main() -> None:
     mongo, legacy = process.adapters(settings, metrics.EDGE)
     poller = Poller(settings, legacy=legacy)
     queues = poller_queues(pending=settings.pending_queue, failed=settings.failed_queue,
-                           delays=poller.policy.tiers(), group_size=settings.quorum_initial_group_size)
+                           delays=poller.tiers(), group_size=settings.quorum_initial_group_size)
     process.serve("poller", settings, queues=queues, consume=settings.pending_queue, store=mongo,
                   handler=lambda _durable: poller, metrics=metrics.EDGE, finished=metrics.finished)
 

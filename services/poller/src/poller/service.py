@@ -5,22 +5,31 @@ it back to pending when due. Completed: a Finish that records `registered`. Fail
 to the legacy API, or past the deadline: a Failure. `regbridge.executor` carries the plan
 out, and publishes no second failure record for a duplicate pending message (dead-lettering
 is at-least-once).
+
+When to poll comes from the schedule (`POLL_SCHEDULE`): the configured one (`PollPolicy`), or
+the adaptive one (`regbridge.poll_schedule`), which learns from the completions this poller
+sees. The handler decides on the schedule it reads once per message; the learner's window and
+the swap of a refitted schedule sit behind a lock, and the refit itself runs outside it, in
+whichever worker thread made it due, one at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import zlib
 from collections.abc import Callable
 
 from poller import metrics
 from regbridge.amqp import Delivery
 from regbridge.executor import Job
 from regbridge.legacy_http import Legacy
-from regbridge.lifecycle import Fail, PollAfter, PollPolicy, Register, Stage, State, Transient
+from regbridge.lifecycle import Completed, Fail, PollAfter, PollPolicy, Processing, Register, Stage, State, Transient
 from regbridge.messages import DecodeError, FailureError, PendingMessage
 from regbridge.plans import Failure, Finish, Forward, Plan, Subject, UserStatus
-from regbridge.settings import PollerSettings
+from regbridge.poll_schedule import AdaptiveConfig, Learner, Observation, PollSchedule, adaptive_tiers, fit
+from regbridge.settings import PollerSettings, Schedule
 from regbridge.topology import wait_queue_name
 
 log = logging.getLogger("poller")
@@ -32,6 +41,16 @@ class Poller:
         self._legacy = legacy
         self._clock = clock
         self.policy = PollPolicy(settings.poll_first_delay_s, settings.poll_interval_s, settings.poll_deadline_s)
+        self.learning = Learning(settings, self.policy) if settings.poll_schedule is Schedule.ADAPTIVE else None
+        metrics.schedule_changed(self.policy, learned=None)
+
+    def tiers(self) -> tuple[float, ...]:
+        """Every wait this poller may ask for: the wait queues to declare."""
+        return self.learning.config.tiers if self.learning is not None else self.policy.tiers()
+
+    @property
+    def schedule(self) -> PollSchedule:
+        return self.learning.schedule if self.learning is not None else self.policy
 
     def subject(self, delivery: Delivery) -> Subject:
         try:
@@ -46,8 +65,9 @@ class Poller:
             log.error("unreadable pending message: %s", exc.reason, extra={"event": "invalid", "reason": exc.reason})
             return Failure(Subject(exc.original, exc.user_id, message_id=job.delivery.properties.message_id),
                            FailureError(Stage.VALIDATION, exc.reason))
+        schedule = self.schedule
         if msg.polls == 0:
-            wait = self.policy.first_wait(age_s=msg.age_s(self._clock()))
+            wait = schedule.first_wait(age_s=msg.age_s(self._clock()), share=_share(msg.request_id))
             if wait is not None:
                 return self._wait(msg, wait)
         with metrics.LEGACY_SECONDS.time():
@@ -56,8 +76,11 @@ class Poller:
         held = isinstance(outcome, Transient) and not outcome.sent
         if not held:
             metrics.POLLS.labels(outcome.label).inc()
-        polled = msg if held else msg.polled()
-        decision = self.policy.decide(outcome, age_s=msg.age_s(self._clock()))
+        age = msg.age_s(self._clock())
+        polled = msg if held else msg.polled(processing_at_s=age if isinstance(outcome, Processing) else None)
+        if isinstance(outcome, Completed) and self.learning is not None:
+            self.learning.observe(Observation(msg.processing_age_s or 0.0, age), now=self._clock())
+        decision = self.policy.decide(outcome, age_s=age, wait_s=schedule.next_wait(age_s=age))
         if isinstance(decision, PollAfter):
             return self._wait(polled, decision.delay_s)
         if isinstance(decision, Register):
@@ -68,6 +91,53 @@ class Poller:
 
     def _wait(self, msg: PendingMessage, delay_s: float) -> Forward:
         return Forward(_subject(msg), wait_queue_name(self._pending_queue, delay_s), msg.waited(delay_s).encode())
+
+
+class Learning:
+    """The adaptive schedule's state in one poller: the window of completions, and the schedule
+    fitted to it (the cold start's `PollPolicy` until there is one). Replicas learn each on its
+    own (docs/design.md, "The adaptive poll schedule")."""
+
+    def __init__(self, settings: PollerSettings, cold: PollPolicy) -> None:
+        self.config = AdaptiveConfig(
+            tiers=adaptive_tiers(settings.poll_first_delay_s, settings.poll_interval_s),
+            window=settings.poll_adaptive_window,
+            min_observations=min(settings.poll_adaptive_min_observations, settings.poll_adaptive_window),
+            delay_ratio=settings.poll_adaptive_delay_ratio, max_polls=settings.poll_adaptive_max_polls)
+        self._cold = cold
+        self._lock = threading.Lock()
+        self._learner = Learner(self.config)
+        self._fitting = False
+        # Read without the lock: replacing a reference is atomic, and a handler that reads the
+        # previous schedule decides as it would have a moment earlier.
+        self.schedule: PollSchedule = cold
+
+    def observe(self, observation: Observation, *, now: float) -> None:
+        with self._lock:
+            self._learner.observe(observation)
+            if self._fitting or not self._learner.due(now):
+                return
+            self._fitting = True
+            window = self._learner.take(now)
+        try:
+            learned = fit(window, self.config)
+        except Exception:
+            # A fit that fails keeps the schedule there is; the handler's decision stands.
+            log.exception("refitting the poll schedule failed; keeping the current one",
+                          extra={"event": "schedule_fit_failed"})
+            learned = None
+            return
+        finally:
+            with self._lock:
+                self._fitting = False
+                if learned is not None:
+                    self.schedule = learned
+        metrics.schedule_changed(self._cold, learned=learned)
+
+
+def _share(request_id: str) -> float:
+    """Where the id falls in [0, 1): the same at every redelivery, spread evenly over the ids."""
+    return zlib.crc32(request_id.encode()) / 2**32
 
 
 def _subject(msg: PendingMessage) -> Subject:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from regbridge import process
-from regbridge.settings import submitter_settings
+from regbridge.settings import Schedule, submitter_settings
 from regbridge.topology import submitter_queues
 from submitter import metrics
 from submitter.service import Submitter
@@ -17,6 +17,7 @@ def main() -> None:
     mongo, legacy = process.adapters(settings, metrics.EDGE)
     queues = submitter_queues(inbound=settings.inbound_queue, pending=settings.pending_queue,
                               failed=settings.failed_queue, first_delay_s=settings.poll_first_delay_s,
+                              adaptive=settings.poll_schedule is Schedule.ADAPTIVE,
                               group_size=settings.quorum_initial_group_size)
     process.serve("submitter", settings, queues=queues, consume=settings.inbound_queue, store=mongo,
                   handler=lambda durable: Submitter(settings, store=mongo, legacy=legacy, durable=durable),

@@ -22,7 +22,7 @@ from regbridge.legacy_http import Legacy
 from regbridge.lifecycle import Fail, HandOn, RetrySubmit, Stage, State, SubmitPolicy, Transient
 from regbridge.messages import DecodeError, FailureError, PendingMessage, Registration, publish_mark
 from regbridge.plans import AttemptAccepted, Failure, Finish, Forward, Plan, Requeue, Retry, Subject, UserStatus, Write
-from regbridge.settings import SubmitterSettings
+from regbridge.settings import Schedule, SubmitterSettings
 from regbridge.store import Store
 from regbridge.topology import first_hop
 from submitter import metrics
@@ -43,7 +43,8 @@ class Submitter:
         self._publish_mark = publish_mark
         self._policy = SubmitPolicy(settings.submit_max_attempts, settings.submit_backoff_base_s,
                                     settings.submit_backoff_max_s)
-        self._first_hop = first_hop(settings.pending_queue, settings.poll_first_delay_s)
+        self._first_hop = first_hop(settings.pending_queue, settings.poll_first_delay_s,
+                                    adaptive=settings.poll_schedule is Schedule.ADAPTIVE)
         # What the first hop's wait queue holds it for (none when it goes straight to pending).
         self._first_wait_s = settings.poll_first_delay_s if self._first_hop != settings.pending_queue else 0.0
 

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 
 from pydantic import SecretStr
 
+from regbridge.poll_schedule import LADDER_S
 from regbridge.redact import redact_url_value
-from regbridge.settings import HttpUrl, PipelineSettings, SettingsError
+from regbridge.settings import HttpUrl, PipelineSettings, Schedule, SettingsError
 from regbridge.topology import wait_queue_name
 
 from .errors import USAGE, CliError
@@ -31,8 +32,10 @@ class CliSettings(PipelineSettings):
     @property
     def wait_queues(self) -> list[str]:
         """The poller's wait queues for the configured delays (the submitter's first hop, then
-        the poll interval), each named once."""
+        the poll interval), and on the adaptive schedule those of its ladder, each named once."""
         delays = [d for d in (self.poll_first_delay_s, self.poll_interval_s) if d > 0]
+        if self.poll_schedule is Schedule.ADAPTIVE:
+            delays += LADDER_S
         return list(dict.fromkeys(wait_queue_name(self.pending_queue, d) for d in delays))
 
     @property

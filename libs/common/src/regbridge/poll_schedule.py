@@ -1,0 +1,513 @@
+"""The adaptive poll schedule: learn when registrations complete, and choose when to poll. No I/O.
+
+What is observed. Each registration the poller finds completed tells it an interval: it completed
+after the age of its last poll that said `processing` (0 when there was none) and no later than
+the age of the poll that said `completed`. A `Learner` keeps the last `window` such intervals
+(bounded memory; a drift pushes the old ones out). Below `min_observations` the schedule is the
+configured one (`PollPolicy`: `POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`).
+
+What is estimated. `fit` turns the window into a distribution of completion ages with Turnbull's
+self-consistency algorithm, the maximum-likelihood estimate for interval-censored data: an
+interval (0, 10] ("done at the first poll, at 10 s") and a probe's (0, 5] ("done already at 5 s")
+together say the mass lies before 5 s, which no per-interval spreading would find. Ages are
+rounded to 1 % first, so the intervals fall into a few dozen distinct ones and the fit stays cheap.
+
+What is chosen. A plan of poll ages: the first poll, then a wait from the ladder between each
+poll and the next. It minimises E[polls] + lambda * E[detection delay] by dynamic programming over
+a grid of ages, where each step is "wait one tier of the ladder, then poll"; lambda is found by
+bisection so that the expected delay is `delay_ratio` of the median completion age, unless that
+would cost more than `max_polls` polls on average, in which case the polls are capped. The first
+poll may be any sum of one or two tiers (two hops through the broker before the first poll); every
+later wait is exactly one tier, so each poll costs one hop, as on the fixed schedule. Past the
+plan's last age (completions later than any in the window) the waits grow geometrically
+(`tail_ratio` of the age), so a latency that moved later is caught in a few polls and then learned.
+
+The rule of promise 4. The first poll is never planned before the earliest age at which a
+registration in the window was seen completed (the smallest upper bound, the `floor`): mass the
+estimate puts below it is counted as found at the floor. The only polls before it are probes:
+when at least `probe_trigger` of the window was already done at its first poll, the latency may
+have moved earlier, so `probe_share` of the ids (chosen by a hash of the request id, the same at
+every redelivery) make their first poll at half the planned age. A probe that finds `completed`
+lowers the floor; one that finds `processing` bounds the mass from below. Both are observations.
+
+Why a ladder. The broker serves a delay only as a wait queue of fixed TTL, declared at connect
+time. `LADDER_S` is 25 tiers from 0.1 s to 409.6 s in steps of sqrt(2); the configured
+`POLL_FIRST_DELAY_S` and `POLL_INTERVAL_S` are added for the cold start, so at most 27 queues
+whatever is learned. sqrt(2) is the coarsest step whose choice of gaps still lets the plan meet a
+delay of a few percent of the latency (the plan picks among them, it does not round to them); a
+finer step would double the queues for little gain.
+
+The fit is a few tens of milliseconds of pure Python: it runs at most every `refit_every`
+observations and `refit_min_s` seconds, on a copy of the window, outside any lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# 0.1 s * sqrt(2)**k, whole milliseconds (queue names and TTLs are in ms): 0.1 s .. 409.6 s.
+LADDER_S: tuple[float, ...] = tuple(round(100 * 2 ** (k / 2)) / 1000 for k in range(25))
+
+# Ages are compared after rounding to 1 %: a poll planned at 12.8 s and taken at 12.83 s is one age.
+_ROUNDING = 0.01
+# DP grid cells between the floor and the last completion seen.
+_GRID = 120
+# What the plan counts a poll as at least, however few ids are expected to be still waiting: a
+# plan that ends in many polls nearly nobody needs would cost every id all of them the day the
+# latency moves later.
+_LEAST_POLL_COST = 0.06
+# Steps of the search for lambda, over 7 decades: about 5 % of lambda at the end.
+_BISECTIONS = 14
+# How far past a planned age a message may arrive (its hops and the poller's work) and still be
+# on plan: seconds, plus a share of the wait.
+_SLACK_S = 0.05
+_SLACK_SHARE = 0.05
+
+
+class PollSchedule(Protocol):
+    """When to poll one id, from its age (and, for the first poll, its place among the ids)."""
+
+    def first_wait(self, *, age_s: float, share: float = 0.0) -> float | None:
+        """How long an id never polled must still wait, or None: poll now. `share` is uniform in
+        [0, 1) per id and stable across redeliveries (it picks the ids that probe)."""
+        ...
+
+    def next_wait(self, *, age_s: float) -> float:
+        """How long to wait after a poll at `age_s` that found the registration not done."""
+        ...
+
+
+def adaptive_tiers(first_delay_s: float, interval_s: float) -> tuple[float, ...]:
+    """The waits the adaptive schedule uses: the ladder, and the configured delays for the cold start."""
+    return tuple(sorted({*LADDER_S, *(d for d in (first_delay_s, interval_s) if d > 0)}))
+
+
+def _slack(wait_s: float) -> float:
+    return _SLACK_S + _SLACK_SHARE * wait_s
+
+
+def tier_not_below(wait_s: float, tiers: Sequence[float]) -> float:
+    """The shortest tier at least `wait_s` (a little less allowed: the message is late by its hops),
+    or the longest tier."""
+    i = bisect.bisect_left(tiers, wait_s - _slack(wait_s))
+    return tiers[min(i, len(tiers) - 1)]
+
+
+def first_hop(remaining_s: float, tiers: Sequence[float]) -> float:
+    """The next wait towards an age `remaining_s` away: of one tier, or two, whichever lands
+    there soonest at or after it (within a late message's slack; a second hop counts as
+    `_SLACK_S` later, for what a hop adds), the first; else the longest tier short of it, and
+    another hop follows. Never lands early."""
+    slack = _slack(remaining_s)
+    best, best_score = None, math.inf
+    i = bisect.bisect_left(tiers, remaining_s)
+    if i < len(tiers) and tiers[i] - remaining_s <= slack:
+        best, best_score = tiers[i], tiers[i] - remaining_s
+    for t in reversed(tiers[:i]):
+        rest = remaining_s - t
+        j = bisect.bisect_left(tiers, rest)
+        if j < len(tiers) and tiers[j] - rest <= slack and tiers[j] - rest + _SLACK_S < best_score:
+            best, best_score = t, tiers[j] - rest + _SLACK_S
+    if best is not None:
+        return best
+    return tiers[i - 1] if i > 0 else tiers[0]
+
+
+def two_tier_ages(tiers: Sequence[float]) -> list[float]:
+    """Every age one or two hops reach: the possible first polls of a plan."""
+    return sorted({*tiers, *(round(a + b, 6) for k, a in enumerate(tiers) for b in tiers[k:])})
+
+
+def _round_age(age_s: float) -> float:
+    if age_s <= 0:
+        return 0.0
+    return math.exp(round(math.log(age_s) / _ROUNDING) * _ROUNDING)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A registration seen completed: it completed in (lo_s, hi_s] of age."""
+
+    lo_s: float
+    hi_s: float
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    tiers: tuple[float, ...]
+    window: int = 500
+    min_observations: int = 20
+    delay_ratio: float = 0.05
+    max_polls: float = 4.0
+    refit_every: int = 20
+    refit_min_s: float = 2.0
+    # Probes: `probe_share` of ids once `probe_trigger` of the window was done at its first poll
+    # (proportionally fewer below), their first poll earlier than planned by `probe_depth` times
+    # that share of the window.
+    probe_trigger: float = 0.8
+    probe_share: float = 0.3
+    probe_depth: float = 0.5
+    tail_ratio: float = 0.4
+    # How far (log of the ratio of medians) the newest quarter of the window may stray before the
+    # rest is set aside as a distribution that has gone.
+    shift: float = 0.25
+
+
+@dataclass(frozen=True)
+class LearnedSchedule:
+    """A plan fitted to a window of observations. Implements PollSchedule."""
+
+    tiers: tuple[float, ...]
+    ages: tuple[float, ...]  # planned poll ages: the first, then one tier apart each
+    floor_s: float
+    probe_age_s: float | None
+    probe_share: float
+    tail_ratio: float
+    observations: int
+    quantiles: tuple[float, float, float]  # completion age p10, p50, p90
+    expected_polls: float
+    expected_delay_s: float
+
+    @property
+    def first_poll_s(self) -> float:
+        return self.ages[0]
+
+    @property
+    def mean_interval_s(self) -> float:
+        return (self.ages[-1] - self.ages[0]) / (len(self.ages) - 1) if len(self.ages) > 1 else 0.0
+
+    def first_wait(self, *, age_s: float, share: float = 0.0) -> float | None:
+        probing = self.probe_age_s is not None and share < self.probe_share
+        target = self.probe_age_s if probing and self.probe_age_s is not None else self.ages[0]
+        remaining = target - age_s
+        # Waits are whole milliseconds of TTL summed in `waited_s`: a hop that lands on the age
+        # leaves float dust, not a wait.
+        if remaining <= 1e-6:
+            return None
+        return first_hop(remaining, self.tiers)
+
+    def next_wait(self, *, age_s: float) -> float:
+        # The next planned age at least half the plan's own gap ahead: a message polled on an
+        # older plan (the plan is refitted as it waits) is not polled again almost at once, so
+        # an id never meets more polls than the plans it lives through would give it.
+        ages = self.ages
+        i = bisect.bisect_right(ages, age_s)
+        while i < len(ages) and i > 0 and ages[i] - age_s < (ages[i] - ages[i - 1]) / 2:
+            i += 1
+        if i < len(ages):
+            return tier_not_below(ages[i] - age_s, self.tiers)
+        last_gap = ages[-1] - ages[-2] if len(ages) > 1 else self.tiers[0]
+        return tier_not_below(max(last_gap, self.tail_ratio * age_s), self.tiers)
+
+
+# ---- the learner's window -----------------------------------------------------------------------
+
+
+@dataclass
+class Learner:
+    """The sliding window and when to refit. Not thread-safe: its owner holds a lock around it."""
+
+    config: AdaptiveConfig
+    _window: deque[Observation] = field(init=False)
+    _since_fit: int = field(init=False, default=0)
+    _last_fit_at: float = field(init=False, default=-math.inf)
+
+    def __post_init__(self) -> None:
+        self._window = deque(maxlen=self.config.window)
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def observe(self, observation: Observation) -> None:
+        self._window.append(observation)
+        self._since_fit += 1
+
+    def due(self, now: float) -> bool:
+        c = self.config
+        return (len(self._window) >= c.min_observations and self._since_fit >= min(c.refit_every, c.min_observations)
+                and now - self._last_fit_at >= c.refit_min_s)
+
+    def take(self, now: float) -> tuple[Observation, ...]:
+        """A copy of the window to fit, outside the owner's lock; the next fit waits its turn."""
+        self._since_fit = 0
+        self._last_fit_at = now
+        return tuple(self._window)
+
+
+# ---- the estimate -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Completion-age mass on elementary cells (edges[k], edges[k+1]], spread evenly inside each."""
+
+    edges: tuple[float, ...]
+    mass: tuple[float, ...]
+
+    def cdf(self, age_s: float) -> float:
+        total = 0.0
+        for k, m in enumerate(self.mass):
+            lo, hi = self.edges[k], self.edges[k + 1]
+            if age_s >= hi:
+                total += m
+            elif age_s > lo:
+                total += m * (age_s - lo) / (hi - lo)
+        return min(1.0, total)
+
+    def moment(self, age_s: float) -> float:
+        """The mass up to `age_s` times its age (the first partial moment)."""
+        total = 0.0
+        for k, m in enumerate(self.mass):
+            lo, hi = self.edges[k], self.edges[k + 1]
+            if age_s >= hi:
+                total += m * (lo + hi) / 2
+            elif age_s > lo:
+                part = (age_s - lo) / (hi - lo)
+                total += m * part * (lo + age_s) / 2
+        return total
+
+    def quantile(self, q: float) -> float:
+        total = 0.0
+        for k, m in enumerate(self.mass):
+            if m > 0 and total + m >= q:
+                lo, hi = self.edges[k], self.edges[k + 1]
+                return lo + (hi - lo) * (q - total) / m
+            total += m
+        return self.edges[-1]
+
+
+def estimate(observations: Iterable[Observation], *, iterations: int = 8, tolerance: float = 1e-5) -> Distribution:
+    """Turnbull's self-consistency estimate of the completion-age distribution."""
+    counts: dict[tuple[float, float], int] = {}
+    for o in observations:
+        lo, hi = _round_age(o.lo_s), _round_age(o.hi_s)
+        key = (lo, max(hi, lo))
+        counts[key] = counts.get(key, 0) + 1
+    edges = sorted({0.0, *(lo for lo, _ in counts), *(hi for _, hi in counts)})
+    index = {e: k for k, e in enumerate(edges)}
+    # A zero-width interval (rounding met) counts in the cell that ends at it.
+    groups = [(max(0, index[hi] - 1) if lo == hi else index[lo], index[hi], n) for (lo, hi), n in counts.items()]
+    total = sum(n for _, _, n in groups)
+    cells = len(edges) - 1
+    if cells == 0:
+        return Distribution((0.0, edges[0] or 1e-3), (1.0,))
+    covered = [0.0] * cells
+    for a, b, n in groups:
+        for k in range(a, b):
+            covered[k] += n / (b - a)
+    p = [c / total for c in covered]
+    for _ in range(iterations):
+        new = [0.0] * cells
+        for a, b, n in groups:
+            s = sum(p[a:b])
+            if s <= 0:
+                continue
+            w = n / total / s
+            for k in range(a, b):
+                new[k] += w * p[k]
+        change = max(abs(x - y) for x, y in zip(new, p, strict=True))
+        p = new
+        if change < tolerance:
+            break
+    return Distribution(tuple(edges), tuple(p))
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The mass on a uniform grid from the floor: point k is age floor + k * step; cumulative
+    mass F and first moment G at each point, for the delay of any span in O(1)."""
+
+    floor_s: float
+    step_s: float
+    cdf: tuple[float, ...]
+    moment: tuple[float, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.cdf) - 1
+
+    def age(self, k: int) -> float:
+        return self.floor_s + k * self.step_s
+
+    def index(self, age_s: float) -> int:
+        return max(0, round((age_s - self.floor_s) / self.step_s))
+
+    def delay_from_start(self, j: int) -> float:
+        """Expected detection delay of the mass up to point j, caught by a first poll at j."""
+        jj = min(j, self.size)
+        return self.age(j) * self.cdf[jj] - self.moment[jj]
+
+    def delay(self, i: int, j: int) -> float:
+        """Expected detection delay of the mass in (point i, point j], caught by a poll at j."""
+        jj = min(j, self.size)
+        mass = self.cdf[jj] - self.cdf[i]
+        return self.age(j) * mass - (self.moment[jj] - self.moment[i])
+
+
+def _grid(dist: Distribution, floor_s: float) -> _Grid:
+    top = max(dist.edges[-1], floor_s)
+    step = max((top - floor_s) / _GRID, 1e-3)
+    n = max(1, math.ceil((top - floor_s) / step))
+    # Point 0 holds everything up to the floor, at the ages the estimate gives it: no poll comes
+    # earlier, so it is found at the first poll, and its delay counts.
+    cells = [0.0] * (n + 1)
+    moments = [0.0] * (n + 1)
+    cells[0] = dist.cdf(floor_s)
+    moments[0] = dist.moment(floor_s)
+    for k in range(1, n + 1):
+        lo, hi = floor_s + (k - 1) * step, floor_s + k * step
+        m = dist.cdf(hi) - dist.cdf(lo)
+        cells[k] = m
+        moments[k] = m * (lo + hi) / 2
+    cdf, moment, c, g = [], [], 0.0, 0.0
+    for m, mm in zip(cells, moments, strict=True):
+        c += m
+        g += mm
+        cdf.append(c)
+        moment.append(g)
+    scale = c if c > 0 else 1.0
+    return _Grid(floor_s, step, tuple(x / scale for x in cdf), tuple(x / scale for x in moment))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    ages: tuple[float, ...]
+    polls: float
+    delay_s: float
+
+
+def _solve(grid: _Grid, tiers: Sequence[float], firsts: Sequence[tuple[float, int, float]], lam: float,
+           longest: float) -> _Plan:
+    """The plan minimising E[polls] + lam * E[detection delay]: backwards over the grid, each
+    step one tier, none longer than `longest` times the age it starts from. (The inner loop is
+    written out: it runs a few thousand times a fit.)"""
+    n = grid.size
+    steps = sorted({max(1, round(t / grid.step_s)) for t in tiers})
+    cdf, moment, floor_s, step_s = grid.cdf, grid.moment, grid.floor_s, grid.step_s
+    total_moment = moment[n]
+    value = [0.0] * (n + 1)
+    choice = [steps[-1]] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        best, best_s = math.inf, steps[-1]
+        c_i, m_i = cdf[i], moment[i]
+        s_i = max(1.0 - c_i, _LEAST_POLL_COST)
+        reach = max(1, int(longest * (floor_s + i * step_s) / step_s))
+        for s in steps:
+            if s > reach and s != steps[0]:
+                break
+            j = i + s
+            age_j = floor_s + j * step_s
+            if j >= n:
+                # Past the last completion: everything left is caught; a longer step only delays.
+                cost = s_i + lam * (age_j * (1.0 - c_i) - (total_moment - m_i))
+                if cost < best:
+                    best, best_s = cost, s
+                break
+            cost = s_i + lam * (age_j * (cdf[j] - c_i) - (moment[j] - m_i)) + value[j]
+            if cost < best:
+                best, best_s = cost, s
+        value[i], choice[i] = best, best_s
+    # The first poll: any age one or two hops reach, from the floor on (each with its grid
+    # point and the delay of the mass it catches).
+    best, first, first_age = math.inf, -1, 0.0
+    for a, j, caught_delay in firsts:
+        if j > n and first >= 0:
+            break
+        cost = 1.0 + lam * caught_delay + (value[j] if j <= n else 0.0)
+        if cost < best:
+            best, first, first_age = cost, j, a
+    # Walk the plan: its ages (exact sums of tiers) and what it is expected to cost.
+    by_step = {max(1, round(t / grid.step_s)): t for t in sorted(tiers, reverse=True)}
+    ages = [first_age]
+    j = first
+    polls = 1.0
+    delay = grid.delay_from_start(j)
+    while j < n:
+        s = choice[j]
+        polls += 1.0 - grid.cdf[j]
+        delay += grid.delay(j, j + s)
+        j += s
+        ages.append(round(ages[-1] + by_step[s], 6))
+    return _Plan(tuple(ages), polls, max(0.0, delay))
+
+
+def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ratio: float,
+         max_polls: float, longest: float) -> _Plan:
+    """The cheapest plan whose expected delay is `delay_ratio` of the median, polls capped, no
+    wait between polls longer than `longest` times the age. (That bound keeps a plan from
+    feeding itself: a last poll long after the others would yield wide intervals, whose spread
+    mass would justify the same long wait again.)"""
+    grid = _grid(dist, floor_s)
+    firsts = [(a, grid.index(a), grid.delay_from_start(grid.index(a)))
+              for a in two_tier_ages(tiers) if a >= floor_s - 1e-9]
+    median = max(dist.quantile(0.5), 1e-3)
+    # The aim is for the delay the plan can change: mass the estimate puts before the floor is
+    # found at the first poll at best, and that much delay no plan avoids.
+    target = delay_ratio * median + grid.delay_from_start(0)
+    lo, hi = math.log(1e-3 / median), math.log(1e4 / median)
+    # The smallest lambda that meets the delay (E[delay] falls as lambda grows).
+    best = _solve(grid, tiers, firsts, math.exp(hi), longest)
+    if best.delay_s <= target:
+        a, b = lo, hi
+        for _ in range(_BISECTIONS):
+            mid = (a + b) / 2
+            p = _solve(grid, tiers, firsts, math.exp(mid), longest)
+            if p.delay_s <= target:
+                b, best = mid, p
+            else:
+                a = mid
+    if best.polls > max_polls:
+        # Too many polls for that delay: the largest lambda within the cap.
+        a, b = lo, math.log(1e4 / median)
+        best = _solve(grid, tiers, firsts, math.exp(lo), longest)
+        for _ in range(_BISECTIONS):
+            mid = (a + b) / 2
+            p = _solve(grid, tiers, firsts, math.exp(mid), longest)
+            if p.polls <= max_polls:
+                a, best = mid, p
+            else:
+                b = mid
+    return best
+
+
+def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedSchedule | None:
+    """A schedule for this window, or None while it is too small to learn from (the cold start)."""
+    if len(observations) < config.min_observations:
+        return None
+    dist = estimate(observations)
+    # A latency that moved: the newest quarter of the window disagrees with the whole about the
+    # median. The older part then describes ids no longer arriving; fit the newest alone, so a
+    # drift costs the ids in flight one plan's polls, not those of a plan for a mixture.
+    recent = observations[-max(config.min_observations, len(observations) // 4):]
+    if len(recent) < len(observations):
+        newer = estimate(recent)
+        if abs(math.log(newer.quantile(0.5) / dist.quantile(0.5))) > config.shift:
+            observations, dist = recent, newer
+    floor_s = _round_age(min(o.hi_s for o in observations))
+    best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
+                max_polls=config.max_polls, longest=config.tail_ratio)
+    # Ids done at their first poll may have been done long before it: probe below the first
+    # poll, the more of them the more often (none when the first poll always finds `processing`).
+    first_done = sum(1 for o in observations if o.lo_s <= 0) / len(observations)
+    share = min(config.probe_share, config.probe_share * first_done / config.probe_trigger)
+    # The more were done at their first poll, the deeper the probe: half the first poll's age
+    # when all were.
+    depth = 1.0 - config.probe_depth * first_done
+    probe = max((a for a in two_tier_ages(config.tiers) if a <= depth * best.ages[0]), default=None)
+    if share <= 0:
+        probe = None
+    return LearnedSchedule(
+        tiers=config.tiers, ages=best.ages, floor_s=floor_s, probe_age_s=probe,
+        probe_share=share if probe is not None else 0.0, tail_ratio=config.tail_ratio,
+        observations=len(observations),
+        quantiles=(dist.quantile(0.1), dist.quantile(0.5), dist.quantile(0.9)),
+        expected_polls=best.polls, expected_delay_s=best.delay_s,
+    )

@@ -1,0 +1,355 @@
+"""The adaptive poll schedule (regbridge.poll_schedule), without a broker or a clock.
+
+A small discrete-event simulation drives the pure code as the poller does: registrations arrive
+at a steady rate, each completes at its drawn latency, each message is taken by the "poller" at
+the age its waits add up to (plus a little per hop, as a broker adds), polled or sent on to a
+wait. It counts polls and detection delays (simulated seconds, not wall time), for the adaptive
+schedule and, for comparison, the fixed one (10 s, then every 2 s).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import pairwise
+
+import pytest
+
+from regbridge.lifecycle import PollPolicy
+from regbridge.poll_schedule import (
+    LADDER_S,
+    AdaptiveConfig,
+    LearnedSchedule,
+    Learner,
+    Observation,
+    PollSchedule,
+    adaptive_tiers,
+    estimate,
+    first_hop,
+    fit,
+    tier_not_below,
+    two_tier_ages,
+)
+from regbridge.topology import wait_queue, wait_queue_name
+
+Latency = Callable[[random.Random, float], float]  # (rng, arrival time) -> seconds to complete
+
+COLD = PollPolicy(10.0, 2.0, 300.0)
+TIERS = adaptive_tiers(10.0, 2.0)
+CONFIG = AdaptiveConfig(tiers=TIERS)
+HOP_S = 0.02  # what a broker hop and the poller's work add to every wait
+
+
+def uniform(lo: float, hi: float) -> Latency:
+    return lambda rng, _t: rng.uniform(lo, hi)
+
+
+def lognormal(median: float, sigma: float) -> Latency:
+    return lambda rng, _t: rng.lognormvariate(math.log(median), sigma)
+
+
+def drift(before: Latency, after: Latency, at_s: float) -> Latency:
+    return lambda rng, t: (before if t < at_s else after)(rng, t)
+
+
+@dataclass
+class Reg:
+    arrived: float
+    latency: float
+    share: float
+    polls: int = 0
+    processing_at: float = 0.0
+    delay: float | None = None
+    first_poll_age: float | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    regs: list[Reg]
+    schedules: list[LearnedSchedule]
+
+    def polls(self, start: float = 0.0, end: float = 1.0) -> float:
+        part = self._part(start, end)
+        return sum(r.polls for r in part) / len(part)
+
+    def delay(self, start: float = 0.0, end: float = 1.0) -> float:
+        part = self._part(start, end)
+        return sum(r.delay or 0.0 for r in part) / len(part)
+
+    def _part(self, start: float, end: float) -> list[Reg]:
+        return self.regs[int(start * len(self.regs)):int(end * len(self.regs))]
+
+
+def simulate(latency: Latency, *, adaptive: bool, n: int = 2000, rate: float = 10.0, seed: int = 7,
+             config: AdaptiveConfig = CONFIG) -> Run:
+    """Registrations arriving `rate` a second, polled by one poller on the chosen schedule."""
+    rng = random.Random(seed)
+    learner = Learner(config)
+    schedule: PollSchedule = COLD
+    schedules: list[LearnedSchedule] = []
+    regs: list[Reg] = []
+    events: list[tuple[float, int]] = []
+    for i in range(n):
+        arrived = i / rate
+        regs.append(Reg(arrived, latency(rng, arrived), zlib.crc32(f"R-{i}".encode()) / 2**32))
+        heapq.heappush(events, (arrived + HOP_S, i))  # the submitter hands on to pending
+    while events:
+        now, i = heapq.heappop(events)
+        reg = regs[i]
+        age = now - reg.arrived
+        if reg.polls == 0:
+            wait = schedule.first_wait(age_s=age, share=reg.share)
+            if wait is not None:
+                heapq.heappush(events, (now + wait + HOP_S, i))
+                continue
+            reg.first_poll_age = age
+        reg.polls += 1
+        if reg.latency > age:
+            reg.processing_at = age
+            heapq.heappush(events, (now + schedule.next_wait(age_s=age) + HOP_S, i))
+            continue
+        reg.delay = age - reg.latency
+        if adaptive:
+            learner.observe(Observation(reg.processing_at, age))
+            if learner.due(now):
+                learned = fit(learner.take(now), config)
+                if learned is not None:
+                    schedule = learned
+                    schedules.append(learned)
+    return Run(regs, schedules)
+
+
+# ---- the figures the issue asks for -------------------------------------------------------------
+# Measured after the first quarter of the run, which holds the cold start and the learning.
+
+
+@pytest.fixture(scope="module")
+def fixed_10_20() -> Run:
+    return simulate(uniform(10, 20), adaptive=False)
+
+
+def test_on_the_briefs_latency_it_is_no_worse_than_the_fixed_schedule(fixed_10_20: Run) -> None:
+    run = simulate(uniform(10, 20), adaptive=True)
+    assert 3.7 < fixed_10_20.polls(0.25) < 4.2 and 0.9 < fixed_10_20.delay(0.25) < 1.2  # 10 s, then every 2 s
+    assert run.polls(0.25) <= fixed_10_20.polls(0.25)
+    assert run.delay(0.25) <= 1.1 * fixed_10_20.delay(0.25)
+    assert run.delay(0.25) <= 0.1 * 15
+
+
+@pytest.mark.parametrize(("latency", "median"), [
+    pytest.param(uniform(2, 4), 3.0, id="uniform 2-4 s"),
+    pytest.param(uniform(40, 80), 60.0, id="uniform 40-80 s"),
+])
+def test_on_other_latencies_polls_stay_near_four_and_the_delay_near_a_tenth(latency: Latency, median: float) -> None:
+    fixed, run = simulate(latency, adaptive=False), simulate(latency, adaptive=True)
+    assert run.polls(0.25) <= 4.3
+    assert run.delay(0.25) <= 0.1 * median
+    # What the fixed schedule does there: a 7 s delay at 2-4 s, some 26 polls at 40-80 s.
+    assert run.delay(0.25) < fixed.delay(0.25) / 10 or run.polls(0.25) < fixed.polls(0.25) / 5
+
+
+def test_on_a_skewed_latency_polls_and_delay_stay_bounded() -> None:
+    # Log-normal, median 15 s, sigma 0.5: a long tail both ways. Even knowing the distribution
+    # exactly, four polls on average cannot bring the mean delay much under 1.5 s (a tenth of the
+    # median); the bound allows the estimate's error on top.
+    run = simulate(lognormal(15, 0.5), adaptive=True)
+    assert run.polls(0.25) <= 4.6
+    assert run.delay(0.25) <= 0.15 * 15
+
+
+def test_a_latency_that_drifts_later_is_followed() -> None:
+    # 10-20 s, then 40-80 s from the 150th second (registration 1,500 of 4,000).
+    fixed = simulate(drift(uniform(10, 20), uniform(40, 80), 150.0), adaptive=False, n=4000)
+    run = simulate(drift(uniform(10, 20), uniform(40, 80), 150.0), adaptive=True, n=4000)
+    # Before: as on 10-20 s. The ids in flight when it moves pay the old plan's polls and a few
+    # more; once the new latency is learned, the figures are those of 40-80 s.
+    assert run.polls(0.1, 0.375) <= 4.0
+    assert run.polls() <= 7.0 < fixed.polls() / 2
+    assert run.polls(0.75) <= 4.3
+    assert run.delay(0.75) <= 0.1 * 60
+    assert run.schedules[-1].quantiles[1] == pytest.approx(60, rel=0.15)
+
+
+def test_a_latency_that_drifts_earlier_is_found_by_probes() -> None:
+    # 40-80 s, then 10-20 s: the first polls find everything done, so some ids probe earlier.
+    run = simulate(drift(uniform(40, 80), uniform(10, 20), 150.0), adaptive=True, n=4000)
+    assert any(s.probe_age_s is not None and s.probe_share > 0 for s in run.schedules)
+    assert run.polls(0.75) <= 4.5
+    assert run.delay(0.75) <= 0.1 * 15
+    assert run.schedules[-1].first_poll_s < 20
+
+
+# ---- cold start, window, the rule of promise 4 -------------------------------------------------
+
+
+def test_the_cold_start_is_the_configured_schedule() -> None:
+    assert fit([Observation(0, 10.0)] * (CONFIG.min_observations - 1), CONFIG) is None
+    run = simulate(uniform(10, 20), adaptive=True, n=30)
+    # Every registration submitted before a single completion was seen: first poll at 10 s.
+    early = [r for r in run.regs if r.arrived < 10.0]
+    assert early and all(r.first_poll_age is not None and 10.0 <= r.first_poll_age < 10.1 for r in early)
+    assert isinstance(fit([Observation(10.0, 12.0)] * CONFIG.min_observations, CONFIG), LearnedSchedule)
+
+
+def test_the_window_keeps_the_last_observations_and_refits_when_due() -> None:
+    learner = Learner(AdaptiveConfig(tiers=TIERS, window=3, min_observations=2, refit_every=2, refit_min_s=5.0))
+    learner.observe(Observation(0, 1.0))
+    assert not learner.due(0.0)  # below min_observations
+    for hi in (2.0, 3.0, 4.0, 5.0):
+        learner.observe(Observation(0, hi))
+    assert len(learner) == 3
+    assert learner.due(0.0)
+    assert [o.hi_s for o in learner.take(0.0)] == [3.0, 4.0, 5.0]
+    learner.observe(Observation(0, 6.0))
+    learner.observe(Observation(0, 7.0))
+    assert not learner.due(4.9)  # refit_min_s since the last fit
+    assert learner.due(5.0)
+
+
+def test_a_shift_in_the_newest_quarter_sets_the_older_part_aside() -> None:
+    old = [Observation(12.0 + k % 8, 13.0 + k % 8) for k in range(300)]
+    new = [Observation(50.0 + k % 20, 52.0 + k % 20) for k in range(100)]
+    learned = fit(old + new, CONFIG)
+    assert learned is not None and learned.observations == 100
+    assert learned.first_poll_s >= 51.0
+    steady = fit(old, CONFIG)
+    assert steady is not None and steady.observations == 300
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_poll_before_the_earliest_completion_seen_except_probes(seed: int) -> None:
+    rng = random.Random(seed)
+    lo_s = rng.uniform(1, 30)
+    # Every id seen processing first, then done within a few seconds: no completion before `earliest`.
+    observations = [Observation(a, a + rng.uniform(0.2, 3)) for a in (lo_s + rng.uniform(0, lo_s) for _ in range(200))]
+    earliest = min(o.hi_s for o in observations)
+    learned = fit(observations, CONFIG)
+    assert learned is not None
+    assert learned.probe_age_s is None  # none was done at its first poll: nothing to probe for
+    assert learned.first_poll_s >= earliest * 0.99  # ages are compared at 1 %
+    for share in (0.0, 0.3, 0.99):
+        assert _first_poll_age(learned, share) >= learned.first_poll_s
+
+
+def test_probes_poll_earlier_only_for_their_share_of_ids() -> None:
+    # Everything done at its first poll, at 10 s: the latency may have moved earlier.
+    learned = fit([Observation(0, 10.0)] * 100, CONFIG)
+    assert learned is not None and learned.first_poll_s == pytest.approx(10.0, abs=0.2)
+    assert learned.probe_age_s is not None and learned.probe_age_s <= 5.0
+    assert learned.probe_share == CONFIG.probe_share
+    shares = [k / 1000 for k in range(1000)]
+    early = [s for s in shares if _first_poll_age(learned, s) < learned.first_poll_s]
+    assert len(early) == pytest.approx(CONFIG.probe_share * 1000, abs=1)
+    assert all(_first_poll_age(learned, s) == pytest.approx(learned.probe_age_s) for s in early)
+
+
+def _first_poll_age(schedule: PollSchedule, share: float) -> float:
+    age = 0.0
+    for _ in range(10):
+        wait = schedule.first_wait(age_s=age, share=share)
+        if wait is None:
+            return age
+        age += wait
+    raise AssertionError("the first poll is never reached")
+
+
+# ---- waits on the ladder ----------------------------------------------------------------------
+
+
+def test_the_ladder_is_a_bounded_set_of_wait_queues() -> None:
+    assert len(LADDER_S) == 25 and LADDER_S[0] == 0.1 and LADDER_S[-1] == 409.6
+    assert all(b / a == pytest.approx(math.sqrt(2), rel=0.01) for a, b in pairwise(LADDER_S))
+    tiers = adaptive_tiers(10.0, 2.0)
+    assert {10.0, 2.0} <= set(tiers) and len(tiers) <= 27
+    assert adaptive_tiers(0.0, 0.2) == tuple(sorted({*LADDER_S, 0.2}))
+    for t in tiers:  # each a queue whose TTL is its name
+        assert wait_queue("p", t).arguments["x-message-ttl"] == round(t * 1000)
+        assert wait_queue_name("p", t) == f"p.wait.{round(t * 1000)}ms"
+
+
+def test_the_fixed_schedule_keeps_its_own_two_queues() -> None:
+    assert COLD.tiers() == (2.0, 10.0)
+    assert COLD.first_wait(age_s=0.0, share=0.0) == 10.0
+    assert COLD.next_wait(age_s=12.0) == 2.0
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.1, 0.0), (2.0, 0.0), (10.0, 0.0), (9.051, 2.263), (12.8, 0.8),
+                                      (36.204, 9.051), (51.2, 0.1), (0.2, 0.141)])
+def test_a_first_poll_at_a_two_tier_age_takes_at_most_two_hops(a: float, b: float) -> None:
+    target = round(a + b, 6)
+    assert target in two_tier_ages(TIERS)
+    age, hops = HOP_S, 0  # taken from pending a hop after submission
+    while (remaining := target - age) > 0:
+        wait = first_hop(remaining, TIERS)
+        assert wait in TIERS
+        age += wait + HOP_S
+        hops += 1
+    assert hops <= 2
+    assert age - target <= (hops + 1) * HOP_S + 1e-9  # lands at it, late only by the hops
+
+
+def test_a_first_poll_at_another_age_is_reached_in_a_few_hops_never_early() -> None:
+    for target in (0.35, 3.7, 17.0, 61.0, 250.0):
+        age, hops = HOP_S, 0
+        while (remaining := target - age) > 0:
+            age += first_hop(remaining, TIERS) + HOP_S
+            hops += 1
+        assert hops <= 5 and age >= target
+
+
+def test_a_wait_is_the_shortest_tier_not_below_it() -> None:
+    assert tier_not_below(1.9, TIERS) == 2.0
+    assert tier_not_below(2.0, TIERS) == 2.0
+    assert tier_not_below(3.3, TIERS) == 3.2  # within a late message's slack
+    assert tier_not_below(3.5, TIERS) == 4.525
+    assert tier_not_below(0.01, TIERS) == 0.1
+    assert tier_not_below(10_000, TIERS) == TIERS[-1]
+
+
+def test_after_a_poll_the_next_comes_at_the_next_planned_age() -> None:
+    learned = fit([Observation(10.0 + k % 10, 11.0 + k % 10) for k in range(100)], CONFIG)
+    assert learned is not None
+    ages = learned.ages
+    assert all(any(b - a == pytest.approx(t) for t in TIERS) for a, b in pairwise(ages))
+    # Taken a little late at a planned age: on to the next one, one tier away.
+    assert learned.next_wait(age_s=ages[0] + 0.03) == pytest.approx(ages[1] - ages[0])
+    # Past the plan: waits that grow with the age.
+    assert learned.next_wait(age_s=100.0) >= 0.4 * 100.0 - 5
+
+
+def test_the_estimate_reads_intervals_and_first_poll_completions() -> None:
+    # Half done at a first poll at 10 s; probes at 5 s found all of theirs done too: the mass lies
+    # before 5 s, though no interval alone says so.
+    dist = estimate([Observation(0, 10.0)] * 50 + [Observation(0, 5.0)] * 10)
+    assert dist.cdf(5.0) > 0.5
+    spread = estimate([Observation(10.0, 12.0)] * 10 + [Observation(12.0, 14.0)] * 10)
+    assert spread.quantile(0.5) == pytest.approx(12.0, abs=0.2)
+    assert spread.cdf(9.8) == 0.0  # ages are compared at 1 %
+
+
+def test_observations_from_many_threads_fit_one_schedule_at_a_time() -> None:
+    # What the poller's lock guards (services/poller's Learning does the same around a Learner).
+    learner = Learner(AdaptiveConfig(tiers=TIERS, min_observations=10, refit_every=10, refit_min_s=0.0))
+    lock = threading.Lock()
+    fits: list[int] = []
+
+    def worker(k: int) -> None:
+        for j in range(200):
+            with lock:
+                learner.observe(Observation(10.0 + (k + j) % 10, 11.0 + (k + j) % 10))
+                window = learner.take(0.0) if learner.due(0.0) else None
+            if window is not None:
+                assert fit(window, learner.config) is not None
+                fits.append(len(window))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(learner) == 500 and fits

@@ -335,39 +335,41 @@ def table(figures: list[Figures]) -> str:
 
 
 def plot(figures: list[Figures], args: argparse.Namespace, path: Path) -> None:
+    """Per profile, ordered by latency: polls per registration, and the mean detection delay with
+    its p95 as a tick, the two schedules side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (polls, delay) = plt.subplots(1, 2, figsize=(13, 5))
-    colours = {"fixed": "tab:red", "adaptive": "tab:blue"}
-    # One abscissa per profile, for both schedules: the median of what both legacy-sims drew.
+    # One place per profile, for both schedules: the median of what both legacy-sims drew.
     where = {p: sum(f.latency_median_s for f in figures if f.profile == p) / len(SCHEDULES)
              for p in {f.profile for f in figures}}
-    for schedule in SCHEDULES:
-        mine = sorted((f for f in figures if f.schedule == schedule), key=lambda f: where[f.profile])
-        x = [where[f.profile] for f in mine]
-        polls.plot(x, [f.polls_per_registration for f in mine], "o-", color=colours[schedule], label=schedule)
-        delay.plot(x, [f.delay_mean_s for f in mine], "o-", color=colours[schedule], label=f"{schedule}: mean")
-        delay.plot(x, [f.delay_p95_s for f in mine], "^--", color=colours[schedule], alpha=0.6,
-                   label=f"{schedule}: p95")
-    for f in figures:
-        if f.schedule == "fixed":
-            for ax in (polls, delay):
-                ax.annotate(f.profile.replace(DRIFT, " → "), (where[f.profile], 0), textcoords="offset points",
-                            xytext=(3, 4), fontsize=7, rotation=60, color="grey")
+    order = sorted(where, key=lambda p: where[p])
+    fig, (polls, delay) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colours = {"fixed": "tab:red", "adaptive": "tab:blue"}
+    width = 0.38
+    for k, schedule in enumerate(SCHEDULES):
+        mine = {f.profile: f for f in figures if f.schedule == schedule}
+        x = [i + (k - 0.5) * width for i in range(len(order))]
+        bars = polls.bar(x, [mine[p].polls_per_registration for p in order], width, color=colours[schedule],
+                         label=schedule)
+        polls.bar_label(bars, fmt="%.1f", fontsize=8)
+        bars = delay.bar(x, [mine[p].delay_mean_s for p in order], width, color=colours[schedule],
+                         label=f"{schedule}: mean")
+        delay.bar_label(bars, fmt="%.1f", fontsize=8)
+        delay.plot(x, [mine[p].delay_p95_s for p in order], "_", markersize=18, markeredgewidth=2,
+                   color="black" if schedule == "fixed" else "dimgrey", label=f"{schedule}: p95")
+    labels = [p.replace(DRIFT, " →\n") + f"\nmedian {where[p]:.1f} s" for p in order]
     for ax, label in ((polls, "polls per registration"), (delay, "detection delay (s)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("median latency of the measured registrations (s, log scale)")
+        ax.set_xticks(range(len(order)), labels, fontsize=8)
+        ax.set_xlabel("latency profile, by the median latency of the measured registrations")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, axis="y", alpha=0.3)
         ax.legend()
     n = figures[0]
     fig.suptitle(f"fixed (first poll {args.first_delay:g} s, then every {args.interval:g} s) against adaptive: "
-                 f"N={n.n} per run after a warm-up "
-                 f"of {n.warmup}, {n.rate_per_s:g} registrations/s")
+                 f"N={n.n} per run after a warm-up of {n.warmup}, {n.rate_per_s:g} registrations/s")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -393,7 +395,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    parser.add_argument("--replot", type=Path, metavar="RESULT.json",
+                        help="draw the PNG (and write the table) again from a result file, and run nothing")
     args = parser.parse_args()
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        figures_saved = [Figures(**r) for r in saved["results"]]
+        plot(figures_saved, argparse.Namespace(**saved["args"]), args.replot.with_suffix(".png"))
+        args.replot.with_suffix(".md").write_text(table(figures_saved) + "\n")
+        return 0
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
     logs = Path(os.environ.get("BENCH_LOGS", f"/tmp/regbridge-bench-{stamp}"))
     logs.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock check-locks demo test unit integration lint typecheck bench soak clean dashboard
+.PHONY: install lock check-locks demo test unit integration lint typecheck bench bench-profiles soak clean dashboard
 
 LOCAL_PACKAGES := libs/common services/submitter services/poller services/legacy-sim tools/registrations
 
@@ -50,9 +50,16 @@ typecheck: install
 	$(BIN)/mypy libs/common/src services/submitter/src services/poller/src services/legacy-sim/src
 	$(BIN)/mypy tools/registrations/src
 
-# N registrations in one burst (default 2000), pipeline and baseline side by side.
+# N registrations in one burst (default 2000), pipeline and baseline side by side; then the
+# fixed poll schedule against the adaptive one on each latency profile (bench-profiles).
 bench: install
 	$(BIN)/python bench/run.py $(if $(N),--n $(N))
+	$(BIN)/python bench/profiles.py $(if $(PROFILE_N),--n $(PROFILE_N)) $(if $(PROFILE_WARMUP),--warmup $(PROFILE_WARMUP))
+
+# Fixed against adaptive per latency profile only (bench/README.md#poll-schedules-per-latency-profile):
+# PROFILE_N measured registrations per run (400), after PROFILE_WARMUP (200); PROFILES='A;B' to choose.
+bench-profiles: install
+	$(BIN)/python bench/profiles.py $(if $(PROFILE_N),--n $(PROFILE_N)) $(if $(PROFILE_WARMUP),--warmup $(PROFILE_WARMUP))
 
 # The pipeline at a steady rate for a set time (default 30 minutes at 50 registrations/s),
 # sampling RSS, descriptors, threads and queue depths: bench/README.md#soak. DOCS=FILE also

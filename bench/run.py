@@ -78,6 +78,12 @@ class Result:
         return self.makespan_s / self.ideal_s if self.ideal_s else 0.0
 
 
+def registration(user_id: str, i: int) -> bytes:
+    """A good registration's body; `i` makes its CPF and e-mail unique."""
+    return json.dumps({"user_id": user_id, "name": "Maria da Silva", "email": f"bench{i}@example.com",
+                       "cpf": f"{10000000000 + i:011d}"}).encode()
+
+
 def publish_burst(url: str, n: int) -> float:
     """Publish `n` good registrations as fast as the broker takes them; returns the seconds spent."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -86,10 +92,8 @@ def publish_burst(url: str, n: int) -> float:
     props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
     began = time.monotonic()
     for i in range(n):
-        body = json.dumps({"user_id": f"bench-{i:06d}", "name": "Maria da Silva",
-                           "email": f"bench{i}@example.com", "cpf": f"{10000000000 + i:011d}"}).encode()
         props.message_id = f"bench-{i:06d}"
-        channel.basic_publish("", "registrations", body, props)
+        channel.basic_publish("", "registrations", registration(props.message_id, i), props)
     spent = time.monotonic() - began
     connection.close()
     return spent
@@ -100,6 +104,48 @@ def finalised(service: harness.Service) -> int:
     return int(sum(float(v) for v in re.findall(r"^poller_finalised_total\{[^}]*\} (\S+)$", text, re.MULTILINE)))
 
 
+def start_legacy(stack: ExitStack, latency: dict[str, str], log: Path) -> harness.LegacySim:
+    """legacy-sim at `latency` (harness.latency_env), 30 ms to accept, stopped with `stack`."""
+    legacy = harness.start_legacy_sim({**latency, "LEGACY_SIM_ACCEPT_LATENCY_S": "0.03",
+                                       "LEGACY_SIM_RETRY_AFTER_S": "1"}, log=log)
+    stack.callback(legacy.stop)
+    return legacy
+
+
+def pipeline_env(args: argparse.Namespace, *, url: str, mongo_uri: str, database: str, legacy_url: str,
+                 n: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The services' environment: the bench's poll settings, `--env`, then `extra`."""
+    return harness.service_env(rabbitmq_url=url, mongodb_uri=mongo_uri, database=database, legacy_url=legacy_url,
+                               extra={"POLL_FIRST_DELAY_S": str(args.first_delay),
+                                      "POLL_INTERVAL_S": str(args.interval), "POLL_DEADLINE_S": "300",
+                                      "SUBMIT_BACKOFF_BASE_S": "0.5", "SUBMIT_BACKOFF_MAX_S": "30",
+                                      "LOG_LEVEL": args.log_level, "BENCH_N": str(n),
+                                      **dict(kv.split("=", 1) for kv in args.env), **(extra or {})})
+
+
+def start_pipeline(stack: ExitStack, env: dict[str, str], logs: Path, *, pollers: int = 1,
+                   tag: str = "") -> tuple[list[harness.Service], dict[str, int]]:
+    """One submitter and `pollers` pollers, ready, terminated with `stack`; with their pids by name."""
+    names = ["submitter"] + ["poller"] * pollers
+    services = [harness.Service(name, dict(env), logs / f"{name}{tag}-{i}.log") for i, name in enumerate(names)]
+    for service in services:
+        service.start()
+        stack.callback(lambda s=service: s.terminate() if s.process else None)
+    procs: dict[str, int] = {}
+    for service in services:
+        service.wait_ready()
+        assert service.process is not None
+        procs[service.name if service.name == "submitter" or pollers == 1 else f"poller-{len(procs)}"] = \
+            service.process.pid
+    return services, procs
+
+
+def broker_pid() -> int | None:
+    """The machine's broker: the oldest Erlang VM (a test's own node comes and goes later)."""
+    beam = subprocess.run(["pgrep", "-o", "-f", "beam.smp"], capture_output=True, text=True).stdout.split()
+    return int(beam[0]) if beam else None
+
+
 def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mongo, logs: Path) -> Result:
     result = Result(design, n)
     with ExitStack() as stack:
@@ -107,18 +153,10 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
         broker = harness.Broker(url)
         broker.declare("registrations", "registrations.pending", "registrations.failed")
         broker.close()
-        legacy = harness.start_legacy_sim(
-            {**harness.latency_env(args.latency_min, args.latency_max, args.latency_profile),
-             "LEGACY_SIM_ACCEPT_LATENCY_S": "0.03", "LEGACY_SIM_RETRY_AFTER_S": "1"},
-            log=logs / f"legacy-{design}.log")
-        stack.callback(legacy.stop)
+        legacy = start_legacy(stack, harness.latency_env(args.latency_min, args.latency_max, args.latency_profile),
+                              logs / f"legacy-{design}.log")
         database = f"bench_{design}_{os.getpid()}"
-        env = harness.service_env(rabbitmq_url=url, mongodb_uri=mongo.uri, database=database, legacy_url=legacy.url,
-                                  extra={"POLL_FIRST_DELAY_S": str(args.first_delay),
-                                         "POLL_INTERVAL_S": str(args.interval), "POLL_DEADLINE_S": "300",
-                                         "SUBMIT_BACKOFF_BASE_S": "0.5", "SUBMIT_BACKOFF_MAX_S": "30",
-                                         "LOG_LEVEL": args.log_level, "BENCH_N": str(n),
-                                         **dict(kv.split("=", 1) for kv in args.env)})
+        env = pipeline_env(args, url=url, mongo_uri=mongo.uri, database=database, legacy_url=legacy.url, n=n)
         from pymongo import MongoClient
 
         client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
@@ -128,16 +166,7 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
         procs: dict[str, int] = {}
         progress = {"submitted": 0, "finished": 0}
         if design == "pipeline":
-            names = ["submitter"] + ["poller"] * args.pollers
-            services = [harness.Service(name, dict(env), logs / f"{name}-{i}.log") for i, name in enumerate(names)]
-            for service in services:
-                service.start()
-                stack.callback(lambda s=service: s.terminate() if s.process else None)
-            for service in services:
-                service.wait_ready()
-                assert service.process is not None
-                procs[service.name if service.name == "submitter" or args.pollers == 1
-                      else f"poller-{len(procs)}"] = service.process.pid
+            services, procs = start_pipeline(stack, env, logs, pollers=args.pollers)
 
             def sample() -> None:
                 progress["submitted"] = int(legacy.stats(summary=True)["submissions_total"])
@@ -161,8 +190,7 @@ def run_design(design: str, n: int, args: argparse.Namespace, mongo: harness.Mon
                 pass
 
         mongo_pid = mongo.process.pid if mongo.process is not None else None
-        beam = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout.split()
-        rabbit_pid = int(beam[0]) if beam else None
+        rabbit_pid = broker_pid()
         cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
         side0 = {"legacy-sim": cpu_seconds(legacy.process.pid),
                  **({"mongodb": cpu_seconds(mongo_pid)} if mongo_pid else {}),

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 from conftest import Stack
-from harness import Broker, LegacySim
+from harness import Broker, LegacySim, wait_until
 from outcomes import INBOUND, PENDING, Outcomes, check_exact, good, mixed_load
+from test_faults import metric
 
 from regbridge.messages import PendingMessage
 from regbridge.poll_schedule import adaptive_tiers
@@ -204,6 +205,25 @@ def test_published_again_under_the_same_attempt_key_is_a_new_attempt(stack: Stac
     stats = legacy.stats()
     assert stats["submissions_by_user"] == {"same-key": 2}
     assert stats["idempotent_replays_total"] == 0
+
+
+def test_a_copy_published_while_its_message_is_in_flight_is_not_submitted_again(
+        stack: Stack, broker: Broker, users: Any, legacy: LegacySim) -> None:
+    # What a publisher does when a confirm is lost (a cluster's node went down): the same message
+    # again, same message_id. The first is submitted and still processing when the copy comes.
+    legacy.configure(latency_min_s=3, latency_max_s=3)
+    submitter = stack.start("submitter")
+    stack.start("poller")
+    broker.publish(INBOUND, good("copied"), message_id="sent-twice")
+    wait_until(lambda: (users.find_one({"_id": "copied"}) or {}).get("registration_status") == "submitted",
+               timeout=30, what="the first copy submitted")
+    broker.publish(INBOUND, good("copied"), message_id="sent-twice")
+    wait_until(lambda: metric(submitter, 'submitter_submissions_total{result="copy_in_flight"}') == 1,
+               timeout=30, what="the copy taken for a copy")
+    outcomes = Outcomes(broker, users)
+    outcomes.wait(registered=1, failed=0)
+    assert legacy.stats()["submissions_by_user"] == {"copied": 1}
+    assert broker.depth(INBOUND) == 0
 
 
 def test_hundreds_in_flight_each_get_their_exact_outcome(stack: Stack, broker: Broker, users: Any,

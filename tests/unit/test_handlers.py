@@ -359,6 +359,40 @@ def test_submitter_already_registered_user_is_acked_without_a_post() -> None:
     assert rig.store.users["u-000123"] == UserDoc("registered", "OLD-1")
 
 
+def test_submitter_copy_of_a_message_in_flight_is_acked_without_a_post() -> None:
+    """A publisher that lost a confirm sends the message again; the first copy's attempt is on
+    record and the user `submitted` under its request id: the copy is acked, nothing else."""
+    rig = submitter_rig(Accepted("SECOND-1"))
+    rig.store.users["u-000123"] = UserDoc("submitted", "AB583C-X")
+    rig.store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", False)
+    rig.executor.run(delivery(BODY, message_id="m-1", tag=2))
+    assert rig.legacy.submitted == []
+    assert rig.broker.published == []
+    assert rig.broker.acks == [2]
+    assert rig.store.users["u-000123"] == UserDoc("submitted", "AB583C-X")
+    assert rig.store.attempts == {"u-000123|mid:m-1": Attempt("AB583C-X", False)}
+
+
+@pytest.mark.parametrize(
+    ("attempt", "user_request_id"),
+    [
+        (None, "OTHER-1"),  # the user is in flight under another message
+        (Attempt("AB583C-X", True), "AB583C-X"),  # this message's attempt failed: a new attempt
+        (Attempt("AB583C-X", False), "LATER-1"),  # the user moved on to another attempt since
+    ],
+    ids=["another-message", "failed-attempt", "user-moved-on"],
+)
+def test_submitter_same_key_not_in_flight_is_a_new_attempt(attempt: Attempt | None, user_request_id: str) -> None:
+    rig = submitter_rig(Accepted("NEW-1"))
+    rig.store.users["u-000123"] = UserDoc("submitted", user_request_id)
+    if attempt is not None:
+        rig.store.attempts["u-000123|mid:m-1"] = attempt
+    rig.executor.run(delivery(BODY, message_id="m-1", tag=2))
+    assert rig.legacy.submitted == [BODY]
+    assert [m.request_id for m in pending_messages(rig.broker)] == ["NEW-1"]
+    assert rig.broker.acks == [2]
+
+
 def test_submitter_accepted_records_then_hands_on_then_acks() -> None:
     rig = submitter_rig(Accepted("AB583C-X"))
     rig.executor.run(delivery(BODY, message_id="m-1", tag=3, received_at=NOW - 2))

@@ -14,9 +14,11 @@ RETRIES = Counter("submitter_submit_retries_total", "Submissions scheduled for a
 FAILURES = Counter("submitter_failures_total", "Failure records published, by stage", ["stage"])
 LEGACY_SECONDS = Histogram("submitter_legacy_request_seconds", "Duration of POST /v1/registrations",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-# Results beside the legacy API's answers: a user registered already, or a request id on record.
+# Results beside the legacy API's answers: a user registered already, a request id on record, or
+# a copy of a message whose attempt is in flight.
 ALREADY_REGISTERED = "already_registered"
 RESUMED = "resumed"
+COPY_IN_FLIGHT = "copy_in_flight"
 # The stages a submitter's failure record can carry.
 STAGES = (Stage.VALIDATION, Stage.SUBMIT, Stage.STORE)
 
@@ -29,7 +31,7 @@ def finished(plan: Finish | Failure) -> None:
 def _create_label_values() -> None:
     """Every label value the service can use, at zero from the start: rate() and increase() cannot
     count a series' first increment, so one created on first use hides the first burst."""
-    for result in (*(outcome.label for outcome in SUBMIT_OUTCOMES), ALREADY_REGISTERED, RESUMED):
+    for result in (*(outcome.label for outcome in SUBMIT_OUTCOMES), ALREADY_REGISTERED, RESUMED, COPY_IN_FLIGHT):
         SUBMISSIONS.labels(result)
     for stage in STAGES:
         FAILURES.labels(stage)

@@ -81,6 +81,17 @@ class Submitter:
             metrics.SUBMISSIONS.labels(metrics.ALREADY_REGISTERED).inc()
             return Finish(_subject(job.delivery, reg))
         if not job.redelivered:
+            if user.status == State.SUBMITTED:
+                attempt = self._durable(lambda: self._store.attempt(reg.attempt_key))
+                if attempt is not None and not attempt.failed and attempt.request_id == user.request_id:
+                    # A copy of a message whose attempt is in flight: a publisher sent it again
+                    # when a confirm was lost (a node of a cluster went down). That attempt
+                    # finishes it; a POST here would be a second registration of the user.
+                    log.info("a copy of a message in flight; not submitted again",
+                             extra={"event": "copy_in_flight", "user_id": reg.user_id,
+                                    "request_id": attempt.request_id})
+                    metrics.SUBMISSIONS.labels(metrics.COPY_IN_FLIGHT).inc()
+                    return Finish(_subject(job.delivery, reg, attempt.request_id))
             if user.status is not None:
                 # A new attempt (a replay, or the same message published again): what an earlier
                 # attempt of this message recorded must not make a later redelivery of this one

@@ -122,13 +122,16 @@ def run_at_debug(stack: Stack, broker: Broker, users: Any, legacy: harness.Legac
     every stage but `store`, with 503s and their retries on both calls. The services' logs, and
     the user fields they must not hold."""
     tag = token()
-    legacy.configure(post_503_rate=0.3, get_503_rate=0.3)
+    # Every POST is refused until one has been, so a retry is certain; then three in ten are.
+    legacy.configure(post_503_rate=1.0, get_503_rate=0.3)
     # Long enough for the others under load; the slow one below outlives it.
     stack.env.update(LOG_LEVEL="DEBUG", LOG_LEVEL_THIRD_PARTY=third_party, POLL_DEADLINE_S="8")
     submitter, poller = stack.start("submitter"), stack.start("poller")
     people = People(tag)
     for message_id, body in people.first_batch():
         broker.publish(INBOUND, body, message_id=message_id)
+    harness.wait_until(lambda: legacy.stats(summary=True)["post_503_total"] >= 1, timeout=30, what="a POST refused")
+    legacy.configure(post_503_rate=0.3)
     outcomes = Outcomes(broker, users)
     outcomes.wait(registered=4, failed=4)
     if not every_stage:

@@ -70,7 +70,7 @@ class Reg:
 
 @dataclass(frozen=True)
 class Run:
-    regs: list[Reg]
+    regs: list[Reg]  # the measured ones: after the warm-up, if any
     schedules: list[LearnedSchedule]
 
     def polls(self, start: float = 0.0, end: float = 1.0) -> float:
@@ -86,18 +86,26 @@ class Run:
 
 
 def simulate(latency: Latency, *, adaptive: bool, n: int = 2000, rate: float = 10.0, seed: int = 7,
-             config: AdaptiveConfig = CONFIG) -> Run:
-    """Registrations arriving `rate` a second, polled by one poller on the chosen schedule."""
+             config: AdaptiveConfig = CONFIG, warmup: int = 0) -> Run:
+    """Registrations arriving `rate` a second (all at once when `rate` is infinite), polled by one
+    poller on the chosen schedule. With a `warmup`, as bench/profiles.py runs: that many arrive
+    first, then none until all of them are detected, then the `n` measured ones."""
     rng = random.Random(seed)
     learner = Learner(config)
     schedule: PollSchedule = COLD
     schedules: list[LearnedSchedule] = []
     regs: list[Reg] = []
     events: list[tuple[float, int]] = []
-    for i in range(n):
-        arrived = i / rate
-        regs.append(Reg(arrived, latency(rng, arrived), zlib.crc32(f"R-{i}".encode()) / 2**32))
-        heapq.heappush(events, (arrived + HOP_S, i))  # the submitter hands on to pending
+
+    def arrive(count: int, start: float) -> None:
+        for k in range(count):
+            arrived = start + (k / rate if math.isfinite(rate) else 0.0)
+            i = len(regs)
+            regs.append(Reg(arrived, latency(rng, arrived), zlib.crc32(f"R-{i}".encode()) / 2**32))
+            heapq.heappush(events, (arrived + HOP_S, i))  # the submitter hands on to pending
+
+    arrive(warmup or n, 0.0)
+    undetected = len(regs)
     while events:
         now, i = heapq.heappop(events)
         reg = regs[i]
@@ -114,14 +122,18 @@ def simulate(latency: Latency, *, adaptive: bool, n: int = 2000, rate: float = 1
             heapq.heappush(events, (now + schedule.next_wait(age_s=age) + HOP_S, i))
             continue
         reg.delay = age - reg.latency
+        undetected -= 1
+        if undetected == 0 and warmup and len(regs) == warmup:
+            arrive(n, now)
+            undetected = n
         if adaptive:
-            learner.observe(Observation(reg.processing_at, age))
+            learner.observe(Observation(reg.processing_at, age, submitted_s=reg.arrived))
             if learner.due(now):
                 learned = fit(learner.take(now), config)
                 if learned is not None:
                     schedule = learned
                     schedules.append(learned)
-    return Run(regs, schedules)
+    return Run(regs[warmup:], schedules)
 
 
 # ---- the figures the issue asks for -------------------------------------------------------------

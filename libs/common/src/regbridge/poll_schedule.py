@@ -151,10 +151,12 @@ def _round_age(age_s: float) -> float:
 
 @dataclass(frozen=True)
 class Observation:
-    """A registration seen completed: it completed in (lo_s, hi_s] of age."""
+    """A registration seen completed: it completed in (lo_s, hi_s] of age; submitted at
+    `submitted_s` on the poller's clock (None: unknown, the window's order stands for it)."""
 
     lo_s: float
     hi_s: float
+    submitted_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -180,9 +180,9 @@ class AdaptiveConfig:
     probe_depth: float = 0.5
     # No wait longer than this times the age it starts from; past the plan, waits of that.
     tail_ratio: float = 0.4
-    # How far (log of the ratio of medians) the newest quarter of the window may stray before the
-    # rest is set aside as a distribution that has gone.
-    shift: float = 0.25
+    # How far the newest quarter's mean rank in the rest's distribution (a half when nothing
+    # moved) may stray before the rest is set aside as a distribution that has gone.
+    shift: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -308,8 +308,28 @@ class Distribution:
         return self.edges[-1]
 
 
-def estimate(observations: Iterable[Observation], *, iterations: int = 8, tolerance: float = 1e-5) -> Distribution:
-    """Turnbull's self-consistency estimate of the completion-age distribution."""
+Truncation = tuple[float, float]  # the ages (A, T] an id's completion could have been seen at
+
+
+def truncation(observations: Sequence[Observation], *, window_full: bool) -> list[Truncation] | None:
+    """Per observation, the ages at which a completion of an id submitted with it would have been
+    in the window: no later than its age now (the latest detection in the window stands for now),
+    and, once the window is full and drops its oldest, no earlier than its age at the oldest
+    detection kept. None when a submission time is unknown."""
+    if not observations or any(o.submitted_s is None for o in observations):
+        return None
+    seen = [(o.submitted_s or 0.0) + o.hi_s for o in observations]
+    now, since = max(seen), min(seen)
+    return [((since - (o.submitted_s or 0.0)) if window_full else 0.0, now - (o.submitted_s or 0.0))
+            for o in observations]
+
+
+def estimate(observations: Sequence[Observation], *, truncated: Sequence[Truncation] | None = None,
+             iterations: int = 10, tolerance: float = 1e-5) -> Distribution:
+    """Turnbull's self-consistency estimate of the completion-age distribution; with `truncated`,
+    his estimate for truncated data: each id seen stands also for the ids of its submission
+    whose completion fell outside its (A, T] (not yet done, or already out of the window), so a
+    pause, a burst's first completions or the slow end of a cohort bias neither end."""
     counts: dict[tuple[float, float], int] = {}
     for o in observations:
         lo, hi = _round_age(o.lo_s), _round_age(o.hi_s)
@@ -317,12 +337,26 @@ def estimate(observations: Iterable[Observation], *, iterations: int = 8, tolera
         counts[key] = counts.get(key, 0) + 1
     edges = sorted({0.0, *(lo for lo, _ in counts), *(hi for _, hi in counts)})
     index = {e: k for k, e in enumerate(edges)}
-    # A zero-width interval (rounding met) counts in the cell that ends at it.
-    groups = [(max(0, index[hi] - 1) if lo == hi else index[lo], index[hi], n) for (lo, hi), n in counts.items()]
-    total = sum(n for _, _, n in groups)
     cells = len(edges) - 1
     if cells == 0:
         return Distribution((0.0, edges[0] or 1e-3), (1.0,))
+    # A zero-width interval (rounding met) counts in the cell that ends at it.
+    def span(lo: float, hi: float) -> tuple[int, int]:
+        return (max(0, index[hi] - 1) if lo == hi else index[lo]), index[hi]
+
+    groups = [(*span(lo, hi), n) for (lo, hi), n in counts.items()]
+    total = sum(n for _, _, n in groups)
+    # The cells each id's truncation keeps (those overlapping (A, T], and its own interval).
+    windows: dict[tuple[int, int], int] = {}
+    if truncated is not None:
+        for o, (a_s, t_s) in zip(observations, truncated, strict=True):
+            lo, hi = _round_age(o.lo_s), _round_age(o.hi_s)
+            a, b = span(lo, max(hi, lo))
+            first = max(0, bisect.bisect_right(edges, a_s) - 1)
+            last = min(cells, bisect.bisect_left(edges, t_s * (1 + _ROUNDING)))
+            key = (min(first, a), max(last, b))
+            if key != (0, cells):
+                windows[key] = windows.get(key, 0) + 1
     covered = [0.0] * cells
     for a, b, n in groups:
         for k in range(a, b):
@@ -330,13 +364,33 @@ def estimate(observations: Iterable[Observation], *, iterations: int = 8, tolera
     p = [c / total for c in covered]
     for _ in range(iterations):
         new = [0.0] * cells
+        prefix = [0.0]
+        for x in p:
+            prefix.append(prefix[-1] + x)
         for a, b, n in groups:
-            s = sum(p[a:b])
+            s = prefix[b] - prefix[a]
             if s <= 0:
                 continue
-            w = n / total / s
+            w = n / s
             for k in range(a, b):
                 new[k] += w * p[k]
+        if windows:
+            # The ids not seen: n (1 - P(kept)) / P(kept) per window, spread over the cells it
+            # leaves out in proportion to their mass. (P(kept) is held above 2 %: one id seen at
+            # the very start of its window stands for at most fifty.)
+            step = [0.0] * (cells + 1)
+            out = 0.0
+            for (a, b), n in windows.items():
+                w = n / max(prefix[b] - prefix[a], 0.02)
+                out += w
+                step[a] += w
+                step[b] -= w
+            inside = 0.0
+            for k in range(cells):
+                inside += step[k]
+                new[k] += p[k] * (out - inside)
+        norm = sum(new)
+        new = [x / norm for x in new]
         change = max(abs(x - y) for x, y in zip(new, p, strict=True))
         p = new
         if change < tolerance:
@@ -522,19 +576,38 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     return best
 
 
+def _rank(dist: Distribution, o: Observation, kept: Truncation) -> float:
+    """Where `o` falls in `dist`, among the ages it could have been seen at: uniform in [0, 1]
+    when it was drawn from it."""
+    low, high = dist.cdf(kept[0]), dist.cdf(kept[1]) if math.isfinite(kept[1]) else 1.0
+    if high - low < 1e-6:  # `dist` has no mass where `o` could be seen: all of it is below or above
+        return 1.0 if low > 0.5 else 0.0
+    at = (dist.cdf(o.lo_s) + dist.cdf(o.hi_s)) / 2
+    return min(1.0, max(0.0, (at - low) / (high - low)))
+
+
 def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedSchedule | None:
     """A schedule for this window, or None while it is too small to learn from (the cold start)."""
     if len(observations) < config.min_observations:
         return None
-    dist = estimate(observations)
-    # A latency that moved: the newest quarter of the window disagrees with the whole about the
-    # median. The older part then describes ids no longer arriving; fit the newest alone, so a
-    # drift costs the ids in flight one plan's polls, not those of a plan for a mixture.
-    recent = observations[-max(config.min_observations, len(observations) // 4):]
-    if len(recent) < len(observations):
-        newer = estimate(recent)
-        if abs(math.log(newer.quantile(0.5) / dist.quantile(0.5))) > config.shift:
-            observations, dist = recent, newer
+    window = list(observations)
+    truncated = truncation(window, window_full=len(window) >= config.window)
+    dist = estimate(window, truncated=truncated)
+    # A latency that moved: the ids submitted last (the newest quarter of the window, in order of
+    # submission: in order of completion, the slow end of a cohort would pass for a shift) sit
+    # too high or too low in the rest's distribution, each ranked within the ages it could have
+    # been seen at. The older part then describes ids no longer arriving; fit the newest alone,
+    # so a drift costs the ids in flight one plan's polls, not those of a plan for a mixture.
+    order = sorted(range(len(window)), key=lambda i: window[i].submitted_s or 0.0) if truncated else list(range(len(window)))
+    cut = len(window) - max(config.min_observations, len(window) // 4)
+    if cut >= config.min_observations:
+        older, recent = order[:cut], order[cut:]
+        rest = estimate([window[i] for i in older], truncated=[truncated[i] for i in older] if truncated else None)
+        ranks = [_rank(rest, window[i], truncated[i] if truncated else (0.0, math.inf)) for i in recent]
+        if abs(sum(ranks) / len(ranks) - 0.5) > config.shift:
+            window = [window[i] for i in recent]
+            dist = estimate(window, truncated=[truncated[i] for i in recent] if truncated else None)
+    observations = window
     floor_s = _round_age(min(o.hi_s for o in observations))
     best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
                 max_polls=config.max_polls, longest=config.tail_ratio)

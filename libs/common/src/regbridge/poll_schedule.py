@@ -58,7 +58,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -75,6 +75,9 @@ _GRID = 120
 _LEAST_POLL_COST = 0.06
 # Steps of the search for lambda, over 7 decades: about 5 % of lambda at the end.
 _BISECTIONS = 14
+# The shallowest probe, as a share of the planned first poll: short of it by more than a
+# message's lateness.
+_PROBE_TOP = 0.95
 # How far past a planned age a message may arrive (its hops and the poller's work) and still be
 # on plan: seconds, plus a share of the wait.
 _SLACK_S = 0.05
@@ -180,6 +183,10 @@ class AdaptiveConfig:
     probe_depth: float = 0.5
     # No wait longer than this times the age it starts from; past the plan, waits of that.
     tail_ratio: float = 0.4
+    # Past the plan while the window's first ids may still be completing (a burst, a start):
+    # waits of this times the age instead (those ids are the bulk of the distribution, not its
+    # stragglers: a mean delay near 6 % of their age).
+    unseen_ratio: float = 0.12
     # How far the newest quarter's mean rank in the rest's distribution (a half when nothing
     # moved) may stray before the rest is set aside as a distribution that has gone.
     shift: float = 0.15
@@ -194,7 +201,7 @@ class LearnedSchedule:
     floor_s: float
     probe_age_s: float | None
     probe_share: float
-    tail_ratio: float
+    tail_ratio: float  # past the plan, waits of this times the age
     observations: int
     quantiles: tuple[float, float, float]  # completion age p10, p50, p90
     expected_polls: float
@@ -208,9 +215,20 @@ class LearnedSchedule:
     def mean_interval_s(self) -> float:
         return (self.ages[-1] - self.ages[0]) / (len(self.ages) - 1) if len(self.ages) > 1 else 0.0
 
+    def probe_target(self, share: float) -> float | None:
+        """The first poll of a probing id: spread log-uniformly by its share from the deepest
+        probe up to just below the planned first poll, so that whatever lies between, some
+        probe lands there (all at one age, they could all fall below every completion)."""
+        if self.probe_age_s is None or share >= self.probe_share:
+            return None
+        top = _PROBE_TOP * self.ages[0]
+        if top <= self.probe_age_s:
+            return self.probe_age_s
+        return self.probe_age_s * (top / self.probe_age_s) ** (share / self.probe_share)
+
     def first_wait(self, *, age_s: float, share: float = 0.0) -> float | None:
-        probing = self.probe_age_s is not None and share < self.probe_share
-        target = self.probe_age_s if probing and self.probe_age_s is not None else self.ages[0]
+        probe = self.probe_target(share)
+        target = probe if probe is not None else self.ages[0]
         remaining = target - age_s
         # Waits are whole milliseconds of TTL summed in `waited_s`: a hop that lands on the age
         # leaves float dust, not a wait.
@@ -308,28 +326,30 @@ class Distribution:
         return self.edges[-1]
 
 
-Truncation = tuple[float, float]  # the ages (A, T] an id's completion could have been seen at
-
-
-def truncation(observations: Sequence[Observation], *, window_full: bool) -> list[Truncation] | None:
-    """Per observation, the ages at which a completion of an id submitted with it would have been
-    in the window: no later than its age now (the latest detection in the window stands for now),
-    and, once the window is full and drops its oldest, no earlier than its age at the oldest
-    detection kept. None when a submission time is unknown."""
+def face_value(observations: Sequence[Observation], *,
+               window_full: bool) -> tuple[list[Observation], list[float] | None]:
+    """What an estimate can take from the window: the observations, and, when their submission
+    times are known, the age up to which a completion of each one's submission would have been
+    seen by now (the latest detection in the window stands for now). Once the window is full
+    and drops its oldest, a submission older than the oldest detection kept by more than the
+    earliest completion age seen has lost its fast ids to the window's end: those are left out
+    rather than corrected for (how much a submission lost there, only the mass below the floor,
+    which nothing observes, would say)."""
     if not observations or any(o.submitted_s is None for o in observations):
-        return None
+        return list(observations), None
     seen = [(o.submitted_s or 0.0) + o.hi_s for o in observations]
-    now, since = max(seen), min(seen)
-    return [((since - (o.submitted_s or 0.0)) if window_full else 0.0, now - (o.submitted_s or 0.0))
-            for o in observations]
+    now, since, floor_s = max(seen), min(seen), min(o.hi_s for o in observations)
+    kept = [o for o in observations if not window_full or since - (o.submitted_s or 0.0) <= floor_s]
+    return kept, [now - (o.submitted_s or 0.0) for o in kept]
 
 
-def estimate(observations: Sequence[Observation], *, truncated: Sequence[Truncation] | None = None,
+def estimate(observations: Sequence[Observation], *, seen_until: Sequence[float] | None = None,
              iterations: int = 10, tolerance: float = 1e-5) -> Distribution:
-    """Turnbull's self-consistency estimate of the completion-age distribution; with `truncated`,
-    his estimate for truncated data: each id seen stands also for the ids of its submission
-    whose completion fell outside its (A, T] (not yet done, or already out of the window), so a
-    pause, a burst's first completions or the slow end of a cohort bias neither end."""
+    """Turnbull's self-consistency estimate of the completion-age distribution; with
+    `seen_until`, his estimate for right-truncated data: each id seen stands also for the ids of
+    its submission that complete later than it could have been seen by now, so that neither a
+    burst's first completions nor a pause's last (the slow end of the cohorts before it) pass
+    for the whole distribution."""
     counts: dict[tuple[float, float], int] = {}
     for o in observations:
         lo, hi = _round_age(o.lo_s), _round_age(o.hi_s)
@@ -346,17 +366,14 @@ def estimate(observations: Sequence[Observation], *, truncated: Sequence[Truncat
 
     groups = [(*span(lo, hi), n) for (lo, hi), n in counts.items()]
     total = sum(n for _, _, n in groups)
-    # The cells each id's truncation keeps (those overlapping (A, T], and its own interval).
-    windows: dict[tuple[int, int], int] = {}
-    if truncated is not None:
-        for o, (a_s, t_s) in zip(observations, truncated, strict=True):
-            lo, hi = _round_age(o.lo_s), _round_age(o.hi_s)
-            a, b = span(lo, max(hi, lo))
-            first = max(0, bisect.bisect_right(edges, a_s) - 1)
-            last = min(cells, bisect.bisect_left(edges, t_s * (1 + _ROUNDING)))
-            key = (min(first, a), max(last, b))
-            if key != (0, cells):
-                windows[key] = windows.get(key, 0) + 1
+    # Per id, the cells up to the last it could have been seen in (its own interval at least).
+    windows: dict[int, int] = {}
+    if seen_until is not None:
+        for o, t_s in zip(observations, seen_until, strict=True):
+            _, b = span(_round_age(o.lo_s), max(_round_age(o.hi_s), _round_age(o.lo_s)))
+            last = max(b, min(cells, bisect.bisect_left(edges, t_s * (1 + _ROUNDING))))
+            if last < cells:
+                windows[last] = windows.get(last, 0) + 1
     covered = [0.0] * cells
     for a, b, n in groups:
         for k in range(a, b):
@@ -375,20 +392,16 @@ def estimate(observations: Sequence[Observation], *, truncated: Sequence[Truncat
             for k in range(a, b):
                 new[k] += w * p[k]
         if windows:
-            # The ids not seen: n (1 - P(kept)) / P(kept) per window, spread over the cells it
-            # leaves out in proportion to their mass. (P(kept) is held above 2 %: one id seen at
-            # the very start of its window stands for at most fifty.)
-            step = [0.0] * (cells + 1)
-            out = 0.0
-            for (a, b), n in windows.items():
-                w = n / max(prefix[b] - prefix[a], 0.02)
-                out += w
-                step[a] += w
-                step[b] -= w
-            inside = 0.0
+            # The ids not seen yet: n (1 - F(T)) / F(T) per id seen by T, spread over the cells
+            # past T in proportion to their mass. (F(T) is held above 2 %: one id seen at the
+            # very start of the distribution stands for at most fifty.)
+            ghosts = [0.0] * (cells + 1)
+            for b, n in windows.items():
+                ghosts[b] += n / max(prefix[b], 0.02)
+            weight = 0.0
             for k in range(cells):
-                inside += step[k]
-                new[k] += p[k] * (out - inside)
+                weight += ghosts[k]
+                new[k] += p[k] * weight
         norm = sum(new)
         new = [x / norm for x in new]
         change = max(abs(x - y) for x, y in zip(new, p, strict=True))
@@ -425,6 +438,16 @@ class _Grid:
         """Expected detection delay of the mass up to point j, caught by a first poll at j."""
         jj = min(j, self.size)
         return self.age(j) * self.cdf[jj] - self.moment[jj]
+
+    def at(self, age_s: float) -> tuple[float, float]:
+        """F and G at any age, between the points: what a plan's exact ages are costed at."""
+        x = (age_s - self.floor_s) / self.step_s
+        if x >= self.size:
+            return self.cdf[-1], self.moment[-1]
+        k = max(0, int(x))
+        part = max(0.0, x - k)
+        return (self.cdf[k] + part * (self.cdf[k + 1] - self.cdf[k]),
+                self.moment[k] + part * (self.moment[k + 1] - self.moment[k]))
 
     def delay(self, i: int, j: int) -> float:
         """Expected detection delay of the mass in (point i, point j], caught by a poll at j."""
@@ -520,17 +543,21 @@ def _solve(grid: _Grid, moves: Sequence[Sequence[tuple[int, float, float]]],
         cost = 1.0 + lam * caught_delay + (value[j] if j <= n else 0.0)
         if cost < best:
             best, first, first_age = cost, j, a
-    # Walk the plan: its ages (exact sums of tiers) and what it is expected to cost.
+    # Walk the plan: its ages (exact sums of tiers, which the grid's points only approach: a
+    # rounding each hop would add up) and what it is expected to cost at them; the last poll
+    # catches all that is left.
     ages = [first_age]
     j = first
-    polls = 1.0
-    delay = grid.delay_from_start(j)
     while j < n:
         nxt, _, tier = choice[j]
-        polls += 1.0 - cdf[j]
-        delay += grid.delay(j, nxt)
         j = nxt
         ages.append(round(ages[-1] + tier, 6))
+    polls, delay, f0, g0 = 0.0, 0.0, 0.0, 0.0
+    for k, age in enumerate(ages):
+        f, g = grid.at(age) if k < len(ages) - 1 else (1.0, total_moment)
+        polls += 1.0 - f0
+        delay += age * (f - f0) - (g - g0)
+        f0, g0 = f, g
     return _Plan(tuple(ages), polls, max(0.0, delay))
 
 
@@ -576,38 +603,47 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     return best
 
 
-def _rank(dist: Distribution, o: Observation, kept: Truncation) -> float:
+def _rank(dist: Distribution, o: Observation, seen_until: float) -> float:
     """Where `o` falls in `dist`, among the ages it could have been seen at: uniform in [0, 1]
     when it was drawn from it."""
-    low, high = dist.cdf(kept[0]), dist.cdf(kept[1]) if math.isfinite(kept[1]) else 1.0
-    if high - low < 1e-6:  # `dist` has no mass where `o` could be seen: all of it is below or above
-        return 1.0 if low > 0.5 else 0.0
+    high = dist.cdf(seen_until) if math.isfinite(seen_until) else 1.0
+    if high < 1e-6:  # `dist` has no mass where `o` could be seen: all of it is later
+        return 0.0
     at = (dist.cdf(o.lo_s) + dist.cdf(o.hi_s)) / 2
-    return min(1.0, max(0.0, (at - low) / (high - low)))
+    return min(1.0, at / high)
 
 
 def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedSchedule | None:
     """A schedule for this window, or None while it is too small to learn from (the cold start)."""
     if len(observations) < config.min_observations:
         return None
-    window = list(observations)
-    truncated = truncation(window, window_full=len(window) >= config.window)
-    dist = estimate(window, truncated=truncated)
-    # A latency that moved: the ids submitted last (the newest quarter of the window, in order of
-    # submission: in order of completion, the slow end of a cohort would pass for a shift) sit
-    # too high or too low in the rest's distribution, each ranked within the ages it could have
-    # been seen at. The older part then describes ids no longer arriving; fit the newest alone,
-    # so a drift costs the ids in flight one plan's polls, not those of a plan for a mixture.
-    order = sorted(range(len(window)), key=lambda i: window[i].submitted_s or 0.0) if truncated else list(range(len(window)))
+    window, seen_until = face_value(observations, window_full=len(observations) >= config.window)
+    dist = estimate(window, seen_until=seen_until)
+    # A latency that moved: the ids submitted last (the newest quarter, in order of submission:
+    # in order of completion, the slow end of a cohort would pass for a shift) sit too high or
+    # too low in the rest's distribution, each ranked among the ages it could have been seen
+    # at. The older part then describes ids no longer arriving; fit the newest alone, so a
+    # drift costs the ids in flight one plan's polls, not those of a plan for a mixture.
+    order = list(range(len(window)))
+    if seen_until is not None:
+        order.sort(key=lambda i: window[i].submitted_s or 0.0)
+    until = seen_until or [math.inf] * len(window)
     cut = len(window) - max(config.min_observations, len(window) // 4)
     if cut >= config.min_observations:
         older, recent = order[:cut], order[cut:]
-        rest = estimate([window[i] for i in older], truncated=[truncated[i] for i in older] if truncated else None)
-        ranks = [_rank(rest, window[i], truncated[i] if truncated else (0.0, math.inf)) for i in recent]
+        rest = estimate([window[i] for i in older], seen_until=[until[i] for i in older] if seen_until else None)
+        ranks = [_rank(rest, window[i], until[i]) for i in recent]
         if abs(sum(ranks) / len(ranks) - 0.5) > config.shift:
             window = [window[i] for i in recent]
-            dist = estimate(window, truncated=[truncated[i] for i in recent] if truncated else None)
+            seen_until = [until[i] for i in recent] if seen_until else None
+            dist = estimate(window, seen_until=seen_until)
     observations = window
+    # The window cannot have seen the tail while its oldest submission is not much older than
+    # most of its completions (a burst, a start): the ids past the plan are then the bulk of the
+    # distribution, not its stragglers, and the waits past the plan grow more slowly.
+    his = sorted(o.hi_s for o in window)
+    unseen = seen_until is not None and max(seen_until) < (1 + config.tail_ratio) * his[
+        int(0.9 * (len(his) - 1))]
     floor_s = _round_age(min(o.hi_s for o in observations))
     best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
                 max_polls=config.max_polls, longest=config.tail_ratio)
@@ -623,7 +659,8 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
         probe = None
     return LearnedSchedule(
         tiers=config.tiers, ages=best.ages, floor_s=floor_s, probe_age_s=probe,
-        probe_share=share if probe is not None else 0.0, tail_ratio=config.tail_ratio,
+        probe_share=share if probe is not None else 0.0,
+        tail_ratio=config.unseen_ratio if unseen else config.tail_ratio,
         observations=len(observations),
         quantiles=(dist.quantile(0.1), dist.quantile(0.5), dist.quantile(0.9)),
         expected_polls=best.polls, expected_delay_s=best.delay_s,

@@ -224,7 +224,7 @@ class LearnedSchedule:
         top = _PROBE_TOP * self.ages[0]
         if top <= self.probe_age_s:
             return self.probe_age_s
-        return self.probe_age_s * (top / self.probe_age_s) ** (share / self.probe_share)
+        return self.probe_age_s * math.exp(math.log(top / self.probe_age_s) * share / self.probe_share)
 
     def first_wait(self, *, age_s: float, share: float = 0.0) -> float | None:
         probe = self.probe_target(share)

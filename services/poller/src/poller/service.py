@@ -88,7 +88,9 @@ class Poller:
         age = msg.age_s(self._clock())
         polled = msg if held else msg.polled(processing_at_s=age if isinstance(outcome, Processing) else None)
         if isinstance(outcome, Completed) and self.learning is not None:
-            self.learning.observe(Observation(msg.processing_age_s or 0.0, age), now=self._clock())
+            now = self._clock()
+            # Submitted `age` ago on this clock: the learner orders and truncates by submission.
+            self.learning.observe(Observation(msg.processing_age_s or 0.0, age, submitted_s=now - age), now=now)
         decision = self.policy.decide(outcome, age_s=age,
                                       wait_s=self._within_deadline(schedule.next_wait(age_s=age), age))
         if isinstance(decision, PollAfter):

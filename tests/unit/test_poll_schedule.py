@@ -30,6 +30,7 @@ from regbridge.poll_schedule import (
     PollSchedule,
     adaptive_tiers,
     estimate,
+    face_value,
     first_hop,
     fit,
     tier_not_below,
@@ -194,6 +195,85 @@ def test_a_latency_that_drifts_earlier_is_found_by_probes() -> None:
     assert run.polls(0.75) <= 4.5
     assert run.delay(0.75) <= 0.1 * 15
     assert run.schedules[-1].first_poll_s < 20
+
+
+# ---- arrivals that stop: a warm-up drained, then the measured phase; a burst ------------------
+# As bench/profiles.py and bench/run.py send them; measured over what follows the warm-up. When
+# arrivals stop, the newest completions are the slow end of the last submissions, and while a
+# burst completes, the window holds only the fast end of a single one.
+
+
+@pytest.mark.parametrize(("latency", "median", "polls", "ratio"), [
+    pytest.param(uniform(2, 4), 3.0, 4.0, 0.1, id="uniform 2-4 s"),
+    pytest.param(uniform(10, 20), 15.0, 4.0, 0.1, id="uniform 10-20 s"),
+    pytest.param(uniform(40, 80), 60.0, 4.0, 0.1, id="uniform 40-80 s"),
+    pytest.param(lognormal(15, 0.5), 15.0, 4.3, 0.15, id="lognormal 15 s"),
+])
+def test_after_a_pause_the_figures_are_those_of_steady_arrivals(latency: Latency, median: float, polls: float,
+                                                                 ratio: float) -> None:
+    run = simulate(latency, adaptive=True, warmup=200, n=400)
+    assert run.polls() <= polls
+    assert run.delay() <= ratio * median
+
+
+def test_after_a_pause_a_slow_latency_is_not_fitted_to_its_slow_end() -> None:
+    # What the benchmark met at 40-80 s: the newest quarter of the window (the warm-up's slowest)
+    # taken for a shift, the first poll locked at 79 s, 1.2 polls and a 15.5 s mean delay.
+    run = simulate(uniform(40, 80), adaptive=True, warmup=200, n=400)
+    assert run.polls() <= 4.0 and run.delay() <= 0.1 * 60
+    learned = run.schedules[-1]
+    assert learned.quantiles == pytest.approx((44, 60, 76), rel=0.1)
+    assert learned.first_poll_s < 55
+
+
+def test_a_burst_is_polled_as_on_the_fixed_schedule() -> None:
+    # 1,000 at once from the cold start: every id is as old as the oldest the window has seen, so
+    # the window never holds the tail, and the ids past the plan are most of them. Before, they
+    # met waits for stragglers: a 3.5 s mean delay.
+    fixed = simulate(uniform(10, 20), adaptive=False, n=1000, rate=math.inf)
+    run = simulate(uniform(10, 20), adaptive=True, n=1000, rate=math.inf)
+    assert run.delay() <= 1.05 * fixed.delay()
+    assert run.polls() <= 1.1 * fixed.polls()
+    assert run.schedules[-1].tail_ratio == CONFIG.unseen_ratio
+
+
+def test_the_estimate_counts_the_ids_of_a_submission_not_done_yet() -> None:
+    # 50 a second for 30 s, 10-20 s, looked at 30 s in: of the last submissions only the fast are
+    # done. Taken at face value they pull the median down; each stands also for its slow siblings,
+    # and the estimate is the one all of them would give once done.
+    rng = random.Random(3)
+    done = [(k / 50, rng.uniform(10, 20)) for k in range(1500)]
+    observations = [Observation(latency - 0.5, latency, submitted_s=at) for at, latency in done]
+    whole = estimate(observations).quantile(0.5)
+    window, seen_until = face_value([o for o in observations if (o.submitted_s or 0.0) + o.hi_s <= 30],
+                                    window_full=False)
+    assert seen_until is not None and len(window) < 0.6 * len(observations)
+    assert estimate(window).quantile(0.5) < whole - 0.5
+    assert estimate(window, seen_until=seen_until).quantile(0.5) == pytest.approx(whole, abs=0.2)
+
+
+def test_the_slow_end_of_the_last_submissions_is_no_shift() -> None:
+    # 200 submitted at 10 a second, 40-80 s, all done, in order of completion: the newest quarter
+    # of the window is the slowest, yet nothing moved.
+    rng = random.Random(5)
+    done = sorted(((k / 10, rng.uniform(40, 80)) for k in range(200)), key=lambda d: d[0] + d[1])
+    learned = fit([Observation(latency - 1.0, latency, submitted_s=at) for at, latency in done], CONFIG)
+    assert learned is not None and learned.observations == 200
+    assert learned.quantiles[1] == pytest.approx(60, rel=0.08)
+    assert learned.first_poll_s < 50
+    assert learned.tail_ratio == CONFIG.tail_ratio  # the oldest submission is long done
+
+
+def test_a_shift_is_told_by_submission() -> None:
+    # 12-20 s for 30 s of submissions, then 50-72 s: the newest quarter by submission is the new
+    # latency, whichever order the completions came in.
+    rng = random.Random(6)
+    done = [(k / 10, rng.uniform(12, 20)) for k in range(300)]
+    done += [(30 + k / 10, rng.uniform(50, 72)) for k in range(100)]
+    done.sort(key=lambda d: d[0] + d[1])
+    learned = fit([Observation(latency - 1.0, latency, submitted_s=at) for at, latency in done], CONFIG)
+    assert learned is not None and learned.observations == 100
+    assert learned.first_poll_s >= 49.0
 
 
 # ---- cold start, window, the rule of promise 4 -------------------------------------------------

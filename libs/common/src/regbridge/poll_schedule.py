@@ -75,6 +75,9 @@ _GRID = 120
 _LEAST_POLL_COST = 0.06
 # Steps of the search for lambda, over 7 decades: about 5 % of lambda at the end.
 _BISECTIONS = 14
+# The window has seen the tail once its oldest submission is older than this times nearly all
+# (90 %) of its completion ages: that submission has had time to complete, bar stragglers.
+_SEEN_MARGIN = 1.2
 # The shallowest probe, as a share of the planned first poll: short of it by more than a
 # message's lateness.
 _PROBE_TOP = 0.95
@@ -366,12 +369,12 @@ def estimate(observations: Sequence[Observation], *, seen_until: Sequence[float]
 
     groups = [(*span(lo, hi), n) for (lo, hi), n in counts.items()]
     total = sum(n for _, _, n in groups)
-    # Per id, the cells up to the last it could have been seen in (its own interval at least).
+    # Per id, the cells that end by the age it could have been seen at (its own at least).
     windows: dict[int, int] = {}
     if seen_until is not None:
         for o, t_s in zip(observations, seen_until, strict=True):
             _, b = span(_round_age(o.lo_s), max(_round_age(o.hi_s), _round_age(o.lo_s)))
-            last = max(b, min(cells, bisect.bisect_left(edges, t_s * (1 + _ROUNDING))))
+            last = max(b, bisect.bisect_right(edges, _round_age(t_s)) - 1)
             if last < cells:
                 windows[last] = windows.get(last, 0) + 1
     covered = [0.0] * cells
@@ -618,6 +621,15 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
     if len(observations) < config.min_observations:
         return None
     window, seen_until = face_value(observations, window_full=len(observations) >= config.window)
+    # The window cannot have seen the tail while its oldest submission is not older than nearly
+    # all its completions by a margin (a burst, a start): the ids past the plan are then the bulk
+    # of the distribution, not its stragglers, and the waits past the plan grow more slowly.
+    unseen = False
+    if seen_until is not None:
+        submitted = [o.submitted_s or 0.0 for o in observations]
+        oldest = max(t + o.hi_s for t, o in zip(submitted, observations, strict=True)) - min(submitted)
+        his = sorted(o.hi_s for o in observations)
+        unseen = oldest < _SEEN_MARGIN * his[int(0.9 * (len(his) - 1))]
     dist = estimate(window, seen_until=seen_until)
     # A latency that moved: the ids submitted last (the newest quarter, in order of submission:
     # in order of completion, the slow end of a cohort would pass for a shift) sit too high or
@@ -638,12 +650,6 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
             seen_until = [until[i] for i in recent] if seen_until else None
             dist = estimate(window, seen_until=seen_until)
     observations = window
-    # The window cannot have seen the tail while its oldest submission is not much older than
-    # most of its completions (a burst, a start): the ids past the plan are then the bulk of the
-    # distribution, not its stragglers, and the waits past the plan grow more slowly.
-    his = sorted(o.hi_s for o in window)
-    unseen = seen_until is not None and max(seen_until) < (1 + config.tail_ratio) * his[
-        int(0.9 * (len(his) - 1))]
     floor_s = _round_age(min(o.hi_s for o in observations))
     best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
                 max_polls=config.max_polls, longest=config.tail_ratio)

@@ -75,6 +75,9 @@ _GRID = 120
 _LEAST_POLL_COST = 0.06
 # Steps of the search for lambda, over 7 decades: about 5 % of lambda at the end.
 _BISECTIONS = 14
+# How far past chance a change in the ranks' level must be (the sup of a Brownian bridge: 1.36
+# at 5 %, 1.63 at 1 %, 1.95 at 0.1 %): a fit runs every few seconds, a false one costs a plan.
+_CHANGE_Z = 2.0
 # The window has seen the tail once its oldest submission is older than this times nearly all
 # (90 %) of its completion ages: that submission has had time to complete, bar stragglers.
 _SEEN_MARGIN = 1.2
@@ -190,8 +193,8 @@ class AdaptiveConfig:
     # waits of this times the age instead (those ids are the bulk of the distribution, not its
     # stragglers: a mean delay near 6 % of their age).
     unseen_ratio: float = 0.12
-    # How far the newest quarter's mean rank in the rest's distribution (a half when nothing
-    # moved) may stray before the rest is set aside as a distribution that has gone.
+    # How far apart the mean ranks (a half when nothing moved) of the ids submitted before and
+    # after a change must be for the older to be set aside as a distribution that has gone.
     shift: float = 0.15
 
 
@@ -353,10 +356,9 @@ def estimate(observations: Sequence[Observation], *, seen_until: Sequence[float]
     its submission that complete later than it could have been seen by now, so that neither a
     burst's first completions nor a pause's last (the slow end of the cohorts before it) pass
     for the whole distribution."""
+    intervals = [(lo, max(lo, _round_age(o.hi_s))) for o in observations for lo in (_round_age(o.lo_s),)]
     counts: dict[tuple[float, float], int] = {}
-    for o in observations:
-        lo, hi = _round_age(o.lo_s), _round_age(o.hi_s)
-        key = (lo, max(hi, lo))
+    for key in intervals:
         counts[key] = counts.get(key, 0) + 1
     edges = sorted({0.0, *(lo for lo, _ in counts), *(hi for _, hi in counts)})
     index = {e: k for k, e in enumerate(edges)}
@@ -372,9 +374,8 @@ def estimate(observations: Sequence[Observation], *, seen_until: Sequence[float]
     # Per id, the cells that end by the age it could have been seen at (its own at least).
     windows: dict[int, int] = {}
     if seen_until is not None:
-        for o, t_s in zip(observations, seen_until, strict=True):
-            _, b = span(_round_age(o.lo_s), max(_round_age(o.hi_s), _round_age(o.lo_s)))
-            last = max(b, bisect.bisect_right(edges, _round_age(t_s)) - 1)
+        for (_, hi), t_s in zip(intervals, seen_until, strict=True):
+            last = max(index[hi], bisect.bisect_right(edges, _round_age(t_s)) - 1)
             if last < cells:
                 windows[last] = windows.get(last, 0) + 1
     covered = [0.0] * cells
@@ -581,24 +582,33 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     # found at the first poll at best, and that much delay no plan avoids.
     target = delay_ratio * median + grid.delay_from_start(0)
     lo, hi = math.log(1e-3 / median), math.log(1e4 / median)
+    solved: list[tuple[float, _Plan]] = []
+
+    def solve(x: float) -> _Plan:
+        p = _solve(grid, moves, firsts, math.exp(x))
+        solved.append((x, p))
+        return p
+
     # The smallest lambda that meets the delay (E[delay] falls as lambda grows).
-    best = _solve(grid, moves, firsts, math.exp(hi))
+    best = solve(hi)
     if best.delay_s <= target:
         a, b = lo, hi
         for _ in range(_BISECTIONS):
             mid = (a + b) / 2
-            p = _solve(grid, moves, firsts, math.exp(mid))
+            p = solve(mid)
             if p.delay_s <= target:
                 b, best = mid, p
             else:
                 a = mid
     if best.polls > max_polls:
-        # Too many polls for that delay: the largest lambda within the cap.
-        a, b = lo, math.log(1e4 / median)
-        best = _solve(grid, moves, firsts, math.exp(lo))
-        for _ in range(_BISECTIONS):
+        # Too many polls for that delay: the largest lambda within the cap (E[polls] grows with
+        # lambda), searched between the lambdas already solved on either side of it.
+        within = [(x, p) for x, p in solved if p.polls <= max_polls]
+        a, best = max(within, key=lambda s: s[0]) if within else (lo, solve(lo))
+        b = min(x for x, p in solved if p.polls > max_polls)
+        while b - a > (hi - lo) / 2 ** _BISECTIONS:
             mid = (a + b) / 2
-            p = _solve(grid, moves, firsts, math.exp(mid))
+            p = solve(mid)
             if p.polls <= max_polls:
                 a, best = mid, p
             else:
@@ -606,14 +616,48 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
     return best
 
 
-def _rank(dist: Distribution, o: Observation, seen_until: float) -> float:
-    """Where `o` falls in `dist`, among the ages it could have been seen at: uniform in [0, 1]
-    when it was drawn from it."""
-    high = dist.cdf(seen_until) if math.isfinite(seen_until) else 1.0
-    if high < 1e-6:  # `dist` has no mass where `o` could be seen: all of it is later
-        return 0.0
-    at = (dist.cdf(o.lo_s) + dist.cdf(o.hi_s)) / 2
-    return min(1.0, at / high)
+def _ranks(dist: Distribution, observations: Sequence[Observation], seen_until: Sequence[float]) -> list[float]:
+    """Where each observation falls in `dist`, among the ages it could have been seen at: uniform
+    in [0, 1] when they were drawn from it."""
+    edges, mass = dist.edges, dist.mass
+    cumulative = [0.0]
+    for m in mass:
+        cumulative.append(cumulative[-1] + m)
+
+    def cdf(age_s: float) -> float:
+        k = bisect.bisect_right(edges, age_s) - 1
+        if k < 0:
+            return 0.0
+        if k >= len(mass):
+            return cumulative[-1]
+        return cumulative[k] + mass[k] * (age_s - edges[k]) / (edges[k + 1] - edges[k])
+
+    ranks = []
+    for o, t_s in zip(observations, seen_until, strict=True):
+        high = cdf(t_s) if math.isfinite(t_s) else 1.0
+        at = (cdf(o.lo_s) + cdf(o.hi_s)) / 2
+        ranks.append(min(1.0, at / high) if high > 1e-6 else 0.0)
+    return ranks
+
+
+def change_point(ranks: Sequence[float], *, least: int, shift: float) -> int | None:
+    """Where ranks in order of submission change level, if they do: the split whose cumulative
+    sum of deviations from the mean is largest (CUSUM), when that is past chance (a Brownian
+    bridge's sup beyond `_CHANGE_Z`, for ranks of variance 1/12) and the two sides' mean ranks
+    differ by more than `shift`; each side at least `least` long."""
+    n = len(ranks)
+    if n < 2 * least:
+        return None
+    mean = sum(ranks) / n
+    total, best, at = 0.0, 0.0, 0
+    for k in range(n - least):
+        total += ranks[k] - mean
+        if k + 1 >= least and abs(total) > best:
+            best, at = abs(total), k + 1
+    if best < _CHANGE_Z * math.sqrt(n / 12):
+        return None
+    before, after = sum(ranks[:at]) / at, sum(ranks[at:]) / (n - at)
+    return at if abs(after - before) > shift else None
 
 
 def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedSchedule | None:
@@ -631,24 +675,21 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
         his = sorted(o.hi_s for o in observations)
         unseen = oldest < _SEEN_MARGIN * his[int(0.9 * (len(his) - 1))]
     dist = estimate(window, seen_until=seen_until)
-    # A latency that moved: the ids submitted last (the newest quarter, in order of submission:
-    # in order of completion, the slow end of a cohort would pass for a shift) sit too high or
-    # too low in the rest's distribution, each ranked among the ages it could have been seen
-    # at. The older part then describes ids no longer arriving; fit the newest alone, so a
-    # drift costs the ids in flight one plan's polls, not those of a plan for a mixture.
+    # A latency that moved: in order of submission (in order of completion, the slow end of a
+    # cohort would pass for one), the ids' ranks in the window's distribution, each among the
+    # ages it could have been seen at, change level. The ids before the change describe a
+    # latency no longer arriving; fit those after it alone, so a drift costs the ids in flight
+    # one plan's polls, not those of a plan for a mixture.
     order = list(range(len(window)))
     if seen_until is not None:
         order.sort(key=lambda i: window[i].submitted_s or 0.0)
     until = seen_until or [math.inf] * len(window)
-    cut = len(window) - max(config.min_observations, len(window) // 4)
-    if cut >= config.min_observations:
-        older, recent = order[:cut], order[cut:]
-        rest = estimate([window[i] for i in older], seen_until=[until[i] for i in older] if seen_until else None)
-        ranks = [_rank(rest, window[i], until[i]) for i in recent]
-        if abs(sum(ranks) / len(ranks) - 0.5) > config.shift:
-            window = [window[i] for i in recent]
-            seen_until = [until[i] for i in recent] if seen_until else None
-            dist = estimate(window, seen_until=seen_until)
+    ranks = _ranks(dist, [window[i] for i in order], [until[i] for i in order])
+    at = change_point(ranks, least=config.min_observations, shift=config.shift)
+    if at is not None:
+        window = [window[i] for i in order[at:]]
+        seen_until = [until[i] for i in order[at:]] if seen_until is not None else None
+        dist = estimate(window, seen_until=seen_until)
     observations = window
     floor_s = _round_age(min(o.hi_s for o in observations))
     best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,

@@ -1,7 +1,8 @@
 """The adaptive poll schedule (regbridge.poll_schedule), without a broker or a clock.
 
 A small discrete-event simulation drives the pure code as the poller does: registrations arrive
-at a steady rate, each completes at its drawn latency, each message is taken by the "poller" at
+at a steady rate (or all at once, or a warm-up first and the rest once it is drained, as the
+benchmarks send them), each completes at its drawn latency, each message is taken by the "poller" at
 the age its waits add up to (plus a little per hop, as a broker adds), polled or sent on to a
 wait. It counts polls and detection delays (simulated seconds, not wall time), for the adaptive
 schedule and, for comparison, the fixed one (10 s, then every 2 s).
@@ -29,6 +30,7 @@ from regbridge.poll_schedule import (
     Observation,
     PollSchedule,
     adaptive_tiers,
+    change_point,
     estimate,
     face_value,
     first_hop,
@@ -264,8 +266,20 @@ def test_the_slow_end_of_the_last_submissions_is_no_shift() -> None:
     assert learned.tail_ratio == CONFIG.tail_ratio  # the oldest submission is long done
 
 
+def test_a_change_point_is_where_the_ranks_change_level_past_chance() -> None:
+    rng = random.Random(8)
+    level = [rng.random() for _ in range(400)]
+    assert change_point(level, least=20, shift=0.15) is None
+    step = level[:300] + [0.5 + rng.random() / 2 for _ in range(100)]
+    assert change_point(step, least=20, shift=0.15) == pytest.approx(300, abs=25)
+    # Past chance over 4,000 ids, but too small a move to set 3,000 aside for.
+    nudge = [rng.random() for _ in range(3000)] + [0.2 + 0.8 * rng.random() for _ in range(1000)]
+    assert change_point(nudge, least=20, shift=0.15) is None
+    assert change_point(nudge, least=20, shift=0.05) == pytest.approx(3000, abs=250)
+
+
 def test_a_shift_is_told_by_submission() -> None:
-    # 12-20 s for 30 s of submissions, then 50-72 s: the newest quarter by submission is the new
+    # 12-20 s for 30 s of submissions, then 50-72 s: the ids submitted after the change are the new
     # latency, whichever order the completions came in.
     rng = random.Random(6)
     done = [(k / 10, rng.uniform(12, 20)) for k in range(300)]
@@ -303,7 +317,7 @@ def test_the_window_keeps_the_last_observations_and_refits_when_due() -> None:
     assert learner.due(5.0)
 
 
-def test_a_shift_in_the_newest_quarter_sets_the_older_part_aside() -> None:
+def test_a_shift_sets_the_ids_before_it_aside() -> None:
     old = [Observation(12.0 + k % 8, 13.0 + k % 8) for k in range(300)]
     new = [Observation(50.0 + k % 20, 52.0 + k % 20) for k in range(100)]
     learned = fit(old + new, CONFIG)

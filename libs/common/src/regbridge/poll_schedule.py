@@ -2,8 +2,8 @@
 
 What is observed. Each registration the poller finds completed tells it an interval: it completed
 after the age of its last poll that said `processing` (0 when there was none) and no later than
-the age of the poll that said `completed`. A `Learner` keeps the last `window` such intervals
-(bounded memory). Below `min_observations` the schedule is the configured one (`PollPolicy`:
+the age of the poll that said `completed`; and when it was submitted. A `Learner` keeps the last
+`window` such observations (bounded memory). Below `min_observations` the schedule is the configured one (`PollPolicy`:
 `POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`).
 
 What is estimated. `estimate` turns the window into a distribution of completion ages with a few
@@ -13,9 +13,15 @@ mass of intervals like (0, 10] ("done at the first poll, at 10 s") to where prob
 already at 5 s") put it, which no per-interval spreading would do, and stops short of the
 maximum-likelihood estimate's habit of piling the mass on a few points, which a plan would then
 fit too closely. Ages are rounded to 1 % first, so the intervals fall into a few dozen distinct
-ones and the fit stays cheap. A drift: when the newest quarter of the window disagrees with the
-whole about the median by more than `shift` (in log), the older part is set aside, so the plan is
-fitted to the registrations now arriving rather than to a mixture of old and new.
+ones and the fit stays cheap. The window is not a sample of the distribution whenever arrivals
+are not steady: while a burst completes it holds only the fast end of it, after arrivals stop
+only the slow end of the last submissions. So the estimate is Turnbull's for right-truncated
+data: an id submitted t seconds before the latest detection stands also for those submitted with
+it that complete later than t (not seen yet); and once the window is full, submissions so old
+that their fast ids have left it are left out. A drift: in order of submission, the ids' ranks
+in that distribution (each among the ages it could have been seen at) change level, past chance
+and by more than `shift`; the ids before the change are set aside, so the plan is fitted to the
+registrations now arriving rather than to a mixture of old and new.
 
 What is chosen. A plan of poll ages: the first poll, then a wait from the ladder between each
 poll and the next. It minimises E[polls] + lambda * E[detection delay] by dynamic programming over
@@ -29,7 +35,10 @@ bounds keep a plan from hurting the day the latency moves later: a poll counts a
 the last percent), and no wait is longer than `tail_ratio` of the age it starts from (a last poll
 long after the others would yield wide intervals whose spread mass would justify it again). Past
 the plan's last age the waits grow by that same ratio, so a latency that moved later is caught in
-a few polls and then learned. After a poll, the next is at the next planned age at least half a
+a few polls and then learned; by the smaller `unseen_ratio` while the window cannot have seen
+the tail (its oldest submission not yet 1.2 times older than 90 % of its completion ages: a
+burst, a start), since the ids there are then most of them, not stragglers. A plan is costed at
+its exact ages, not the grid's. After a poll, the next is at the next planned age at least half a
 planned gap ahead, so an id whose plan was refitted while it waited is not polled twice in a row.
 
 The rule of promise 4. The first poll is never planned before the earliest age at which a
@@ -38,8 +47,10 @@ estimate puts below it is found at the first poll, its delay counted but left ou
 plan can change it). The only polls before the floor are probes: when registrations were done at
 their first poll, the latency may have moved earlier, so a share of the ids growing with theirs
 (`probe_share` of them once `probe_trigger` of the window was; chosen by a hash of the request
-id, the same at every redelivery) make their first poll earlier, down to half the planned age
-when every one was done. A probe that finds `completed` lowers the floor; one that finds
+id, the same at every redelivery) make their first poll earlier: spread log-uniformly by that
+hash from just below the planned age down to half of it when every one was done, so some land
+among the completions wherever they start (all at one age, they could all fall below them, and
+the floor would never come down). A probe that finds `completed` lowers the floor; one that finds
 `processing` bounds the mass from below. Both are observations.
 
 Why a ladder. The broker serves a delay only as a wait queue of fixed TTL, declared at connect
@@ -49,7 +60,7 @@ whatever is learned. sqrt(2) is the coarsest step whose choice of gaps still let
 delay of a few percent of the latency (the plan picks among them, it does not round to them); a
 finer step would double the queues for little gain.
 
-The fit is a few tens of milliseconds of pure Python: it runs at most every `refit_every`
+The fit is some 5 to 15 milliseconds of pure Python: it runs at most every `refit_every`
 observations and `refit_min_s` seconds, on a copy of the window, outside any lock.
 """
 
@@ -182,8 +193,8 @@ class AdaptiveConfig:
     refit_every: int = 20
     refit_min_s: float = 2.0
     # Probes: `probe_share` of ids once `probe_trigger` of the window was done at its first poll
-    # (proportionally fewer below), their first poll earlier than planned by `probe_depth` times
-    # that share of the window.
+    # (proportionally fewer below), their first poll spread below the planned one, the deepest
+    # earlier by `probe_depth` times that share of the window.
     probe_trigger: float = 0.8
     probe_share: float = 0.3
     probe_depth: float = 0.5

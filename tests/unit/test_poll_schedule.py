@@ -276,6 +276,9 @@ def test_a_change_point_is_where_the_ranks_change_level_past_chance() -> None:
     nudge = [rng.random() for _ in range(3000)] + [0.2 + 0.8 * rng.random() for _ in range(1000)]
     assert change_point(nudge, least=20, shift=0.15) is None
     assert change_point(nudge, least=20, shift=0.05) == pytest.approx(3000, abs=250)
+    # Submitted at once (a burst), the ids' order is their completion's: no change point in it.
+    assert change_point(sorted(level), least=20, shift=0.15, submitted=[0.0] * 400) is None
+    assert change_point(sorted(level), least=20, shift=0.15) is not None
 
 
 def test_a_shift_is_told_by_submission() -> None:

@@ -651,11 +651,13 @@ def _ranks(dist: Distribution, observations: Sequence[Observation], seen_until: 
     return ranks
 
 
-def change_point(ranks: Sequence[float], *, least: int, shift: float) -> int | None:
+def change_point(ranks: Sequence[float], *, least: int, shift: float,
+                 submitted: Sequence[float] | None = None) -> int | None:
     """Where ranks in order of submission change level, if they do: the split whose cumulative
     sum of deviations from the mean is largest (CUSUM), when that is past chance (a Brownian
     bridge's sup beyond `_CHANGE_Z`, for ranks of variance 1/12) and the two sides' mean ranks
-    differ by more than `shift`; each side at least `least` long."""
+    differ by more than `shift`; each side at least `least` long, and, with the submission
+    times, never between ids submitted at once (their order says nothing of when they came)."""
     n = len(ranks)
     if n < 2 * least:
         return None
@@ -663,7 +665,7 @@ def change_point(ranks: Sequence[float], *, least: int, shift: float) -> int | N
     total, best, at = 0.0, 0.0, 0
     for k in range(n - least):
         total += ranks[k] - mean
-        if k + 1 >= least and abs(total) > best:
+        if k + 1 >= least and abs(total) > best and (submitted is None or submitted[k] < submitted[k + 1]):
             best, at = abs(total), k + 1
     if best < _CHANGE_Z * math.sqrt(n / 12):
         return None
@@ -676,6 +678,8 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
     if len(observations) < config.min_observations:
         return None
     window, seen_until = face_value(observations, window_full=len(observations) >= config.window)
+    if len(window) < config.min_observations:  # too few left to learn from: the whole window, as it is
+        window, seen_until = face_value(observations, window_full=False)
     # The window cannot have seen the tail while its oldest submission is not older than nearly
     # all its completions by a margin (a burst, a start): the ids past the plan are then the bulk
     # of the distribution, not its stragglers, and the waits past the plan grow more slowly.
@@ -696,7 +700,8 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
         order.sort(key=lambda i: window[i].submitted_s or 0.0)
     until = seen_until or [math.inf] * len(window)
     ranks = _ranks(dist, [window[i] for i in order], [until[i] for i in order])
-    at = change_point(ranks, least=config.min_observations, shift=config.shift)
+    at = change_point(ranks, least=config.min_observations, shift=config.shift,
+                      submitted=[window[i].submitted_s or 0.0 for i in order] if seen_until is not None else None)
     if at is not None:
         window = [window[i] for i in order[at:]]
         seen_until = [until[i] for i in order[at:]] if seen_until is not None else None

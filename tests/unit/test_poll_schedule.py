@@ -474,3 +474,47 @@ def test_completions_later_than_two_hops_reach_are_still_planned() -> None:
     learned = fit([Observation(900.0 + k, 910.0 + k) for k in range(50)], CONFIG)
     assert learned is not None and learned.first_poll_s >= 900.0
     assert _first_poll_age(learned, 0.99) >= learned.first_poll_s
+
+
+# ---- the figures, printed: python tests/unit/test_poll_schedule.py -----------------------------
+
+
+def _figures() -> None:
+    """Polls and mean delay per latency and arrival pattern, adaptive against fixed, and the median
+    CPU time of one fit on a full window (reported, never asserted)."""
+    import statistics
+    import time
+
+    latencies: dict[str, Latency] = {"uniform 2-4": uniform(2, 4), "uniform 10-20": uniform(10, 20),
+                                     "uniform 40-80": uniform(40, 80), "lognormal 15, 0.5": lognormal(15, 0.5)}
+    patterns: dict[str, Callable[[Latency, bool], Run]] = {
+        "steady": lambda latency, adaptive: simulate(latency, adaptive=adaptive),
+        "pause": lambda latency, adaptive: simulate(latency, adaptive=adaptive, warmup=200, n=400),
+        "burst": lambda latency, adaptive: simulate(latency, adaptive=adaptive, n=1000, rate=math.inf),
+    }
+    for pattern, run in patterns.items():
+        start = 0.25 if pattern == "steady" else 0.0  # a steady run's first quarter is its cold start
+        for name, latency in latencies.items():
+            a, f = run(latency, True), run(latency, False)
+            print(f"{pattern:7} {name:18} adaptive {a.polls(start):5.2f} polls {a.delay(start):5.2f} s"
+                  f"   fixed {f.polls(start):5.2f} polls {f.delay(start):5.2f} s")
+    # A drift: steady arrivals, 10-20 s then 40-80 s from registration 1,500 (150 s) on; the ids
+    # submitted in the 20 s after it, and the last quarter.
+    moved = drift(uniform(10, 20), uniform(40, 80), 150.0)
+    a, f = simulate(moved, adaptive=True, n=4000), simulate(moved, adaptive=False, n=4000)
+    for part, (start, end) in {"20 s after": (0.375, 0.425), "last quarter": (0.75, 1.0)}.items():
+        print(f"drift   {part:18} adaptive {a.polls(start, end):5.2f} polls {a.delay(start, end):5.2f} s"
+              f"   fixed {f.polls(start, end):5.2f} polls {f.delay(start, end):5.2f} s")
+    regs = simulate(lognormal(15, 0.5), adaptive=True, n=1500).regs
+    regs.sort(key=lambda r: r.arrived + r.latency + (r.delay or 0.0))
+    observations = [Observation(r.processing_at, r.latency + (r.delay or 0.0), submitted_s=r.arrived) for r in regs]
+    times = []
+    for k in range(CONFIG.window, len(observations), 25):
+        began = time.process_time()
+        fit(observations[k - CONFIG.window:k], CONFIG)
+        times.append(time.process_time() - began)
+    print(f"fit on a window of {CONFIG.window} (lognormal): median {statistics.median(times) * 1000:.1f} ms CPU")
+
+
+if __name__ == "__main__":
+    _figures()

@@ -3,8 +3,8 @@
 What is observed. Each registration the poller finds completed tells it an interval: it completed
 after the age of its last poll that said `processing` (0 when there was none) and no later than
 the age of the poll that said `completed`; and when it was submitted. A `Learner` keeps the last
-`window` such observations (bounded memory). Below `min_observations` the schedule is the configured one (`PollPolicy`:
-`POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`).
+`window` such observations (bounded memory). Below `min_observations` the schedule is the
+configured one (`PollPolicy`: `POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`).
 
 What is estimated. `estimate` turns the window into a distribution of completion ages with a few
 rounds of Turnbull's self-consistency algorithm (the maximum-likelihood method for

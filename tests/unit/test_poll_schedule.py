@@ -29,6 +29,7 @@ from regbridge.poll_schedule import (
     Learner,
     Observation,
     PollSchedule,
+    Running,
     adaptive_tiers,
     change_point,
     estimate,
@@ -121,21 +122,26 @@ def simulate(latency: Latency, *, adaptive: bool, n: int = 2000, rate: float = 1
             reg.first_poll_age = age
         reg.polls += 1
         if reg.latency > age:
+            # As the poller does: every poll that finds `processing` is told to the learner, which
+            # keeps those past the plan.
+            observation: Observation | Running = Running(age, reg.arrived, since_s=reg.processing_at or None)
             reg.processing_at = age
             heapq.heappush(events, (now + schedule.next_wait(age_s=age) + HOP_S, i))
-            continue
-        reg.delay = age - reg.latency
-        undetected -= 1
-        if undetected == 0 and warmup and len(regs) == warmup:
-            arrive(n, now)
-            undetected = n
+        else:
+            reg.delay = age - reg.latency
+            undetected -= 1
+            if undetected == 0 and warmup and len(regs) == warmup:
+                arrive(n, now)
+                undetected = n
+            observation = Observation(reg.processing_at, age, submitted_s=reg.arrived)
         if adaptive:
-            learner.observe(Observation(reg.processing_at, age, submitted_s=reg.arrived))
+            learner.observe(observation)
             if learner.due(now):
                 learned = fit(learner.take(now), config)
                 if learned is not None:
                     schedule = learned
                     schedules.append(learned)
+                    learner.follow(learned)
     return Run(regs[warmup:], schedules)
 
 

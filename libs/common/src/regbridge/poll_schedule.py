@@ -99,6 +99,13 @@ _PROBE_TOP = 0.95
 # on plan: seconds, plus a share of the wait.
 _SLACK_S = 0.05
 _SLACK_SHARE = 0.05
+# A running id is kept from the plan's last age on, to the rounding of ages (a wait may be a tier a
+# little short of the gap, the message late by its hops).
+_PAST_PLAN = 1.0 - 2 * _ROUNDING
+# How long a running id's record stands for it: until its next poll is overdue, this many times
+# the longest wait past the plan (`tail_ratio` of its age). Its next poll, on this poller, replaces
+# it; one taken by another replica, or an id that failed, leaves a record nothing replaces.
+_RUNNING_FOR = 2.0
 
 
 class PollSchedule(Protocol):
@@ -180,6 +187,17 @@ class Observation:
 
 
 @dataclass(frozen=True)
+class Running:
+    """A registration polled `processing` at `age_s` of age, submitted at `submitted_s` on the
+    poller's clock; `since_s`: the age of its previous poll that said `processing` (None: none
+    did), whose record this one replaces. To an estimate, an observation with no upper bound."""
+
+    age_s: float
+    submitted_s: float
+    since_s: float | None = None
+
+
+@dataclass(frozen=True)
 class AdaptiveConfig:
     """What the adaptive schedule is tuned by: the waits it may use, and the knobs above (the
     poller sets the window, the cold start's length, the delay aimed at and the polls cap from
@@ -219,7 +237,9 @@ class LearnedSchedule:
     probe_age_s: float | None
     probe_share: float
     tail_ratio: float  # past the plan, waits of this times the age
-    observations: int
+    observations: int  # completions fitted to
+    running: int  # ids fitted to as still running past the plan
+    beyond: float  # the share of ids expected past every completion seen: past the plan
     quantiles: tuple[float, float, float]  # completion age p10, p50, p90
     expected_polls: float
     expected_delay_s: float
@@ -256,10 +276,13 @@ class LearnedSchedule:
     def next_wait(self, *, age_s: float) -> float:
         # The next planned age at least half the plan's own gap ahead: a message polled on an
         # older plan (the plan is refitted as it waits) is not polled again almost at once, so
-        # an id never meets more polls than the plans it lives through would give it.
+        # an id never meets more polls than the plans it lives through would give it. A plan of
+        # one age (the age the ids of a shift were last seen running at) is no closer than the
+        # rounding of ages: those ids are on to the waits past it.
         ages = self.ages
         i = bisect.bisect_right(ages, age_s)
-        while i < len(ages) and i > 0 and ages[i] - age_s < (ages[i] - ages[i - 1]) / 2:
+        while i < len(ages) and ages[i] - age_s < ((ages[i] - ages[i - 1]) / 2 if i > 0 else
+                                                   2 * _ROUNDING * age_s if len(ages) == 1 else 0.0):
             i += 1
         if i < len(ages):
             return tier_not_below(ages[i] - age_s, self.tiers)
@@ -272,12 +295,22 @@ class LearnedSchedule:
 
 @dataclass
 class Learner:
-    """The sliding window and when to refit. Not thread-safe: its owner holds a lock around it."""
+    """The sliding window and when to refit. Not thread-safe: its owner holds a lock around it.
+
+    Besides the last `window` completions, it keeps the ids still running past the plan its
+    owner `follow`s: a `Running` record from the plan's last age on, and then each of the same
+    id's records after it (its next poll says where it was last seen, whatever the plan by then),
+    until it completes. At most `window` of them, the oldest dropped first."""
 
     config: AdaptiveConfig
     _window: deque[Observation] = field(init=False)
     _since_fit: int = field(init=False, default=0)
     _last_fit_at: float = field(init=False, default=-math.inf)
+    # Running records by the age they were polled at: the key a later record of the same id, or
+    # its completion, names as its last `processing` age (an exact float, carried in the message).
+    _running: dict[float, list[Observation]] = field(init=False, default_factory=dict)
+    _running_count: int = field(init=False, default=0)
+    _plan_end_s: float = field(init=False, default=math.inf)  # none before a plan: the cold start
 
     def __post_init__(self) -> None:
         self._window = deque(maxlen=self.config.window)
@@ -285,8 +318,19 @@ class Learner:
     def __len__(self) -> int:
         return len(self._window)
 
-    def observe(self, observation: Observation) -> None:
-        self._window.append(observation)
+    @property
+    def running(self) -> int:
+        return self._running_count
+
+    def observe(self, observation: Observation | Running) -> None:
+        if isinstance(observation, Running):
+            followed = self._replace(observation.since_s)
+            if not followed and observation.age_s < _PAST_PLAN * self._plan_end_s:
+                return
+            self._keep(Observation(observation.age_s, math.inf, submitted_s=observation.submitted_s))
+        else:
+            self._replace(observation.lo_s)
+            self._window.append(observation)
         self._since_fit += 1
 
     def due(self, now: float) -> bool:
@@ -295,10 +339,32 @@ class Learner:
                 and now - self._last_fit_at >= c.refit_min_s)
 
     def take(self, now: float) -> tuple[Observation, ...]:
-        """A copy of the window to fit, outside the owner's lock; the next fit waits its turn."""
+        """A copy of the window to fit, the running records after it (no upper bound), outside the
+        owner's lock; the next fit waits its turn."""
         self._since_fit = 0
         self._last_fit_at = now
-        return tuple(self._window)
+        return (*self._window, *(o for records in self._running.values() for o in records))
+
+    def follow(self, schedule: LearnedSchedule) -> None:
+        """The schedule now in use: ids found running past its last age are kept."""
+        self._plan_end_s = schedule.ages[-1]
+
+    def _replace(self, age_s: float | None) -> bool:
+        """Drop the record of an id last seen running at `age_s`, if kept; whether one was."""
+        if age_s is None or age_s not in self._running:
+            return False
+        records = self._running[age_s]
+        records.pop()
+        self._running_count -= 1
+        if not records:
+            del self._running[age_s]
+        return True
+
+    def _keep(self, record: Observation) -> None:
+        if self._running_count >= self.config.window:
+            self._replace(next(iter(self._running)))
+        self._running.setdefault(record.lo_s, []).append(record)
+        self._running_count += 1
 
 
 # ---- the estimate -------------------------------------------------------------------------------
@@ -306,10 +372,12 @@ class Learner:
 
 @dataclass(frozen=True)
 class Distribution:
-    """Completion-age mass on elementary cells (edges[k], edges[k+1]], spread evenly inside each."""
+    """Completion-age mass on elementary cells (edges[k], edges[k+1]], spread evenly inside each,
+    and `beyond` the last edge, where no completion was seen (ids still running there)."""
 
     edges: tuple[float, ...]
     mass: tuple[float, ...]
+    beyond: float = 0.0
 
     def cdf(self, age_s: float) -> float:
         total = 0.0
@@ -334,6 +402,8 @@ class Distribution:
         return total
 
     def quantile(self, q: float) -> float:
+        """The age by which a share `q` completed; the last edge, a lower bound, when that share
+        lies beyond it."""
         total = 0.0
         for k, m in enumerate(self.mass):
             if m > 0 and total + m >= q:
@@ -361,19 +431,25 @@ def face_value(observations: Sequence[Observation], *,
 
 
 def estimate(observations: Sequence[Observation], *, seen_until: Sequence[float] | None = None,
-             iterations: int = 10, tolerance: float = 1e-5) -> Distribution:
+             recorded_from_s: float = math.inf, iterations: int = 10, tolerance: float = 1e-5) -> Distribution:
     """Turnbull's self-consistency estimate of the completion-age distribution; with
     `seen_until`, his estimate for right-truncated data: each id seen stands also for the ids of
     its submission that complete later than it could have been seen by now, so that neither a
     burst's first completions nor a pause's last (the slow end of the cohorts before it) pass
-    for the whole distribution."""
-    intervals = [(lo, max(lo, _round_age(o.hi_s))) for o in observations for lo in (_round_age(o.lo_s),)]
+    for the whole distribution. Observations with no upper bound (ids still running) are right
+    censored; a submission at least `recorded_from_s` old has all its running ids among them, so
+    its completions stand for no one else."""
+    intervals = [(lo, max(lo, _round_age(o.hi_s)) if math.isfinite(o.hi_s) else math.inf)
+                 for o in observations for lo in (_round_age(o.lo_s),)]
     counts: dict[tuple[float, float], int] = {}
     for key in intervals:
         counts[key] = counts.get(key, 0) + 1
-    edges = sorted({0.0, *(lo for lo, _ in counts), *(hi for _, hi in counts)})
+    edges = sorted({0.0, *(lo for lo, _ in counts), *(hi for _, hi in counts if math.isfinite(hi))})
     index = {e: k for k, e in enumerate(edges)}
-    cells = len(edges) - 1
+    # Past the last edge, a cell of its own when an id is still running there.
+    open_ended = any(not math.isfinite(hi) for _, hi in counts)
+    cells = len(edges) - (0 if open_ended else 1)
+    index[math.inf] = cells
     if cells == 0:
         return Distribution((0.0, edges[0] or 1e-3), (1.0,))
     # A zero-width interval (rounding met) counts in the cell that ends at it.
@@ -386,6 +462,8 @@ def estimate(observations: Sequence[Observation], *, seen_until: Sequence[float]
     windows: dict[int, int] = {}
     if seen_until is not None:
         for (_, hi), t_s in zip(intervals, seen_until, strict=True):
+            if not math.isfinite(hi) or t_s >= recorded_from_s:
+                continue
             last = max(index[hi], bisect.bisect_right(edges, _round_age(t_s)) - 1)
             if last < cells:
                 windows[last] = windows.get(last, 0) + 1
@@ -423,6 +501,8 @@ def estimate(observations: Sequence[Observation], *, seen_until: Sequence[float]
         p = new
         if change < tolerance:
             break
+    if open_ended:
+        return Distribution(tuple(edges), tuple(p[:-1]), beyond=p[-1])
     return Distribution(tuple(edges), tuple(p))
 
 
@@ -492,7 +572,9 @@ def _grid(dist: Distribution, floor_s: float) -> _Grid:
         g += mm
         cdf.append(c)
         moment.append(g)
-    scale = c if c > 0 else 1.0
+    # The mass beyond the last edge stays out of the grid: every poll of the plan finds it
+    # running, and the waits past the plan, not the plan, find it done.
+    scale = c + dist.beyond if c + dist.beyond > 0 else 1.0
     return _Grid(floor_s, step, tuple(x / scale for x in cdf), tuple(x / scale for x in moment))
 
 
@@ -533,7 +615,7 @@ def _solve(grid: _Grid, moves: Sequence[Sequence[tuple[int, float, float]]],
     step one of `moves`. (The inner loop is written out: it runs a few thousand times a fit.)"""
     n = grid.size
     cdf, moment = grid.cdf, grid.moment
-    total_moment = moment[n]
+    total_mass, total_moment = cdf[n], moment[n]
     value = [0.0] * (n + 1)
     choice: list[tuple[int, float, float]] = [(n, 0.0, 0.0)] * (n + 1)
     for i in range(n - 1, -1, -1):
@@ -542,8 +624,8 @@ def _solve(grid: _Grid, moves: Sequence[Sequence[tuple[int, float, float]]],
         s_i = max(1.0 - c_i, _LEAST_POLL_COST)
         for move in moves[i]:
             j, age_j, _ = move
-            if j >= n:  # past the last completion: everything left is caught
-                cost = s_i + lam * (age_j * (1.0 - c_i) - (total_moment - m_i))
+            if j >= n:  # past the last completion: everything left is caught (but what lies beyond)
+                cost = s_i + lam * (age_j * (total_mass - c_i) - (total_moment - m_i))
             else:
                 cost = s_i + lam * (age_j * (cdf[j] - c_i) - (moment[j] - m_i)) + value[j]
             if cost < best:
@@ -569,7 +651,7 @@ def _solve(grid: _Grid, moves: Sequence[Sequence[tuple[int, float, float]]],
         ages.append(round(ages[-1] + tier, 6))
     polls, delay, f0, g0 = 0.0, 0.0, 0.0, 0.0
     for k, age in enumerate(ages):
-        f, g = grid.at(age) if k < len(ages) - 1 else (1.0, total_moment)
+        f, g = grid.at(age) if k < len(ages) - 1 else (total_mass, total_moment)
         polls += 1.0 - f0
         delay += age * (f - f0) - (g - g0)
         f0, g0 = f, g
@@ -588,10 +670,12 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
               for a in two_tier_ages(tiers) if a >= floor_s - 1e-9]
     if not firsts:  # a floor beyond two hops of the longest tier: the hops to it are composed
         firsts = [(floor_s, 0, grid.delay_from_start(0))]
-    median = max(dist.quantile(0.5), 1e-3)
     # The aim is for the delay the plan can change: mass the estimate puts before the floor is
-    # found at the first poll at best, and that much delay no plan avoids.
-    target = delay_ratio * median + grid.delay_from_start(0)
+    # found at the first poll at best, and that much delay no plan avoids; mass beyond the last
+    # completion seen, the plan does not find (the aim is for the rest, at its own median).
+    seen = 1.0 - dist.beyond
+    median = max(dist.quantile(0.5 * seen), 1e-3)
+    target = delay_ratio * median * seen + grid.delay_from_start(0)
     lo, hi = math.log(1e-3 / median), math.log(1e4 / median)
     solved: list[tuple[float, _Plan]] = []
 
@@ -628,8 +712,8 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
 
 
 def _ranks(dist: Distribution, observations: Sequence[Observation], seen_until: Sequence[float]) -> list[float]:
-    """Where each observation falls in `dist`, among the ages it could have been seen at: uniform
-    in [0, 1] when they were drawn from it."""
+    """Where each observation falls in `dist`, among the ages it could have been seen at (a
+    running id: past its age): uniform in [0, 1] when they were drawn from it."""
     edges, mass = dist.edges, dist.mass
     cumulative = [0.0]
     for m in mass:
@@ -645,6 +729,9 @@ def _ranks(dist: Distribution, observations: Sequence[Observation], seen_until: 
 
     ranks = []
     for o, t_s in zip(observations, seen_until, strict=True):
+        if not math.isfinite(o.hi_s):  # still running: anywhere past its age, whenever submitted
+            ranks.append((cdf(o.lo_s) + 1.0) / 2)
+            continue
         high = cdf(t_s) if math.isfinite(t_s) else 1.0
         at = (cdf(o.lo_s) + cdf(o.hi_s)) / 2
         ranks.append(min(1.0, at / high) if high > 1e-6 else 0.0)
@@ -653,48 +740,83 @@ def _ranks(dist: Distribution, observations: Sequence[Observation], seen_until: 
 
 def change_point(ranks: Sequence[float], *, least: int, shift: float,
                  submitted: Sequence[float] | None = None) -> int | None:
-    """Where ranks in order of submission change level, if they do: the split whose cumulative
-    sum of deviations from the mean is largest (CUSUM), when that is past chance (a Brownian
-    bridge's sup beyond `_CHANGE_Z`, for ranks of variance 1/12) and the two sides' mean ranks
-    differ by more than `shift`; each side at least `least` long, and, with the submission
+    """Where ranks in order of submission change level, if they do: when the largest cumulative
+    sum of deviations from the mean (CUSUM) is past chance (a Brownian bridge's sup beyond
+    `_CHANGE_Z`, for ranks of variance 1/12), at the split most likely for a change of level
+    (that sum over the spread of the two sides' means: CUSUM's own peak drifts towards the middle
+    when one side is short, as the newest is when it is found early), if the two sides' mean
+    ranks differ by more than `shift`; each side at least `least` long, and, with the submission
     times, never between ids submitted at once (their order says nothing of when they came)."""
     n = len(ranks)
     if n < 2 * least:
         return None
     mean = sum(ranks) / n
-    total, best, at = 0.0, 0.0, 0
+    total, best, likeliest, at = 0.0, 0.0, 0.0, 0
     for k in range(n - least):
         total += ranks[k] - mean
-        if k + 1 >= least and abs(total) > best and (submitted is None or submitted[k] < submitted[k + 1]):
-            best, at = abs(total), k + 1
-    if best < _CHANGE_Z * math.sqrt(n / 12):
+        if k + 1 >= least and (submitted is None or submitted[k] < submitted[k + 1]):
+            best = max(best, abs(total))
+            likelihood = abs(total) / math.sqrt((k + 1) * (n - k - 1))
+            if likelihood > likeliest:
+                likeliest, at = likelihood, k + 1
+    if best < _CHANGE_Z * math.sqrt(n / 12) and likeliest * math.sqrt(n) < 4.0 * math.sqrt(1 / 12):
         return None
     before, after = sum(ranks[:at]) / at, sum(ranks[at:]) / (n - at)
     return at if abs(after - before) > shift else None
 
 
+def _still_running(running: Sequence[Observation], window: Sequence[Observation], *,
+                   tail_ratio: float) -> list[Observation]:
+    """The running records that still stand for an id here: its next poll not overdue yet (else
+    it completed, failed, or was polled by another replica), and submitted no earlier than the
+    completions kept (the rest of its submission has left the window)."""
+    if not running or not window:
+        return []
+    submitted = [o.submitted_s or 0.0 for o in window]
+    now = max(max(t + o.hi_s for t, o in zip(submitted, window, strict=True)),
+              max((o.submitted_s or 0.0) + o.lo_s for o in running))
+    since = min(submitted)
+    return [o for o in running if o.submitted_s is not None and o.submitted_s >= since
+            and now - o.submitted_s <= o.lo_s * (1 + _RUNNING_FOR * tail_ratio)]
+
+
 def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedSchedule | None:
-    """A schedule for this window, or None while it is too small to learn from (the cold start)."""
-    if len(observations) < config.min_observations:
+    """A schedule for this window (completions, and ids still running: no upper bound), or None
+    while it holds too few completions to learn from (the cold start)."""
+    done = [o for o in observations if math.isfinite(o.hi_s)]
+    if len(done) < config.min_observations:
         return None
-    window, seen_until = face_value(observations, window_full=len(observations) >= config.window)
+    window, seen_until = face_value(done, window_full=len(done) >= config.window)
     if len(window) < config.min_observations:  # too few left to learn from: the whole window, as it is
-        window, seen_until = face_value(observations, window_full=False)
+        window, seen_until = face_value(done, window_full=False)
     # The window cannot have seen the tail while its oldest submission is not older than nearly
     # all its completions by a margin (a burst, a start): the ids past the plan are then the bulk
     # of the distribution, not its stragglers, and the waits past the plan grow more slowly.
     unseen = False
     if seen_until is not None:
-        submitted = [o.submitted_s or 0.0 for o in observations]
-        oldest = max(t + o.hi_s for t, o in zip(submitted, observations, strict=True)) - min(submitted)
-        his = sorted(o.hi_s for o in observations)
+        submitted = [o.submitted_s or 0.0 for o in done]
+        oldest = max(t + o.hi_s for t, o in zip(submitted, done, strict=True)) - min(submitted)
+        his = sorted(o.hi_s for o in done)
         unseen = oldest < _SEEN_MARGIN * his[int(0.9 * (len(his) - 1))]
-    dist = estimate(window, seen_until=seen_until)
+    # Ids still running past the plan, in order of submission with the rest (without submission
+    # times, they could be placed nowhere). Running ids are kept from past every completion the
+    # window holds: a submission older than that has all its running ids here, and its
+    # completions stand for no one unseen.
+    running = [o for o in observations if not math.isfinite(o.hi_s)]
+    running = _still_running(running, window, tail_ratio=config.tail_ratio) if seen_until is not None else []
+    recorded_from = max(o.hi_s for o in window) if running else math.inf
+    if running:
+        now = max(max((o.submitted_s or 0.0) + o.hi_s for o in window),
+                  max((o.submitted_s or 0.0) + o.lo_s for o in running))
+        window = [*window, *running]
+        seen_until = [now - (o.submitted_s or 0.0) for o in window]
+    dist = estimate(window, seen_until=seen_until, recorded_from_s=recorded_from)
     # A latency that moved: in order of submission (in order of completion, the slow end of a
     # cohort would pass for one), the ids' ranks in the window's distribution, each among the
     # ages it could have been seen at, change level. The ids before the change describe a
     # latency no longer arriving; fit those after it alone, so a drift costs the ids in flight
-    # one plan's polls, not those of a plan for a mixture.
+    # one plan's polls, not those of a plan for a mixture. Ids still running past the plan rank
+    # near 1: when more outlive it than it expects, they are the change.
     order = list(range(len(window)))
     if seen_until is not None:
         order.sort(key=lambda i: window[i].submitted_s or 0.0)
@@ -705,14 +827,27 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
     if at is not None:
         window = [window[i] for i in order[at:]]
         seen_until = [until[i] for i in order[at:]] if seen_until is not None else None
-        dist = estimate(window, seen_until=seen_until)
-    observations = window
-    floor_s = _round_age(min(o.hi_s for o in observations))
-    best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
-                max_polls=config.max_polls, longest=config.tail_ratio)
+        if any(math.isfinite(o.hi_s) for o in window):
+            dist = estimate(window, seen_until=seen_until, recorded_from_s=recorded_from)
+    completions = [o for o in window if math.isfinite(o.hi_s)]
+    if not completions:
+        dist = Distribution((0.0, max(o.lo_s for o in window)), (0.0,), beyond=1.0)
+    if dist.beyond < 0.5:
+        floor_s = _round_age(min(o.hi_s for o in completions))
+        best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
+                    max_polls=config.max_polls, longest=config.tail_ratio)
+    else:
+        # Most ids are still running past every age one completed at (a shift none or few of
+        # whose ids have completed yet): a plan for the few done would cost the many all its
+        # polls. The first poll goes where they were last seen running (no earlier than one
+        # completed); past it, the waits past a plan find them.
+        floor_s = _round_age(max(max(o.lo_s for o in window if not math.isfinite(o.hi_s)),
+                                 min((o.hi_s for o in completions), default=0.0)))
+        first = min((a for a in two_tier_ages(config.tiers) if a >= floor_s), default=floor_s)
+        best = _Plan((first,), 1.0, 0.0)
     # Ids done at their first poll may have been done long before it: probe below the first
     # poll, the more of them the more often (none when the first poll always finds `processing`).
-    first_done = sum(1 for o in observations if o.lo_s <= 0) / len(observations)
+    first_done = sum(1 for o in completions if o.lo_s <= 0) / max(1, len(completions))
     share = min(config.probe_share, config.probe_share * first_done / config.probe_trigger)
     # The more were done at their first poll, the deeper the probe: half the first poll's age
     # when all were.
@@ -724,7 +859,7 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
         tiers=config.tiers, ages=best.ages, floor_s=floor_s, probe_age_s=probe,
         probe_share=share if probe is not None else 0.0,
         tail_ratio=config.unseen_ratio if unseen else config.tail_ratio,
-        observations=len(observations),
+        observations=len(completions), running=len(window) - len(completions), beyond=dist.beyond,
         quantiles=(dist.quantile(0.1), dist.quantile(0.5), dist.quantile(0.9)),
         expected_polls=best.polls, expected_delay_s=best.delay_s,
     )

@@ -33,6 +33,7 @@ from regbridge.poll_schedule import (
     Learner,
     Observation,
     PollSchedule,
+    Running,
     adaptive_tiers,
     fit,
     within_deadline,
@@ -87,10 +88,14 @@ class Poller:
             metrics.POLLS.labels(outcome.label).inc()
         age = msg.age_s(self._clock())
         polled = msg if held else msg.polled(processing_at_s=age if isinstance(outcome, Processing) else None)
-        if isinstance(outcome, Completed) and self.learning is not None:
+        if isinstance(outcome, Completed | Processing) and self.learning is not None:
             now = self._clock()
-            # Submitted `age` ago on this clock: the learner orders and truncates by submission.
-            self.learning.observe(Observation(msg.processing_age_s or 0.0, age, submitted_s=now - age), now=now)
+            # Submitted `age` ago on this clock: the learner orders and truncates by submission. A
+            # registration still processing is evidence too (kept past the plan: a latency that
+            # moved later shows there first); its record replaces the one of its previous poll.
+            self.learning.observe(Observation(msg.processing_age_s or 0.0, age, submitted_s=now - age)
+                                  if isinstance(outcome, Completed) else
+                                  Running(age, now - age, since_s=msg.processing_age_s), now=now)
         decision = self.policy.decide(outcome, age_s=age,
                                       wait_s=self._within_deadline(schedule.next_wait(age_s=age), age))
         if isinstance(decision, PollAfter):
@@ -130,7 +135,7 @@ class Learning:
         # previous schedule decides as it would have a moment earlier.
         self.schedule: PollSchedule = cold
 
-    def observe(self, observation: Observation, *, now: float) -> None:
+    def observe(self, observation: Observation | Running, *, now: float) -> None:
         with self._lock:
             self._learner.observe(observation)
             if self._fitting or not self._learner.due(now):
@@ -149,6 +154,7 @@ class Learning:
                 self._fitting = False
                 if learned is not None:
                     self.schedule = learned
+                    self._learner.follow(learned)
         if learned is not None:
             metrics.schedule_changed(self._cold, learned=learned)
 

@@ -183,17 +183,39 @@ def test_on_a_skewed_latency_polls_and_delay_stay_bounded() -> None:
     assert run.delay(0.25) <= 0.15 * 15
 
 
-def test_a_latency_that_drifts_later_is_followed() -> None:
+@pytest.fixture(scope="module")
+def drifted_later() -> Run:
     # 10-20 s, then 40-80 s from the 150th second (registration 1,500 of 4,000).
+    return simulate(drift(uniform(10, 20), uniform(40, 80), 150.0), adaptive=True, n=4000)
+
+
+def test_a_latency_that_drifts_later_is_followed(drifted_later: Run) -> None:
     fixed = simulate(drift(uniform(10, 20), uniform(40, 80), 150.0), adaptive=False, n=4000)
-    run = simulate(drift(uniform(10, 20), uniform(40, 80), 150.0), adaptive=True, n=4000)
+    run = drifted_later
     # Before: as on 10-20 s. The ids in flight when it moves pay the old plan's polls and a few
     # more; once the new latency is learned, the figures are those of 40-80 s.
     assert run.polls(0.1, 0.375) <= 4.0
-    assert run.polls() <= 7.0 < fixed.polls() / 2
-    assert run.polls(0.75) <= 4.3
+    assert run.polls() <= 4.0 < fixed.polls() / 4
+    assert run.polls(0.75) <= 4.0
     assert run.delay(0.75) <= 0.1 * 60
     assert run.schedules[-1].quantiles[1] == pytest.approx(60, rel=0.15)
+
+
+def test_the_ids_in_flight_across_a_later_drift_pay_one_plan_and_a_search(drifted_later: Run) -> None:
+    # The ids submitted in the 20 s after the latency moved. Nothing tells the shift before some
+    # of them outlive the old plan (20 s in); once 20 have, a fit sets the old ids aside and the
+    # ids in flight go on from where the oldest were last seen running, in waits of 0.4 of their
+    # age. So the first few seconds' ids pay the old plan (9 polls) and that search (about 4); the
+    # later ones skip the rest of the old plan. (Before, every one paid the old plan and its tail:
+    # 12.7 polls; those submitted 20-40 s after the move, 15.)
+    run = drifted_later
+    assert run.polls(0.375, 0.425) <= 6.5
+    assert run.polls(0.4, 0.425) <= 3.5  # submitted 10-20 s after the move
+    assert run.polls(0.425, 0.475) <= 4.0  # 20-40 s after
+    # Waits of 0.4 of the age find an id some 0.19 of its latency late on average (0.4 / ln 1.4 - 1).
+    assert run.delay(0.375, 0.425) <= 0.22 * 60
+    shifted = [s for s in run.schedules if s.observations == 0]
+    assert shifted and all(s.running >= CONFIG.min_observations and s.beyond == 1.0 for s in shifted)
 
 
 def test_a_latency_that_drifts_earlier_is_found_by_probes() -> None:
@@ -270,6 +292,65 @@ def test_the_slow_end_of_the_last_submissions_is_no_shift() -> None:
     assert learned.quantiles[1] == pytest.approx(60, rel=0.08)
     assert learned.first_poll_s < 50
     assert learned.tail_ratio == CONFIG.tail_ratio  # the oldest submission is long done
+
+
+def test_ids_still_running_put_mass_past_where_they_were_seen() -> None:
+    rng = random.Random(4)
+    done = [Observation(a - 1.0, a) for a in (rng.uniform(10, 20) for _ in range(300))]
+    # A quarter still running past every completion: a quarter of the mass beyond the last edge,
+    # where a plan does not reach (its quantiles there are lower bounds).
+    past = estimate(done + [Observation(25.0, math.inf)] * 100)
+    assert past.beyond == pytest.approx(0.25, abs=0.01)
+    assert past.cdf(20.0) == pytest.approx(0.75, abs=0.01)
+    assert past.quantile(0.9) == pytest.approx(25.0, rel=0.01)
+    # Running inside the completions' span: spread over the ages past it, as those done there.
+    within = estimate(done + [Observation(15.0, math.inf)] * 100)
+    assert within.beyond < 0.001
+    assert within.cdf(15.0) == pytest.approx(0.75 * estimate(done).cdf(15.0), abs=0.03)
+
+
+def test_the_learner_keeps_ids_running_past_the_plan_one_record_each() -> None:
+    learner = Learner(AdaptiveConfig(tiers=TIERS, window=4, min_observations=2, refit_every=2, refit_min_s=0.0))
+    for hi in (10.0, 12.0, 14.0):
+        learner.observe(Observation(hi - 1.0, hi, submitted_s=0.0))
+    learner.observe(Running(30.0, 0.0))
+    assert learner.running == 0  # the cold start: no plan to outlive
+    learned = fit([Observation(9.0 + k % 5, 10.0 + k % 5, submitted_s=k / 10) for k in range(40)], CONFIG)
+    assert learned is not None
+    learner.follow(learned)
+    end = learned.ages[-1]
+    learner.observe(Running(end - 2.0, 1.0))
+    assert learner.running == 0  # within the plan
+    learner.observe(Running(end, 1.0))
+    learner.observe(Running(end + 0.5, 2.0))
+    assert learner.running == 2
+    # Its next poll replaces an id's record, whatever the plan by then; so does its completion.
+    learner.observe(Running(end * 1.4, 1.0, since_s=end))
+    assert learner.running == 2
+    assert sorted(o.lo_s for o in learner.take(0.0) if o.hi_s == math.inf) == [end + 0.5, end * 1.4]
+    learner.observe(Observation(end * 1.4, end * 2.0, submitted_s=1.0))
+    assert learner.running == 1
+    for k in range(10):  # at most `window` of them
+        learner.observe(Running(end + 1.0 + k, 3.0 + k))
+    assert learner.running == 4 and len(learner) == 4
+
+
+def test_a_shift_seen_only_in_ids_still_running_is_followed_from_where_they_were_seen() -> None:
+    # 10-20 s for 30 s of submissions, all done; then 40 ids submitted after, none done, all seen
+    # running at 22 s, past the plan.
+    rng = random.Random(9)
+    done = [Observation(a - 1.0, a, submitted_s=k / 10) for k, a in enumerate(rng.uniform(10, 20) for _ in range(300))]
+    running = [Observation(22.0, math.inf, submitted_s=30 + k / 10) for k in range(40)]
+    learned = fit(done + running, CONFIG)
+    assert learned is not None
+    assert (learned.observations, learned.running, learned.beyond) == (0, 40, 1.0)
+    assert learned.first_poll_s >= 22.0 and learned.probe_age_s is None
+    # An id polled on the old plan goes on to it, one polled there on to the waits past it.
+    assert 15.0 + learned.next_wait(age_s=15.0) >= 22.0
+    assert learned.next_wait(age_s=22.0) >= 0.4 * 22.0 - 1.0
+    # Without them, the plan is the old one.
+    steady = fit(done, CONFIG)
+    assert steady is not None and steady.first_poll_s < 15.0 and steady.running == 0
 
 
 def test_a_change_point_is_where_the_ranks_change_level_past_chance() -> None:

@@ -102,6 +102,9 @@ _SLACK_SHARE = 0.05
 # A running id is kept from the plan's last age on, to the rounding of ages (a wait may be a tier a
 # little short of the gap, the message late by its hops).
 _PAST_PLAN = 1.0 - 2 * _ROUNDING
+# Past this share of ids still running past every completion seen (a shift few of whose ids have
+# completed), the plan is its first poll alone, where they were last seen running.
+_MOSTLY_BEYOND = 0.5
 # How long a running id's record stands for it: until its next poll is overdue, this many times
 # the longest wait past the plan (`tail_ratio` of its age). Its next poll, on this poller, replaces
 # it; one taken by another replica, or an id that failed, leaves a record nothing replaces.
@@ -276,13 +279,13 @@ class LearnedSchedule:
     def next_wait(self, *, age_s: float) -> float:
         # The next planned age at least half the plan's own gap ahead: a message polled on an
         # older plan (the plan is refitted as it waits) is not polled again almost at once, so
-        # an id never meets more polls than the plans it lives through would give it. A plan of
-        # one age (the age the ids of a shift were last seen running at) is no closer than the
-        # rounding of ages: those ids are on to the waits past it.
+        # an id never meets more polls than the plans it lives through would give it. The plan
+        # of a shift starts where its ids were last seen running: one seen there is past it.
         ages = self.ages
         i = bisect.bisect_right(ages, age_s)
-        while i < len(ages) and ages[i] - age_s < ((ages[i] - ages[i - 1]) / 2 if i > 0 else
-                                                   2 * _ROUNDING * age_s if len(ages) == 1 else 0.0):
+        if i == 0 and self.beyond >= _MOSTLY_BEYOND and age_s >= _PAST_PLAN * self.floor_s:
+            i = len(ages)
+        while i < len(ages) and i > 0 and ages[i] - age_s < (ages[i] - ages[i - 1]) / 2:
             i += 1
         if i < len(ages):
             return tier_not_below(ages[i] - age_s, self.tiers)
@@ -832,7 +835,7 @@ def fit(observations: Sequence[Observation], config: AdaptiveConfig) -> LearnedS
     completions = [o for o in window if math.isfinite(o.hi_s)]
     if not completions:
         dist = Distribution((0.0, max(o.lo_s for o in window)), (0.0,), beyond=1.0)
-    if dist.beyond < 0.5:
+    if dist.beyond < _MOSTLY_BEYOND:
         floor_s = _round_age(min(o.hi_s for o in completions))
         best = plan(dist, floor_s=floor_s, tiers=config.tiers, delay_ratio=config.delay_ratio,
                     max_polls=config.max_polls, longest=config.tail_ratio)

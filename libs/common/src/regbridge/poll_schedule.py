@@ -1,57 +1,72 @@
 """The adaptive poll schedule: learn when registrations complete, and choose when to poll. No I/O.
 
 What is observed. Each registration the poller finds completed tells it an interval: it completed
-after the age of its last poll that said `processing` (0 when there was none) and no later than
-the age of the poll that said `completed`; and when it was submitted. A `Learner` keeps the last
+after the age of its last poll that said `processing` (0 when there was none) and no later than the
+age of the poll that said `completed`; and when it was submitted. A `Learner` keeps the last
 `window` such observations (bounded memory). Below `min_observations` the schedule is the
-configured one (`PollPolicy`: `POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`).
+configured one (`PollPolicy`: `POLL_FIRST_DELAY_S`, then every `POLL_INTERVAL_S`). A poll that
+finds `processing` is told too (`Running`): one at or past the plan's last age is kept, an id still
+running where the plan expected none, with no upper bound (right censored); the same id's next poll
+replaces its record, its completion drops it, a record whose next poll is overdue (it failed,
+another replica took it) stands for nothing, and at most `window` are kept. In steady arrivals they
+are the rare straggler; when the latency moves later, every new id is one, long before any of them
+completes.
 
 What is estimated. `estimate` turns the window into a distribution of completion ages with a few
 rounds of Turnbull's self-consistency algorithm (the maximum-likelihood method for
-interval-censored data), started from each interval spread evenly. That is enough to move the
-mass of intervals like (0, 10] ("done at the first poll, at 10 s") to where probes' (0, 5] ("done
+interval-censored data), started from each interval spread evenly. That is enough to move the mass
+of intervals like (0, 10] ("done at the first poll, at 10 s") to where probes' (0, 5] ("done
 already at 5 s") put it, which no per-interval spreading would do, and stops short of the
-maximum-likelihood estimate's habit of piling the mass on a few points, which a plan would then
-fit too closely. Ages are rounded to 1 % first, so the intervals fall into a few dozen distinct
-ones and the fit stays cheap. The window is not a sample of the distribution whenever arrivals
-are not steady: while a burst completes it holds only the fast end of it, after arrivals stop
-only the slow end of the last submissions. So the estimate is Turnbull's for right-truncated
-data: an id submitted t seconds before the latest detection stands also for those submitted with
-it that complete later than t (not seen yet); and once the window is full, submissions so old
-that their fast ids have left it are left out. A drift: in order of submission, the ids' ranks
-in that distribution (each among the ages it could have been seen at) change level, past chance
-and by more than `shift`; the ids before the change are set aside, so the plan is fitted to the
-registrations now arriving rather than to a mixture of old and new.
+maximum-likelihood estimate's habit of piling the mass on a few points, which a plan would then fit
+too closely. Ages are rounded to 1 % first, so the intervals fall into a few dozen distinct ones
+and the fit stays cheap. The window is not a sample of the distribution whenever arrivals are not
+steady: while a burst completes it holds only the fast end of it, after arrivals stop only the slow
+end of the last submissions. So the estimate is Turnbull's for right-truncated data: an id
+submitted t seconds before the latest detection stands also for those submitted with it that
+complete later than t (not seen yet); and once the window is full, submissions so old that their
+fast ids have left it are left out. A submission older than the plan is complete in the window (its
+ids done, or running past the plan), so it stands for no one unseen; the running ids put mass past
+the ages they were seen at, and past every completion into `beyond`, which the plan does not reach.
+A drift: in order of submission, the ids' ranks in that distribution (each among the ages it could
+have been seen at; a running id, past its age) change level, past chance and by more than `shift`,
+split where a change of level is likeliest; the ids before the change are set aside, so the plan is
+fitted to the registrations now arriving rather than to a mixture of old and new. When most of
+those are still running past every completion (a shift seen in the ids outliving the plan, none or
+few done yet), the plan is its first poll alone, where they were last seen running: the ids in
+flight go there instead of through the old plan's remaining polls and its tail, and on from it in
+the waits past a plan.
 
-What is chosen. A plan of poll ages: the first poll, then a wait from the ladder between each
-poll and the next. It minimises E[polls] + lambda * E[detection delay] by dynamic programming over
-a grid of ages, where each step is "wait one tier of the ladder, then poll"; lambda is found by
+What is chosen. A plan of poll ages: the first poll, then a wait from the ladder between each poll
+and the next. It minimises E[polls] + lambda * E[detection delay] by dynamic programming over a
+grid of ages, where each step is "wait one tier of the ladder, then poll"; lambda is found by
 bisection so that the expected delay the plan can change is `delay_ratio` of the median completion
-age, unless that would cost more than `max_polls` polls on average, in which case the polls are
-capped. The first poll may be any sum of one or two tiers (two hops through the broker before it);
-every later wait is exactly one tier, so each poll costs one hop, as on the fixed schedule. Two
-bounds keep a plan from hurting the day the latency moves later: a poll counts as at least
-`_LEAST_POLL_COST` of a poll however few ids are expected to need it (no long train of polls for
-the last percent), and no wait is longer than `tail_ratio` of the age it starts from (a last poll
-long after the others would yield wide intervals whose spread mass would justify it again). Past
-the plan's last age the waits grow by that same ratio, so a latency that moved later is caught in
-a few polls and then learned; by the smaller `unseen_ratio` while the window cannot have seen
-the tail (its oldest submission not yet 1.2 times older than 90 % of its completion ages: a
-burst, a start), since the ids there are then most of them, not stragglers. A plan is costed at
-its exact ages, not the grid's. After a poll, the next is at the next planned age at least half a
-planned gap ahead, so an id whose plan was refitted while it waited is not polled twice in a row.
+age (of the mass it reaches: `beyond` pays its polls, not its delay), unless that would cost more
+than `max_polls` polls on average, in which case the polls are capped. The first poll may be any
+sum of one or two tiers (two hops through the broker before it); every later wait is exactly one
+tier, so each poll costs one hop, as on the fixed schedule. Two bounds keep a plan from hurting the
+day the latency moves later: a poll counts as at least `_LEAST_POLL_COST` of a poll however few ids
+are expected to need it (no long train of polls for the last percent), and no wait is longer than
+`tail_ratio` of the age it starts from (a last poll long after the others would yield wide
+intervals whose spread mass would justify it again). Past the plan's last age the waits grow by
+that same ratio, so a latency that moved later is caught in a few polls and then learned; by the
+smaller `unseen_ratio` while the window cannot have seen the tail (its oldest submission not yet
+1.2 times older than 90 % of its completion ages: a burst, a start), since the ids there are then
+most of them, not stragglers. A plan is costed at its exact ages, not the grid's. After a poll, the
+next is at the next planned age at least half a planned gap ahead (a shift's one age: past it when
+seen running there), so an id whose plan was refitted while it waited is not polled twice in a row.
 
 The rule of promise 4. The first poll is never planned before the earliest age at which a
-registration in the window was seen completed (the smallest upper bound, the `floor`): mass the
-estimate puts below it is found at the first poll, its delay counted but left out of the aim (no
-plan can change it). The only polls before the floor are probes: when registrations were done at
-their first poll, the latency may have moved earlier, so a share of the ids growing with theirs
-(`probe_share` of them once `probe_trigger` of the window was; chosen by a hash of the request
-id, the same at every redelivery) make their first poll earlier: spread log-uniformly by that
-hash from just below the planned age down to half of it when every one was done, so some land
-among the completions wherever they start (all at one age, they could all fall below them, and
-the floor would never come down). A probe that finds `completed` lowers the floor; one that finds
-`processing` bounds the mass from below. Both are observations.
+registration in the window was seen completed (the smallest upper bound, the `floor`; for a shift
+none of whose ids completed, where they were last seen running): mass the estimate puts below it is
+found at the first poll, its delay counted but left out of the aim (no plan can change it). The
+only polls before the floor are probes: when registrations were done at their first poll, the
+latency may have moved earlier, so a share of the ids growing with theirs (`probe_share` of them
+once `probe_trigger` of the window was; chosen by a hash of the request id, the same at every
+redelivery) make their first poll earlier: spread log-uniformly by that hash from just below the
+planned age down to half of it when every one was done, so some land among the completions wherever
+they start (all at one age, they could all fall below them, and the floor would never come down). A
+probe that finds `completed` lowers the floor; one that finds `processing` bounds the mass from
+below. Both are observations.
 
 Why a ladder. The broker serves a delay only as a wait queue of fixed TTL, declared at connect
 time. `LADDER_S` is 25 tiers from 0.1 s to 409.6 s in steps of sqrt(2); the configured
@@ -61,7 +76,8 @@ delay of a few percent of the latency (the plan picks among them, it does not ro
 finer step would double the queues for little gain.
 
 The fit is some 5 to 15 milliseconds of pure Python: it runs at most every `refit_every`
-observations and `refit_min_s` seconds, on a copy of the window, outside any lock.
+observations (running records kept count) and `refit_min_s` seconds, on a copy of the window,
+outside any lock.
 """
 
 from __future__ import annotations
@@ -89,6 +105,10 @@ _BISECTIONS = 14
 # How far past chance a change in the ranks' level must be (the sup of a Brownian bridge: 1.36
 # at 5 %, 1.63 at 1 %, 1.95 at 0.1 %): a fit runs every few seconds, a false one costs a plan.
 _CHANGE_Z = 2.0
+# The same for the likeliest split, standardised, which sees a change at the newest end (the ids
+# outliving a plan) as soon as it holds `min_observations` ids: over splits with at least 4 % of
+# the window on either side, chance passes it in some 3 fits in 1,000 (and `shift` must pass too).
+_SPLIT_Z = 4.0
 # The window has seen the tail once its oldest submission is older than this times nearly all
 # (90 %) of its completion ages: that submission has had time to complete, bar stragglers.
 _SEEN_MARGIN = 1.2
@@ -743,13 +763,14 @@ def _ranks(dist: Distribution, observations: Sequence[Observation], seen_until: 
 
 def change_point(ranks: Sequence[float], *, least: int, shift: float,
                  submitted: Sequence[float] | None = None) -> int | None:
-    """Where ranks in order of submission change level, if they do: when the largest cumulative
-    sum of deviations from the mean (CUSUM) is past chance (a Brownian bridge's sup beyond
-    `_CHANGE_Z`, for ranks of variance 1/12), at the split most likely for a change of level
-    (that sum over the spread of the two sides' means: CUSUM's own peak drifts towards the middle
-    when one side is short, as the newest is when it is found early), if the two sides' mean
-    ranks differ by more than `shift`; each side at least `least` long, and, with the submission
-    times, never between ids submitted at once (their order says nothing of when they came)."""
+    """Where ranks in order of submission change level, if they do: at the split most likely for
+    a change of level (the cumulative sum of deviations from the mean, CUSUM, standardised by the
+    spread of the two sides' means: CUSUM's own peak drifts towards the middle when one side is
+    short, as the newest is when it is found early), when the largest CUSUM is past chance (a
+    Brownian bridge's sup beyond `_CHANGE_Z`, for ranks of variance 1/12) or that split's is
+    (beyond `_SPLIT_Z`), and the two sides' mean ranks differ by more than `shift`; each side at
+    least `least` long, and, with the submission times, never between ids submitted at once
+    (their order says nothing of when they came)."""
     n = len(ranks)
     if n < 2 * least:
         return None
@@ -762,7 +783,7 @@ def change_point(ranks: Sequence[float], *, least: int, shift: float,
             likelihood = abs(total) / math.sqrt((k + 1) * (n - k - 1))
             if likelihood > likeliest:
                 likeliest, at = likelihood, k + 1
-    if best < _CHANGE_Z * math.sqrt(n / 12) and likeliest * math.sqrt(n) < 4.0 * math.sqrt(1 / 12):
+    if best < _CHANGE_Z * math.sqrt(n / 12) and likeliest * math.sqrt(n) < _SPLIT_Z * math.sqrt(1 / 12):
         return None
     before, after = sum(ranks[:at]) / at, sum(ranks[at:]) / (n - at)
     return at if abs(after - before) > shift else None

@@ -8,9 +8,11 @@ is at-least-once).
 
 When to poll comes from the schedule (`POLL_SCHEDULE`): the configured one (`PollPolicy`), or
 the adaptive one (`regbridge.poll_schedule`), which learns from the completions this poller
-sees. The handler decides on the schedule it reads once per message; the learner's window and
-the swap of a refitted schedule sit behind a lock, and the refit itself runs outside it, in
-whichever worker thread made it due, one at a time.
+sees, and from its polls that find a registration still processing (past the plan, they show a
+latency that moved later before any of its registrations completes). The handler decides on the
+schedule it reads once per message; the learner's window and the swap of a refitted schedule
+sit behind a lock, and the refit itself runs outside it, in whichever worker thread made it
+due, one at a time.
 """
 
 from __future__ import annotations

@@ -29,13 +29,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `-n` with `--dist loadgroup`: the deployment checks share one worker (they fetch
     their tools into one directory), and so do the cluster test, the explorer (its last test
     reports the runs of them all), and the tests on a broker of their own (one node boots for
-    them all)."""
+    them all). Tests marked `long` go first."""
     for item in items:
         part = Path(str(item.path)).relative_to(Path(__file__).parent).parts[0]
         if item.get_closest_marker("own_broker"):
             item.add_marker(pytest.mark.xdist_group("own_broker"))
         elif part in ("deploy", "cluster", "model"):
             item.add_marker(pytest.mark.xdist_group(part))
+    # The longest tests first (after the groups, which xdist hands out first): one that started
+    # last would run on alone at the end while the other workers idle.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -215,6 +215,51 @@ class Broker:
     def depth(self, queue: str) -> int:
         return int(self.channel.queue_declare(queue, passive=True).method.message_count)
 
+    def ready_elsewhere(self, exclude: str) -> int | None:
+        """Ready messages in every queue of this vhost but `exclude`, read live over AMQP (the
+        declare-ok counts), or None where the management API that names the queues is not there
+        (a broker of the tests' own). Unacknowledged messages are not counted: `in_pipeline`
+        is the reading that holds them, at a second of CPU for the `rabbitmqctl` it boots."""
+        port = urlsplit(self.url).port or 5672
+        if port in NODE_BY_PORT or not management_api():
+            return None
+        vhost = self.url.rsplit("/", 1)[1]
+        response = requests.get(f"{MANAGEMENT}/queues/{vhost}", params={"columns": "name", "disable_stats": "true"},
+                                auth=("guest", "guest"), timeout=30)
+        response.raise_for_status()
+        total = 0
+        for name in (q["name"] for q in response.json() if q["name"] != exclude):
+            try:
+                total += self.depth(name)
+            except pika.exceptions.ChannelClosedByBroker:  # deleted since it was listed
+                self.channel = self.connection.channel()
+                self.channel.confirm_delivery()
+        return total
+
+    def wait_drained(self, exclude: str, *, timeout: float = 60) -> None:
+        """Until no queue but `exclude` holds a message, ready or unacknowledged. Three empty
+        readings in a row, 0.3 s apart: a message being dead-lettered from a wait queue to
+        pending is counted in neither for a moment. The readings are the live ready counts, and
+        the last also counts what consumers hold (`in_pipeline`), once rather than at every
+        reading: each is an Erlang VM booted."""
+        empty = [0]
+
+        def drained() -> bool:
+            ready = self.ready_elsewhere(exclude)
+            if ready is None:
+                ready = self.in_pipeline(exclude)
+                empty[0] = empty[0] + 1 if ready == 0 else 0
+                return empty[0] >= 3
+            empty[0] = empty[0] + 1 if ready == 0 else 0
+            if empty[0] < 3:
+                return False
+            if self.in_pipeline(exclude) == 0:
+                return True
+            empty[0] = 0
+            return False
+
+        wait_until(drained, timeout=timeout, what=f"every queue but {exclude} to drain", every=0.3)
+
     def queue_report(self) -> str:
         """Every queue of this vhost with its counts, and the broker's alarms: what a failed wait shows."""
         vhost = self.url.rsplit("/", 1)[1]

@@ -58,15 +58,7 @@ class Outcomes:
     def quiet(self) -> None:
         """Wait until no queue but the failure queue holds a message, ready or unacked, then
         collect the last records: after that, nothing more can arrive."""
-        # Three empty readings in a row: a message being dead-lettered from a wait queue to
-        # pending is counted in neither for a moment.
-        empty = [0]
-
-        def drained() -> bool:
-            empty[0] = empty[0] + 1 if self.broker.in_pipeline(exclude=FAILED) == 0 else 0
-            return empty[0] >= 3
-
-        wait_until(drained, timeout=60, what="the pipeline to drain", every=0.3)
+        self.broker.wait_drained(FAILED)
         self.collect()
 
     def by_stage(self) -> dict[str, list[dict[str, Any]]]:

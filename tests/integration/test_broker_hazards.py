@@ -218,6 +218,7 @@ def policy(vhost: str, name: str, pattern: str, definition: dict[str, Any]) -> I
         subprocess.run(["rabbitmqctl", "-q", "clear_policy", "-p", vhost, name], capture_output=True, timeout=60)
 
 
+@pytest.mark.long
 def test_a_refused_hop_backs_off_and_is_counted(stack: Stack, broker: Broker, users: Any, legacy: LegacySim,
                                                 amqp_url: str) -> None:
     # The poll interval's wait queue has a length limit of 0 with reject-publish: the broker

@@ -168,7 +168,7 @@ def test_replay_after_the_cause_is_fixed_registers_and_empties_the_failure_queue
 
     wait_until(lambda: (users.find_one({"_id": "replay-me"}) or {}).get("registration_status") == "registered",
                timeout=30, what="the replayed registration to be registered")
-    wait_until(lambda: broker.in_pipeline(exclude=FAILED) == 0, timeout=30, what="the pipeline to drain")
+    broker.wait_drained(FAILED, timeout=30)
     doc = users.find_one({"_id": "replay-me"})
     assert doc["legacy_request_id"] != failed_rid and "registration_error" not in doc
     # A new attempt under the same message_id: submitted again, and recorded as an attempt of its

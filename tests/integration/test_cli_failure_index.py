@@ -278,6 +278,7 @@ def own_mongo() -> Iterator[harness.Mongo]:
     shutil.rmtree(server.storage, ignore_errors=True)
 
 
+@pytest.mark.long
 def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness.Mongo) -> None:
     client: MongoClient[dict[str, Any]] = MongoClient(own_mongo.uri, tz_aware=True)
     failure_records = FailureRecords(broker, client["figure"])

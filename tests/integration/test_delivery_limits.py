@@ -158,6 +158,7 @@ def test_what_the_broker_does_with_a_returned_message(broker: Broker, amqp_url: 
 # ---- browsing never counts --------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_fifty_browses_under_a_delivery_limit_lose_nothing_and_reorder_nothing(
         stack: Stack, broker: Broker, users: Any, amqp_url: str, failure_records: FailureRecords) -> None:
     limit_every_queue(amqp_url)

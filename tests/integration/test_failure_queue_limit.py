@@ -90,6 +90,7 @@ def discard_all(env: dict[str, str], export: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in export.read_text().splitlines()[len(before):]]
 
 
+@pytest.mark.long
 def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_with_nothing_lost(
         stack: Stack, broker: Broker, users: Any, legacy: LegacySim, amqp_url: str, tmp_path: Path) -> None:
     # 12 registrations that fail (6 invalid: the submitter's records; 6 the legacy system refuses:

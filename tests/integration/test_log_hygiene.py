@@ -155,6 +155,7 @@ def run_at_debug(stack: Stack, broker: Broker, users: Any, legacy: harness.Legac
     return {"submitter": submitter.log(), "poller": poller.log()}, people.fields
 
 
+@pytest.mark.long
 def test_debug_logs_hold_no_user_field(stack: Stack, broker: Broker, users: Any,
                                        legacy: harness.LegacySim) -> None:
     logs, fields = run_at_debug(stack, broker, users, legacy, third_party="WARNING")

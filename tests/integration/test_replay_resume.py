@@ -141,6 +141,7 @@ INTERRUPTED = re.compile(r"interrupted: (\d+) of (\d+) replayed; the rest are st
 # ---- the figure of issue 13 -------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_a_replay_of_10000_interrupted_halfway_and_run_again_replays_each_record_once(
         broker: Broker, env: dict[str, str], amqp_url: str, tmp_path: Path,
         failure_records: FailureRecords) -> None:

@@ -85,7 +85,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -707,30 +707,29 @@ def plan(dist: Distribution, *, floor_s: float, tiers: Sequence[float], delay_ra
         solved.append((x, p))
         return p
 
+    def bisect(good: float, bad: float, best: _Plan, ok: Callable[[_Plan], bool]) -> _Plan:
+        """The plan at the log-lambda closest to `bad` that is still `ok`, from `best` at `good`."""
+        # Down to 2**-_BISECTIONS of the whole range (the margin: float halvings are inexact).
+        while abs(bad - good) > (hi - lo) / 2 ** _BISECTIONS * (1 + 1e-9):
+            mid = (good + bad) / 2
+            p = solve(mid)
+            if ok(p):
+                good, best = mid, p
+            else:
+                bad = mid
+        return best
+
     # The smallest lambda that meets the delay (E[delay] falls as lambda grows).
     best = solve(hi)
     if best.delay_s <= target:
-        a, b = lo, hi
-        for _ in range(_BISECTIONS):
-            mid = (a + b) / 2
-            p = solve(mid)
-            if p.delay_s <= target:
-                b, best = mid, p
-            else:
-                a = mid
+        best = bisect(hi, lo, best, lambda p: p.delay_s <= target)
     if best.polls > max_polls:
         # Too many polls for that delay: the largest lambda within the cap (E[polls] grows with
         # lambda), searched between the lambdas already solved on either side of it.
         within = [(x, p) for x, p in solved if p.polls <= max_polls]
         a, best = max(within, key=lambda s: s[0]) if within else (lo, solve(lo))
         b = min(x for x, p in solved if p.polls > max_polls)
-        while b - a > (hi - lo) / 2 ** _BISECTIONS:
-            mid = (a + b) / 2
-            p = solve(mid)
-            if p.polls <= max_polls:
-                a, best = mid, p
-            else:
-                b = mid
+        best = bisect(a, b, best, lambda p: p.polls <= max_polls)
     return best
 
 

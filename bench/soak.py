@@ -1,7 +1,7 @@
 """`make soak`: the pipeline at a steady rate for a set time, watching for slow growth.
 
-Starts legacy-sim (sub-second latencies, a few transient 503s), SecantusDB (unless MONGODB_URI
-is set), one submitter and one poller in a fresh vhost, and publishes registrations at a steady
+Starts legacy-sim (sub-second latencies, a few transient 503s), a MongoDB as the tests pick
+one (MONGODB_URI if set, else a mongo:7 container if Docker answers, else SecantusDB), one submitter and one poller in a fresh vhost, and publishes registrations at a steady
 rate from a paced publisher: mostly good ones, a few the legacy system refuses, a few the legacy
 API rejects and a few invalid messages, so that every kind of outcome and failure record is
 written. Every SAMPLE_S seconds it samples each process's RSS, open descriptors and threads
@@ -44,6 +44,7 @@ from pymongo import MongoClient  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from regbridge.failure_index import QUEUED  # noqa: E402
+from regbridge.redact import redact_url_value  # noqa: E402
 
 INBOUND, PENDING, FAILED = "registrations", "registrations.pending", "registrations.failed"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -299,6 +300,18 @@ def stop(service: harness.Service) -> int | None:
         return None
 
 
+def provenance(env: dict[str, str], mongo: harness.Mongo) -> dict[str, Any]:
+    """What the figures were measured on: the commit (and whether the tree differed from it),
+    the services' allocator and poll schedule as they were started, and which MongoDB."""
+    def git(*argv: str) -> str:
+        run = subprocess.run(["git", *argv], cwd=HERE, capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else "unknown"
+
+    return {"revision": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "--untracked-files=no") != "",
+            "GLIBC_TUNABLES": env.get("GLIBC_TUNABLES"), "POLL_SCHEDULE": env.get("POLL_SCHEDULE", "adaptive"),
+            "mongodb": "SecantusDB" if mongo.process is not None else redact_url_value(mongo.uri)}
+
+
 def main() -> int:
     env_default = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -361,6 +374,7 @@ def main() -> int:
                                          "LOG_LEVEL": args.log_level,
                                          **dict(kv.split("=", 1) for kv in args.env)})
         services = [harness.Service(name, dict(env), logs / f"{name}.log") for name in ("submitter", "poller")]
+        data["provenance"] = provenance(env, mongo)
         for service in services:
             service.start()
             stack.callback(stop, service)
@@ -451,7 +465,7 @@ def main() -> int:
                 data["exit_codes"][service.name] = stop(service)
             if not data["check"]["ok"] or any(c != 0 for c in data["exit_codes"].values()):
                 code = 1
-        except (Died, KeyboardInterrupt) as exc:
+        except (Died, KeyboardInterrupt, Exception) as exc:  # 30 minutes of samples are written whatever ended them
             publisher.stopping.set()
             print(f"\n!!! SOAK ABORTED: {exc}\n", file=sys.stderr, flush=True)
             data["aborted"] = str(exc)

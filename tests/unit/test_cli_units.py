@@ -217,10 +217,12 @@ def test_table_pads_columns_and_aligns_numbers_right() -> None:
 
 
 def test_cells_are_one_line_and_cut_short() -> None:
-    assert one_line("  a\nb\t c  ") == "a b c"
+    # Blanks collapse; a line feed, a carriage return or a tab is shown, never obeyed nor hidden.
+    assert one_line("  a  b \u00a0 c  ") == "a b c"
+    assert one_line("a\nb\r\tc") == "a\\u000ab\\u000d\\u0009c"
     assert truncate("abcdefghij", 5) == "abcd…"
     assert truncate("abcde", 5) == "abcde"
-    assert truncate("line one\nline two", 100) == "line one line two"
+    assert truncate("line one\nline two", 100) == "line one\\u000aline two"
     assert truncate("x", 0) == ""
     assert [plural(1, "record"), plural(2, "record"), plural(0, "entry", "entries")] == \
         ["1 record", "2 records", "0 entries"]

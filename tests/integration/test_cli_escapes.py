@@ -56,7 +56,7 @@ def check(env: dict[str, str], args: tuple[str, ...], classes: list[str], *, cod
     """Run the command; fail if it printed a control or bidi character as it is, let a line feed
     start a line, or did not show each of `classes` visibly."""
     result = run(env, *args)
-    printed = result.stdout + result.stderr
+    printed: str = result.stdout + result.stderr
     where = f"registrations {' '.join(map(ascii, args))}"
     assert result.returncode == code, f"{where} exited {result.returncode}:\n{printed!a}"
     assert "Traceback" not in printed
@@ -84,9 +84,10 @@ def test_every_escape_class_is_shown_visibly_by_every_command(stack: Stack, fail
     assert "m-missing\\x1b[2J\\u202eevil\\n" + FORGED in missing, missing
     runs = 1
     for fmt in ("table", "json", "jsonl"):
-        for args in (("failed", "list"), ("failed", "list", "--from-queue"), ("failed", "replay", "--dry-run"),
-                     ("failed", "discard", "--dry-run")):
-            check(stack.env, (*args, "-o", fmt), every)
+        listing: tuple[str, ...]
+        for listing in (("failed", "list"), ("failed", "list", "--from-queue"), ("failed", "replay", "--dry-run"),
+                        ("failed", "discard", "--dry-run")):
+            check(stack.env, (*listing, "-o", fmt), every)
             runs += 1
     check(stack.env, ("failed", "list", "--no-headers"), every)
     runs += 1

@@ -4,6 +4,7 @@ failures, loses none, and resumes once records are taken off it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -33,14 +34,25 @@ SCRIPT = REPO / "deploy" / "rabbitmq" / "failure_queue_limit.py"
 POLICY = "registrations-failed-limit"
 
 
-def set_limit(url: str, **settings: str) -> subprocess.CompletedProcess[str]:
+def set_limit(url: str, *, derived: bool = False, **settings: str) -> subprocess.CompletedProcess[str]:
     """deploy/rabbitmq/failure_queue_limit.py, the setup step that operations.md ships, on the
-    test's vhost through the management API."""
+    test's vhost through the management API; `derived`: given only RABBITMQ_URL, from which the
+    step derives the management API's address."""
     if not management_api():
         unavailable("RabbitMQ's management API does not answer on 127.0.0.1:15672")
-    env = {"PATH": os.environ.get("PATH", ""), "RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/"
-           f"{url.rsplit('/', 1)[1]}", **settings}
+    where = ({"RABBITMQ_URL": url} if derived else
+             {"RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/{url.rsplit('/', 1)[1]}"})
+    env = {"PATH": os.environ.get("PATH", ""), **where, **settings}
     return subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def the_step() -> Any:
+    """The setup step's module, for its pure parts."""
+    spec = importlib.util.spec_from_file_location("failure_queue_limit", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextmanager
@@ -207,6 +219,32 @@ def test_the_setup_step_bounds_the_failure_queue_with_reject_publish(broker: Bro
     # Run again with another limit: the same policy, changed in place.
     assert set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="50").returncode == 0
     assert publishes_taken(broker, 20) == 20
+
+
+def test_the_setup_step_derives_the_management_api_from_the_broker_url(broker: Broker, amqp_url: str) -> None:
+    done = set_limit(amqp_url, derived=True, FAILED_QUEUE_MAX_LENGTH="4")
+    assert done.returncode == 0, done.stderr
+    assert "guest" not in done.stdout + done.stderr
+    vhost = amqp_url.rsplit("/", 1)[1]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", vhost, "--formatter", "json"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    (policy,) = json.loads(listed)
+    assert json.loads(policy["definition"]) == {"max-length": 4, "overflow": "reject-publish"}
+
+
+@pytest.mark.parametrize(("environ", "expect"), [
+    ({"RABBITMQ_URL": "amqp://app:s%40cret@rabbit.example:5672/reg%2Fvh"},
+     "http://app:s%40cret@rabbit.example:15672/reg%2Fvh"),
+    ({"RABBITMQ_URL": "amqps://app:p@ss@node-0:5671/v?heartbeat=30, amqps://app:p@ss@node-1:5671/v"},
+     "https://app:p@ss@node-0:15671/v"),
+    ({"RABBITMQ_URL": "amqp://rabbitmq"}, "http://guest:guest@rabbitmq:15672/%2F"),
+    ({"RABBITMQ_URL": "amqp://u:p@[fd00::1]:5672/"}, "http://u:p@[fd00::1]:15672/%2F"),
+    ({"RABBITMQ_URL": "amqp://u:p@ignored/", "RABBITMQ_MANAGEMENT_URL": "https://m:n@mgmt:443/v"},
+     "https://m:n@mgmt:443/v"),
+])
+def test_the_management_api_is_derived_as_the_operators_command_derives_it(environ: dict[str, str],
+                                                                          expect: str) -> None:
+    assert the_step().management_url(environ) == expect
 
 
 def test_the_setup_step_says_when_another_policy_governs_the_queue(broker: Broker, amqp_url: str) -> None:

@@ -34,14 +34,16 @@ SCRIPT = REPO / "deploy" / "rabbitmq" / "failure_queue_limit.py"
 POLICY = "registrations-failed-limit"
 
 
-def set_limit(url: str, *, derived: bool = False, **settings: str) -> subprocess.CompletedProcess[str]:
+def set_limit(url: str, **settings: str) -> subprocess.CompletedProcess[str]:
     """deploy/rabbitmq/failure_queue_limit.py, the setup step that operations.md ships, on the
-    test's vhost through the management API; `derived`: given only RABBITMQ_URL, from which the
-    step derives the management API's address."""
+    test's vhost through the management API."""
+    return run_step({"RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/{url.rsplit('/', 1)[1]}"},
+                    settings)
+
+
+def run_step(where: dict[str, str], settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
     if not management_api():
         unavailable("RabbitMQ's management API does not answer on 127.0.0.1:15672")
-    where = ({"RABBITMQ_URL": url} if derived else
-             {"RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/{url.rsplit('/', 1)[1]}"})
     env = {"PATH": os.environ.get("PATH", ""), **where, **settings}
     return subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
 
@@ -161,7 +163,7 @@ def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_
                 # queue is full again with some still held.
                 on = broker.depth(FAILED)
                 held_now = broker.in_pipeline(exclude=FAILED)
-                return held_now == 0 or (on >= LIMIT and held_now + on + gone == failing)
+                return bool(held_now == 0 or (on >= LIMIT and held_now + on + gone == failing))
 
             wait_until(settled, timeout=90, what="the held failures to go out after the discard", every=0.5)
             if broker.in_pipeline(exclude=FAILED) == 0:
@@ -222,7 +224,8 @@ def test_the_setup_step_bounds_the_failure_queue_with_reject_publish(broker: Bro
 
 
 def test_the_setup_step_derives_the_management_api_from_the_broker_url(broker: Broker, amqp_url: str) -> None:
-    done = set_limit(amqp_url, derived=True, FAILED_QUEUE_MAX_LENGTH="4")
+    # Only RABBITMQ_URL: the step finds the management API from it.
+    done = run_step({"RABBITMQ_URL": amqp_url}, {"FAILED_QUEUE_MAX_LENGTH": "4"})
     assert done.returncode == 0, done.stderr
     assert "guest" not in done.stdout + done.stderr
     vhost = amqp_url.rsplit("/", 1)[1]

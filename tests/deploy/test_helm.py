@@ -1334,9 +1334,8 @@ def test_the_failure_queue_limit_job_runs_the_deploy_script_with_the_limits(helm
     assert env["RABBITMQ_URL"] == {"secretKeyRef": {"name": "registration-bridge", "key": "RABBITMQ_URL"}}
     assert env["FAILED_QUEUE_MAX_LENGTH"] == "100000" and "FAILED_QUEUE_MAX_LENGTH_BYTES" not in env
     # A Secret the chart creates without a management URL: RABBITMQ_URL alone, nothing to fail on.
-    derived = render(helm, "poller", {"failureQueueLimit": {"enabled": True},
-                                      "secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI}},
-                     "poller")
+    created = {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI}
+    derived = render(helm, "poller", {"failureQueueLimit": {"enabled": True}, "secret": created}, "poller")
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in derived.one("Job")["spec"]["template"]["spec"]
            ["containers"][0]["env"]}
     assert env["RABBITMQ_URL"] == {"secretKeyRef": {"name": "poller", "key": "RABBITMQ_URL"}}

@@ -71,7 +71,8 @@ def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broke
     table = ok(env, "failed", "list").splitlines()
     assert table[0].split() == ["ID", "STAGE", "USER_ID", "AGE", "REASON"]
     assert table[1].split()[:4] == ["m-0", "legacy", "u-0", "2h00m"]
-    assert table[1].endswith("reason 0 with a second line")
+    # One line per record: the reason's line feed is shown, not obeyed.
+    assert table[1].endswith("reason 0\\u000awith a second line")
     assert table[3].split()[:3] == ["m-2", "validation", "-"]
     assert table[-1] == f"25 failure records on {FAILED}"
 

@@ -4,6 +4,7 @@ failures, loses none, and resumes once records are taken off it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -36,11 +37,24 @@ POLICY = "registrations-failed-limit"
 def set_limit(url: str, **settings: str) -> subprocess.CompletedProcess[str]:
     """deploy/rabbitmq/failure_queue_limit.py, the setup step that operations.md ships, on the
     test's vhost through the management API."""
+    return run_step({"RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/{url.rsplit('/', 1)[1]}"},
+                    settings)
+
+
+def run_step(where: dict[str, str], settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
     if not management_api():
         unavailable("RabbitMQ's management API does not answer on 127.0.0.1:15672")
-    env = {"PATH": os.environ.get("PATH", ""), "RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/"
-           f"{url.rsplit('/', 1)[1]}", **settings}
+    env = {"PATH": os.environ.get("PATH", ""), **where, **settings}
     return subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def the_step() -> Any:
+    """The setup step's module, for its pure parts."""
+    spec = importlib.util.spec_from_file_location("failure_queue_limit", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextmanager
@@ -149,7 +163,7 @@ def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_
                 # queue is full again with some still held.
                 on = broker.depth(FAILED)
                 held_now = broker.in_pipeline(exclude=FAILED)
-                return held_now == 0 or (on >= LIMIT and held_now + on + gone == failing)
+                return bool(held_now == 0 or (on >= LIMIT and held_now + on + gone == failing))
 
             wait_until(settled, timeout=90, what="the held failures to go out after the discard", every=0.5)
             if broker.in_pipeline(exclude=FAILED) == 0:
@@ -207,6 +221,33 @@ def test_the_setup_step_bounds_the_failure_queue_with_reject_publish(broker: Bro
     # Run again with another limit: the same policy, changed in place.
     assert set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="50").returncode == 0
     assert publishes_taken(broker, 20) == 20
+
+
+def test_the_setup_step_derives_the_management_api_from_the_broker_url(broker: Broker, amqp_url: str) -> None:
+    # Only RABBITMQ_URL: the step finds the management API from it.
+    done = run_step({"RABBITMQ_URL": amqp_url}, {"FAILED_QUEUE_MAX_LENGTH": "4"})
+    assert done.returncode == 0, done.stderr
+    assert "guest" not in done.stdout + done.stderr
+    vhost = amqp_url.rsplit("/", 1)[1]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", vhost, "--formatter", "json"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    (policy,) = json.loads(listed)
+    assert json.loads(policy["definition"]) == {"max-length": 4, "overflow": "reject-publish"}
+
+
+@pytest.mark.parametrize(("environ", "expect"), [
+    ({"RABBITMQ_URL": "amqp://app:s%40cret@rabbit.example:5672/reg%2Fvh"},
+     "http://app:s%40cret@rabbit.example:15672/reg%2Fvh"),
+    ({"RABBITMQ_URL": "amqps://app:p@ss@node-0:5671/v?heartbeat=30, amqps://app:p@ss@node-1:5671/v"},
+     "https://app:p@ss@node-0:15671/v"),
+    ({"RABBITMQ_URL": "amqp://rabbitmq"}, "http://guest:guest@rabbitmq:15672/%2F"),
+    ({"RABBITMQ_URL": "amqp://u:p@[fd00::1]:5672/"}, "http://u:p@[fd00::1]:15672/%2F"),
+    ({"RABBITMQ_URL": "amqp://u:p@ignored/", "RABBITMQ_MANAGEMENT_URL": "https://m:n@mgmt:443/v"},
+     "https://m:n@mgmt:443/v"),
+])
+def test_the_management_api_is_derived_as_the_operators_command_derives_it(environ: dict[str, str],
+                                                                          expect: str) -> None:
+    assert the_step().management_url(environ) == expect
 
 
 def test_the_setup_step_says_when_another_policy_governs_the_queue(broker: Broker, amqp_url: str) -> None:

@@ -22,6 +22,7 @@ import pika
 import pytest
 from harness import fetch_tools
 from registrations_cli import completion, rows
+from registrations_cli import main as main_module
 from registrations_cli.broker import properties_view
 from registrations_cli.confirm import Consent
 from registrations_cli.cycle import Record, exact_copy
@@ -216,10 +217,12 @@ def test_table_pads_columns_and_aligns_numbers_right() -> None:
 
 
 def test_cells_are_one_line_and_cut_short() -> None:
-    assert one_line("  a\nb\t c  ") == "a b c"
+    # Blanks collapse; a line feed, a carriage return or a tab is shown, never obeyed nor hidden.
+    assert one_line("  a  b \u00a0 c  ") == "a b c"
+    assert one_line("a\nb\r\tc") == "a\\u000ab\\u000d\\u0009c"
     assert truncate("abcdefghij", 5) == "abcd…"
     assert truncate("abcde", 5) == "abcde"
-    assert truncate("line one\nline two", 100) == "line one line two"
+    assert truncate("line one\nline two", 100) == "line one\\u000aline two"
     assert truncate("x", 0) == ""
     assert [plural(1, "record"), plural(2, "record"), plural(0, "entry", "entries")] == \
         ["1 record", "2 records", "0 entries"]
@@ -703,3 +706,28 @@ def test_a_whole_cycle_found_each_id_once_with_its_copies() -> None:
     found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None)])
     assert list(found.first) == ["a", "b"] and found.first["a"].position == 1
     assert found.copies == {"a": 2, "b": 1} and found.without_id == 1
+
+
+def test_an_error_never_shows_a_url_settings_password(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # A password with a blank: `redact_url` stops at the blank, so only the known secrets catch
+    # its tail; and a library's error may quote the password without its URL at all.
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://user:Sp ace-Secret@broker:5672/%2F")
+    monkeypatch.setenv("MONGODB_URI", "mongodb://admin:m0ngo-pass@db:27017")
+    monkeypatch.setenv("RABBITMQ_MANAGEMENT_URL", "http://mon:mgmt%20pw@broker:15672/")
+
+    def fail(*_: Any) -> int:
+        raise CliError("cannot reach amqp://user:Sp ace-Secret@broker:5672/ (Sp ace-Secret refused); "
+                       "mongodb auth m0ngo-pass failed; management said 'mgmt pw' is wrong")
+
+    monkeypatch.setattr(main_module, "dispatch", fail)
+    assert main_module.main(["stats"]) == 1
+    err = capsys.readouterr().err
+    for secret in ("Sp ace", "ace-Secret", "m0ngo-pass", "mgmt pw", "mgmt%20pw"):
+        assert secret not in err, err
+    assert err.count("***") >= 4 and "amqp://***@broker:5672/" in err
+
+
+def test_an_error_is_masked_even_when_a_url_setting_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"RABBITMQ_URL": "not a url, amqp://", "MONGODB_URI": "mongodb://:@", "RABBITMQ_MANAGEMENT_URL": ""}
+    assert main_module.secrets_of(env).mask("nothing secret here") == "nothing secret here"

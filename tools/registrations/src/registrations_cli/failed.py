@@ -281,7 +281,7 @@ def export_lines(records: list[Record], queue: str) -> list[str]:
         properties = broker.properties_view(exact_copy(record.properties))
         lines[key] = json.dumps({"id": failure.message_id, "queue": queue,
                                  "discarded_at": datetime.now(UTC).isoformat(), "properties": properties,
-                                 **body}, ensure_ascii=False)
+                                 **body}, ensure_ascii=True)
     return list(lines.values())
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +15,8 @@ from typing import Any
 import pika.exceptions
 from pymongo.errors import PyMongoError
 
-from regbridge.redact import redact_url
+from regbridge.redact import Secrets
+from regbridge.settings import SECRET_SUFFIX, variable_name
 
 from . import (
     capacity,
@@ -37,7 +38,7 @@ from .errors import FAILED, INTERRUPTED, CliError
 from .output import Output
 from .records import STAGES, Filter
 from .sanitize import warn
-from .settings import from_env
+from .settings import CliSettings, from_env
 from .timefmt import parse_duration, parse_since
 
 DESCRIPTION = """\
@@ -402,8 +403,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int = FAILED) -> int:
-    warn(redact_url(message))
+    warn(secrets_of(os.environ).mask(message))
     return code
+
+
+def secrets_of(env: Mapping[str, str]) -> Secrets:
+    """The passwords of every URL setting the command reads, masked in an error wherever they
+    appear: `redact_url` alone finds a URL's user-info in free text only up to a blank, so a
+    password holding one, or quoted by a library without its URL, would pass it. Read from the
+    environment itself, since the error may be that the settings could not be built."""
+    names = [variable_name(f) for f in CliSettings.model_fields if f.endswith(SECRET_SUFFIX)]
+    return Secrets.of_urls(env.get(name, "") for name in names)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from .index import FailureIndex, entry_of
 from .output import Output
 from .sanitize import warn
 from .settings import CliSettings
-from .table import plural
+from .table import one_line, plural
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def run(settings: CliSettings, out: Output, *, dry_run: bool = False) -> int:
     else:
         verb = "would add" if dry_run else "added"
         for row in _rows(done, dry_run):
-            out.line(f"{row['action'].replace('_', ' ')} {row['id']}")
+            out.line(f"{row['action'].replace('_', ' ')} {one_line(str(row['id']))}")
         copies = f" ({plural(len(shared), 'id')} with several copies)" if shared else ""
         out.summary(f"{plural(len(records), 'record')} on {failed}, {plural(len(found.first), 'id')}{copies}: "
                     f"{verb} {len(done.add)}, {'would confirm' if dry_run else 'confirmed'} {len(done.confirm)}, "

@@ -172,9 +172,13 @@ def markdown(data: dict[str, Any], json_path: Path, docs: Path) -> str:
                       else "| - | - |"))
     queues = summary.get("queues") or {}
     if queues:
-        out += ["", "Queue depths after the warm-up (messages ready and unacked, per sample):", "",
+        idle = sum(1 for queue, q in queues.items() if queue != "all" and q["max"] == 0)
+        out += ["", "Queue depths after the warm-up (messages ready and unacked, per sample"
+                + (f"; {idle} wait queues that held nothing left out" if idle else "") + "):", "",
                 "| queue | max | at the end | slope (messages/min) |", "| --- | --- | --- | --- |"]
         for queue, q in queues.items():
+            if queue != "all" and q["max"] == 0:  # the adaptive ladder declares dozens; most stay empty
+                continue
             label = "all the pipeline's queues" if queue == "all" else f"`{queue}`"
             out.append(f"| {label} | {q['max']:,} | {q['last']:,} | {q['slope_per_min']:+.2f} |")
     out += ["", f"![RSS, descriptors, threads and queue depths over the soak]({rel_png})"]
@@ -215,7 +219,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             ax.plot(t, [y * scale if y is not None else float("nan") for y in ys], marker=".", label=name)
         ax.set_title(title)
         ax.legend(fontsize="small")
-    queues = sorted({q for s in samples for q in s.get("queues", {})})
+    queues = sorted({q for s in samples for q, depth in s.get("queues", {}).items() if depth})
     ax = axes[2][0]
     for queue in queues:
         ax.plot(t, [s.get("queues", {}).get(queue, float("nan")) for s in samples], marker=".", label=queue)

@@ -188,6 +188,10 @@ class FailureIndex:
     def of_user(self, user_id: str) -> list[Entry]:
         return self.page(Filter(user_id=user_id), bodies=True).entries
 
+    def ids(self) -> frozenset[str]:
+        """Every entry's id (and nothing else of it)."""
+        return frozenset(str(d["_id"]) for d in self.entries.find({}, {"_id": 1}))
+
     def seen(self) -> dict[str, Seen]:
         """What `failure_index.reconcile` compares: every entry's id, state and last write. It
         reads the whole collection, as the pass of the queue it goes with reads the whole queue."""

@@ -34,6 +34,23 @@ What a cycle holds to:
   cycle always do, so they leave their places: a chosen record that was at the head is now at
   the tail. Nothing is handed back to the broker on the way.
 
+How long a record is held: RabbitMQ closes a channel whose oldest unacked delivery is older
+than its `consumer_timeout` (30 minutes by default; a `basic.get`'s delivery counts as a
+consumer's does, since the timeout came in 3.8.0), handing back every record it held: returns,
+which count against a delivery limit (4.3's quorum queues return the timed-out records instead:
+returns as well). A record held to be sent waits through the rest of the
+take and the sends before its own, at `rate`. With `max_hold_s`, the caller asks `has_room`
+before it chooses a record to send, and a cycle stops choosing once one more would be held past
+the bound; the records left out go round like the others, and the caller runs another cycle for
+them (a replay in passes). The bound's cost is a whole cycle of the queue per pass.
+
+What a cycle keeps: with `keep` (a browse that shows the queue), every record taken; without, only
+the records it holds, and `on_put_back` is told each record that goes round, so that the caller
+keeps of it what it needs (its id): memory grows with what the cycle moves, not with the queue.
+
+On a terminal (`progress`), a bar on stderr counts the records taken out of the count the first
+`basic.get` reported.
+
 What it cannot hold to:
 - A record published while a cycle runs (a service's new failure) lands among the copies:
   behind those put back so far, ahead of the rest. The records that were there keep their
@@ -128,7 +145,8 @@ def _writable(value: Any) -> Any:
 class Cycle:
     """One cycle of `queue` (see the module's docstring). `route` decides, record by record, which
     go elsewhere (a `Send`); the rest are put back. After `run`: `records` holds every record
-    taken, in queue order; `sent` those that went elsewhere; `refused` the first send the broker
+    taken, in queue order (without `keep`, only those held); `taken` counts them; `left_out`
+    counts those `has_room` turned away; `sent` those that went elsewhere; `refused` the first send the broker
     would not take, with why (that record and every later one to be sent were put back instead);
     `interrupted` whether a signal stopped a `stoppable` cycle before every held record had gone
     (those that had not were put back)."""

@@ -220,17 +220,20 @@ class Cycle:
         and each send at `rate` (or at the take's pace, if slower). Once it says no after a record
         was held, it says no for the rest of the cycle, so that a pass sends a run of the matching
         records in queue order and the next pass starts where it stopped; before, it says no while
-        the rest of the take alone is too long (a queue whose take outlasts the bound: the first
-        records chosen are then later ones). Each no counts in `left_out`."""
+        the rest of the take alone needs more than half the bound (a queue whose take outlasts
+        that: the first records chosen are then later ones). Each no counts in `left_out`."""
         if self._max_hold_s is None:
             return True
         if not self._closed:
             now = time.monotonic()
             per_record = (now - self._take_began) / self.taken if self.taken else 0.0
             since_first = now - self._first_held_at if self._first_held_at is not None else 0.0
-            projected = (since_first + self._left * per_record
-                         + (self._to_send + 1) * max(self._interval_s, per_record))
-            if projected <= self._max_hold_s:
+            rest_of_take = self._left * per_record
+            projected = since_first + rest_of_take + (self._to_send + 1) * max(self._interval_s, per_record)
+            # The first hold waits until the rest of the take needs half the bound at most, so
+            # that the sends have the other half rather than room for one record.
+            if projected <= self._max_hold_s and (self._first_held_at is not None
+                                                  or rest_of_take <= self._max_hold_s / 2):
                 return True
             self._closed = self._first_held_at is not None
         self.left_out += 1

@@ -701,7 +701,8 @@ def test_a_whole_cycle_found_each_id_once_with_its_copies() -> None:
         return Record(position, pika.BasicProperties(message_id=message_id), b"{}")
 
     found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None)])
-    assert list(found.first) == ["a", "b"] and found.first["a"].position == 1
+    first = found.first["a"]
+    assert list(found.first) == ["a", "b"] and first is not None and first.position == 1
     assert found.copies == {"a": 2, "b": 1} and found.without_id == 1
 
 
@@ -712,7 +713,7 @@ def holding(monkeypatch: pytest.MonkeyPatch, *, rate: float, max_hold_s: float) 
     """A cycle not run (no broker), its clock in the test's hands."""
     clock = [100.0]
     monkeypatch.setattr("registrations_cli.cycle.time.monotonic", lambda: clock[0])
-    cycle = Cycle(None, "q", rate=rate, max_hold_s=max_hold_s)  # type: ignore[arg-type]
+    cycle = Cycle(None, "q", rate=rate, max_hold_s=max_hold_s)
     cycle._take_began = clock[0]
     return cycle, clock
 
@@ -753,17 +754,17 @@ def test_a_cycle_waits_until_the_rest_of_a_long_take_fits_before_it_holds(monkey
 
 
 def test_without_a_bound_a_cycle_always_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
-    cycle = Cycle(None, "q", rate=0.001)  # type: ignore[arg-type]
+    cycle = Cycle(None, "q", rate=0.001)
     assert all(cycle.has_room() for _ in range(100)) and cycle.left_out == 0
 
 
 def test_rows_as_json_are_the_text_of_the_whole_list() -> None:
     for values in ([], [{"a": 1, "b": [1, 2]}], [{"a": "\u202e\x1b"}, {"b": {"c": None}}]):
-        streamed, whole = Output("json", stream=io.StringIO()), Output("json", stream=io.StringIO())
-        streamed.rows(iter(values))
-        whole.document(values)
-        assert streamed.stream.getvalue() == whole.stream.getvalue()
-        assert json.loads(streamed.stream.getvalue()) == values
+        one, other = io.StringIO(), io.StringIO()
+        Output("json", stream=one).rows(iter(values))
+        Output("json", stream=other).document(values)
+        assert one.getvalue() == other.getvalue()
+        assert json.loads(one.getvalue()) == values
 
 
 def test_found_keeps_no_body_of_an_id_the_index_holds() -> None:

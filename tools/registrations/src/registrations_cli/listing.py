@@ -4,6 +4,7 @@ also shows what only the queue knows: each record's place, its copies and its AM
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +36,7 @@ def failures_of(records: list[Record]) -> list[Failure]:
 def read(connection: BlockingConnection, settings: CliSettings) -> list[Failure]:
     """Every record on the failure queue, in order, by one cycle: the queue is left in its order."""
     broker.require_queue(connection, settings.failed_queue, settings)
-    return failures_of(Cycle(connection, settings.failed_queue).run().records)
+    return failures_of(Cycle(connection, settings.failed_queue, progress=sys.stderr.isatty()).run().records)
 
 
 @dataclass(frozen=True)

@@ -747,8 +747,10 @@ def test_a_replay_keeps_to_its_rate_and_shows_its_progress(stack: Stack, broker:
     code, shown, _ = on_a_terminal(env, "y\n", "failed", "replay", "--rate", str(rate))
     took = time.monotonic() - began
     assert code == 0, shown
-    # The bar, drawn in place on the terminal, reached the end.
-    assert "replaying [" in shown and f"100% {len(ids)}/{len(ids)}" in shown
+    # The bars, drawn in place on the terminal, reached the end: the take's (each record taken,
+    # out of the count the first get reported), then the sends'.
+    assert f"going round [{'#' * 30}] 100% {len(ids)}/{len(ids)}" in shown
+    assert f"replaying [{'#' * 30}] 100% {len(ids)}/{len(ids)}" in shown
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ids  # each once, in order
     # Thirty sends at twenty a second cannot take less than 29/20 s, whatever the machine.
     assert took >= (len(ids) - 1) / rate

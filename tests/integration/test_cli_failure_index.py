@@ -323,4 +323,12 @@ def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness
     assert [r["id"] for r in json.loads(user)] == [f"r-{i:06d}" for i in range(0, 20_000, 1000)]
     shown = run("failed show", "failed", "show", "r-099999")
     assert json.loads(shown)["record"]["error"]["stage"] == "poll"
+    # The whole index, no --limit: written window by window, each window's bodies with it, so the
+    # command's memory is that of --limit 20, not of 100,000 records.
+    _, _, small = timed(env, "failed", "list", "--limit", "20", "-o", "jsonl")
+    every, took, rss = timed(env, "failed", "list", "-o", "jsonl")
+    figures.append(f"failed list -o jsonl (all {N:,}): {took:.2f} s, max RSS {rss} MB ({small} MB with --limit 20)")
+    lines = every.splitlines()
+    assert len(lines) == N and json.loads(lines[0])["id"] == "r-000000" and json.loads(lines[-1])["id"] == "r-099999"
+    assert rss < small + 40, figures[-1]
     print(f"\nfigure: 100,000 failure records (setup {setup_s:.1f} s); " + "; ".join(figures))

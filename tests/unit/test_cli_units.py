@@ -25,7 +25,7 @@ from registrations_cli import completion, rows
 from registrations_cli import main as main_module
 from registrations_cli.broker import properties_view
 from registrations_cli.confirm import Consent
-from registrations_cli.cycle import Record, exact_copy
+from registrations_cli.cycle import Cycle, Record, exact_copy
 from registrations_cli.errors import CliError
 from registrations_cli.index import Entry, entry_of
 from registrations_cli.listing import Row, find, table
@@ -704,7 +704,8 @@ def test_a_whole_cycle_found_each_id_once_with_its_copies() -> None:
         return Record(position, pika.BasicProperties(message_id=message_id), b"{}")
 
     found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None)])
-    assert list(found.first) == ["a", "b"] and found.first["a"].position == 1
+    first = found.first["a"]
+    assert list(found.first) == ["a", "b"] and first is not None and first.position == 1
     assert found.copies == {"a": 2, "b": 1} and found.without_id == 1
 
 
@@ -731,3 +732,76 @@ def test_an_error_never_shows_a_url_settings_password(monkeypatch: pytest.Monkey
 def test_an_error_is_masked_even_when_a_url_setting_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"RABBITMQ_URL": "not a url, amqp://", "MONGODB_URI": "mongodb://:@", "RABBITMQ_MANAGEMENT_URL": ""}
     assert main_module.secrets_of(env).mask("nothing secret here") == "nothing secret here"
+
+
+# ---- the bound on how long a cycle holds a record (cycle.Cycle.has_room) -------------------------
+
+
+def holding(monkeypatch: pytest.MonkeyPatch, *, rate: float, max_hold_s: float) -> tuple[Cycle, list[float]]:
+    """A cycle not run (no broker), its clock in the test's hands."""
+    clock = [100.0]
+    monkeypatch.setattr("registrations_cli.cycle.time.monotonic", lambda: clock[0])
+    cycle = Cycle(None, "q", rate=rate, max_hold_s=max_hold_s)
+    cycle._take_began = clock[0]
+    return cycle, clock
+
+
+def take(cycle: Cycle, clock: list[float], *, left: int, chosen: bool) -> bool:
+    """One record taken 1 ms after the last, `left` behind it; held if `chosen` and there is room."""
+    clock[0] += 0.001
+    cycle.taken += 1
+    cycle._left = left
+    room = cycle.has_room() if chosen else False
+    if room:
+        cycle._to_send += 1
+        if cycle._first_held_at is None:
+            cycle._first_held_at = clock[0]
+    return room
+
+
+def test_a_cycle_holds_as_many_as_its_sends_can_make_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1 s a send, 10 s at most: 10 records with a take that costs nothing more.
+    cycle, clock = holding(monkeypatch, rate=1.0, max_hold_s=10.0)
+    held = [take(cycle, clock, left=50 - i, chosen=True) for i in range(50)]
+    assert held == [True] * 9 + [False] * 41  # 50 ms of take, then 9 sends of a second each
+    assert cycle.left_out == 41
+    # Once closed, it stays closed for the cycle, so that a pass sends a run in queue order.
+    clock[0] -= 100
+    assert not cycle.has_room()
+
+
+def test_a_cycle_waits_until_the_rest_of_a_long_take_fits_before_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1 ms a record: the rest of a take of 10,000 is 10 s, more than the bound of 5 s. It holds
+    # once the rest needs half the bound (2.5 s), and then as many as the other half sends.
+    cycle, clock = holding(monkeypatch, rate=100.0, max_hold_s=5.0)
+    held = [take(cycle, clock, left=10_000 - i - 1, chosen=True) for i in range(10_000)]
+    first = held.index(True)
+    assert 7_400 < first < 7_600
+    assert 200 < held.count(True) < 260 and all(held[first:first + held.count(True)])
+    assert cycle.left_out == held.count(False)
+
+
+def test_without_a_bound_a_cycle_always_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    cycle = Cycle(None, "q", rate=0.001)
+    assert all(cycle.has_room() for _ in range(100)) and cycle.left_out == 0
+
+
+def test_rows_as_json_are_the_text_of_the_whole_list() -> None:
+    for values in ([], [{"a": 1, "b": [1, 2]}], [{"a": "\u202e\x1b"}, {"b": {"c": None}}]):
+        one, other = io.StringIO(), io.StringIO()
+        Output("json", stream=one).rows(iter(values))
+        Output("json", stream=other).document(values)
+        assert one.getvalue() == other.getvalue()
+        assert json.loads(one.getvalue()) == values
+
+
+def test_found_keeps_no_body_of_an_id_the_index_holds() -> None:
+    def rec(mid: str | None) -> Record:
+        return Record(1, pika.BasicProperties(message_id=mid), b'{"x": 1}')
+
+    found = Found(frozenset({"known"}))
+    for mid in ("known", "new", "known", None):
+        found.add(rec(mid))
+    assert found.first["known"] is None and found.first["new"] is not None
+    assert (found.copies, found.without_id, found.records) == ({"known": 2, "new": 1}, 1, 4)
+    assert set(found.entries(("known", "new"), datetime.now(UTC))) == {"new"}

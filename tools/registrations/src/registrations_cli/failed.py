@@ -6,6 +6,7 @@ made share it, so each is replayed or discarded once."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,14 @@ import pika
 
 from . import broker, mongo
 from .confirm import Consent
-from .cycle import Cycle, Drop, Record, Send, exact_copy
+from .cycle import MAX_HOLD_S, Cycle, Drop, Record, Send, Stop, exact_copy, finishing_first
 from .errors import FAILED, INTERRUPTED, PARTIAL, USAGE, CliError
 from .index import FailureIndex
 from .listing import failures_of
 from .output import Output
 from .progress import Progress
 from .reconcile import Keeper
-from .records import Failure, Filter, first_copies
+from .records import Failure, Filter
 from .sanitize import visible
 from .settings import CliSettings
 from .table import plural
@@ -44,7 +45,27 @@ class ReplayOptions:
     limit: int | None = None
     dry_run: bool = False
     rate: float | None = None  # replays a second at most
-    progress: bool = False  # a bar on stderr while the chosen records are sent
+    progress: bool = False  # bars on stderr while the queue goes round and while the chosen records are sent
+    max_hold_s: float = MAX_HOLD_S  # no record held unacked longer (see `cycle.Cycle.has_room`)
+
+
+class _Tally:
+    """What stayed on the queue after a cycle, as `left` counts it: each id once, and each record
+    without an id. Ids only: the records themselves are not kept."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.without_id = 0
+
+    def add(self, record: Record) -> None:
+        if record.properties.message_id:
+            self.ids.add(record.properties.message_id)
+        else:
+            self.without_id += 1
+
+    @property
+    def left(self) -> int:
+        return len(self.ids) + self.without_id
 
 
 @dataclass
@@ -53,6 +74,7 @@ class _Pass:
 
     cycle: Cycle
     chosen: dict[int, Failure]
+    tally: _Tally
     index_problem: str | None = None  # why the index could not follow (the queue's part is done)
 
 
@@ -71,12 +93,32 @@ def _run(cycle: Cycle, keeper: Keeper | None, moved: Callable[[], bool]) -> str 
     return keeper.settle(cycle, whole=True) if keeper is not None else None
 
 
+def _digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def _put_back_to(tally: _Tally, keeper: Keeper | None) -> Callable[[Record], None]:
+    def put_back(record: Record) -> None:
+        tally.add(record)
+        if keeper is not None:
+            keeper.put_back(record)
+    return put_back
+
+
 def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Callable[[Failure], None] | None,
                  quiet: bool = False, on_held: Callable[[int], None] | None = None,
-                 keeper: Keeper | None = None) -> _Pass:
+                 keeper: Keeper | None = None, replayed: dict[str, bytes] | None = None,
+                 stop: Stop | None = None) -> _Pass:
+    """One cycle. `replayed`: the ids an earlier pass of this replay sent, with their bodies'
+    digests; this pass drops an identical copy of one (a crash window's duplicate, which the
+    earlier pass left out) and leaves any other record of that id alone (a new failure of the
+    registration just replayed: the next replay's to take)."""
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
     chosen_ids: dict[str, int] = {}  # id -> position of the copy that is replayed
+    tally = _Tally()
+    earlier = replayed or {}
+    holding = not options.dry_run  # a dry run holds nothing: it needs no bound
 
     def route(record: Record) -> Send | Drop | None:
         [failure] = failures_of([record])
@@ -88,6 +130,8 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
             # A copy of a record replayed in this cycle: it leaves once that one has gone, and
             # stays if that one could not go.
             return None if options.dry_run else Drop(copy_of=chosen_ids[failure.message_id])
+        if failure.message_id is not None and failure.message_id in earlier:
+            return Drop() if earlier[failure.message_id] == _digest(record.body) else None
         if options.limit is not None and len(chosen) >= options.limit:
             return None
         if not failure.has_original:
@@ -95,6 +139,8 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
                 print(visible(f"skipped #{failure.position}: {failure.reason} (no original to replay)"),
                       file=sys.stderr)
             return None
+        if holding and not cycle.has_room():
+            return None  # it would be held too long by the time it went: the next pass takes it
         chosen[record.position] = failure
         if failure.message_id is not None:
             chosen_ids[failure.message_id] = record.position
@@ -110,14 +156,14 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
         # A dry run is a browse: a signal lets it end, then stops the command.
         cycle = Cycle(connection, failed, route, on_sent=sent, on_held=on_held, rate=options.rate,
                       before_leaving=keeper.before_leaving if keeper is not None else None,
-                      stoppable=not options.dry_run)
+                      stoppable=not options.dry_run, max_hold_s=options.max_hold_s if holding else None,
+                      stop=stop, keep=False, on_put_back=_put_back_to(tally, keeper), progress=options.progress)
         # Stopped midway (a lost broker): what was sent is sent, so say it was in part.
         problem = _run(cycle, keeper, lambda: bool(cycle.sent))
     if options.dry_run and on_chosen is not None:
-        for record in cycle.records:
-            if record.position in chosen:
-                on_chosen(chosen[record.position])
-    return _Pass(cycle, chosen, problem)
+        for failure in chosen.values():  # in queue order
+            on_chosen(failure)
+    return _Pass(cycle, chosen, tally, problem)
 
 
 def replay(options: ReplayOptions, settings: CliSettings, out: Output, consent: Consent | None = None) -> int:
@@ -155,7 +201,8 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
     failed, inbound = settings.failed_queue, settings.inbound_queue
     limit_given = options.limit
     if not options.dry_run and consent is not None and consent.needs_asking:
-        counted = len(_replay_pass(ReplayOptions(options.filter, options.limit, dry_run=True), settings,
+        counted = len(_replay_pass(ReplayOptions(options.filter, options.limit, dry_run=True,
+                                                 progress=options.progress), settings,
                                    on_chosen=None, quiet=True).chosen)
         if counted == 0:
             out.summary(f"no failure record on {failed} matches: nothing to replay")
@@ -164,7 +211,7 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
             return 0
         consent.require(f"replay {plural(counted, 'failure record')} from {failed} to {inbound}?",
                         "nothing was replayed (the answer was not yes)")
-        options = ReplayOptions(options.filter, counted, dry_run=False, rate=options.rate, progress=options.progress)
+        options = replace(options, limit=counted, dry_run=False)
 
     verb = "would replay" if options.dry_run else "replayed"
     done: list[Failure] = []
@@ -177,52 +224,78 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
             out.line(_action_line(verb, failure))
 
     bar: list[Progress] = []
+    passes: list[_Pass] = []
 
     def held(total: int) -> None:
-        bar.append(Progress(total, sys.stderr, enabled=options.progress and not options.dry_run, label="replaying"))
+        for previous in bar:
+            previous.close()
+        label = "replaying" if len(passes) == 0 else f"replaying (pass {len(passes) + 1})"
+        bar[:] = [Progress(total, sys.stderr, enabled=options.progress and not options.dry_run, label=label)]
 
     def report_and_advance(failure: Failure) -> None:
         report(failure)
         if bar:
             bar[0].advance()
 
+    # Passes: each a whole cycle that holds no record longer than `max_hold_s`; the matching
+    # records one pass left out, the next takes, until none is left out (a dry run holds nothing:
+    # one pass).
+    stop = Stop(failed, stoppable=not options.dry_run)
+    replayed: dict[str, bytes] = {}
+    between = False  # a signal came between two passes
     try:
-        result = _replay_pass(options, settings, on_chosen=report_and_advance, on_held=held,
-                              keeper=Keeper(index) if index is not None else None)
+        with finishing_first(stop):
+            while True:
+                limit = None if options.limit is None else options.limit - len(done)
+                result = _replay_pass(replace(options, limit=limit), settings, on_chosen=report_and_advance,
+                                      on_held=held, keeper=Keeper(index) if index is not None else None,
+                                      replayed=replayed, stop=stop)
+                passes.append(result)
+                replayed.update((r.properties.message_id, _digest(r.body)) for r in result.cycle.sent
+                                if r.properties.message_id)
+                cycle = result.cycle
+                if (options.dry_run or cycle.refused is not None or cycle.interrupted or not cycle.left_out
+                        or result.index_problem is not None or (limit is not None and len(cycle.sent) >= limit)):
+                    break
+                if not result.chosen:
+                    raise CliError(f"no record could be held within --max-hold {options.max_hold_s:g} s at this "
+                                   f"rate: {cycle.left_out} left out, none sent; give a longer --max-hold (under "
+                                   "the broker's consumer_timeout) or a higher --rate", PARTIAL if done else FAILED)
+                if stop.requested:
+                    between = True
+                    break
     finally:
-        if bar:
-            bar[0].close()
-    cycle = result.cycle
-    moved = len(cycle.sent)
-    left = _left(cycle)
+        for previous in bar:
+            previous.close()
+    moved = sum(len(p.cycle.sent) for p in passes)
+    chosen = sum(len(p.chosen) for p in passes)
+    left = passes[-1].tally.left
     stopped = None
     code = PARTIAL if moved else FAILED
+    interrupted = cycle.interrupted or between
     if cycle.refused is not None:
         record, why = cycle.refused
         stopped = (f"the broker did not take the replay of #{record.position} to {inbound} ({why}); stopped "
                    f"after {moved}: that record and the rest are still on {failed}, behind the others")
-    elif cycle.interrupted:
+    elif interrupted:
         again = ("run the same command again to replay them" if limit_given is None else
                  f"run it again with --limit {limit_given - moved} to replay as many more (the first that "
                  "match, in queue order)")
-        stopped = (f"interrupted: {moved} of {len(result.chosen)} replayed; the rest are still "
+        stopped = (f"interrupted: {moved} of {chosen} replayed; the rest are still "
                    f"on {failed}, behind the others; {again}")
         code = PARTIAL if moved else INTERRUPTED
     if out.format == "json":
-        out.document(_replay_document(options, settings, done, left, stopped, interrupted=cycle.interrupted))
+        out.document(_replay_document(options, settings, done, left, stopped, interrupted=interrupted,
+                                      passes=len(passes)))
     if stopped is not None:
         raise CliError(stopped, code)
-    out.summary(f"{verb} {plural(len(done), 'failure record')} to {inbound}; {left} left on {failed}"
+    several = f" in {len(passes)} passes (--max-hold)" if len(passes) > 1 else ""
+    out.summary(f"{verb} {plural(len(done), 'failure record')} to {inbound}{several}; {left} left on {failed}"
                 f"{' (nothing was moved: --dry-run)' if options.dry_run else ''}")
-    if result.index_problem is not None:
-        raise CliError(result.index_problem, PARTIAL)
+    problems = [p.index_problem for p in passes if p.index_problem is not None]
+    if problems:
+        raise CliError(problems[-1], PARTIAL)
     return 0
-
-
-def _left(cycle: Cycle) -> int:
-    """Records left on the queue after the cycle, each counted once however many copies it has."""
-    gone = {id(r) for r in cycle.sent} | {id(r) for r in cycle.dropped}
-    return len(first_copies(failures_of([r for r in cycle.records if id(r) not in gone]))[0])
 
 
 def _action_line(verb: str, failure: Failure) -> str:
@@ -237,9 +310,10 @@ def _replay_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
 
 
 def _replay_document(options: ReplayOptions, settings: CliSettings, done: list[Failure], left: int,
-                     stopped: str | None, *, interrupted: bool = False) -> dict[str, Any]:
+                     stopped: str | None, *, interrupted: bool = False, passes: int = 1) -> dict[str, Any]:
     return {"dry_run": options.dry_run, "from": settings.failed_queue, "to": settings.inbound_queue,
             "records": [_replay_row(f, options.dry_run) for f in done], "count": len(done), "left": left,
+            "passes": passes,
             "complete": stopped is None, **({"stopped": stopped} if stopped else {}),
             **({"interrupted": True} if interrupted else {})}
 
@@ -263,6 +337,7 @@ class DiscardOptions:
     export: Path | None  # required unless dry_run
     limit: int | None = None
     dry_run: bool = False
+    progress: bool = False  # a bar on stderr while the queue goes round
 
 
 def export_lines(records: list[Record], queue: str) -> list[str]:
@@ -330,7 +405,8 @@ def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consen
         except OSError as exc:
             raise CliError(f"cannot write {options.export} ({exc.strerror or exc}); nothing was discarded") from None
     if not options.dry_run and consent is not None and consent.needs_asking:
-        counted = len(_discard_pass(DiscardOptions(flt, None, limit, dry_run=True), settings).chosen)
+        counting = DiscardOptions(flt, None, limit, dry_run=True, progress=options.progress)
+        counted = len(_discard_pass(counting, settings).chosen)
         if counted == 0:
             out.summary(f"no failure record on {failed} matches: nothing to discard")
             if not out.is_table:
@@ -339,9 +415,9 @@ def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consen
         consent.require(f"discard {plural(counted, 'failure record')} from {failed} for good (kept in "
                         f"{options.export})?", "nothing was discarded (the answer was not yes)")
         limit = counted
-    result = _discard_pass(DiscardOptions(flt, options.export, limit, options.dry_run), settings,
+    result = _discard_pass(replace(options, limit=limit), settings,
                            Keeper(index) if index is not None else None)
-    left = _left(result.cycle)
+    left = result.tally.left
     if result.cycle.interrupted:
         stopped = (f"interrupted before the records were written to {options.export}: nothing was discarded; the "
                    f"{len(result.chosen)} chosen are still on {failed}, behind the others; run the same command "
@@ -392,13 +468,15 @@ def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper
         except OSError as exc:
             raise CliError(f"cannot write {options.export} ({exc.strerror or exc}); nothing was discarded") from None
 
+    tally = _Tally()
     with broker.connect(settings) as connection:
         broker.require_queue(connection, failed, settings)
         cycle = Cycle(connection, failed, route, before_drops=keep,
                       before_leaving=keeper.before_leaving if keeper is not None else None,
-                      stoppable=not options.dry_run)
+                      stoppable=not options.dry_run, keep=False, on_put_back=_put_back_to(tally, keeper),
+                      progress=options.progress)
         problem = _run(cycle, keeper, lambda: bool(cycle.dropped))
-    return _Pass(cycle, chosen, problem)
+    return _Pass(cycle, chosen, tally, problem)
 
 
 def _discard_row(failure: Failure, dry_run: bool) -> dict[str, Any]:

@@ -4,6 +4,7 @@ also shows what only the queue knows: each record's place, its copies and its AM
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +36,7 @@ def failures_of(records: list[Record]) -> list[Failure]:
 def read(connection: BlockingConnection, settings: CliSettings) -> list[Failure]:
     """Every record on the failure queue, in order, by one cycle: the queue is left in its order."""
     broker.require_queue(connection, settings.failed_queue, settings)
-    return failures_of(Cycle(connection, settings.failed_queue).run().records)
+    return failures_of(Cycle(connection, settings.failed_queue, progress=sys.stderr.isatty()).run().records)
 
 
 @dataclass(frozen=True)
@@ -94,19 +95,22 @@ def list_records(options: ListOptions, settings: CliSettings, out: Output) -> in
     if options.from_queue:
         return _list_from_queue(options, settings, out)
     now = datetime.now(UTC)
+    queue = settings.failed_queue
+    if not out.is_table:
+        # Written as they are read, window by window, each window's bodies with it: memory holds
+        # one window whatever the index holds.
+        with mongo.database(settings) as db:
+            index = FailureIndex(db, settings)
+            warn_if_apart(index.size(), queue_depth(settings), index.name, queue)
+            out.rows(entry_view(e, e.body or "", now) for e in index.walk(options.filter, options.limit, bodies=True))
+        return 0
     with mongo.database(settings) as db:
         index = FailureIndex(db, settings)
         page = index.page(options.filter, options.limit)
-        bodies = index.bodies(e.record_id for e in page.entries) if not out.is_table else {}
         size = index.size()
     depth = queue_depth(settings)
-    queue = settings.failed_queue
     warn_if_apart(size, depth, index.name, queue)
     shown = page.entries
-    if not out.is_table:
-        views = [entry_view(e, bodies.get(e.record_id, ""), now) for e in shown]
-        out.document(views, jsonl_rows=views)
-        return 0
     if shown:
         out.line(table([Row.of_entry(e) for e in shown], now, out=out))
         out.summary("")

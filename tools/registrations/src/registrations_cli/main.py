@@ -22,6 +22,7 @@ from . import (
     capacity,
     capacity_report,
     completion,
+    cycle,
     failed,
     indexes,
     inspect_queues,
@@ -214,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--dry-run", action="store_true", help="move nothing; print what would be moved")
     fr.add_argument("--rate", type=_positive_float, metavar="N",
                     help="replay N records a second at most (the legacy API takes the load)")
-    fr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fr.add_argument("--max-hold", type=_seconds, default=cycle.MAX_HOLD_S, metavar="DURATION",
+                    help="hold no record unacked longer than this (default 10m), well under RabbitMQ's "
+                         "consumer_timeout (30m by default): a replay whose sends would take longer runs in "
+                         "passes, a whole cycle of the queue each")
+    fr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     fr.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     output.add_arguments(fr)
     fd = sub.add_parser("discard", help="remove records for good, each written to --export FILE first",
@@ -376,11 +381,11 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.failed_command == "list":
         return listing.list_records(listing.ListOptions(flt, args.limit, args.from_queue), settings, out)
     if args.failed_command == "discard":
-        return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run), settings, out,
-                              consent)
+        return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run, sys.stderr.isatty()),
+                              settings, out, consent)
     progress = not args.quiet and sys.stderr.isatty()
-    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run, args.rate, progress), settings, out,
-                         consent)
+    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run, args.rate, progress,
+                                              args.max_hold), settings, out, consent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """`registrations failed replay | discard`: the failure queue redriven and pruned, each by one
-cycle of the queue, with the failure index kept in line. A record is addressed by its id, its
-AMQP message_id (`regbridge.plans.Subject.record_id`): copies of one record that a crash window
-made share it, so each is replayed or discarded once."""
+cycle of the queue, with the failure index kept in line. A record is addressed by its id
+(`records.record_id_of`): copies of one record that a crash window made are replayed or
+discarded once (`records.Failure.copy_key`), and distinct records are each taken on their own."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
                  keeper: Keeper | None = None) -> _Pass:
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
-    chosen_ids: dict[str, int] = {}  # id -> position of the copy that is replayed
+    chosen_ids: dict[tuple[str, bytes | None], int] = {}  # copy key -> position of the copy replayed
 
     def route(record: Record) -> Send | Drop | None:
         [failure] = failures_of([record])
@@ -84,10 +84,10 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
         # waits for the next replay: this one never goes round in circles.
         if not options.filter.matches(failure):
             return None
-        if failure.message_id in chosen_ids:
+        if failure.copy_key in chosen_ids:
             # A copy of a record replayed in this cycle: it leaves once that one has gone, and
             # stays if that one could not go.
-            return None if options.dry_run else Drop(copy_of=chosen_ids[failure.message_id])
+            return None if options.dry_run else Drop(copy_of=chosen_ids[failure.copy_key])
         if options.limit is not None and len(chosen) >= options.limit:
             return None
         if not failure.has_original:
@@ -96,8 +96,7 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
                       file=sys.stderr)
             return None
         chosen[record.position] = failure
-        if failure.message_id is not None:
-            chosen_ids[failure.message_id] = record.position
+        chosen_ids[failure.copy_key] = record.position
         return None if options.dry_run else Send(inbound, failure.replay_body(), _properties(failure, failed))
 
     def sent(record: Record) -> None:
@@ -227,12 +226,12 @@ def _left(cycle: Cycle) -> int:
 
 def _action_line(verb: str, failure: Failure) -> str:
     """One record replayed or discarded, on one line whatever its fields hold."""
-    return (f"{verb} {visible(failure.message_id or '#' + str(failure.position))}  {visible(failure.stage):<10}  "
+    return (f"{verb} {visible(failure.record_id)}  {visible(failure.stage):<10}  "
             f"user_id={visible(failure.user_id or '-')}")
 
 
 def _replay_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
-    return {"action": "would_replay" if dry_run else "replayed", "id": failure.message_id, "position": failure.position,
+    return {"action": "would_replay" if dry_run else "replayed", "id": failure.record_id, "position": failure.position,
             "stage": failure.stage, "user_id": failure.user_id, "message_id": failure.message_id}
 
 
@@ -266,11 +265,13 @@ class DiscardOptions:
 
 
 def export_lines(records: list[Record], queue: str) -> list[str]:
-    """One JSON line per record id (copies of one record are one line), holding what it takes to
-    publish the record again: its properties and its exact body."""
-    lines: dict[str, str] = {}
+    """One JSON line per record (byte-identical copies of one record are one line; copies whose
+    bodies differ, such as a redelivery's record written again, are a line each, so that no body
+    removed is missing from the file), holding what it takes to publish the record again: its
+    properties and its exact body."""
+    lines: dict[tuple[str, bytes], str] = {}
     for failure, record in zip(failures_of(records), records, strict=True):
-        key = failure.message_id if failure.message_id is not None else f"#{failure.position}"
+        key = (failure.record_id, record.body)
         if key in lines:
             continue
         try:
@@ -279,7 +280,7 @@ def export_lines(records: list[Record], queue: str) -> list[str]:
             body = {"body_base64": base64.b64encode(record.body).decode("ascii")}
         # Without the delivery count the broker added to this delivery: it is no property of the record.
         properties = broker.properties_view(exact_copy(record.properties))
-        lines[key] = json.dumps({"id": failure.message_id, "queue": queue,
+        lines[key] = json.dumps({"id": failure.record_id, "queue": queue,
                                  "discarded_at": datetime.now(UTC).isoformat(), "properties": properties,
                                  **body}, ensure_ascii=False)
     return list(lines.values())
@@ -371,18 +372,17 @@ def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consen
 def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper | None = None) -> _Pass:
     failed = settings.failed_queue
     chosen: dict[int, Failure] = {}
-    chosen_ids: set[str] = set()
+    chosen_ids: set[tuple[str, bytes | None]] = set()
 
     def route(record: Record) -> Drop | None:
         [failure] = failures_of([record])
         if not options.filter.matches(failure):
             return None
-        if failure.message_id is None or failure.message_id not in chosen_ids:
+        if failure.copy_key not in chosen_ids:
             if options.limit is not None and len(chosen) >= options.limit:
                 return None
             chosen[record.position] = failure
-            if failure.message_id is not None:
-                chosen_ids.add(failure.message_id)
+            chosen_ids.add(failure.copy_key)
         return None if options.dry_run else Drop()
 
     def keep(records: list[Record]) -> None:
@@ -402,7 +402,7 @@ def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper
 
 
 def _discard_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
-    return {"action": "would_discard" if dry_run else "discarded", "id": failure.message_id,
+    return {"action": "would_discard" if dry_run else "discarded", "id": failure.record_id,
             "position": failure.position, "stage": failure.stage, "user_id": failure.user_id}
 
 

@@ -20,34 +20,37 @@ from regbridge.failure_index import IndexEntry, Reconciliation
 from . import broker, mongo
 from .cycle import Cycle, Record
 from .index import FailureIndex, entry_of
+from .listing import failures_of
 from .output import Output
 from .sanitize import warn
 from .settings import CliSettings
 from .table import plural
 
 
+def id_of(record: Record) -> str:
+    return failures_of([record])[0].record_id
+
+
 @dataclass(frozen=True)
 class Found:
-    """What one whole cycle found: each record id with its first copy and its count of copies,
-    and how many records carry no id (they cannot be indexed)."""
+    """What one whole cycle found: each record id with its first record and its count of
+    records, and the ids that distinct records share (`records.Failure.copy_key`: records an
+    earlier release wrote under one inbound message_id), of which the index holds one each."""
 
     first: dict[str, Record]
     copies: dict[str, int]
-    without_id: int
+    shared_by_distinct: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, records: list[Record]) -> Found:
         first: dict[str, Record] = {}
         copies: dict[str, int] = {}
-        without_id = 0
-        for record in records:
-            record_id = record.properties.message_id
-            if not record_id:
-                without_id += 1
-                continue
-            first.setdefault(record_id, record)
-            copies[record_id] = copies.get(record_id, 0) + 1
-        return cls(first, copies, without_id)
+        keys: dict[str, set[tuple[str, bytes | None]]] = {}
+        for failure, record in zip(failures_of(records), records, strict=True):
+            first.setdefault(failure.record_id, record)
+            copies[failure.record_id] = copies.get(failure.record_id, 0) + 1
+            keys.setdefault(failure.record_id, set()).add(failure.copy_key)
+        return cls(first, copies, frozenset(i for i, k in keys.items() if len(k) > 1))
 
     def entries(self, ids: tuple[str, ...], now: datetime) -> dict[str, IndexEntry]:
         return {i: entry_of(i, self.first[i].body, fallback_time=_sent_at(self.first[i], now)) for i in ids}
@@ -85,9 +88,11 @@ def run(settings: CliSettings, out: Output, *, dry_run: bool = False) -> int:
             records = Cycle(connection, failed).run().records
         found = Found.of(records)
         done = bring_in_line(index, found, started_at=started_at, dry_run=dry_run)
-    if found.without_id:
-        warn(f"{plural(found.without_id, 'record')} on {failed} without a message_id: the index "
-             "cannot hold such records (`failed list --from-queue` shows them)")
+    if found.shared_by_distinct:
+        some = ", ".join(sorted(found.shared_by_distinct)[:5])
+        warn(f"{plural(len(found.shared_by_distinct), 'id')} on {failed} named by distinct records ({some}): "
+             "records an earlier release wrote under one inbound message_id; the index holds one entry "
+             "for each id (`failed list --from-queue` shows every record, and replay and discard take each)")
     shared = {i: n for i, n in found.copies.items() if n > 1}
     if out.format == "json":
         out.document(_document(done, found, shared, settings, index.name, dry_run, len(records)))
@@ -119,7 +124,7 @@ def _rows(done: Reconciliation, dry_run: bool) -> list[dict[str, Any]]:
 def _document(done: Reconciliation, found: Found, shared: dict[str, int], settings: CliSettings, index: str,
               dry_run: bool, records: int) -> dict[str, Any]:
     return {"dry_run": dry_run, "queue": settings.failed_queue, "index": index, "records": records,
-            "ids": len(found.first), "without_id": found.without_id, "copies": shared,
+            "ids": len(found.first), "shared_by_distinct": sorted(found.shared_by_distinct), "copies": shared,
             "added": list(done.add), "confirmed": list(done.confirm), "deleted": [i for i, _ in done.delete]}
 
 
@@ -136,7 +141,7 @@ class Keeper:
         self.held: frozenset[str] = frozenset()
 
     def before_leaving(self, records: list[Record]) -> None:
-        self.held = frozenset(r.properties.message_id for r in records if r.properties.message_id)
+        self.held = frozenset(id_of(r) for r in records)
         self.token = self.index.mark_leaving(self.held)
 
     def settle(self, cycle: Cycle, *, whole: bool) -> str | None:
@@ -144,8 +149,8 @@ class Keeper:
         be brought in line (the queue's part is done either way)."""
         gone = {id(r) for r in cycle.sent} | {id(r) for r in cycle.dropped}
         stayed = [r for r in cycle.records if id(r) not in gone]
-        staying = {r.properties.message_id for r in stayed if r.properties.message_id}
-        left = {r.properties.message_id for r in cycle.records if id(r) in gone and r.properties.message_id} - staying
+        staying = {id_of(r) for r in stayed}
+        left = {id_of(r) for r in cycle.records if id(r) in gone} - staying
         try:
             if self.token is not None:
                 self.index.remove(left, self.token)

@@ -30,12 +30,15 @@ class Outcomes:
         self.failures: list[dict[str, Any]] = []
         self.failure_ids: list[str | None] = []  # the AMQP message_id each record carries
         self.record_ids: list[str] = []  # each record's id, as the CLI reads it (`record_id_of`)
+        self.record_id_from: list[str] = []  # where it was read: "header" for what the services write
 
     def collect(self) -> None:
         for props, body in self.broker.drain(FAILED):
             self.failures.append(json.loads(body))
             self.failure_ids.append(props.message_id)
-            self.record_ids.append(record_id_of(props.message_id, props.headers, body)[0])
+            record_id, found_in = record_id_of(props.message_id, props.headers, body)
+            self.record_ids.append(record_id)
+            self.record_id_from.append(found_in)
 
     def registered(self) -> set[str]:
         return {d["_id"] for d in self.users.find({"registration_status": "registered"}, {"_id": 1})}

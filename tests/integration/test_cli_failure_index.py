@@ -131,8 +131,9 @@ def test_reconcile_brings_the_index_in_line_with_the_queue(stack: Stack, broker:
     long_ago = datetime.now(UTC) - 2 * failure_index.RECONCILE_GRACE
     failure_records.publish(record("u-0"), message_id="m-kept")
     failure_records.publish(record("u-1"), message_id="m-new", indexed=False)  # on the queue, no entry
-    failure_records.publish(record("u-2"), message_id="m-copied", indexed=False)
-    failure_records.publish(record("u-2"), message_id="m-copied", indexed=False)  # a second copy
+    copied = record("u-2")
+    failure_records.publish(copied, message_id="m-copied", indexed=False)
+    failure_records.publish(copied, message_id="m-copied", indexed=False)  # a second copy, byte for byte
     failure_records.publish(b"not a failure record", message_id="m-junk", indexed=False)
     failure_records.publish(record("u-3"), message_id="m-publishing", indexed=False)
     failure_records.write(entry_of("m-publishing", record("u-3"), fallback_time=long_ago), failure_index.PUBLISHING)

@@ -81,15 +81,16 @@ def refused(submitter: Service, poller: Service) -> int:
 
 
 def index_holds(outcomes: Outcomes, *, discarded: set[str]) -> None:
-    """The failure index against the records: each record on the queue has its entry, holding
+    """The failure index against the records: each record on the queue has its entry (under
+    its record id), holding
     it; no entry says `queued` of a record that never went out. Entries of discarded records
     may stay or go (the index is the CLI's to maintain), so they are left out."""
     entries = {doc["_id"]: doc for doc in outcomes.users.database[f"{outcomes.users.name}.failures"].find(
         {}, {"state": 1, "body": 1})}
-    for message_id, record in zip(outcomes.failure_ids, outcomes.failures, strict=True):
-        assert message_id in entries, f"a record without an index entry: {message_id}"
-        assert json.loads(entries[message_id]["body"]) == record
-    published = discarded | set(outcomes.failure_ids)
+    for record_id, record in zip(outcomes.record_ids, outcomes.failures, strict=True):
+        assert record_id in entries, f"a record without an index entry: {record_id}"
+        assert json.loads(entries[record_id]["body"]) == record
+    published = discarded | set(outcomes.record_ids)
     phantom = [i for i, e in entries.items() if i not in published and e["state"] == QUEUED]
     assert not phantom, f"entries queued without a record: {phantom[:5]}"
 
@@ -176,9 +177,10 @@ def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_
         # of the right stage, nothing lost and nothing twice.
         outcomes.wait(registered=6, failed=failing - len(exported), timeout=60, distinct=True)
         index_holds(outcomes, discarded={line["id"] for line in exported})
-        ids = [line["id"] for line in exported] + list(outcomes.failure_ids)
+        # By message (the inbound message_id each record keeps), as `expected` names them.
+        ids = [line["properties"]["message_id"] for line in exported] + list(outcomes.failure_ids)
         assert len(ids) == len(set(ids)) == failing, f"records: {sorted(ids)}"
-        stages = {line["id"]: json.loads(line["body"])["error"]["stage"] for line in exported}
+        stages = {line["properties"]["message_id"]: json.loads(line["body"])["error"]["stage"] for line in exported}
         stages.update({i: r["error"]["stage"] for i, r in zip(outcomes.failure_ids, outcomes.failures, strict=True)})
         assert stages == {m: s for m, s in expected.items() if s != "registered"}
         assert outcomes.registered() == {m for m, s in expected.items() if s == "registered"}

@@ -3,6 +3,7 @@ durations, failure records and their filters, settings. No broker, no MongoDB.""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -33,13 +34,14 @@ from registrations_cli.main import build_parser, version_text
 from registrations_cli.output import Output, safe_json
 from registrations_cli.progress import Progress, bar
 from registrations_cli.reconcile import Found
-from registrations_cli.records import Failure, Filter, encode_original, first_copies
+from registrations_cli.records import Failure, Filter, encode_original, first_copies, record_id_of
 from registrations_cli.sanitize import visible, warn
 from registrations_cli.settings import CliSettings, from_env
 from registrations_cli.table import one_line, plural, render, truncate
 from registrations_cli.timefmt import format_age, parse_duration, parse_since
 
 from regbridge.messages import FailureError, FailureRecord
+from regbridge.plans import RECORD_ID_HEADER
 from regbridge.poll_schedule import LADDER_S
 
 MAX = 65536
@@ -635,7 +637,7 @@ def test_a_record_is_found_by_its_id_or_the_one_id_that_starts_so() -> None:
     failures = [Failure.parse(i + 1, b"{}", message_id=mid) for i, mid in
                 enumerate(["m-1", "m-10", "u-7|sha256:ab12", "u-7|sha256:cd34", "solo-long-id", "m-1"])]
     assert find(failures, "m-1", "q").position == 1  # exact, and the first of its copies
-    assert find(failures, "solo", "q").message_id == "solo-long-id"
+    assert find(failures, "solo", "q").record_id == "solo-long-id"
     with pytest.raises(CliError, match=r"2 records on q have ids starting with 'u-7\|sha256:'"):
         find(failures, "u-7|sha256:", "q")
     with pytest.raises(CliError, match="no record with id 'nope'"):
@@ -645,8 +647,47 @@ def test_a_record_is_found_by_its_id_or_the_one_id_that_starts_so() -> None:
 def test_each_record_is_listed_once_however_many_copies_share_its_id() -> None:
     failures = [Failure.parse(i + 1, b"{}", message_id=mid) for i, mid in enumerate(["a", "b", "a", None, None, "a"])]
     first, copies = first_copies(failures)
-    assert [(f.position, f.message_id) for f in first] == [(1, "a"), (2, "b"), (4, None), (5, None)]
-    assert copies == {"a": 3, "b": 1}
+    digest = "sha256:" + hashlib.sha256(b"{}").hexdigest()  # no id at all: named by its body
+    assert [(f.position, f.record_id) for f in first] == [(1, "a"), (2, "b"), (4, digest)]
+    assert copies == {("a", b"{}"): 3, ("b", b"{}"): 1, (digest, None): 2}
+
+
+def _record(user: str, at: datetime) -> bytes:
+    return FailureRecord(original=person(user), user_id=user, legacy_request_id=None,
+                         error=FailureError("legacy", f"refused {user}"), attempts=1, failed_at=at).encode()
+
+
+def test_the_id_is_read_from_the_header_then_the_message_id_then_the_body() -> None:
+    body = _record("u-A", NOW)
+    assert record_id_of("dup", {RECORD_ID_HEADER: "u-A|mid:dup|m1"}, body) == ("u-A|mid:dup|m1", "header")
+    assert record_id_of("dup", {RECORD_ID_HEADER: b"u-A|mid:dup|m1"}, body)[0] == "u-A|mid:dup|m1"
+    assert record_id_of("dup", {"x-other": 1}, body) == ("dup", "message_id")  # an earlier release's record
+    assert record_id_of(None, None, body) == ("sha256:" + hashlib.sha256(body).hexdigest(), "body")
+
+
+def test_records_that_share_only_an_inbound_message_id_are_distinct() -> None:
+    """An earlier release named a record by the inbound message_id, which two users' messages
+    may share: such records are copies only when their bodies are byte-identical."""
+    a, b = _record("u-A", NOW), _record("u-B", NOW)
+    failures = [Failure.parse(1, a, message_id="dup"), Failure.parse(2, b, message_id="dup"),
+                Failure.parse(3, a, message_id="dup")]
+    first, copies = first_copies(failures)
+    assert [(f.position, f.user_id) for f in first] == [(1, "u-A"), (2, "u-B")]
+    assert copies == {("dup", a): 2, ("dup", b): 1}
+
+
+def test_records_under_one_service_id_are_copies_even_when_written_again_later() -> None:
+    """An id the service wrote names one attempt of one user's message: a redelivery that wrote
+    the record again (a later `failed_at`) made a copy of it, not another record."""
+    header = {RECORD_ID_HEADER: "u-A|mid:dup|m1"}
+    first_write, again = _record("u-A", NOW), _record("u-A", NOW + timedelta(seconds=3))
+    other = {RECORD_ID_HEADER: "u-B|mid:dup|m2"}
+    failures = [Failure.parse(1, first_write, message_id="dup", headers=header),
+                Failure.parse(2, _record("u-B", NOW), message_id="dup", headers=other),
+                Failure.parse(3, again, message_id="dup", headers=header)]
+    first, copies = first_copies(failures)
+    assert [(f.position, f.record_id) for f in first] == [(1, "u-A|mid:dup|m1"), (2, "u-B|mid:dup|m2")]
+    assert copies[("u-A|mid:dup|m1", None)] == 2
 
 
 def test_filters_by_id_reason_and_age() -> None:
@@ -654,9 +695,9 @@ def test_filters_by_id_reason_and_age() -> None:
     old = Failure.parse(1, json.dumps(record_body("legacy", "rejected by the legacy system",
                                                   now - timedelta(days=40))).encode(), message_id="m-old")
     new = Failure.parse(2, json.dumps(record_body("submit", "timed out", now)).encode(), message_id="m-new")
-    assert [f.message_id for f in (old, new) if Filter(older_than=now - timedelta(days=30)).matches(f)] == ["m-old"]
-    assert [f.message_id for f in (old, new) if Filter(ids=frozenset({"m-new"})).matches(f)] == ["m-new"]
-    assert [f.message_id for f in (old, new) if Filter(reason=re.compile("legacy")).matches(f)] == ["m-old"]
+    assert [f.record_id for f in (old, new) if Filter(older_than=now - timedelta(days=30)).matches(f)] == ["m-old"]
+    assert [f.record_id for f in (old, new) if Filter(ids=frozenset({"m-new"})).matches(f)] == ["m-new"]
+    assert [f.record_id for f in (old, new) if Filter(reason=re.compile("legacy")).matches(f)] == ["m-old"]
     assert Filter(reason=re.compile("x")).active and not Filter().active
 
 
@@ -700,13 +741,15 @@ def test_the_list_shows_a_state_column_only_when_some_entry_is_not_queued() -> N
 
 
 def test_a_whole_cycle_found_each_id_once_with_its_copies() -> None:
-    def taken(position: int, message_id: str | None) -> Record:
-        return Record(position, pika.BasicProperties(message_id=message_id), b"{}")
+    def taken(position: int, message_id: str | None, body: bytes = b"{}") -> Record:
+        return Record(position, pika.BasicProperties(message_id=message_id), body)
 
-    found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None)])
+    digest = "sha256:" + hashlib.sha256(b"{}").hexdigest()
+    found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None), taken(5, "b", b"[]")])
     first = found.first["a"]
-    assert list(found.first) == ["a", "b"] and first is not None and first.position == 1
-    assert found.copies == {"a": 2, "b": 1} and found.without_id == 1
+    assert list(found.first) == ["a", "b", digest] and first is not None and first.position == 1
+    assert found.copies == {"a": 2, "b": 2, digest: 1}
+    assert found.shared_by_distinct == {"b"}  # two bodies under one earlier release's message_id
 
 
 def test_an_error_never_shows_a_url_settings_password(monkeypatch: pytest.MonkeyPatch,
@@ -803,5 +846,6 @@ def test_found_keeps_no_body_of_an_id_the_index_holds() -> None:
     for mid in ("known", "new", "known", None):
         found.add(rec(mid))
     assert found.first["known"] is None and found.first["new"] is not None
-    assert (found.copies, found.without_id, found.records) == ({"known": 2, "new": 1}, 1, 4)
+    digest = "sha256:" + hashlib.sha256(b'{"x": 1}').hexdigest()
+    assert (found.copies, found.records) == ({"known": 2, "new": 1, digest: 1}, 4)
     assert set(found.entries(("known", "new"), datetime.now(UTC))) == {"new"}

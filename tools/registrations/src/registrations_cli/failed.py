@@ -1,12 +1,11 @@
 """`registrations failed replay | discard`: the failure queue redriven and pruned, each by one
-cycle of the queue, with the failure index kept in line. A record is addressed by its id, its
-AMQP message_id (`regbridge.plans.Subject.record_id`): copies of one record that a crash window
-made share it, so each is replayed or discarded once."""
+cycle of the queue, with the failure index kept in line. A record is addressed by its id
+(`records.record_id_of`): copies of one record that a crash window made are replayed or
+discarded once (`records.Failure.copy_key`), and distinct records are each taken on their own."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ from .listing import failures_of
 from .output import Output
 from .progress import Progress
 from .reconcile import Keeper
-from .records import Failure, Filter
+from .records import CopyKey, Failure, Filter
 from .sanitize import visible
 from .settings import CliSettings
 from .table import plural
@@ -50,22 +49,18 @@ class ReplayOptions:
 
 
 class _Tally:
-    """What stayed on the queue after a cycle, as `left` counts it: each id once, and each record
-    without an id. Ids only: the records themselves are not kept."""
+    """What stayed on the queue after a cycle, as `left` counts it: each record once however many
+    copies it has (`records.Failure.copy_key`). Keys only: the records themselves are not kept."""
 
     def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.without_id = 0
+        self.keys: set[CopyKey] = set()
 
     def add(self, record: Record) -> None:
-        if record.properties.message_id:
-            self.ids.add(record.properties.message_id)
-        else:
-            self.without_id += 1
+        self.keys.add(failures_of([record])[0].copy_digest)
 
     @property
     def left(self) -> int:
-        return len(self.ids) + self.without_id
+        return len(self.keys)
 
 
 @dataclass
@@ -93,10 +88,6 @@ def _run(cycle: Cycle, keeper: Keeper | None, moved: Callable[[], bool]) -> str 
     return keeper.settle(cycle, whole=True) if keeper is not None else None
 
 
-def _digest(body: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=16).digest()
-
-
 def _put_back_to(tally: _Tally, keeper: Keeper | None) -> Callable[[Record], None]:
     def put_back(record: Record) -> None:
         tally.add(record)
@@ -107,17 +98,17 @@ def _put_back_to(tally: _Tally, keeper: Keeper | None) -> Callable[[Record], Non
 
 def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Callable[[Failure], None] | None,
                  quiet: bool = False, on_held: Callable[[int], None] | None = None,
-                 keeper: Keeper | None = None, replayed: dict[str, bytes] | None = None,
+                 keeper: Keeper | None = None, replayed: set[CopyKey] | None = None,
                  stop: Stop | None = None) -> _Pass:
-    """One cycle. `replayed`: the ids an earlier pass of this replay sent, with their bodies'
-    digests; this pass drops an identical copy of one (a crash window's duplicate, which the
-    earlier pass left out) and leaves any other record of that id alone (a new failure of the
-    registration just replayed: the next replay's to take)."""
+    """One cycle. `replayed`: the copy keys of the records an earlier pass of this replay sent;
+    this pass drops a copy of one (a crash window's duplicate, which the earlier pass left out).
+    A new failure of a registration just replayed is another attempt, so another id: the next
+    replay's to take."""
     failed, inbound = settings.failed_queue, settings.inbound_queue
     chosen: dict[int, Failure] = {}
-    chosen_ids: dict[str, int] = {}  # id -> position of the copy that is replayed
+    chosen_ids: dict[CopyKey, int] = {}  # copy key -> position of the copy replayed
     tally = _Tally()
-    earlier = replayed or {}
+    earlier = replayed or set()
     holding = not options.dry_run  # a dry run holds nothing: it needs no bound
 
     def route(record: Record) -> Send | Drop | None:
@@ -126,12 +117,12 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
         # waits for the next replay: this one never goes round in circles.
         if not options.filter.matches(failure):
             return None
-        if failure.message_id in chosen_ids:
+        if failure.copy_key in chosen_ids:
             # A copy of a record replayed in this cycle: it leaves once that one has gone, and
             # stays if that one could not go.
-            return None if options.dry_run else Drop(copy_of=chosen_ids[failure.message_id])
-        if failure.message_id is not None and failure.message_id in earlier:
-            return Drop() if earlier[failure.message_id] == _digest(record.body) else None
+            return None if options.dry_run else Drop(copy_of=chosen_ids[failure.copy_key])
+        if failure.copy_key in earlier:
+            return Drop()
         if options.limit is not None and len(chosen) >= options.limit:
             return None
         if not failure.has_original:
@@ -142,8 +133,7 @@ def _replay_pass(options: ReplayOptions, settings: CliSettings, *, on_chosen: Ca
         if holding and not cycle.has_room():
             return None  # it would be held too long by the time it went: the next pass takes it
         chosen[record.position] = failure
-        if failure.message_id is not None:
-            chosen_ids[failure.message_id] = record.position
+        chosen_ids[failure.copy_key] = record.position
         return None if options.dry_run else Send(inbound, failure.replay_body(), _properties(failure, failed))
 
     def sent(record: Record) -> None:
@@ -241,7 +231,7 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
     # records one pass left out, the next takes, until none is left out (a dry run holds nothing:
     # one pass).
     stop = Stop(failed, stoppable=not options.dry_run)
-    replayed: dict[str, bytes] = {}
+    replayed: set[CopyKey] = set()
     between = False  # a signal came between two passes
     try:
         with finishing_first(stop):
@@ -251,8 +241,7 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
                                       on_held=held, keeper=Keeper(index) if index is not None else None,
                                       replayed=replayed, stop=stop)
                 passes.append(result)
-                replayed.update((r.properties.message_id, _digest(r.body)) for r in result.cycle.sent
-                                if r.properties.message_id)
+                replayed.update(failure.copy_key for failure in failures_of(result.cycle.sent))
                 cycle = result.cycle
                 if (options.dry_run or cycle.refused is not None or cycle.interrupted or not cycle.left_out
                         or result.index_problem is not None or (limit is not None and len(cycle.sent) >= limit)):
@@ -300,12 +289,12 @@ def _replay(options: ReplayOptions, settings: CliSettings, out: Output, consent:
 
 def _action_line(verb: str, failure: Failure) -> str:
     """One record replayed or discarded, on one line whatever its fields hold."""
-    return (f"{verb} {visible(failure.message_id or '#' + str(failure.position))}  {visible(failure.stage):<10}  "
+    return (f"{verb} {visible(failure.record_id)}  {visible(failure.stage):<10}  "
             f"user_id={visible(failure.user_id or '-')}")
 
 
 def _replay_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
-    return {"action": "would_replay" if dry_run else "replayed", "id": failure.message_id, "position": failure.position,
+    return {"action": "would_replay" if dry_run else "replayed", "id": failure.record_id, "position": failure.position,
             "stage": failure.stage, "user_id": failure.user_id, "message_id": failure.message_id}
 
 
@@ -341,11 +330,13 @@ class DiscardOptions:
 
 
 def export_lines(records: list[Record], queue: str) -> list[str]:
-    """One JSON line per record id (copies of one record are one line), holding what it takes to
-    publish the record again: its properties and its exact body."""
-    lines: dict[str, str] = {}
+    """One JSON line per record (byte-identical copies of one record are one line; copies whose
+    bodies differ, such as a redelivery's record written again, are a line each, so that no body
+    removed is missing from the file), holding what it takes to publish the record again: its
+    properties and its exact body."""
+    lines: dict[tuple[str, bytes], str] = {}
     for failure, record in zip(failures_of(records), records, strict=True):
-        key = failure.message_id if failure.message_id is not None else f"#{failure.position}"
+        key = (failure.record_id, record.body)
         if key in lines:
             continue
         try:
@@ -354,7 +345,7 @@ def export_lines(records: list[Record], queue: str) -> list[str]:
             body = {"body_base64": base64.b64encode(record.body).decode("ascii")}
         # Without the delivery count the broker added to this delivery: it is no property of the record.
         properties = broker.properties_view(exact_copy(record.properties))
-        lines[key] = json.dumps({"id": failure.message_id, "queue": queue,
+        lines[key] = json.dumps({"id": failure.record_id, "queue": queue,
                                  "discarded_at": datetime.now(UTC).isoformat(), "properties": properties,
                                  **body}, ensure_ascii=True)
     return list(lines.values())
@@ -447,18 +438,17 @@ def _discard(options: DiscardOptions, settings: CliSettings, out: Output, consen
 def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper | None = None) -> _Pass:
     failed = settings.failed_queue
     chosen: dict[int, Failure] = {}
-    chosen_ids: set[str] = set()
+    chosen_ids: set[tuple[str, bytes | None]] = set()
 
     def route(record: Record) -> Drop | None:
         [failure] = failures_of([record])
         if not options.filter.matches(failure):
             return None
-        if failure.message_id is None or failure.message_id not in chosen_ids:
+        if failure.copy_key not in chosen_ids:
             if options.limit is not None and len(chosen) >= options.limit:
                 return None
             chosen[record.position] = failure
-            if failure.message_id is not None:
-                chosen_ids.add(failure.message_id)
+            chosen_ids.add(failure.copy_key)
         return None if options.dry_run else Drop()
 
     def keep(records: list[Record]) -> None:
@@ -480,7 +470,7 @@ def _discard_pass(options: DiscardOptions, settings: CliSettings, keeper: Keeper
 
 
 def _discard_row(failure: Failure, dry_run: bool) -> dict[str, Any]:
-    return {"action": "would_discard" if dry_run else "discarded", "id": failure.message_id,
+    return {"action": "would_discard" if dry_run else "discarded", "id": failure.record_id,
             "position": failure.position, "stage": failure.stage, "user_id": failure.user_id}
 
 

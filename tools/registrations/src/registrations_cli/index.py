@@ -62,7 +62,7 @@ class Entry:
 
     def failure(self) -> Failure:
         """The record as the queue holds it (its body must have been read)."""
-        return Failure.parse(0, (self.body or "").encode("utf-8"), message_id=self.record_id)
+        return Failure.parse(0, (self.body or "").encode("utf-8"), record_id=self.record_id)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ from .table import plural, truncate
 from .timefmt import format_age
 
 REASON_WIDTH = 60
+Copies = dict[tuple[str, bytes | None], int]  # copies of each record (`Failure.copy_key`)
 
 def failures_of(records: list[Record]) -> list[Failure]:
-    return [Failure.parse(r.position, r.body, message_id=r.properties.message_id,
+    return [Failure.parse(r.position, r.body, message_id=r.properties.message_id, headers=r.properties.headers,
                           properties=broker.properties_view(r.properties)) for r in records]
 
 
@@ -51,9 +52,9 @@ class Row:
     state: str | None = None  # the entry's state; None when read from the queue
 
     @classmethod
-    def of_failure(cls, failure: Failure, copies: dict[str, int] | None = None) -> Row:
-        times = (copies or {}).get(failure.message_id or "", 1)
-        return cls((failure.message_id or "-") + (f" (x{times})" if times > 1 else ""), failure.stage,
+    def of_failure(cls, failure: Failure, copies: Copies | None = None) -> Row:
+        times = (copies or {}).get(failure.copy_key, 1)
+        return cls(failure.record_id + (f" (x{times})" if times > 1 else ""), failure.stage,
                    failure.user_id, failure.failed_at, failure.reason)
 
     @classmethod
@@ -73,14 +74,15 @@ def table(rows: list[Row], now: datetime, *, indent: str = "", out: Output | Non
     return (out or Output()).table(headers, cells, right=["AGE"], indent=indent)
 
 
-def _view(failure: Failure, now: datetime, copies: dict[str, int]) -> dict[str, Any]:
-    return {**failure.view(now), "copies": copies.get(failure.message_id or "", 1)}
+def _view(failure: Failure, now: datetime, copies: Copies) -> dict[str, Any]:
+    return {**failure.view(now), "copies": copies.get(failure.copy_key, 1)}
 
 
 def entry_view(entry: Entry, body: str, now: datetime) -> dict[str, Any]:
     """An entry as `--json` shows it: the keys of a record read from the queue, its `state` and
     `seq`; `position` and `copies` are the queue's to know (`--from-queue`), so null here."""
-    view = Failure.parse(0, body.encode("utf-8"), message_id=entry.record_id).view(now)
+    view = Failure.parse(0, body.encode("utf-8"), record_id=entry.record_id).view(now)
+    view["message_id"] = None  # the AMQP property is the queue's to know: `--from-queue`
     return {**view, "position": None, "copies": None, "state": entry.state, "seq": entry.seq}
 
 
@@ -182,12 +184,12 @@ def _list_from_queue(options: ListOptions, settings: CliSettings, out: Output) -
 
 
 def find(failures: list[Failure], wanted: str, queue: str) -> Failure:
-    """The record whose id is `wanted`, or the one whose id alone starts with it (ids of records
-    without a message_id are long: a unique prefix will do, as with git's commits)."""
-    exact = [f for f in failures if f.message_id == wanted]
+    """The record whose id is `wanted`, or the one whose id alone starts with it (ids are long:
+    a unique prefix will do, as with git's commits)."""
+    exact = [f for f in failures if f.record_id == wanted]
     if exact:
         return exact[0]
-    prefixed = {f.message_id: f for f in failures if f.message_id is not None and f.message_id.startswith(wanted)}
+    prefixed = {f.record_id: f for f in failures if f.record_id.startswith(wanted)}
     if len(prefixed) == 1:
         return next(iter(prefixed.values()))
     if prefixed:
@@ -254,8 +256,8 @@ def _show_from_queue(wanted: str, settings: CliSettings, out: Output) -> int:
         out.line(table([Row.of_failure(failure, copies)], now, out=out))
         return 0
     out.document({
-        "id": failure.message_id,
-        "copies": copies.get(failure.message_id or "", 1),
+        "id": failure.record_id,
+        "copies": copies.get(failure.copy_key, 1),
         "position": failure.position,
         "queue": settings.failed_queue,
         "age_s": round(failure.age_s(now), 3) if failure.failed_at else None,

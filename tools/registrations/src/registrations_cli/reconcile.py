@@ -20,34 +20,47 @@ from regbridge.failure_index import IndexEntry, Reconciliation
 from . import broker, mongo
 from .cycle import Cycle, Record
 from .index import FailureIndex, entry_of
+from .listing import failures_of
 from .output import Output
+from .records import CopyKey
 from .sanitize import warn
 from .settings import CliSettings
 from .table import one_line, plural
 
 
+def id_of(record: Record) -> str:
+    return failures_of([record])[0].record_id
+
+
 class Found:
-    """What one whole cycle found, record by record as it went round: each record id with its
-    first copy and its count of copies, and how many records carry no id (they cannot be
-    indexed). Of an id the index already held when the cycle started (`known`), the first copy is
-    not kept, only its count: the index's entry stands for it, so memory grows with the ids, not
-    with the records' bodies."""
+    """What one whole cycle found, record by record as it went round: each record id
+    (`records.record_id_of`) with its first copy and its count of copies, and the ids that
+    distinct records share (`records.Failure.copy_key`: records an earlier release wrote under one
+    inbound message_id), of which the index holds one entry each. Of an id the index already held
+    when the cycle started (`known`), the first copy is not kept, only its count: the index's
+    entry stands for it, so memory grows with the ids, not with the records' bodies."""
 
     def __init__(self, known: frozenset[str] = frozenset()) -> None:
         self.first: dict[str, Record | None] = {}  # None: not kept, the index holds it
         self.copies: dict[str, int] = {}
-        self.without_id = 0
         self.records = 0
         self._known = known
+        self._keys: dict[str, CopyKey] = {}  # each id's first copy key, digested
+        self._shared: set[str] = set()
+
+    @property
+    def shared_by_distinct(self) -> frozenset[str]:
+        return frozenset(self._shared)
 
     def add(self, record: Record) -> None:
         self.records += 1
-        record_id = record.properties.message_id
-        if not record_id:
-            self.without_id += 1
-            return
+        [failure] = failures_of([record])
+        record_id, key = failure.record_id, failure.copy_digest
         if record_id not in self.first:
             self.first[record_id] = None if record_id in self._known else record
+            self._keys[record_id] = key
+        elif key != self._keys[record_id]:
+            self._shared.add(record_id)
         self.copies[record_id] = self.copies.get(record_id, 0) + 1
 
     @classmethod
@@ -98,9 +111,11 @@ def run(settings: CliSettings, out: Output, *, dry_run: bool = False) -> int:
             Cycle(connection, failed, keep=False, on_put_back=found.add, progress=sys.stderr.isatty()).run()
         records = found.records
         done = bring_in_line(index, found, started_at=started_at, dry_run=dry_run)
-    if found.without_id:
-        warn(f"{plural(found.without_id, 'record')} on {failed} without a message_id: the index "
-             "cannot hold such records (`failed list --from-queue` shows them)")
+    if found.shared_by_distinct:
+        some = ", ".join(sorted(found.shared_by_distinct)[:5])
+        warn(f"{plural(len(found.shared_by_distinct), 'id')} on {failed} named by distinct records ({some}): "
+             "records an earlier release wrote under one inbound message_id; the index holds one entry "
+             "for each id (`failed list --from-queue` shows every record, and replay and discard take each)")
     shared = {i: n for i, n in found.copies.items() if n > 1}
     if out.format == "json":
         out.document(_document(done, found, shared, settings, index.name, dry_run, records))
@@ -132,7 +147,7 @@ def _rows(done: Reconciliation, dry_run: bool) -> list[dict[str, Any]]:
 def _document(done: Reconciliation, found: Found, shared: dict[str, int], settings: CliSettings, index: str,
               dry_run: bool, records: int) -> dict[str, Any]:
     return {"dry_run": dry_run, "queue": settings.failed_queue, "index": index, "records": records,
-            "ids": len(found.first), "without_id": found.without_id, "copies": shared,
+            "ids": len(found.first), "shared_by_distinct": sorted(found.shared_by_distinct), "copies": shared,
             "added": list(done.add), "confirmed": list(done.confirm), "deleted": [i for i, _ in done.delete]}
 
 
@@ -154,14 +169,14 @@ class Keeper:
         self.stayed.add(record)
 
     def before_leaving(self, records: list[Record]) -> None:
-        self.held = frozenset(r.properties.message_id for r in records if r.properties.message_id)
+        self.held = frozenset(id_of(r) for r in records)
         self.token = self.index.mark_leaving(self.held)
 
     def settle(self, cycle: Cycle, *, whole: bool) -> str | None:
         """After the cycle (`whole`: it went all the way round): None, or why the index could not
         be brought in line (the queue's part is done either way)."""
         staying = set(self.stayed.first)
-        left = {r.properties.message_id for r in [*cycle.sent, *cycle.dropped] if r.properties.message_id} - staying
+        left = {id_of(r) for r in [*cycle.sent, *cycle.dropped]} - staying
         try:
             if self.token is not None:
                 self.index.remove(left, self.token)

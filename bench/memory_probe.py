@@ -10,6 +10,10 @@ growth that stops; allocator fragmentation as RSS growth while the traced total 
 
     PYTHONPATH=... .venv/bin/python bench/memory_probe.py --rounds 6 --round 3000
 
+Its readings, round by round, go to `--out FILE` as JSON (default
+`bench/results/<stamp>-memory-probe.json`), rewritten after each round so that a run cut short
+keeps what it read.
+
 `MALLOC_ARENA_MAX=2` in the environment, or `--trim` (glibc `malloc_trim(0)` before each RSS
 reading), tells arena growth from the interpreter's own.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import logging
 import os
 import re
@@ -27,7 +32,9 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -42,6 +49,8 @@ from regbridge.settings import submitter_settings
 from regbridge.topology import submitter_queues
 from submitter import metrics
 from submitter.service import Submitter
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rss_kb(trim: bool) -> int:
@@ -91,7 +100,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--trim", action="store_true")
     parser.add_argument("--no-tracemalloc", action="store_true", help="RSS only, at full speed")
+    parser.add_argument("--out", type=Path, help="the readings as JSON (default: "
+                        "bench/results/<stamp>-memory-probe.json)")
     args = parser.parse_args()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    if args.out is None:
+        args.out = RESULTS / f"{stamp}-memory-probe.json"
+    args.stamp = stamp
 
     with harness.vhost("memprobe") as url, harness.mongodb() as mongo:
         sim = harness.start_legacy_sim({"LEGACY_SIM_POST_503_RATE": "0.01"})
@@ -132,6 +147,14 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
     sent = 0
     baseline: tracemalloc.Snapshot | None = None
     started = time.monotonic()
+    # What the readings depend on besides the code: the allocator's settings in the environment.
+    result: dict[str, Any] = {
+        "stamp": args.stamp, "argv": sys.argv[1:],
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "stamp")},
+        "allocator_env": {k: os.environ[k] for k in sorted(os.environ)
+                          if k.startswith(("GLIBC_TUNABLES", "MALLOC_", "PYTHONMALLOC"))},
+        "workers": settings.workers, "rounds": [],
+    }
     print("round  delivered  traced_KB  rss_KB  malloc_used_KB  malloc_free_KB  arenas  s", flush=True)
     for round_ in range(args.rounds + 1):
         for _ in range(args.round):
@@ -146,14 +169,20 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
         # the RSS: the RSS that counts is the one of a run with --no-tracemalloc.
         traced = tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0
         used_kb, free_kb = malloc_kb()
-        print(f"{round_:5d}  {sent:9d}  {traced:9d}  {rss_kb(args.trim):6d}  {used_kb:14d}  {free_kb:14d}  "
-              f"{pymalloc_arenas():>6}  "
-              f"{time.monotonic() - started:.0f}", flush=True)
+        reading: dict[str, Any] = {
+            "round": round_, "delivered": sent, "traced_kb": traced, "rss_kb": rss_kb(args.trim),
+            "malloc_used_kb": used_kb, "malloc_free_kb": free_kb, "arenas": pymalloc_arenas(),
+            "seconds": round(time.monotonic() - started, 1), "grown": []}
+        result["rounds"].append(reading)
+        print(f"{round_:5d}  {sent:9d}  {traced:9d}  {reading['rss_kb']:6d}  {used_kb:14d}  {free_kb:14d}  "
+              f"{reading['arenas']:>6}  {reading['seconds']:.0f}", flush=True)
         if not tracemalloc.is_tracing():
+            write(result, args.out)
             continue
         snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
         if baseline is None:
             baseline = snapshot
+            write(result, args.out)
             continue
         grown = sorted(snapshot.compare_to(baseline, "traceback"), key=lambda stat: -stat.size_diff)
         for stat in grown[:args.top]:
@@ -161,9 +190,18 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
                 break
             frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(stat.traceback))
             print(f"      +{stat.size_diff / 1024:8.1f} KB {stat.count_diff:+6d} blocks  {frames}")
+            reading["grown"].append({"kb": round(stat.size_diff / 1024, 1), "blocks": stat.count_diff,
+                                     "frames": frames})
+        write(result, args.out)
+    print(f"wrote {args.out}", flush=True)
     broker.close()
     runtime.request_stop()
     thread.join(60)
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`make soak`: the pipeline at a steady rate for a set time, watching for slow growth.
 
 Starts legacy-sim (sub-second latencies, a few transient 503s), a MongoDB as the tests pick
-one (MONGODB_URI if set, else a mongo:7 container if Docker answers, else SecantusDB), one submitter and one poller in a fresh vhost, and publishes registrations at a steady
-rate from a paced publisher: mostly good ones, a few the legacy system refuses, a few the legacy
+one (MONGODB_URI if set, else a mongo:7 container if Docker answers, else SecantusDB), one
+submitter and one poller in a fresh vhost, and publishes registrations at a steady rate from a
+paced publisher: mostly good ones, a few the legacy system refuses, a few the legacy
 API rejects and a few invalid messages, so that every kind of outcome and failure record is
 written. Every SAMPLE_S seconds it samples each process's RSS, open descriptors and threads
 (/proc) and the broker's queue depths. After the set time it waits for every outcome and holds

@@ -21,6 +21,9 @@ BEGIN, END = "<!-- soak figures -->", "<!-- /soak figures -->"
 SERVICES = ("submitter", "poller")
 # Shared with everything else on the machine (other vhosts, other runs): its figures are context.
 SHARED = ("rabbitmq",)
+# The issue's bound for a service after the warm-up: its RSS grows by less than this, and its
+# descriptors and threads stay constant.
+RSS_BOUND_MB = 1.0
 
 
 def fit_slope(points: list[tuple[float, float]]) -> float:
@@ -69,7 +72,35 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
             if values:
                 entry[f"{measure}_min"], entry[f"{measure}_max"] = min(values), max(values)
         processes[name] = entry
-    return {"processes": processes, "samples_after_warmup": len(after), "warmup_min": data["args"]["warmup_min"]}
+    return {"processes": processes, "queues": queue_summary(after),
+            "samples_after_warmup": len(after), "warmup_min": data["args"]["warmup_min"]}
+
+
+def queue_summary(after: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per queue, and for all the pipeline's queues together ("all"): the most messages (ready
+    and unacked) in a sample after the warm-up, and the slope of its depth (messages/min). A
+    queue missing from a sample (not declared yet) counts as empty there."""
+    names = sorted({q for s in after for q in s.get("queues", {})})
+    if not names:
+        return {}
+    series = {q: [(s["t"] / 60, s.get("queues", {}).get(q) or 0) for s in after] for q in names}
+    series["all"] = [(s["t"] / 60, sum(v or 0 for v in s.get("queues", {}).values())) for s in after]
+    return {q: {"max": max(v for _, v in points), "last": points[-1][1], "slope_per_min": fit_slope(points)}
+            for q, points in series.items()}
+
+
+def verdict(p: dict[str, Any]) -> dict[str, bool]:
+    """A service's figures against the issue's bound: the RSS grew by less than RSS_BOUND_MB after
+    the warm-up, both from first to last sample and by the fitted slope over the span; the
+    descriptors and the threads did not change."""
+    return {
+        "rss": p["rss_growth_mb"] < RSS_BOUND_MB and p["rss_slope_mb_over_span"] < RSS_BOUND_MB,
+        "constant": p.get("fds_min") == p.get("fds_max") and p.get("threads_min") == p.get("threads_max"),
+    }
+
+
+def yes(ok: bool) -> str:
+    return "yes" if ok else "no"
 
 
 def summary_text(data: dict[str, Any]) -> str:
@@ -91,6 +122,20 @@ def summary_text(data: dict[str, Any]) -> str:
                      f"{p['rss_slope_mb_over_span']:>+8.2f} {fds:>7} {threads:>7} "
                      f"{p.get('cpu_ms_per_registration', float('nan')):>10.2f}")
     for name, p in summary["processes"].items():
+        if name in SERVICES:
+            v = verdict(p)
+            lines.append(f"  {name}: RSS growth after warm-up < {RSS_BOUND_MB:g} MB: {yes(v['rss'])} "
+                         f"({p['rss_growth_mb']:+.2f} MB first to last, {p['rss_slope_mb_over_span']:+.2f} by the "
+                         f"slope); descriptors and threads constant: {yes(v['constant'])} "
+                         f"(fds {p.get('fds_min')}-{p.get('fds_max')}, "
+                         f"threads {p.get('threads_min')}-{p.get('threads_max')})")
+    queues = summary.get("queues") or {}
+    if queues:
+        lines.append(f"  {'queue (after warm-up)':<40} {'max':>7} {'last':>7} {'slope/min':>10}")
+        for queue, q in queues.items():
+            label = "all the pipeline's queues" if queue == "all" else queue
+            lines.append(f"  {label:<40} {q['max']:>7} {q['last']:>7} {q['slope_per_min']:>+10.2f}")
+    for name, p in summary["processes"].items():
         if p.get("fd_kinds_first") != p.get("fd_kinds_last"):
             lines.append(f"  {name} descriptors by kind, after warm-up → end: {p['fd_kinds_first']} → "
                          f"{p['fd_kinds_last']}")
@@ -111,8 +156,9 @@ def markdown(data: dict[str, Any], json_path: Path, docs: Path) -> str:
         f"({summary['samples_after_warmup']} samples, every {args['sample_s']:g} s):",
         "",
         "| process | RSS after warm-up → end (MB) | growth (MB) | max-min (MB) | slope (KB/min) "
-        "| slope over the span (MB) | fds | threads | CPU ms/reg |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| slope over the span (MB) | fds | threads | CPU ms/reg | RSS growth < {RSS_BOUND_MB:g} MB "
+        "| fds and threads constant |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, p in summary["processes"].items():
         label = f"{name} (shared)" if name in SHARED else name
@@ -121,7 +167,20 @@ def markdown(data: dict[str, Any], json_path: Path, docs: Path) -> str:
         out.append(f"| {label} | {p['rss_first_mb']:.2f} → {p['rss_last_mb']:.2f} | {p['rss_growth_mb']:+.2f} "
                    f"| {p['rss_range_mb']:.2f} | {p['rss_slope_kb_per_min']:+.1f} "
                    f"| {p['rss_slope_mb_over_span']:+.2f} | {fds} | {threads} "
-                   f"| {p.get('cpu_ms_per_registration', float('nan')):.2f} |")
+                   f"| {p.get('cpu_ms_per_registration', float('nan')):.2f} "
+                   + (f"| {yes(verdict(p)['rss'])} | {yes(verdict(p)['constant'])} |" if name in SERVICES
+                      else "| - | - |"))
+    queues = summary.get("queues") or {}
+    if queues:
+        idle = sum(1 for queue, q in queues.items() if queue != "all" and q["max"] == 0)
+        out += ["", "Queue depths after the warm-up (messages ready and unacked, per sample"
+                + (f"; {idle} wait queues that held nothing left out" if idle else "") + "):", "",
+                "| queue | max | at the end | slope (messages/min) |", "| --- | --- | --- | --- |"]
+        for queue, q in queues.items():
+            if queue != "all" and q["max"] == 0:  # the adaptive ladder declares dozens; most stay empty
+                continue
+            label = "all the pipeline's queues" if queue == "all" else f"`{queue}`"
+            out.append(f"| {label} | {q['max']:,} | {q['last']:,} | {q['slope_per_min']:+.2f} |")
     out += ["", f"![RSS, descriptors, threads and queue depths over the soak]({rel_png})"]
     return "\n".join(out)
 
@@ -160,7 +219,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             ax.plot(t, [y * scale if y is not None else float("nan") for y in ys], marker=".", label=name)
         ax.set_title(title)
         ax.legend(fontsize="small")
-    queues = sorted({q for s in samples for q in s.get("queues", {})})
+    queues = sorted({q for s in samples for q, depth in s.get("queues", {}).items() if depth})
     ax = axes[2][0]
     for queue in queues:
         ax.plot(t, [s.get("queues", {}).get(queue, float("nan")) for s in samples], marker=".", label=queue)

@@ -16,9 +16,11 @@ from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from registrations_cli.index import entry_of
+from registrations_cli.records import record_id_of
 
 from regbridge import failure_index
 from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry
+from regbridge.plans import RECORD_ID_HEADER
 
 FAILED = "registrations.failed"
 
@@ -40,17 +42,22 @@ class FailureRecords:
         assert doc is not None
         return int(doc["next"]) - count
 
-    def publish(self, body: bytes | Mapping[str, Any], *, message_id: str | None,
+    def publish(self, body: bytes | Mapping[str, Any], *, message_id: str | None, record_id: str | None = None,
                 properties: pika.BasicProperties | None = None, indexed: bool = True) -> IndexEntry | None:
-        """Publish one record (confirmed); with `indexed` and an id, its entry is written around
-        the publish. `properties`: the message's own (its message_id wins over `message_id`)."""
+        """Publish one record (confirmed); with `indexed`, its entry is written around the
+        publish, under the id the CLI reads from it (`records.record_id_of`). With `record_id`,
+        as the services write it: that id in its header, its message_id `message_id` (the
+        inbound one) or else the id. Without, as an earlier release wrote it: no header.
+        `properties`: the message's own (they win over both)."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        props = properties or pika.BasicProperties(delivery_mode=2, message_id=message_id)
-        record_id = props.message_id
-        if record_id is None or not indexed:
+        headers = {RECORD_ID_HEADER: record_id} if record_id is not None else None
+        props = properties or pika.BasicProperties(delivery_mode=2, message_id=message_id or record_id,
+                                                   headers=headers)
+        read_id, _ = record_id_of(props.message_id, props.headers, data)
+        if not indexed:
             self.broker.channel.basic_publish("", self.queue, data, props, mandatory=True)
             return None
-        entry = entry_of(record_id, data, fallback_time=datetime.now(UTC))
+        entry = entry_of(read_id, data, fallback_time=datetime.now(UTC))
         self.write(entry, PUBLISHING)
         self.broker.channel.basic_publish("", self.queue, data, props, mandatory=True)
         self.write(entry, QUEUED)

@@ -4,7 +4,8 @@ answer chosen per user, some of them attacks on the bridge's client.
 - `Answer.ok()`: a well-formed 201 (POST) or `completed` (GET), optionally padded with spaces to
   an exact size, optionally chunked;
 - `Answer.drip(every_s)`: the same well-formed answer, its body sent one byte every `every_s`
-  seconds (a client that waits for it all is held for `every_s` times its length);
+  seconds (a client that waits for it all is held for `every_s` times its length); a client
+  that hangs up ends the call at once, so its `ended` is when the client let go;
   `Answer.drip(every_s, head=True)` drips the status line and headers too;
 - `Answer.huge(size)`: a 200/201 whose body of `size` bytes (400 MB by default) has no
   Content-Length (chunked), generated on the fly from one 64 KiB block, never held in memory;
@@ -21,6 +22,7 @@ client hung up before the end.
 from __future__ import annotations
 
 import json
+import select
 import ssl
 import threading
 import time
@@ -274,9 +276,21 @@ def _handler(adapter: HostileAdapter) -> type[BaseHTTPRequestHandler]:
         def _drip(self, data: bytes, every_s: float, call: Call) -> None:
             self.wfile.flush()
             for byte in data:
-                if adapter.stopping.wait(every_s):
-                    raise BrokenPipeError
+                self._wait_for_hang_up(every_s)
                 self.wfile.write(bytes([byte]))
                 call.sent += 1
+
+        def _wait_for_hang_up(self, seconds: float) -> None:
+            """Wait `seconds` between two bytes, but raise as soon as the client hangs up: a
+            client sends nothing while it waits for an answer, so anything to read (its FIN, a
+            TLS close) means it gave up. A write alone would notice only a byte or two later,
+            and the call's `ended` must say when the client let go."""
+            until = time.monotonic() + seconds
+            while (left := until - time.monotonic()) > 0:
+                if adapter.stopping.is_set():
+                    raise BrokenPipeError
+                readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+                if readable:
+                    raise BrokenPipeError
 
     return Handler

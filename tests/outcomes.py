@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 from harness import Broker, wait_until
+from registrations_cli.records import record_id_of
 
 from regbridge.failure_index import QUEUED
 
@@ -28,11 +29,16 @@ class Outcomes:
         self.users = users
         self.failures: list[dict[str, Any]] = []
         self.failure_ids: list[str | None] = []  # the AMQP message_id each record carries
+        self.record_ids: list[str] = []  # each record's id, as the CLI reads it (`record_id_of`)
+        self.record_id_from: list[str] = []  # where it was read: "header" for what the services write
 
     def collect(self) -> None:
         for props, body in self.broker.drain(FAILED):
             self.failures.append(json.loads(body))
             self.failure_ids.append(props.message_id)
+            record_id, found_in = record_id_of(props.message_id, props.headers, body)
+            self.record_ids.append(record_id)
+            self.record_id_from.append(found_in)
 
     def registered(self) -> set[str]:
         return {d["_id"] for d in self.users.find({"registration_status": "registered"}, {"_id": 1})}
@@ -120,20 +126,21 @@ def check_exact(outcomes: Outcomes, expected: dict[str, str], *, timeout: float 
 
 
 def index_agrees(outcomes: Outcomes) -> int:
-    """The failure index against the records the failure queue received: every record's id has
-    an entry, holding one of that id's records exactly; no entry says `queued` of an id that
-    never reached the queue. Returns the entries left unsure (`publishing` with no record: a
-    kill before the publish whose redelivery ended otherwise), which a reconcile deletes."""
+    """The failure index against the records the failure queue received: every record's id
+    (`records.record_id_of`, the entry's `_id`) has an entry, holding one of that id's records
+    exactly; no entry says `queued` of an id that never reached the queue. Returns the entries
+    left unsure (`publishing` with no record: a kill before the publish whose redelivery ended
+    otherwise), which a reconcile deletes."""
     entries = {doc["_id"]: doc for doc in outcomes.users.database[f"{outcomes.users.name}.failures"].find(
         {}, {"state": 1, "stage": 1, "user_id": 1, "body": 1})}
-    received: dict[str | None, list[dict[str, Any]]] = {}
-    for message_id, record in zip(outcomes.failure_ids, outcomes.failures, strict=True):
-        received.setdefault(message_id, []).append(record)
+    received: dict[str, list[dict[str, Any]]] = {}
+    for record_id, record in zip(outcomes.record_ids, outcomes.failures, strict=True):
+        received.setdefault(record_id, []).append(record)
     missing = [m for m in received if m not in entries]
     assert not missing, f"failure records without an index entry: {missing[:5]}"
-    for message_id, records in received.items():
-        entry = entries[message_id]
-        assert json.loads(entry["body"]) in records, f"{message_id}: the entry holds no record that was published"
+    for record_id, records in received.items():
+        entry = entries[record_id]
+        assert json.loads(entry["body"]) in records, f"{record_id}: the entry holds no record that was published"
         assert entry["stage"] == records[0]["error"]["stage"] and entry["user_id"] == records[0]["user_id"]
     phantom = [i for i, e in entries.items() if i not in received and e["state"] == QUEUED]
     assert not phantom, f"entries queued without a record: {phantom[:5]}"

@@ -1,14 +1,17 @@
 """Bounds the failure queue with a RabbitMQ policy, through the management API, then exits.
 
-The optional setup step of docs/operations.md ("Bounding the failure queue"): the `limits` profile
-of docker-compose.yml and the poller chart's `failureQueueLimit` Job run it. A policy rather than a
+The setup step of docs/operations.md ("Bounding the failure queue"): docker-compose.yml runs it
+before the services start, and the poller chart's `failureQueueLimit` Job when enabled. A policy rather than a
 queue argument, because a policy applies to the queue that exists and changes in place, where a
 changed argument makes every service stop on a 406. The overflow is always `reject-publish`: with
 RabbitMQ's default (`drop-head`) a full queue would delete its oldest records.
 
 Settings (environment):
 - RABBITMQ_MANAGEMENT_URL: http[s]://user:password@host:15672/<vhost> (the vhost URL-encoded,
-  %2F for /), the form the charts' Secret holds;
+  %2F for /), the form the charts' Secret holds; when it is empty, derived from RABBITMQ_URL as
+  the operator's command derives it (registrations_cli.management): the first node's host, over
+  http on 15672 (https on 15671 for amqps), with its credentials (guest when none) and vhost. The
+  user then needs the management API (a `policymaker` or `administrator` tag) to set a policy;
 - FAILED_QUEUE (default registrations.failed);
 - FAILED_QUEUE_MAX_LENGTH and/or FAILED_QUEUE_MAX_LENGTH_BYTES: positive integers, at least one;
 - FAILED_QUEUE_POLICY (default registrations-failed-limit), FAILED_QUEUE_POLICY_PRIORITY
@@ -38,6 +41,8 @@ from urllib.parse import quote, unquote, urlsplit
 DEFAULT_QUEUE = "registrations.failed"
 DEFAULT_POLICY = "registrations-failed-limit"
 DEFAULT_PRIORITY = 10
+# Where a comma list of broker URLs starts its next URL (as regbridge.brokers reads it).
+_NEXT_URL = re.compile(r"\s*,\s*(?=[a-zA-Z][a-zA-Z0-9+.-]*://)")
 APPLIED_WAIT_S = 10.0  # the broker applies a policy to its queues shortly after accepting it
 
 
@@ -107,11 +112,33 @@ def definition(environ: Mapping[str, str]) -> dict[str, Any]:
     return {**extra, **found, "overflow": "reject-publish"}
 
 
+def management_url(environ: Mapping[str, str]) -> str:
+    """RABBITMQ_MANAGEMENT_URL, or the management API of RABBITMQ_URL's first node."""
+    url = environ.get("RABBITMQ_MANAGEMENT_URL", "").strip()
+    if url:
+        return url
+    amqp_urls = [u for u in _NEXT_URL.split(environ.get("RABBITMQ_URL", "").strip()) if u]
+    if not amqp_urls:
+        raise Refused("set RABBITMQ_MANAGEMENT_URL, or RABBITMQ_URL to derive it from")
+    scheme, sep, rest = amqp_urls[0].partition("://")
+    if not sep or scheme.lower() not in ("amqp", "amqps"):
+        raise Refused("RABBITMQ_URL must be an amqp:// or amqps:// URL to derive the management API from")
+    # User-info up to the last '@', as the services read it: a password may hold one.
+    userinfo, at, location = rest.rpartition("@")
+    netloc, _, path = location.partition("/")
+    host = urlsplit(f"//{netloc}").hostname
+    if not host:
+        raise Refused("RABBITMQ_URL names no host to derive the management API from")
+    host = f"[{host}]" if ":" in host else host
+    secure = scheme.lower() == "amqps"
+    vhost = path.split("?", 1)[0] or "%2F"
+    credentials = userinfo if at and userinfo else "guest:guest"
+    return f"{'https' if secure else 'http'}://{credentials}@{host}:{15671 if secure else 15672}/{vhost}"
+
+
 def apply(environ: Mapping[str, str]) -> str:
     """Set the policy and check that it governs the failure queue; returns what was done."""
-    url = environ.get("RABBITMQ_MANAGEMENT_URL", "").strip()
-    if not url:
-        raise Refused("RABBITMQ_MANAGEMENT_URL is required")
+    url = management_url(environ)
     queue = environ.get("FAILED_QUEUE", "").strip() or DEFAULT_QUEUE
     name = environ.get("FAILED_QUEUE_POLICY", "").strip() or DEFAULT_POLICY
     raw_priority = environ.get("FAILED_QUEUE_POLICY_PRIORITY", "").strip() or str(DEFAULT_PRIORITY)

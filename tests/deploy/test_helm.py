@@ -276,9 +276,6 @@ REJECTED: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("poller",), "failure-queue-limit-without-a-limit",
      {"failureQueueLimit": {"enabled": True, "maxLength": None, "maxLengthBytes": None}},
      "failureQueueLimit: set maxLength or maxLengthBytes (or both)"),
-    (("poller",), "failure-queue-limit-without-management-url",
-     {"secret": {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI},
-      "failureQueueLimit": {"enabled": True}}, "secret.rabbitmqManagementUrl is required"),
     (("poller",), "failure-queue-limit-drop-head",
      {"failureQueueLimit": {"extraDefinition": {"overflow": "drop-head"}}}, "/failureQueueLimit/extraDefinition"),
     (("poller",), "failure-queue-limit-of-zero", {"failureQueueLimit": {"maxLength": 0}},
@@ -1312,6 +1309,7 @@ def test_the_failure_queue_limit_job_runs_the_deploy_script_with_the_limits(helm
     assert main["image"] == container(rendered.one("Deployment"))["image"]
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in main["env"]}
     assert env == {
+        "RABBITMQ_URL": {"secretKeyRef": {"name": "staging-poller", "key": "RABBITMQ_URL"}},
         "RABBITMQ_MANAGEMENT_URL": {"secretKeyRef": {"name": "staging-poller", "key": "RABBITMQ_MANAGEMENT_URL"}},
         "FAILED_QUEUE": "registrations.failed", "FAILED_QUEUE_MAX_LENGTH": "200000",
         "FAILED_QUEUE_MAX_LENGTH_BYTES": "2147483648", "FAILED_QUEUE_POLICY": "registrations-failed-limit",
@@ -1330,6 +1328,17 @@ def test_the_failure_queue_limit_job_runs_the_deploy_script_with_the_limits(helm
                                     "secret": {"rabbitmqManagementUrlKey": "mgmt"}}, "poller")
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in alone.one("Job")["spec"]["template"]["spec"]
            ["containers"][0]["env"]}
-    assert env["RABBITMQ_MANAGEMENT_URL"] == {"secretKeyRef": {"name": "registration-bridge", "key": "mgmt"}}
+    # The Secret may hold no management URL (optional): the script then derives it from RABBITMQ_URL.
+    assert env["RABBITMQ_MANAGEMENT_URL"] == {"secretKeyRef": {"name": "registration-bridge", "key": "mgmt",
+                                                               "optional": True}}
+    assert env["RABBITMQ_URL"] == {"secretKeyRef": {"name": "registration-bridge", "key": "RABBITMQ_URL"}}
     assert env["FAILED_QUEUE_MAX_LENGTH"] == "100000" and "FAILED_QUEUE_MAX_LENGTH_BYTES" not in env
+    # A Secret the chart creates without a management URL: RABBITMQ_URL alone, nothing to fail on.
+    created = {"create": True, "rabbitmqUrl": RABBITMQ_URL, "mongodbUri": MONGODB_URI}
+    derived = render(helm, "poller", {"failureQueueLimit": {"enabled": True}, "secret": created}, "poller")
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in derived.one("Job")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["RABBITMQ_URL"] == {"secretKeyRef": {"name": "poller", "key": "RABBITMQ_URL"}}
+    assert "RABBITMQ_MANAGEMENT_URL" not in env
+    # Off by default in the chart (docs/operations.md says why), where compose runs it always.
     assert not render(helm, "poller", {}, "poller").of_kind("Job")

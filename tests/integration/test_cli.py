@@ -4,6 +4,7 @@ Mongo-wire server and legacy-sim, with the services' own environment (the test's
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import resource
@@ -44,7 +45,7 @@ def drain_failed(broker: Broker) -> list[tuple[str | None, dict[str, Any]]]:
 
 
 def failed_ids(env: dict[str, str], *args: str) -> list[str | None]:
-    return [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", *args))]
+    return [r["id"] for r in json.loads(ok(env, "failed", "list", "--json", *args))]
 
 
 # ---- browsing the failure queue: never a loss, never a reorder --------------------------------
@@ -66,7 +67,7 @@ def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broke
     # records in the same order each time.
     assert failed_ids(env) == published
     assert failed_ids(env, "--from-queue") == published
-    assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--limit", "3"))] == \
+    assert [r["id"] for r in json.loads(ok(env, "failed", "list", "--json", "--limit", "3"))] == \
         published[:3]
     assert failed_ids(env, "--from-queue") == published
     assert failed_ids(env) == published
@@ -74,19 +75,20 @@ def test_failed_list_keeps_every_record_in_its_place(stack: Stack, broker: Broke
     table = ok(env, "failed", "list").splitlines()
     assert table[0].split() == ["ID", "STAGE", "USER_ID", "AGE", "REASON"]
     assert table[1].split()[:4] == ["m-0", "legacy", "u-0", "2h00m"]
-    assert table[1].endswith("reason 0 with a second line")
+    # One line per record: the reason's line feed is shown, not obeyed.
+    assert table[1].endswith("reason 0\\u000awith a second line")
     assert table[3].split()[:3] == ["m-2", "validation", "-"]
     assert table[-1] == f"25 failure records on {FAILED}"
 
     legacy_only = json.loads(ok(env, "failed", "list", "--json", "--stage", "legacy"))
-    assert [r["message_id"] for r in legacy_only] == published[0::3]
+    assert [r["id"] for r in legacy_only] == published[0::3]
     assert [r["state"] for r in legacy_only] == ["queued"] * 9
     assert [r["seq"] for r in legacy_only] == sorted(r["seq"] for r in legacy_only)
     assert [r["position"] for r in json.loads(ok(env, "failed", "list", "--json", "--stage", "legacy",
                                                  "--from-queue"))] == list(range(1, 26, 3))
-    assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--user-id", "u-4"))] == ["m-4"]
+    assert [r["id"] for r in json.loads(ok(env, "failed", "list", "--json", "--user-id", "u-4"))] == ["m-4"]
     # --since takes a duration or a time.
-    assert [r["message_id"] for r in json.loads(ok(env, "failed", "list", "--json", "--since", "10m"))] == \
+    assert [r["id"] for r in json.loads(ok(env, "failed", "list", "--json", "--since", "10m"))] == \
         published[20:]
     cutoff = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert "5 matching; 25 failure records" in ok(env, "failed", "list", "--since", cutoff)
@@ -139,7 +141,9 @@ def test_failed_list_shows_the_records_the_services_wrote(stack: Stack, broker: 
     listed = json.loads(ok(stack.env, "failed", "list", "--json"))
     assert sorted(r["record"]["error"]["stage"] for r in listed) == ["legacy", "submit", "validation"]
     by_stage = {r["record"]["error"]["stage"]: r for r in listed}
-    assert by_stage["validation"]["message_id"] == "bad-json"
+    # No user could be read from it: its id is a digest of its body (its message_id stays "bad-json").
+    assert by_stage["validation"]["id"] == "sha256:" + hashlib.sha256(b"this is not json").hexdigest()
+    assert by_stage["legacy"]["id"] == "refused|mid:m-refused"
     assert by_stage["legacy"]["record"]["user_id"] == "refused"
     text = ok(stack.env, "failed", "list", "--stage", "submit")
     assert "bad-cpf" in text and "refused" not in text
@@ -166,7 +170,7 @@ def test_replay_after_the_cause_is_fixed_registers_and_empties_the_failure_queue
 
     legacy.configure(fail_prefix="")
     moved = ok(stack.env, "failed", "replay", "--stage", "legacy", "--yes")
-    assert "replayed mid-replay " in moved and "user_id=replay-me" in moved
+    assert "replayed replay-me|mid:mid-replay " in moved and "user_id=replay-me" in moved  # its id: the attempt key
     assert "replayed 1 failure record to registrations; 1 left on registrations.failed" in moved
 
     wait_until(lambda: (users.find_one({"_id": "replay-me"}) or {}).get("registration_status") == "registered",
@@ -183,7 +187,7 @@ def test_replay_after_the_cause_is_fixed_registers_and_empties_the_failure_queue
     assert [a["failed"] for a in attempts.values() if a["legacy_request_id"] == failed_rid] == [True]
 
     # Only the record that did not match is left, in the index too; nothing new failed.
-    assert failure_records.states() == {"mid-bad-cpf": "queued"}
+    assert failure_records.states() == {"bad-cpf|mid:mid-bad-cpf": "queued"}
     left = drain_failed(broker)
     assert [(mid, r["error"]["stage"]) for mid, r in left] == [("mid-bad-cpf", "submit")]
     status = ok(stack.env, "status", "replay-me")
@@ -196,19 +200,22 @@ def test_replay_filters_dry_run_and_what_is_published(stack: Stack, broker: Brok
     specs = [("m-0", "u-0", "legacy", None), ("m-1", "u-1", "submit", None), ("m-2", "u-2", "legacy", None),
              (None, "u-3", "legacy", None), ("m-4", None, "validation", "not json {"),
              ("m-5", None, "validation", ["an", "array"]), ("m-6", "u-0", "timeout", None)]
+    order: list[str] = []
     for mid, uid, stage, original in specs:
-        failure_records.publish(record(uid, stage, original=original), message_id=mid)
+        entry = failure_records.publish(record(uid, stage, original=original), message_id=mid)
+        assert entry is not None
+        order.append(entry.record_id)  # its message_id; a record without one: a digest of its body
     failure_records.publish(b"not a failure record", message_id="m-junk")
-    order = [s[0] for s in specs] + ["m-junk"]
+    order.append("m-junk")
+    assert order[3].startswith("sha256:")
 
-    def queue_and_index(expected: list[str | None]) -> bool:
-        # A record without an id has no entry; every other record has one, in queue order.
-        return (failed_ids(env, "--from-queue") == expected
-                and failed_ids(env) == [m for m in expected if m is not None])
+    def queue_and_index(expected: list[str]) -> bool:
+        # Every record has an entry, in queue order.
+        return failed_ids(env, "--from-queue") == expected and failed_ids(env) == expected
 
     dry = ok(env, "failed", "replay", "--stage", "legacy", "--dry-run")
     assert [line.split()[2] for line in dry.splitlines() if line.startswith("would replay ") and "user_id=" in line] \
-        == ["m-0", "m-2", "#4"] and "nothing was moved" in dry  # a record without an id: its position
+        == ["m-0", "m-2", order[3]] and "nothing was moved" in dry
     assert broker.depth(INBOUND) == 0 and queue_and_index(order)
 
     # --limit: the first matching record only.
@@ -388,7 +395,7 @@ def test_status_of_users_in_every_state(stack: Stack, broker: Broker, users: Any
     text = ok(stack.env, "status", "gone")
     assert "no document in" in text and "timeout" in text and "still processing after 300 s" in text
     as_json = json.loads(ok(stack.env, "status", "gone", "--json"))
-    assert as_json["document"] is None and as_json["failures"][0]["message_id"] == "m-gone"
+    assert as_json["document"] is None and as_json["failures"][0]["id"] == "m-gone"
     assert as_json["failures"][0]["state"] == "queued"
 
     unknown = cli(stack.env, "status", "nobody")
@@ -488,7 +495,7 @@ def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Br
 
     # failed list: one document; one object per line; rows only. --json is -o json.
     listed = run("failed", "list", "-o", "json")
-    assert [r["message_id"] for r in json.loads(listed)] == ["m-0", "m-1", "m-2"]
+    assert [r["id"] for r in json.loads(listed)] == ["m-0", "m-1", "m-2"]
     def ageless(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: v for k, v in r.items() if k != "age_s"} for r in records]
 
@@ -532,7 +539,7 @@ def test_every_command_speaks_json_jsonl_and_no_headers(stack: Stack, broker: Br
 
     # status: the document and the records; rows only with --no-headers.
     status = json.loads(run("status", "u-0", "-o", "json"))
-    assert status["document"]["legacy_request_id"] == "AB583C-X" and status["failures"][0]["message_id"] == "m-3"
+    assert status["document"]["legacy_request_id"] == "AB583C-X" and status["failures"][0]["id"] == "m-3"
     assert json.loads(run("status", "u-0", "--json"))["document"] == status["document"]
     [line] = jsonl(run("status", "u-0", "-o", "jsonl"))
     assert line["user_id"] == "u-0" and line["document"]["registration_status"] == "failed"
@@ -819,8 +826,10 @@ def test_a_replay_keeps_to_its_rate_and_shows_its_progress(stack: Stack, broker:
     code, shown, _ = on_a_terminal(env, "y\n", "failed", "replay", "--rate", str(rate))
     took = time.monotonic() - began
     assert code == 0, shown
-    # The bar, drawn in place on the terminal, reached the end.
-    assert "replaying [" in shown and f"100% {len(ids)}/{len(ids)}" in shown
+    # The bars, drawn in place on the terminal, reached the end: the take's (each record taken,
+    # out of the count the first get reported), then the sends'.
+    assert f"going round [{'#' * 30}] 100% {len(ids)}/{len(ids)}" in shown
+    assert f"replaying [{'#' * 30}] 100% {len(ids)}/{len(ids)}" in shown
     assert [p.message_id for p, _ in broker.drain(INBOUND)] == ids  # each once, in order
     # Thirty sends at twenty a second cannot take less than 29/20 s, whatever the machine.
     assert took >= (len(ids) - 1) / rate

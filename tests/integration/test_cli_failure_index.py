@@ -134,8 +134,9 @@ def test_reconcile_brings_the_index_in_line_with_the_queue(stack: Stack, broker:
     long_ago = datetime.now(UTC) - 2 * failure_index.RECONCILE_GRACE
     failure_records.publish(record("u-0"), message_id="m-kept")
     failure_records.publish(record("u-1"), message_id="m-new", indexed=False)  # on the queue, no entry
-    failure_records.publish(record("u-2"), message_id="m-copied", indexed=False)
-    failure_records.publish(record("u-2"), message_id="m-copied", indexed=False)  # a second copy
+    copied = record("u-2")
+    failure_records.publish(copied, message_id="m-copied", indexed=False)
+    failure_records.publish(copied, message_id="m-copied", indexed=False)  # a second copy, byte for byte
     failure_records.publish(b"not a failure record", message_id="m-junk", indexed=False)
     failure_records.publish(record("u-3"), message_id="m-publishing", indexed=False)
     failure_records.write(entry_of("m-publishing", record("u-3"), fallback_time=long_ago), failure_index.PUBLISHING)
@@ -394,4 +395,13 @@ def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness
     assert amqp == Counter() and broker.depth(FAILED) == depth_before == N
     figures.append(f"in-process list --limit 20: MongoDB commands {dict(commands.sent)}, {commands.documents} "
                    f"documents returned; AMQP basic.get/consume {sum(amqp.values())}")
+
+    # The whole index, no --limit: written window by window, each window's bodies with it, so the
+    # command's memory is that of --limit 20, not of 100,000 records.
+    _, _, small = timed(env, "failed", "list", "--limit", "20", "-o", "jsonl")
+    every, took, rss = timed(env, "failed", "list", "-o", "jsonl")
+    figures.append(f"failed list -o jsonl (all {N:,}): {took:.2f} s, max RSS {rss} MB ({small} MB with --limit 20)")
+    lines = every.splitlines()
+    assert len(lines) == N and json.loads(lines[0])["id"] == "r-000000" and json.loads(lines[-1])["id"] == "r-099999"
+    assert rss < small + 40, figures[-1]
     print(f"\nfigure: 100,000 failure records (setup {setup_s:.1f} s); " + "; ".join(figures))

@@ -172,7 +172,7 @@ def test_fifty_browses_under_a_delivery_limit_lose_nothing_and_reorder_nothing(
             assert [r["message_id"] for r in listed] == published
         elif path == 2:
             mine = json.loads(cli(env, "status", "u-1", "--json"))["failures"]
-            assert [r["message_id"] for r in mine] == [f"m-{i}" for i in (1, 6, 16, 21)]
+            assert [r["id"] for r in mine] == [f"m-{i}" for i in (1, 6, 16, 21)]
         elif path == 3:
             shown = json.loads(cli(env, "failed", "show", "m-7", "--from-queue"))
             assert shown["properties"]["message_id"] == "m-7"

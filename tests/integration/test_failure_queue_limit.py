@@ -4,6 +4,7 @@ failures, loses none, and resumes once records are taken off it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -36,11 +37,24 @@ POLICY = "registrations-failed-limit"
 def set_limit(url: str, **settings: str) -> subprocess.CompletedProcess[str]:
     """deploy/rabbitmq/failure_queue_limit.py, the setup step that operations.md ships, on the
     test's vhost through the management API."""
+    return run_step({"RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/{url.rsplit('/', 1)[1]}"},
+                    settings)
+
+
+def run_step(where: dict[str, str], settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
     if not management_api():
         unavailable("RabbitMQ's management API does not answer on 127.0.0.1:15672")
-    env = {"PATH": os.environ.get("PATH", ""), "RABBITMQ_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:15672/"
-           f"{url.rsplit('/', 1)[1]}", **settings}
+    env = {"PATH": os.environ.get("PATH", ""), **where, **settings}
     return subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def the_step() -> Any:
+    """The setup step's module, for its pure parts."""
+    spec = importlib.util.spec_from_file_location("failure_queue_limit", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextmanager
@@ -67,15 +81,16 @@ def refused(submitter: Service, poller: Service) -> int:
 
 
 def index_holds(outcomes: Outcomes, *, discarded: set[str]) -> None:
-    """The failure index against the records: each record on the queue has its entry, holding
+    """The failure index against the records: each record on the queue has its entry (under
+    its record id), holding
     it; no entry says `queued` of a record that never went out. Entries of discarded records
     may stay or go (the index is the CLI's to maintain), so they are left out."""
     entries = {doc["_id"]: doc for doc in outcomes.users.database[f"{outcomes.users.name}.failures"].find(
         {}, {"state": 1, "body": 1})}
-    for message_id, record in zip(outcomes.failure_ids, outcomes.failures, strict=True):
-        assert message_id in entries, f"a record without an index entry: {message_id}"
-        assert json.loads(entries[message_id]["body"]) == record
-    published = discarded | set(outcomes.failure_ids)
+    for record_id, record in zip(outcomes.record_ids, outcomes.failures, strict=True):
+        assert record_id in entries, f"a record without an index entry: {record_id}"
+        assert json.loads(entries[record_id]["body"]) == record
+    published = discarded | set(outcomes.record_ids)
     phantom = [i for i, e in entries.items() if i not in published and e["state"] == QUEUED]
     assert not phantom, f"entries queued without a record: {phantom[:5]}"
 
@@ -149,7 +164,7 @@ def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_
                 # queue is full again with some still held.
                 on = broker.depth(FAILED)
                 held_now = broker.in_pipeline(exclude=FAILED)
-                return held_now == 0 or (on >= LIMIT and held_now + on + gone == failing)
+                return bool(held_now == 0 or (on >= LIMIT and held_now + on + gone == failing))
 
             wait_until(settled, timeout=90, what="the held failures to go out after the discard", every=0.5)
             if broker.in_pipeline(exclude=FAILED) == 0:
@@ -162,9 +177,10 @@ def test_a_full_failure_queue_stops_the_pipeline_and_it_resumes_after_a_discard_
         # of the right stage, nothing lost and nothing twice.
         outcomes.wait(registered=6, failed=failing - len(exported), timeout=60, distinct=True)
         index_holds(outcomes, discarded={line["id"] for line in exported})
-        ids = [line["id"] for line in exported] + list(outcomes.failure_ids)
+        # By message (the inbound message_id each record keeps), as `expected` names them.
+        ids = [line["properties"]["message_id"] for line in exported] + list(outcomes.failure_ids)
         assert len(ids) == len(set(ids)) == failing, f"records: {sorted(ids)}"
-        stages = {line["id"]: json.loads(line["body"])["error"]["stage"] for line in exported}
+        stages = {line["properties"]["message_id"]: json.loads(line["body"])["error"]["stage"] for line in exported}
         stages.update({i: r["error"]["stage"] for i, r in zip(outcomes.failure_ids, outcomes.failures, strict=True)})
         assert stages == {m: s for m, s in expected.items() if s != "registered"}
         assert outcomes.registered() == {m for m, s in expected.items() if s == "registered"}
@@ -207,6 +223,33 @@ def test_the_setup_step_bounds_the_failure_queue_with_reject_publish(broker: Bro
     # Run again with another limit: the same policy, changed in place.
     assert set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="50").returncode == 0
     assert publishes_taken(broker, 20) == 20
+
+
+def test_the_setup_step_derives_the_management_api_from_the_broker_url(broker: Broker, amqp_url: str) -> None:
+    # Only RABBITMQ_URL: the step finds the management API from it.
+    done = run_step({"RABBITMQ_URL": amqp_url}, {"FAILED_QUEUE_MAX_LENGTH": "4"})
+    assert done.returncode == 0, done.stderr
+    assert "guest" not in done.stdout + done.stderr
+    vhost = amqp_url.rsplit("/", 1)[1]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", vhost, "--formatter", "json"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    (policy,) = json.loads(listed)
+    assert json.loads(policy["definition"]) == {"max-length": 4, "overflow": "reject-publish"}
+
+
+@pytest.mark.parametrize(("environ", "expect"), [
+    ({"RABBITMQ_URL": "amqp://app:s%40cret@rabbit.example:5672/reg%2Fvh"},
+     "http://app:s%40cret@rabbit.example:15672/reg%2Fvh"),
+    ({"RABBITMQ_URL": "amqps://app:p@ss@node-0:5671/v?heartbeat=30, amqps://app:p@ss@node-1:5671/v"},
+     "https://app:p@ss@node-0:15671/v"),
+    ({"RABBITMQ_URL": "amqp://rabbitmq"}, "http://guest:guest@rabbitmq:15672/%2F"),
+    ({"RABBITMQ_URL": "amqp://u:p@[fd00::1]:5672/"}, "http://u:p@[fd00::1]:15672/%2F"),
+    ({"RABBITMQ_URL": "amqp://u:p@ignored/", "RABBITMQ_MANAGEMENT_URL": "https://m:n@mgmt:443/v"},
+     "https://m:n@mgmt:443/v"),
+])
+def test_the_management_api_is_derived_as_the_operators_command_derives_it(environ: dict[str, str],
+                                                                          expect: str) -> None:
+    assert the_step().management_url(environ) == expect
 
 
 def test_the_setup_step_says_when_another_policy_governs_the_queue(broker: Broker, amqp_url: str) -> None:

@@ -32,11 +32,17 @@ from regbridge.lifecycle import Accepted, Completed, Transient
 pytestmark = pytest.mark.integration
 
 DEADLINE_S = 2.0
+# How far past the deadline a call may end on a busy machine: far less than a deadline missed by
+# a multiple of itself, or the 20 s and more a dripped answer takes to complete.
+MARGIN_S = 1.0
 CAP = 64 * 1024
 DEADLINE_REASON = f"legacy API answer took longer than the {DEADLINE_S:g} s deadline"
 CAP_REASON = f"legacy API answer exceeded the {CAP}-byte cap"
 # The issue's bound on a service's memory while it is sent 400 MB; the charts' limit is 512Mi.
 RSS_BOUND_MB = 150
+# This process's growth while its client is sent 400 MB: a few buffers of the cap, with room for the
+# allocator's whims.
+RSS_GROWTH_BOUND_MB = 16
 
 
 def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
@@ -106,9 +112,14 @@ def test_a_dripped_answer_ends_at_the_deadline(adapter: HostileAdapter, client: 
     outcome = call(client, method, "drip")
     elapsed = time.monotonic() - started
     [seen] = adapter.calls("drip")
+    wait_until(lambda: seen.ended is not None, timeout=5, what="the adapter to see the hang-up")
     print(f"{method} dripped ({'head and body' if head else 'body'}): {outcome!r} after {elapsed:.2f} s "
-          f"(deadline {DEADLINE_S:g} s), {seen.sent} bytes dripped by then")
+          f"(deadline {DEADLINE_S:g} s), {seen.sent} bytes dripped by then; the adapter held {seen.held_s:.2f} s")
     assert outcome == Transient(DEADLINE_REASON)
+    # The whole call, head and body, ends at the deadline: not before it, and not long after.
+    assert DEADLINE_S - 0.1 <= elapsed < DEADLINE_S + MARGIN_S
+    # The client hung up then: the adapter was not left writing to it.
+    assert seen.hung_up and seen.held_s is not None and seen.held_s < DEADLINE_S + MARGIN_S
 
 
 @pytest.mark.parametrize("kind", ["huge", "declared", "bomb"])
@@ -134,6 +145,9 @@ def test_a_400_mb_answer_is_refused_at_the_cap(adapter: HostileAdapter, client: 
         assert outcome == Transient(CAP_REASON, status)
     # The client stopped reading: the adapter could not write the whole answer.
     assert seen.hung_up
+    # And it kept no more than the cap in memory: reading even a tenth of the answer whole (40 MB)
+    # would grow this process past the bound.
+    assert max(samples) - samples[0] < RSS_GROWTH_BOUND_MB
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -182,14 +196,23 @@ def test_over_tls_the_deadline_and_the_cap_hold_too(tls_adapter: HostileAdapter)
     tls_adapter.on_post("huge", Answer.huge())
     tls_adapter.on_post("bomb", Answer.bomb())
     client = LegacyClient(tls_adapter.url, timeout_s=DEADLINE_S, max_response_bytes=CAP, pool_size=1)
+    outcomes: dict[str, Any] = {}
+    took: dict[str, float] = {}
     try:
-        outcomes = {user: call(client, "POST", user) for user in ("plain", "drip", "huge", "bomb", "plain-2")}
+        for user in ("plain", "drip", "huge", "bomb", "plain-2"):
+            started = time.monotonic()
+            outcomes[user] = call(client, "POST", user)
+            took[user] = time.monotonic() - started
     finally:
         client.close()
+    print("over TLS: " + ", ".join(f"{user} {seconds:.2f} s" for user, seconds in took.items()))
     assert tls_adapter.url.startswith("https://")
     assert outcomes == {"plain": Accepted("R-plain"), "drip": Transient(DEADLINE_REASON),
                         "huge": Transient(CAP_REASON, 201), "bomb": Transient(CAP_REASON, 201),
                         "plain-2": Accepted("R-plain-2")}
+    # Every call within the deadline: the dripped one ends at it, over TLS as over plain TCP.
+    assert DEADLINE_S - 0.1 <= took["drip"] < DEADLINE_S + MARGIN_S
+    assert all(seconds < DEADLINE_S + MARGIN_S for seconds in took.values()), took
 
 
 # ---- the services -------------------------------------------------------------------------------
@@ -256,8 +279,14 @@ def test_hostile_post_answers_free_the_submitter_and_end_in_submit_failures(
           f"(bound {RSS_BOUND_MB} MB); bytes written per huge POST: "
           f"{[round(c.sent / MB, 1) for c in adapter.calls('post-huge')]} MB")
     assert peak < RSS_BOUND_MB
-    # The one worker was free at the deadline: the normal POST came between the dripped one's attempts.
+    # The one worker was free at the deadline: the normal POST came between the dripped one's
+    # attempts, and each dripped POST let go of the worker within the deadline (the adapter saw
+    # the client hang up that soon after the request).
     assert plain_post.started < drips[-1].started
+    wait_until(lambda: all(c.ended is not None for c in drips), timeout=10, what="the dripped POSTs to end")
+    held = [c.held_s or 0.0 for c in drips]
+    print(f"dripped POSTs held the worker {[round(h, 2) for h in held]} s (deadline {DEADLINE_S:g} s)")
+    assert all(DEADLINE_S - 0.5 < h < DEADLINE_S + MARGIN_S for h in held), held
     assert records["post-drip"]["error"] == {"stage": "submit", "http_status": None,
                                              "reason": f"gave up after 3 attempts: {DEADLINE_REASON}"}
     assert records["post-huge"]["error"] == {"stage": "submit", "http_status": 201,
@@ -304,8 +333,13 @@ def test_hostile_status_answers_free_the_poller_and_end_in_timeouts(
           f"RSS {samples[0]:.1f} MB at start, {max(samples):.1f} MB sampled peak, {peak:.1f} MB VmHWM "
           f"(bound {RSS_BOUND_MB} MB); huge GETs: {len(adapter.calls('get-huge')) - 1}")
     assert peak < RSS_BOUND_MB
-    # The one worker was free at the deadline: the normal poll came between the dripped one's polls.
+    # The one worker was free at the deadline: the normal poll came between the dripped one's
+    # polls, and each dripped poll let go of the worker within the deadline.
     assert plain_get.started < drips[-1].started
+    wait_until(lambda: all(c.ended is not None for c in drips), timeout=10, what="the dripped GETs to end")
+    held = [c.held_s or 0.0 for c in drips]
+    print(f"dripped GETs held the worker {[round(h, 2) for h in held]} s (deadline {DEADLINE_S:g} s)")
+    assert all(DEADLINE_S - 0.5 < h < DEADLINE_S + MARGIN_S for h in held), held
     for user_id, reason in [("get-drip", DEADLINE_REASON), ("get-huge", CAP_REASON),
                             ("get-declared", f"{CAP_REASON} (Content-Length {400 * MB})"), ("get-bomb", CAP_REASON)]:
         error = records[user_id]["error"]

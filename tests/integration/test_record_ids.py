@@ -1,6 +1,7 @@
-"""Every failure record carries an id, its AMQP message_id, even when the inbound message had
-none: the attempt key, or for a message no user could be read from a digest of its body. Copies
-of one record (a crash window) share it; two records of different messages never do."""
+"""Every failure record carries an id (its `x-record-id` header, and its AMQP message_id when the
+inbound message had none to keep): the attempt key, or for a message no user could be read from
+a digest of its body. Copies of one record (a crash window) share it; two records of different
+messages never do (`test_shared_message_ids.py`: nor two users' messages under one message_id)."""
 
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def test_records_of_messages_without_a_message_id_are_named_by_what_they_carry(
 
     outcomes = Outcomes(broker, users)
     outcomes.wait(registered=0, failed=len(expected), distinct=True)
-    stages: dict[str | None, set[str]] = {}
-    for record_id, record in zip(outcomes.failure_ids, outcomes.failures, strict=True):
+    assert set(outcomes.record_id_from) == {"header"}
+    stages: dict[str, set[str]] = {}
+    for record_id, message_id, record in zip(outcomes.record_ids, outcomes.failure_ids, outcomes.failures,
+                                             strict=True):
+        assert message_id == record_id  # no inbound message_id to keep: the id is the message_id too
         stages.setdefault(record_id, set()).add(record["error"]["stage"])
     print(f"{len(outcomes.failures)} records, {len(stages)} ids, for {len(expected)} messages")
     assert set(stages) == set(expected)

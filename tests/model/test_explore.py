@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from world import FAULTS, INBOUND, NOW, PENDING, Fault, Message, NotSettled, World, lineage_of_key
+from world import FAILED, FAULTS, INBOUND, NOW, PENDING, Fault, Message, NotSettled, World, lineage_of_key
 
 from regbridge.failure_index import PUBLISHING, QUEUED
 from regbridge.lifecycle import State
@@ -194,7 +194,7 @@ def _index_agrees(world: World) -> None:
     never says `queued` of a record that is not there. At the end it is unsure (`publishing`)
     of an entry only after a fault."""
     assert not world.index_disagreements, world.index_disagreements[:3]
-    on_queue = {mid for mid, _ in world.records() if mid is not None}
+    on_queue = {m.record_id for m in world.queues[FAILED] if m.record_id is not None}
     index = world.store.index
     assert on_queue - world.store.unindexed <= set(index), f"records without an entry: {on_queue - set(index)}"
     queued = {rid for rid, (state, _) in index.items() if state == QUEUED}

@@ -49,7 +49,7 @@ from regbridge.lifecycle import (
     may_record,
 )
 from regbridge.messages import FailureRecord
-from regbridge.plans import AttemptAccepted, AttemptFailed, RecordIndexed, UserStatus, Write
+from regbridge.plans import RECORD_ID_HEADER, AttemptAccepted, AttemptFailed, RecordIndexed, UserStatus, Write
 from regbridge.settings import PollerSettings, SubmitterSettings
 from regbridge.store import Attempt, UserState, WriteRefused
 from submitter.service import Submitter
@@ -99,6 +99,12 @@ class Message:
     counted: int = 0  # of those, what the broker counts (`x-delivery-count`, the delivery limit)
     due: float = 0.0  # when a wait queue dead-letters it
     headers: dict[str, Any] | None = None  # as published
+
+    @property
+    def record_id(self) -> str | None:
+        """A failure record's id: its header (`plans.RECORD_ID_HEADER`), not its message_id."""
+        found = (self.headers or {}).get(RECORD_ID_HEADER)
+        return found if isinstance(found, str) else None
 
 
 def lineage_of_key(attempt_key: str) -> str | None:
@@ -172,7 +178,7 @@ class World:
     def _read_index(self) -> None:
         """A reader of the failure index at this moment: what it would get wrong. Nothing is
         excused but a record whose entry a refusal or an error kept out (it went out without)."""
-        on_queue = {m.message_id for m in self.queues[FAILED] if m.message_id is not None}
+        on_queue = {m.record_id for m in self.queues[FAILED] if m.record_id is not None}
         index = self.store.index
         for missing in on_queue - set(index) - self.store.unindexed:
             self.index_disagreements.append(f"record {missing} on the queue without an entry (point "

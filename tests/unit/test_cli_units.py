@@ -3,6 +3,7 @@ durations, failure records and their filters, settings. No broker, no MongoDB.""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,9 +23,10 @@ import pika
 import pytest
 from harness import fetch_tools
 from registrations_cli import completion, rows
+from registrations_cli import main as main_module
 from registrations_cli.broker import properties_view
 from registrations_cli.confirm import Consent
-from registrations_cli.cycle import Record, exact_copy
+from registrations_cli.cycle import Cycle, Record, exact_copy
 from registrations_cli.errors import CliError
 from registrations_cli.index import Entry, entry_of
 from registrations_cli.listing import Row, find, table
@@ -32,13 +34,14 @@ from registrations_cli.main import build_parser, version_text
 from registrations_cli.output import Output, safe_json
 from registrations_cli.progress import Progress, bar
 from registrations_cli.reconcile import Found
-from registrations_cli.records import Failure, Filter, encode_original, first_copies
+from registrations_cli.records import Failure, Filter, encode_original, first_copies, record_id_of
 from registrations_cli.sanitize import visible, warn
 from registrations_cli.settings import CliSettings, from_env
 from registrations_cli.table import one_line, plural, render, truncate
 from registrations_cli.timefmt import format_age, parse_duration, parse_since
 
 from regbridge.messages import FailureError, FailureRecord
+from regbridge.plans import RECORD_ID_HEADER
 from regbridge.poll_schedule import LADDER_S
 
 MAX = 65536
@@ -216,10 +219,12 @@ def test_table_pads_columns_and_aligns_numbers_right() -> None:
 
 
 def test_cells_are_one_line_and_cut_short() -> None:
-    assert one_line("  a\nb\t c  ") == "a b c"
+    # Blanks collapse; a line feed, a carriage return or a tab is shown, never obeyed nor hidden.
+    assert one_line("  a  b \u00a0 c  ") == "a b c"
+    assert one_line("a\nb\r\tc") == "a\\u000ab\\u000d\\u0009c"
     assert truncate("abcdefghij", 5) == "abcd…"
     assert truncate("abcde", 5) == "abcde"
-    assert truncate("line one\nline two", 100) == "line one line two"
+    assert truncate("line one\nline two", 100) == "line one\\u000aline two"
     assert truncate("x", 0) == ""
     assert [plural(1, "record"), plural(2, "record"), plural(0, "entry", "entries")] == \
         ["1 record", "2 records", "0 entries"]
@@ -632,7 +637,7 @@ def test_a_record_is_found_by_its_id_or_the_one_id_that_starts_so() -> None:
     failures = [Failure.parse(i + 1, b"{}", message_id=mid) for i, mid in
                 enumerate(["m-1", "m-10", "u-7|sha256:ab12", "u-7|sha256:cd34", "solo-long-id", "m-1"])]
     assert find(failures, "m-1", "q").position == 1  # exact, and the first of its copies
-    assert find(failures, "solo", "q").message_id == "solo-long-id"
+    assert find(failures, "solo", "q").record_id == "solo-long-id"
     with pytest.raises(CliError, match=r"2 records on q have ids starting with 'u-7\|sha256:'"):
         find(failures, "u-7|sha256:", "q")
     with pytest.raises(CliError, match="no record with id 'nope'"):
@@ -642,8 +647,47 @@ def test_a_record_is_found_by_its_id_or_the_one_id_that_starts_so() -> None:
 def test_each_record_is_listed_once_however_many_copies_share_its_id() -> None:
     failures = [Failure.parse(i + 1, b"{}", message_id=mid) for i, mid in enumerate(["a", "b", "a", None, None, "a"])]
     first, copies = first_copies(failures)
-    assert [(f.position, f.message_id) for f in first] == [(1, "a"), (2, "b"), (4, None), (5, None)]
-    assert copies == {"a": 3, "b": 1}
+    digest = "sha256:" + hashlib.sha256(b"{}").hexdigest()  # no id at all: named by its body
+    assert [(f.position, f.record_id) for f in first] == [(1, "a"), (2, "b"), (4, digest)]
+    assert copies == {("a", b"{}"): 3, ("b", b"{}"): 1, (digest, None): 2}
+
+
+def _record(user: str, at: datetime) -> bytes:
+    return FailureRecord(original=person(user), user_id=user, legacy_request_id=None,
+                         error=FailureError("legacy", f"refused {user}"), attempts=1, failed_at=at).encode()
+
+
+def test_the_id_is_read_from_the_header_then_the_message_id_then_the_body() -> None:
+    body = _record("u-A", NOW)
+    assert record_id_of("dup", {RECORD_ID_HEADER: "u-A|mid:dup|m1"}, body) == ("u-A|mid:dup|m1", "header")
+    assert record_id_of("dup", {RECORD_ID_HEADER: b"u-A|mid:dup|m1"}, body)[0] == "u-A|mid:dup|m1"
+    assert record_id_of("dup", {"x-other": 1}, body) == ("dup", "message_id")  # an earlier release's record
+    assert record_id_of(None, None, body) == ("sha256:" + hashlib.sha256(body).hexdigest(), "body")
+
+
+def test_records_that_share_only_an_inbound_message_id_are_distinct() -> None:
+    """An earlier release named a record by the inbound message_id, which two users' messages
+    may share: such records are copies only when their bodies are byte-identical."""
+    a, b = _record("u-A", NOW), _record("u-B", NOW)
+    failures = [Failure.parse(1, a, message_id="dup"), Failure.parse(2, b, message_id="dup"),
+                Failure.parse(3, a, message_id="dup")]
+    first, copies = first_copies(failures)
+    assert [(f.position, f.user_id) for f in first] == [(1, "u-A"), (2, "u-B")]
+    assert copies == {("dup", a): 2, ("dup", b): 1}
+
+
+def test_records_under_one_service_id_are_copies_even_when_written_again_later() -> None:
+    """An id the service wrote names one attempt of one user's message: a redelivery that wrote
+    the record again (a later `failed_at`) made a copy of it, not another record."""
+    header = {RECORD_ID_HEADER: "u-A|mid:dup|m1"}
+    first_write, again = _record("u-A", NOW), _record("u-A", NOW + timedelta(seconds=3))
+    other = {RECORD_ID_HEADER: "u-B|mid:dup|m2"}
+    failures = [Failure.parse(1, first_write, message_id="dup", headers=header),
+                Failure.parse(2, _record("u-B", NOW), message_id="dup", headers=other),
+                Failure.parse(3, again, message_id="dup", headers=header)]
+    first, copies = first_copies(failures)
+    assert [(f.position, f.record_id) for f in first] == [(1, "u-A|mid:dup|m1"), (2, "u-B|mid:dup|m2")]
+    assert copies[("u-A|mid:dup|m1", None)] == 2
 
 
 def test_filters_by_id_reason_and_age() -> None:
@@ -651,9 +695,9 @@ def test_filters_by_id_reason_and_age() -> None:
     old = Failure.parse(1, json.dumps(record_body("legacy", "rejected by the legacy system",
                                                   now - timedelta(days=40))).encode(), message_id="m-old")
     new = Failure.parse(2, json.dumps(record_body("submit", "timed out", now)).encode(), message_id="m-new")
-    assert [f.message_id for f in (old, new) if Filter(older_than=now - timedelta(days=30)).matches(f)] == ["m-old"]
-    assert [f.message_id for f in (old, new) if Filter(ids=frozenset({"m-new"})).matches(f)] == ["m-new"]
-    assert [f.message_id for f in (old, new) if Filter(reason=re.compile("legacy")).matches(f)] == ["m-old"]
+    assert [f.record_id for f in (old, new) if Filter(older_than=now - timedelta(days=30)).matches(f)] == ["m-old"]
+    assert [f.record_id for f in (old, new) if Filter(ids=frozenset({"m-new"})).matches(f)] == ["m-new"]
+    assert [f.record_id for f in (old, new) if Filter(reason=re.compile("legacy")).matches(f)] == ["m-old"]
     assert Filter(reason=re.compile("x")).active and not Filter().active
 
 
@@ -697,9 +741,111 @@ def test_the_list_shows_a_state_column_only_when_some_entry_is_not_queued() -> N
 
 
 def test_a_whole_cycle_found_each_id_once_with_its_copies() -> None:
-    def taken(position: int, message_id: str | None) -> Record:
-        return Record(position, pika.BasicProperties(message_id=message_id), b"{}")
+    def taken(position: int, message_id: str | None, body: bytes = b"{}") -> Record:
+        return Record(position, pika.BasicProperties(message_id=message_id), body)
 
-    found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None)])
-    assert list(found.first) == ["a", "b"] and found.first["a"].position == 1
-    assert found.copies == {"a": 2, "b": 1} and found.without_id == 1
+    digest = "sha256:" + hashlib.sha256(b"{}").hexdigest()
+    found = Found.of([taken(1, "a"), taken(2, "b"), taken(3, "a"), taken(4, None), taken(5, "b", b"[]")])
+    first = found.first["a"]
+    assert list(found.first) == ["a", "b", digest] and first is not None and first.position == 1
+    assert found.copies == {"a": 2, "b": 2, digest: 1}
+    assert found.shared_by_distinct == {"b"}  # two bodies under one earlier release's message_id
+
+
+def test_an_error_never_shows_a_url_settings_password(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # A password with a blank: `redact_url` stops at the blank, so only the known secrets catch
+    # its tail; and a library's error may quote the password without its URL at all.
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://user:Sp ace-Secret@broker:5672/%2F")
+    monkeypatch.setenv("MONGODB_URI", "mongodb://admin:m0ngo-pass@db:27017")
+    monkeypatch.setenv("RABBITMQ_MANAGEMENT_URL", "http://mon:mgmt%20pw@broker:15672/")
+
+    def fail(*_: Any) -> int:
+        raise CliError("cannot reach amqp://user:Sp ace-Secret@broker:5672/ (Sp ace-Secret refused); "
+                       "mongodb auth m0ngo-pass failed; management said 'mgmt pw' is wrong")
+
+    monkeypatch.setattr(main_module, "dispatch", fail)
+    assert main_module.main(["stats"]) == 1
+    err = capsys.readouterr().err
+    for secret in ("Sp ace", "ace-Secret", "m0ngo-pass", "mgmt pw", "mgmt%20pw"):
+        assert secret not in err, err
+    assert err.count("***") >= 4 and "amqp://***@broker:5672/" in err
+
+
+def test_an_error_is_masked_even_when_a_url_setting_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"RABBITMQ_URL": "not a url, amqp://", "MONGODB_URI": "mongodb://:@", "RABBITMQ_MANAGEMENT_URL": ""}
+    assert main_module.secrets_of(env).mask("nothing secret here") == "nothing secret here"
+
+
+# ---- the bound on how long a cycle holds a record (cycle.Cycle.has_room) -------------------------
+
+
+def holding(monkeypatch: pytest.MonkeyPatch, *, rate: float, max_hold_s: float) -> tuple[Cycle, list[float]]:
+    """A cycle not run (no broker), its clock in the test's hands."""
+    clock = [100.0]
+    monkeypatch.setattr("registrations_cli.cycle.time.monotonic", lambda: clock[0])
+    cycle = Cycle(None, "q", rate=rate, max_hold_s=max_hold_s)
+    cycle._take_began = clock[0]
+    return cycle, clock
+
+
+def take(cycle: Cycle, clock: list[float], *, left: int, chosen: bool) -> bool:
+    """One record taken 1 ms after the last, `left` behind it; held if `chosen` and there is room."""
+    clock[0] += 0.001
+    cycle.taken += 1
+    cycle._left = left
+    room = cycle.has_room() if chosen else False
+    if room:
+        cycle._to_send += 1
+        if cycle._first_held_at is None:
+            cycle._first_held_at = clock[0]
+    return room
+
+
+def test_a_cycle_holds_as_many_as_its_sends_can_make_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1 s a send, 10 s at most: 10 records with a take that costs nothing more.
+    cycle, clock = holding(monkeypatch, rate=1.0, max_hold_s=10.0)
+    held = [take(cycle, clock, left=50 - i, chosen=True) for i in range(50)]
+    assert held == [True] * 9 + [False] * 41  # 50 ms of take, then 9 sends of a second each
+    assert cycle.left_out == 41
+    # Once closed, it stays closed for the cycle, so that a pass sends a run in queue order.
+    clock[0] -= 100
+    assert not cycle.has_room()
+
+
+def test_a_cycle_waits_until_the_rest_of_a_long_take_fits_before_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1 ms a record: the rest of a take of 10,000 is 10 s, more than the bound of 5 s. It holds
+    # once the rest needs half the bound (2.5 s), and then as many as the other half sends.
+    cycle, clock = holding(monkeypatch, rate=100.0, max_hold_s=5.0)
+    held = [take(cycle, clock, left=10_000 - i - 1, chosen=True) for i in range(10_000)]
+    first = held.index(True)
+    assert 7_400 < first < 7_600
+    assert 200 < held.count(True) < 260 and all(held[first:first + held.count(True)])
+    assert cycle.left_out == held.count(False)
+
+
+def test_without_a_bound_a_cycle_always_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    cycle = Cycle(None, "q", rate=0.001)
+    assert all(cycle.has_room() for _ in range(100)) and cycle.left_out == 0
+
+
+def test_rows_as_json_are_the_text_of_the_whole_list() -> None:
+    for values in ([], [{"a": 1, "b": [1, 2]}], [{"a": "\u202e\x1b"}, {"b": {"c": None}}]):
+        one, other = io.StringIO(), io.StringIO()
+        Output("json", stream=one).rows(iter(values))
+        Output("json", stream=other).document(values)
+        assert one.getvalue() == other.getvalue()
+        assert json.loads(one.getvalue()) == values
+
+
+def test_found_keeps_no_body_of_an_id_the_index_holds() -> None:
+    def rec(mid: str | None) -> Record:
+        return Record(1, pika.BasicProperties(message_id=mid), b'{"x": 1}')
+
+    found = Found(frozenset({"known"}))
+    for mid in ("known", "new", "known", None):
+        found.add(rec(mid))
+    assert found.first["known"] is None and found.first["new"] is not None
+    digest = "sha256:" + hashlib.sha256(b'{"x": 1}').hexdigest()
+    assert (found.copies, found.records) == ({"known": 2, "new": 1, digest: 1}, 4)
+    assert set(found.entries(("known", "new"), datetime.now(UTC))) == {"new"}

@@ -1,4 +1,5 @@
-"""The failure record's id (its AMQP message_id): one per record, whatever copies a crash makes."""
+"""The failure record's id (its `x-record-id` header, and its index entry's `_id`): one per
+record, whatever copies a crash makes, and never one for two users' records."""
 
 from __future__ import annotations
 
@@ -12,9 +13,20 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_the_inbound_message_id_is_kept_as_the_contract_says() -> None:
+def test_the_id_names_the_attempt_not_the_inbound_message_id() -> None:
     subject = Subject(original={}, user_id="u-1", attempt_key="u-1|mid:m-1", message_id="m-1")
-    assert subject.record_id(b"anything") == "m-1"
+    assert subject.record_id(b"anything") == "u-1|mid:m-1"
+
+
+def test_two_users_messages_that_reuse_one_message_id_are_two_records() -> None:
+    def record_id(user: str, mark: str | None = None) -> str:
+        body = b'{"user_id": "%s"}' % user.encode()
+        key = Registration.decode(body, message_id="dup", max_bytes=1000, publish_mark=mark).attempt_key
+        return Subject(original={}, user_id=user, attempt_key=key, message_id="dup").record_id(body)
+
+    assert record_id("u-A") == "u-A|mid:dup" and record_id("u-B") == "u-B|mid:dup"
+    # A replay of the same message is a new publish (its mark): its record is another record.
+    assert record_id("u-A", "r-1") == "u-A|mid:dup|r-1" != record_id("u-A", "r-2")
 
 
 def test_without_a_message_id_the_attempt_key_names_the_record_on_every_redelivery() -> None:

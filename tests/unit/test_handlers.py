@@ -38,6 +38,7 @@ from regbridge.lifecycle import (
 )
 from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord, PendingMessage
 from regbridge.plans import (
+    RECORD_ID_HEADER,
     AttemptAccepted,
     AttemptFailed,
     Failure,
@@ -1126,6 +1127,8 @@ def test_a_failure_whose_status_write_is_refused_is_still_acked_once() -> None:
 
 # ---- the failure queue's index -------------------------------------------------------------------
 
+RID = "u-000123|mid:m-1"  # the record's id: its attempt key
+
 
 class WatchedBroker(FakeBroker):
     """Notes the failure index's state of the record at its publish and at the ack."""
@@ -1137,7 +1140,8 @@ class WatchedBroker(FakeBroker):
 
     def publish(self, routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
         if routing_key == FAILED:
-            self.seen.append(f"publish:{self.store.index.get(str(properties.message_id), ('none', None))[0]}")
+            record_id = str((properties.headers or {}).get(RECORD_ID_HEADER))
+            self.seen.append(f"publish:{self.store.index.get(record_id, ('none', None))[0]}")
         return super().publish(routing_key, body, properties)
 
     def ack(self, delivery: Delivery) -> None:
@@ -1157,12 +1161,14 @@ def test_a_failure_record_has_its_entry_publishing_before_it_is_out_and_queued_b
     rig, broker = watched_poller_rig(LegacyFailed("rejected by the legacy system"))
     rig.executor.run(pending_delivery(pending(polls=2), tag=41))
     assert broker.seen == [f"publish:{PUBLISHING}", f"ack:{QUEUED}"]
-    assert rig.store.index_log == ["publishing:m-1", "queued:m-1"]
-    _, entry = rig.store.index["m-1"]
+    assert rig.store.index_log == [f"publishing:{RID}", f"queued:{RID}"]
+    _, entry = rig.store.index[RID]
     [published] = broker.on(FAILED)
     assert entry is not None and entry.body.encode() == published.body  # the record exactly as published
     assert (entry.record_id, entry.stage, entry.reason, entry.user_id, entry.legacy_request_id) == (
-        "m-1", "legacy", "rejected by the legacy system", "u-000123", "AB583C-X")
+        RID, "legacy", "rejected by the legacy system", "u-000123", "AB583C-X")
+    # The inbound message_id stays the record's (the contract); its id travels in a header.
+    assert published.properties.message_id == "m-1" and published.properties.headers == {RECORD_ID_HEADER: RID}
     assert entry.failed_at == FailureRecord.decode(published.body).failed_at
 
 
@@ -1171,7 +1177,7 @@ def test_a_record_without_a_confirm_leaves_its_entry_publishing_and_goes_back() 
     broker.refuse.add(FAILED)
     rig.executor.run(pending_delivery(pending(polls=1), tag=42))
     assert broker.handed_back == [(42, FAILED)]
-    assert rig.store.index["m-1"][0] == PUBLISHING  # a reader shows it unconfirmed; the redelivery settles it
+    assert rig.store.index[RID][0] == PUBLISHING  # a reader shows it unconfirmed; the redelivery settles it
 
 
 def test_an_index_entry_refused_for_good_does_not_hold_the_record_back() -> None:
@@ -1188,11 +1194,11 @@ def test_a_duplicate_after_the_mark_leaves_the_entry_as_it_is() -> None:
     finds from one a newer attempt is publishing): the entry stays unsure until a reconcile."""
     rig, broker = watched_poller_rig(LegacyFailed("no"))
     rig.store.attempts["u-000123|mid:m-1"] = Attempt("AB583C-X", True, FailureError("legacy", "no", 200))
-    entry = IndexEntry("m-1", "legacy", "no", "u-000123", "AB583C-X", datetime.fromtimestamp(NOW, UTC), "{}")
-    rig.store.index["m-1"] = (PUBLISHING, entry)
+    entry = IndexEntry(RID, "legacy", "no", "u-000123", "AB583C-X", datetime.fromtimestamp(NOW, UTC), "{}")
+    rig.store.index[RID] = (PUBLISHING, entry)
     rig.executor.run(pending_delivery(pending(polls=1), tag=44))
     assert broker.on(FAILED) == [] and broker.acks == [44]
-    assert rig.store.index["m-1"] == (PUBLISHING, entry) and rig.store.index_log == []
+    assert rig.store.index[RID] == (PUBLISHING, entry) and rig.store.index_log == []
 
 
 def test_the_entry_is_confirmed_only_if_it_is_still_the_one_written_before_the_publish() -> None:
@@ -1204,14 +1210,14 @@ def test_the_entry_is_confirmed_only_if_it_is_still_the_one_written_before_the_p
     def publish_then_a_reader_marks_it(routing_key: str, body: bytes, properties: BasicProperties) -> Future[None]:
         future = original_publish(routing_key, body, properties)
         if routing_key == FAILED:
-            _, entry = rig.store.index["m-1"]
-            rig.store.index["m-1"] = ("leaving", entry)
-            rig.store.index_tokens["m-1"] = "the CLI's"
+            _, entry = rig.store.index[RID]
+            rig.store.index[RID] = ("leaving", entry)
+            rig.store.index_tokens[RID] = "the CLI's"
         return future
 
     broker.publish = publish_then_a_reader_marks_it  # type: ignore[method-assign]
     rig.executor.run(pending_delivery(pending(polls=1), tag=46))
-    assert broker.acks == [46] and rig.store.index["m-1"][0] == "leaving"
+    assert broker.acks == [46] and rig.store.index[RID][0] == "leaving"
 
 
 @pytest.mark.parametrize("error", [OperationFailure("Index already exists with a different name", 85),
@@ -1229,9 +1235,11 @@ def test_a_failure_without_a_message_id_is_indexed_under_its_record_id() -> None
     rig = submitter_rig()
     rig.executor.run(delivery(b"not json at all", message_id=None, tag=45))
     [published] = rig.broker.on(FAILED)
-    assert published.properties.message_id is not None
-    assert list(rig.store.index) == [published.properties.message_id]
-    assert rig.store.index[published.properties.message_id][0] == QUEUED
+    record_id = "sha256:" + hashlib.sha256(b"not json at all").hexdigest()
+    # Without an inbound message_id to keep, the record's message_id is its id as well.
+    assert published.properties.message_id == record_id
+    assert published.properties.headers == {RECORD_ID_HEADER: record_id}
+    assert list(rig.store.index) == [record_id] and rig.store.index[record_id][0] == QUEUED
 
 
 # ---- the handlers' plans, without an executor ---------------------------------------------------

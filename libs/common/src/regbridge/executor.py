@@ -50,6 +50,7 @@ from regbridge.failure_index import PUBLISHING, QUEUED, IndexEntry, new_token
 from regbridge.lifecycle import Stage, clean_text
 from regbridge.messages import TRUNCATED_ORIGINAL_CHARS, FailureError, FailureRecord
 from regbridge.plans import (
+    RECORD_ID_HEADER,
     Failure,
     Finish,
     Forward,
@@ -334,7 +335,11 @@ class Executor:
             # make a second record wherever no attempt's mark can tell (a message without a user).
             # (During a stop the channel may still stand: the publish finds out.)
             raise HandBack("the delivery's channel is gone")
-        future = self._broker.publish(self._failed_queue, body, persistent(record_id))
+        # The contract keeps the inbound message_id; a record without one is named by its id.
+        properties = BasicProperties(delivery_mode=2, content_type="application/json",
+                                     message_id=subject.message_id or record_id,
+                                     headers={RECORD_ID_HEADER: record_id})
+        future = self._broker.publish(self._failed_queue, body, properties)
         try:
             # No timeout of its own: the runtime settles every publish (a confirm, a nack, a
             # return, a lost channel, a stop). Giving up while the broker merely holds the

@@ -18,6 +18,9 @@ from regbridge.lifecycle import State
 from regbridge.messages import FailureError
 
 SHORTSTR_BYTES = 255  # the most an AMQP short string (such as message_id) holds
+# The AMQP header that carries a failure record's id (`Subject.record_id`). Its message_id is the
+# inbound one where there was one (the contract), which another user's message may reuse.
+RECORD_ID_HEADER = "x-record-id"
 
 # ---- store writes ---------------------------------------------------------------------------
 
@@ -84,13 +87,14 @@ class Subject:
     received_at: float | None = None  # epoch seconds the inbound message entered the system
 
     def record_id(self, body: bytes) -> str:
-        """The failure record's id, its AMQP message_id: the same for every copy a crash window
-        makes of one record, so that readers show it once and a replay moves it once. The
-        inbound message_id where there is one (the contract keeps it on every derived message),
-        else the attempt key, else (a message no user could be read from) a digest of the body
-        as delivered. An AMQP short string holds 255 bytes: a longer key is digested."""
-        if self.message_id:
-            return self.message_id
+        """The failure record's id (its `RECORD_ID_HEADER`, and its index entry's `_id`): the
+        same for every copy a crash window makes of one record, so that readers show it once and
+        a replay moves it once, and different for every other record. The attempt key, which
+        names the user, the message and this publish of it (two users' messages that reuse one
+        message_id are two records); else, for a message no user could be read from, a digest of
+        the body as delivered. An AMQP short string holds 255 bytes: a longer key is digested.
+        Not the inbound message_id: the contract keeps that on the record as its AMQP message_id,
+        and it is not unique to one user."""
         key = self.attempt_key or "sha256:" + hashlib.sha256(body).hexdigest()
         return key if len(key.encode()) <= SHORTSTR_BYTES else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 

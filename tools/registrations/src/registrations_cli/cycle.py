@@ -34,6 +34,23 @@ What a cycle holds to:
   cycle always do, so they leave their places: a chosen record that was at the head is now at
   the tail. Nothing is handed back to the broker on the way.
 
+How long a record is held: RabbitMQ closes a channel whose oldest unacked delivery is older
+than its `consumer_timeout` (30 minutes by default; a `basic.get`'s delivery counts as a
+consumer's does, since the timeout came in 3.8.0), handing back every record it held: returns,
+which count against a delivery limit (4.3's quorum queues return the timed-out records instead:
+returns as well). A record held to be sent waits through the rest of the
+take and the sends before its own, at `rate`. With `max_hold_s`, the caller asks `has_room`
+before it chooses a record to send, and a cycle stops choosing once one more would be held past
+the bound; the records left out go round like the others, and the caller runs another cycle for
+them (a replay in passes). The bound's cost is a whole cycle of the queue per pass.
+
+What a cycle keeps: with `keep` (a browse that shows the queue), every record taken; without, only
+the records it holds, and `on_put_back` is told each record that goes round, so that the caller
+keeps of it what it needs (its id): memory grows with what the cycle moves, not with the queue.
+
+On a terminal (`progress`), a bar on stderr counts the records taken out of the count the first
+`basic.get` reported.
+
 What it cannot hold to:
 - A record published while a cycle runs (a service's new failure) lands among the copies:
   behind those put back so far, ahead of the rest. The records that were there keep their
@@ -54,10 +71,11 @@ from __future__ import annotations
 
 import copy
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -67,8 +85,10 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from .errors import CliError
+from .progress import Progress
 from .sanitize import warn
 
+MAX_HOLD_S = 600.0  # well under RabbitMQ's consumer_timeout, 30 minutes by default (see `Cycle.has_room`)
 LOCK_WAIT_S = 120.0  # a cycle costs 3-5 ms a record on a local broker: 10,000 records in under a minute
 LOCK_RETRY_S = 0.1
 PACE_SLICE_S = 0.05  # a send that waits for its turn looks at a stop this often
@@ -125,7 +145,8 @@ def _writable(value: Any) -> Any:
 class Cycle:
     """One cycle of `queue` (see the module's docstring). `route` decides, record by record, which
     go elsewhere (a `Send`); the rest are put back. After `run`: `records` holds every record
-    taken, in queue order; `sent` those that went elsewhere; `refused` the first send the broker
+    taken, in queue order (without `keep`, only those held); `taken` counts them; `left_out`
+    counts those `has_room` turned away; `sent` those that went elsewhere; `refused` the first send the broker
     would not take, with why (that record and every later one to be sent were put back instead);
     `interrupted` whether a signal stopped a `stoppable` cycle before every held record had gone
     (those that had not were put back)."""
@@ -136,7 +157,9 @@ class Cycle:
                  before_drops: Callable[[list[Record]], None] | None = None,
                  before_leaving: Callable[[list[Record]], None] | None = None,
                  on_held: Callable[[int], None] | None = None, rate: float | None = None,
-                 stoppable: bool = False) -> None:
+                 stoppable: bool = False, max_hold_s: float | None = None, stop: Stop | None = None,
+                 keep: bool = True, on_put_back: Callable[[Record], None] | None = None,
+                 progress: bool = False) -> None:
         self._connection = connection
         self.queue = queue
         self._route = route
@@ -144,11 +167,25 @@ class Cycle:
         self._before_drops = before_drops
         self._before_leaving = before_leaving
         self._on_held = on_held  # told how many records are to be sent, before the first goes
-        self._stop = _Stop(queue, stoppable)
+        # A caller that runs several cycles (a replay in passes) hears a signal between them too.
+        self._stop = stop if stop is not None else Stop(queue, stoppable)
+        self._own_stop = stop is None
+        self._max_hold_s = max_hold_s
+        self._keep = keep  # every record taken in `records`, or (a cycle that moves records) only those held
+        self._on_put_back = on_put_back
+        self._progress = progress
         # Sends a second at most: the legacy API is what a replay loads, and it is the scarce part.
         self._interval_s = 1.0 / rate if rate else 0.0
         self._next_send = 0.0
         self.records: list[Record] = []
+        self.taken = 0
+        self.total: int | None = None  # the records there when the cycle started, as the first get said
+        self.left_out = 0  # records `has_room` turned away: a replay runs another pass for them
+        self._closed = False
+        self._take_began = 0.0
+        self._first_held_at: float | None = None
+        self._to_send = 0
+        self._left = 0
         self.sent: list[Record] = []
         self.dropped: list[Record] = []
         self.put_back = 0
@@ -157,7 +194,9 @@ class Cycle:
         self._sending: Record | None = None
 
     def run(self) -> Cycle:
-        with _lock(self._connection, self.queue), _finishing_first(self._stop):
+        self._stop.sending = False
+        hearing: AbstractContextManager[None] = finishing_first(self._stop) if self._own_stop else nullcontext()
+        with _lock(self._connection, self.queue), hearing:
             channel = self._connection.channel()
             channel.confirm_delivery()
             try:
@@ -173,24 +212,70 @@ class Cycle:
                 channel.close()
         return self
 
+    def has_room(self) -> bool:
+        """Whether one more record can be held to be sent and still leave within `max_hold_s` of
+        the first held: RabbitMQ closes a channel whose oldest unacked delivery (a `basic.get`'s
+        too) is older than its `consumer_timeout`, handing back every record it held. The
+        projection: the time since the first held record, the rest of the take at the pace so far,
+        and each send at `rate` (or at the take's pace, if slower). Once it says no after a record
+        was held, it says no for the rest of the cycle, so that a pass sends a run of the matching
+        records in queue order and the next pass starts where it stopped; before, it says no while
+        the rest of the take alone needs more than half the bound (a queue whose take outlasts
+        that: the first records chosen are then later ones). Each no counts in `left_out`."""
+        if self._max_hold_s is None:
+            return True
+        if not self._closed:
+            now = time.monotonic()
+            per_record = (now - self._take_began) / self.taken if self.taken else 0.0
+            since_first = now - self._first_held_at if self._first_held_at is not None else 0.0
+            rest_of_take = self._left * per_record
+            projected = since_first + rest_of_take + (self._to_send + 1) * max(self._interval_s, per_record)
+            # The first hold waits until the rest of the take needs half the bound at most, so
+            # that the sends have the other half rather than room for one record.
+            if projected <= self._max_hold_s and (self._first_held_at is not None
+                                                  or rest_of_take <= self._max_hold_s / 2):
+                return True
+            self._closed = self._first_held_at is not None
+        self.left_out += 1
+        return False
+
     def _take_all(self, channel: BlockingChannel) -> list[tuple[int, Record, Send | Drop]]:
         held: list[tuple[int, Record, Send | Drop]] = []
         left: int | None = None
-        while left is None or left > 0:
-            method, properties, body = channel.basic_get(self.queue, auto_ack=False)
-            if method is None:
-                break  # fewer than counted: something else consumes this queue
-            assert method.delivery_tag is not None and properties is not None
-            if left is None:
-                left = int(method.message_count or 0) + 1
-            left -= 1
-            record = Record(len(self.records) + 1, properties, body or b"")
-            self.records.append(record)
-            send = self._route(record) if self._route is not None else None
-            if send is None:
-                self._put_back(channel, method.delivery_tag, record)
-            else:
-                held.append((method.delivery_tag, record, send))
+        self._take_began = time.monotonic()
+        bar: Progress | None = None
+        try:
+            while left is None or left > 0:
+                method, properties, body = channel.basic_get(self.queue, auto_ack=False)
+                if method is None:
+                    break  # fewer than counted: something else consumes this queue
+                assert method.delivery_tag is not None and properties is not None
+                if left is None:
+                    left = int(method.message_count or 0) + 1
+                    self.total = left
+                    bar = Progress(left, sys.stderr, enabled=self._progress, label="going round")
+                left -= 1
+                self._left = left
+                self.taken += 1
+                record = Record(self.taken, properties, body or b"")
+                if self._keep:
+                    self.records.append(record)
+                send = self._route(record) if self._route is not None else None
+                if send is None:
+                    self._put_back(channel, method.delivery_tag, record)
+                else:
+                    if isinstance(send, Send):
+                        self._to_send += 1
+                        if self._first_held_at is None:
+                            self._first_held_at = time.monotonic()
+                    held.append((method.delivery_tag, record, send))
+                    if not self._keep:
+                        self.records.append(record)
+                if bar is not None:
+                    bar.advance()
+        finally:
+            if bar is not None:
+                bar.close()
         return held
 
     def _send(self, channel: BlockingChannel, held: list[tuple[int, Record, Send | Drop]]) -> None:
@@ -260,12 +345,14 @@ class Cycle:
                                         f"onto {self.queue} ({_why(exc)})")) from None
         channel.basic_ack(tag)  # only now: its copy is confirmed
         self.put_back += 1
+        if self._on_put_back is not None:
+            self._on_put_back(record)
 
     def _broken(self, what: str) -> str:
         sent = f", {len(self.sent)} sent elsewhere" if self._route is not None else ""
         maybe = (f" (record #{self._sending.position} may have been sent as well)"
                  if self._sending is not None else "")
-        return (f"{what} while cycling {self.queue}: {self.put_back} of the {len(self.records)} records taken were "
+        return (f"{what} while cycling {self.queue}: {self.put_back} of the {self.taken} records taken were "
                 f"put back{sent}{maybe}. None is lost, but the ones not put back yet now stand ahead of those "
                 "that were")
 
@@ -305,7 +392,7 @@ def _lock(connection: BlockingConnection, queue: str) -> Iterator[None]:
             channel.close()
 
 
-class _Stop:
+class Stop:
     """The first Ctrl-C or SIGTERM of a cycle, which the cycle reads between records."""
 
     def __init__(self, queue: str, stoppable: bool) -> None:
@@ -330,7 +417,7 @@ class _Stop:
 
 
 @contextmanager
-def _finishing_first(stop: _Stop) -> Iterator[None]:
+def finishing_first(stop: Stop) -> Iterator[None]:
     """A first Ctrl-C or SIGTERM sets `stop.requested` for the cycle to read (see the module's
     docstring); a second one stops at once. A cycle that is not stoppable raises
     KeyboardInterrupt once it has ended. Signal handlers belong to the main thread only: in

@@ -11,7 +11,7 @@ starts at the counter's `low`, which walks that find nothing below it move up (n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -62,7 +62,7 @@ class Entry:
 
     def failure(self) -> Failure:
         """The record as the queue holds it (its body must have been read)."""
-        return Failure.parse(0, (self.body or "").encode("utf-8"), message_id=self.record_id)
+        return Failure.parse(0, (self.body or "").encode("utf-8"), record_id=self.record_id)
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,11 @@ class FailureIndex:
 
     def page(self, flt: Filter, limit: int | None = None, *, bodies: bool = False) -> Page:
         """The entries that match, in seq order, `limit` at most."""
+        return self._limited(list(self.walk(flt, None if limit is None else limit + 1, bodies=bodies)), limit)
+
+    def walk(self, flt: Filter, limit: int | None = None, *, bodies: bool = False) -> Iterator[Entry]:
+        """The entries that match, in seq order, `limit` at most, read window by window as they are
+        taken: memory holds one window (with `bodies`, one window's bodies), whatever the index holds."""
         projection = None if bodies else {"body": 0}
         query = _time_query(flt)
         if flt.stage is not None:
@@ -133,31 +138,30 @@ class FailureIndex:
                 query["user_id"] = flt.user_id
             found = sorted((Entry.of(d) for d in self.entries.find(query, projection)),
                            key=lambda e: (e.seq is None, e.seq or 0))
-            return self._limited([e for e in found if _matches(e, flt)], limit)
-        return self._walk(query, flt, limit, projection)
+            yield from [e for e in found if _matches(e, flt)][:limit]
+            return
+        yield from self._walk(query, flt, limit, projection)
 
     def _walk(self, query: dict[str, Any], flt: Filter, limit: int | None,
-              projection: dict[str, int] | None) -> Page:
+              projection: dict[str, int] | None) -> Iterator[Entry]:
         next_seq, low = self.counter()
         start = failure_index.window_of(low)[0]
-        found: list[Entry] = []
+        found = 0
         lowest: int | None = None
         whole = not query and flt.reason is None  # every entry is a match: the first one found is the lowest
-        while start < next_seq:
+        while start < next_seq and (limit is None or found < limit):
             docs = sorted(self.entries.find({**query, "seq": {"$gte": start, "$lt": start + failure_index.WINDOW}},
                                             projection), key=lambda d: int(d["seq"]))
             if whole and lowest is None and docs:
                 lowest = int(docs[0]["seq"])
             for doc in docs:
                 entry = Entry.of(doc)
-                if _matches(entry, flt):
-                    found.append(entry)
-            if limit is not None and len(found) > limit:
-                break
+                if _matches(entry, flt) and (limit is None or found < limit):
+                    found += 1
+                    yield entry
             start += failure_index.WINDOW
         if whole:
             self._raise_low(low, failure_index.safe_low(lowest, next_seq))
-        return self._limited(found, limit)
 
     def _raise_low(self, low: int, new_low: int) -> None:
         if new_low > low:
@@ -168,13 +172,6 @@ class FailureIndex:
         if limit is not None and len(found) > limit:
             return Page(found[:limit], True)
         return Page(found, False)
-
-    def bodies(self, ids: Iterable[str]) -> dict[str, str]:
-        wanted = sorted(set(ids))
-        if not wanted:
-            return {}
-        return {str(d["_id"]): str(d.get("body") or "")
-                for d in self.entries.find({"_id": {"$in": wanted}}, {"body": 1})}
 
     def get(self, wanted: str) -> Entry | None:
         doc = self.entries.find_one({"_id": wanted})
@@ -187,6 +184,10 @@ class FailureIndex:
 
     def of_user(self, user_id: str) -> list[Entry]:
         return self.page(Filter(user_id=user_id), bodies=True).entries
+
+    def ids(self) -> frozenset[str]:
+        """Every entry's id (and nothing else of it)."""
+        return frozenset(str(d["_id"]) for d in self.entries.find({}, {"_id": 1}))
 
     def seen(self) -> dict[str, Seen]:
         """What `failure_index.reconcile` compares: every entry's id, state and last write. It

@@ -4,6 +4,7 @@ also shows what only the queue knows: each record's place, its copies and its AM
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,16 +27,17 @@ from .table import plural, truncate
 from .timefmt import format_age
 
 REASON_WIDTH = 60
+Copies = dict[tuple[str, bytes | None], int]  # copies of each record (`Failure.copy_key`)
 
 def failures_of(records: list[Record]) -> list[Failure]:
-    return [Failure.parse(r.position, r.body, message_id=r.properties.message_id,
+    return [Failure.parse(r.position, r.body, message_id=r.properties.message_id, headers=r.properties.headers,
                           properties=broker.properties_view(r.properties)) for r in records]
 
 
 def read(connection: BlockingConnection, settings: CliSettings) -> list[Failure]:
     """Every record on the failure queue, in order, by one cycle: the queue is left in its order."""
     broker.require_queue(connection, settings.failed_queue, settings)
-    return failures_of(Cycle(connection, settings.failed_queue).run().records)
+    return failures_of(Cycle(connection, settings.failed_queue, progress=sys.stderr.isatty()).run().records)
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,9 @@ class Row:
     state: str | None = None  # the entry's state; None when read from the queue
 
     @classmethod
-    def of_failure(cls, failure: Failure, copies: dict[str, int] | None = None) -> Row:
-        times = (copies or {}).get(failure.message_id or "", 1)
-        return cls((failure.message_id or "-") + (f" (x{times})" if times > 1 else ""), failure.stage,
+    def of_failure(cls, failure: Failure, copies: Copies | None = None) -> Row:
+        times = (copies or {}).get(failure.copy_key, 1)
+        return cls(failure.record_id + (f" (x{times})" if times > 1 else ""), failure.stage,
                    failure.user_id, failure.failed_at, failure.reason)
 
     @classmethod
@@ -72,14 +74,15 @@ def table(rows: list[Row], now: datetime, *, indent: str = "", out: Output | Non
     return (out or Output()).table(headers, cells, right=["AGE"], indent=indent)
 
 
-def _view(failure: Failure, now: datetime, copies: dict[str, int]) -> dict[str, Any]:
-    return {**failure.view(now), "copies": copies.get(failure.message_id or "", 1)}
+def _view(failure: Failure, now: datetime, copies: Copies) -> dict[str, Any]:
+    return {**failure.view(now), "copies": copies.get(failure.copy_key, 1)}
 
 
 def entry_view(entry: Entry, body: str, now: datetime) -> dict[str, Any]:
     """An entry as `--json` shows it: the keys of a record read from the queue, its `state` and
     `seq`; `position` and `copies` are the queue's to know (`--from-queue`), so null here."""
-    view = Failure.parse(0, body.encode("utf-8"), message_id=entry.record_id).view(now)
+    view = Failure.parse(0, body.encode("utf-8"), record_id=entry.record_id).view(now)
+    view["message_id"] = None  # the AMQP property is the queue's to know: `--from-queue`
     return {**view, "position": None, "copies": None, "state": entry.state, "seq": entry.seq}
 
 
@@ -94,19 +97,22 @@ def list_records(options: ListOptions, settings: CliSettings, out: Output) -> in
     if options.from_queue:
         return _list_from_queue(options, settings, out)
     now = datetime.now(UTC)
+    queue = settings.failed_queue
+    if not out.is_table:
+        # Written as they are read, window by window, each window's bodies with it: memory holds
+        # one window whatever the index holds.
+        with mongo.database(settings) as db:
+            index = FailureIndex(db, settings)
+            warn_if_apart(index.size(), queue_depth(settings), index.name, queue)
+            out.rows(entry_view(e, e.body or "", now) for e in index.walk(options.filter, options.limit, bodies=True))
+        return 0
     with mongo.database(settings) as db:
         index = FailureIndex(db, settings)
         page = index.page(options.filter, options.limit)
-        bodies = index.bodies(e.record_id for e in page.entries) if not out.is_table else {}
         size = index.size()
     depth = queue_depth(settings)
-    queue = settings.failed_queue
     warn_if_apart(size, depth, index.name, queue)
     shown = page.entries
-    if not out.is_table:
-        views = [entry_view(e, bodies.get(e.record_id, ""), now) for e in shown]
-        out.document(views, jsonl_rows=views)
-        return 0
     if shown:
         out.line(table([Row.of_entry(e) for e in shown], now, out=out))
         out.summary("")
@@ -178,12 +184,12 @@ def _list_from_queue(options: ListOptions, settings: CliSettings, out: Output) -
 
 
 def find(failures: list[Failure], wanted: str, queue: str) -> Failure:
-    """The record whose id is `wanted`, or the one whose id alone starts with it (ids of records
-    without a message_id are long: a unique prefix will do, as with git's commits)."""
-    exact = [f for f in failures if f.message_id == wanted]
+    """The record whose id is `wanted`, or the one whose id alone starts with it (ids are long:
+    a unique prefix will do, as with git's commits)."""
+    exact = [f for f in failures if f.record_id == wanted]
     if exact:
         return exact[0]
-    prefixed = {f.message_id: f for f in failures if f.message_id is not None and f.message_id.startswith(wanted)}
+    prefixed = {f.record_id: f for f in failures if f.record_id.startswith(wanted)}
     if len(prefixed) == 1:
         return next(iter(prefixed.values()))
     if prefixed:
@@ -250,8 +256,8 @@ def _show_from_queue(wanted: str, settings: CliSettings, out: Output) -> int:
         out.line(table([Row.of_failure(failure, copies)], now, out=out))
         return 0
     out.document({
-        "id": failure.message_id,
-        "copies": copies.get(failure.message_id or "", 1),
+        "id": failure.record_id,
+        "copies": copies.get(failure.copy_key, 1),
         "position": failure.position,
         "queue": settings.failed_queue,
         "age_s": round(failure.age_s(now), 3) if failure.failed_at else None,

@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -15,12 +15,14 @@ from typing import Any
 import pika.exceptions
 from pymongo.errors import PyMongoError
 
-from regbridge.redact import redact_url
+from regbridge.redact import Secrets
+from regbridge.settings import SECRET_SUFFIX, variable_name
 
 from . import (
     capacity,
     capacity_report,
     completion,
+    cycle,
     failed,
     indexes,
     inspect_queues,
@@ -37,7 +39,7 @@ from .errors import FAILED, INTERRUPTED, CliError
 from .output import Output
 from .records import STAGES, Filter
 from .sanitize import warn
-from .settings import from_env
+from .settings import CliSettings, from_env
 from .timefmt import parse_duration, parse_since
 
 DESCRIPTION = """\
@@ -213,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--dry-run", action="store_true", help="move nothing; print what would be moved")
     fr.add_argument("--rate", type=_positive_float, metavar="N",
                     help="replay N records a second at most (the legacy API takes the load)")
-    fr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fr.add_argument("--max-hold", type=_seconds, default=cycle.MAX_HOLD_S, metavar="DURATION",
+                    help="hold no record unacked longer than this (default 10m), well under RabbitMQ's "
+                         "consumer_timeout (30m by default): a replay whose sends would take longer runs in "
+                         "passes, a whole cycle of the queue each")
+    fr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     fr.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     output.add_arguments(fr)
     fd = sub.add_parser("discard", help="remove records for good, each written to --export FILE first",
@@ -375,11 +381,11 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.failed_command == "list":
         return listing.list_records(listing.ListOptions(flt, args.limit, args.from_queue), settings, out)
     if args.failed_command == "discard":
-        return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run), settings, out,
-                              consent)
+        return failed.discard(failed.DiscardOptions(flt, args.export, args.limit, args.dry_run, sys.stderr.isatty()),
+                              settings, out, consent)
     progress = not args.quiet and sys.stderr.isatty()
-    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run, args.rate, progress), settings, out,
-                         consent)
+    return failed.replay(failed.ReplayOptions(flt, args.limit, args.dry_run, args.rate, progress,
+                                              args.max_hold), settings, out, consent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -402,8 +408,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int = FAILED) -> int:
-    warn(redact_url(message))
+    warn(secrets_of(os.environ).mask(message))
     return code
+
+
+def secrets_of(env: Mapping[str, str]) -> Secrets:
+    """The passwords of every URL setting the command reads, masked in an error wherever they
+    appear: `redact_url` alone finds a URL's user-info in free text only up to a blank, so a
+    password holding one, or quoted by a library without its URL, would pass it. Read from the
+    environment itself, since the error may be that the settings could not be built."""
+    names = [variable_name(f) for f in CliSettings.model_fields if f.endswith(SECRET_SUFFIX)]
+    return Secrets.of_urls(env.get(name, "") for name in names)
 
 
 if __name__ == "__main__":

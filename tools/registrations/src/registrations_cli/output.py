@@ -75,6 +75,20 @@ class Output:
         else:
             self.line(safe_json(value))
 
+    def rows(self, values: Iterable[Any]) -> None:
+        """A list of results, each written as it comes: for `json`, one array (the text
+        `json.dumps(list, indent=2)` would give); for `jsonl`, one per line. Memory holds one."""
+        if self.format != "json":
+            for value in values:
+                self.row(value)
+            return
+        first = True
+        for value in values:
+            text = "\n".join("  " + line for line in safe_json(value, indent=2).split("\n"))
+            self.stream.write(visible(("[\n" if first else ",\n") + text, keep_newlines=True))
+            first = False
+        self.line("[]" if first else "\n]")
+
     def row(self, value: Any) -> None:
         """One record of a `jsonl` stream."""
         self.line(safe_json(value))

@@ -6,6 +6,7 @@ decode is still shown (and never replayed without an `original`), never a crash.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from contextlib import suppress
@@ -14,23 +15,53 @@ from datetime import UTC, datetime
 from typing import Any
 
 from regbridge.messages import DecodeError, FailureRecord, loads
+from regbridge.plans import RECORD_ID_HEADER
 
 STAGES = ("validation", "submit", "legacy", "poll", "timeout", "store")
+
+
+# Where a record's id came from (`record_id_of`).
+FROM_HEADER = "header"
+FROM_MESSAGE_ID = "message_id"
+FROM_BODY = "body"
+
+
+# What makes two records copies of one (`Failure.copy_key`): the id, and the body where the id
+# alone cannot tell.
+CopyKey = tuple[str, bytes | None]
+
+
+def record_id_of(message_id: str | None, headers: Any, body: bytes) -> tuple[str, str]:
+    """A record's id as read from the queue, and where it came from: the id the service wrote
+    (`regbridge.plans.RECORD_ID_HEADER`); for a record an earlier release wrote, its AMQP
+    message_id (which may be an inbound message_id another user's record shares); for a record
+    with neither, a digest of its body. The one place the CLI reads an id from a record."""
+    found = headers.get(RECORD_ID_HEADER) if isinstance(headers, dict) else None
+    if isinstance(found, bytes):
+        found = found.decode("utf-8", errors="replace")
+    if isinstance(found, str) and found:
+        return found, FROM_HEADER
+    if message_id:
+        return message_id, FROM_MESSAGE_ID
+    return "sha256:" + hashlib.sha256(body).hexdigest(), FROM_BODY
 
 
 @dataclass(frozen=True)
 class Failure:
     position: int  # 1-based, in queue order
-    message_id: str | None
+    record_id: str  # `record_id_of`, or the index entry's `_id`
+    message_id: str | None  # the AMQP message_id: the inbound one, carried on
     properties: dict[str, Any]
     body: bytes
     data: Any  # the body parsed as JSON, or None
     record: FailureRecord | None  # None when the body is not a well-formed failure record
     problem: str | None  # why it is not
+    id_from: str = FROM_HEADER
 
     @classmethod
-    def parse(cls, position: int, body: bytes, *, message_id: str | None = None,
-              properties: dict[str, Any] | None = None) -> Failure:
+    def parse(cls, position: int, body: bytes, *, message_id: str | None = None, headers: Any = None,
+              properties: dict[str, Any] | None = None, record_id: str | None = None) -> Failure:
+        """`record_id` given (an index entry's), or read from the record (`record_id_of`)."""
         data: Any = None
         with suppress(ValueError, RecursionError):
             data = loads(body)
@@ -39,7 +70,23 @@ class Failure:
             problem = None
         except DecodeError as exc:
             record, problem = None, exc.reason
-        return cls(position, message_id, dict(properties or {}), body, data, record, problem)
+        found, id_from = (record_id, FROM_HEADER) if record_id is not None else record_id_of(message_id, headers, body)
+        return cls(position, found, message_id, dict(properties or {}), body, data, record, problem, id_from)
+
+    @property
+    def copy_key(self) -> CopyKey:
+        """Two records are copies of one (a crash window's duplicate, shown once, replayed once)
+        when their keys are equal. An id the service wrote names one attempt of one user's
+        message, so records that share it are copies even where `failed_at` differs (a redelivery
+        writes the record again). An id read from an earlier release's message_id may be shared by
+        other users' records: only a byte-identical body makes those copies."""
+        return (self.record_id, self.body if self.id_from == FROM_MESSAGE_ID else None)
+
+    @property
+    def copy_digest(self) -> CopyKey:
+        """`copy_key` as kept for every record of a whole queue: a body in it as a digest."""
+        record_id, body = self.copy_key
+        return (record_id, None if body is None else hashlib.blake2b(body, digest_size=16).digest())
 
     def _error_field(self, key: str) -> Any:
         error = self.data.get("error") if isinstance(self.data, dict) else None
@@ -86,7 +133,7 @@ class Failure:
     def view(self, now: datetime) -> dict[str, Any]:
         """The record as `--json` shows it."""
         return {
-            "id": self.message_id,
+            "id": self.record_id,
             "position": self.position,
             "message_id": self.message_id,
             "age_s": round(self.age_s(now), 3) if self.failed_at is not None else None,
@@ -110,7 +157,7 @@ class Filter:
     user_id: str | None = None
     since: datetime | None = None  # failed at or after
     older_than: datetime | None = None  # failed before
-    ids: frozenset[str] | None = None  # record ids (AMQP message_id), exactly
+    ids: frozenset[str] | None = None  # record ids (`record_id_of`), exactly
     reason: re.Pattern[str] | None = None  # searched in the reason
 
     def matches(self, failure: Failure) -> bool:
@@ -118,7 +165,7 @@ class Filter:
             return False
         if self.user_id is not None and failure.user_id != self.user_id:
             return False
-        if self.ids is not None and failure.message_id not in self.ids:
+        if self.ids is not None and failure.record_id not in self.ids:
             return False
         if self.reason is not None and not self.reason.search(failure.reason):
             return False
@@ -134,16 +181,13 @@ class Filter:
                                             self.reason))
 
 
-def first_copies(failures: list[Failure]) -> tuple[list[Failure], dict[str, int]]:
-    """Each record once: the first of the copies that share an id (a crash window's duplicate),
-    and how many copies each id has. A record without an id is its own."""
-    seen: dict[str, int] = {}
+def first_copies(failures: list[Failure]) -> tuple[list[Failure], dict[CopyKey, int]]:
+    """Each record once: the first of its copies (`Failure.copy_key`), and how many copies each
+    key has. Distinct records that share an id are each their own."""
+    seen: dict[CopyKey, int] = {}
     first: list[Failure] = []
     for failure in failures:
-        if failure.message_id is None:
+        if failure.copy_key not in seen:
             first.append(failure)
-            continue
-        if failure.message_id not in seen:
-            first.append(failure)
-        seen[failure.message_id] = seen.get(failure.message_id, 0) + 1
+        seen[failure.copy_key] = seen.get(failure.copy_key, 0) + 1
     return first, seen

@@ -11,7 +11,7 @@ from .index import FailureIndex
 from .listing import Row, entry_view, table
 from .output import Output
 from .settings import CliSettings
-from .table import plural
+from .table import one_line, plural
 from .timefmt import format_age
 
 
@@ -29,7 +29,7 @@ def run(user_id: str, settings: CliSettings, out: Output) -> int:
     if document is None and not failures:
         raise CliError(f"nothing known about user {user_id!r}: no document in {where} and no failure record "
                        f"on {settings.failed_queue}")
-    out.summary(f"user {user_id}")
+    out.summary(f"user {one_line(user_id)}")
     indent = "  " if out.headers else ""  # under a title; the rows alone stand at the margin
     if document is None:
         out.summary(f"  no document in {where}")
@@ -59,7 +59,8 @@ def describe(document: dict[str, Any], now: datetime) -> list[str]:
             shown = f"{value['stage']}: {value['reason']}"
         else:
             shown = str(value)
-        lines.append(f"{name:<24} {shown}")
+        # A document's fields may have been written by anything: one line each, whatever they hold.
+        lines.append(f"{name:<24} {one_line(shown)}")
     return lines
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .sanitize import visible
+
 _SPACE = re.compile(r"\s+")
 
 
 def one_line(text: str) -> str:
-    """Newlines and runs of blanks as one space: a cell never breaks the table."""
-    return _SPACE.sub(" ", text).strip()
+    """A value on one line: line feeds, carriage returns, tabs and every other control or bidi
+    character rendered visibly (`\\u000a`), runs of other blanks as one space. So a cell never
+    breaks its table nor a field its line, and values that differ only there still look apart:
+    `bob\\u000aalice` is not the user `bob alice`."""
+    return _SPACE.sub(" ", visible(text)).strip()
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

@@ -383,8 +383,8 @@ def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness
     shown = run("failed show", "failed", "show", "r-099999")
     assert json.loads(shown)["record"]["error"]["stage"] == "poll"
 
-    # What the time cannot show on a fast machine: a list of 20 reads one window of the index (the
-    # counter, the window's entries without their bodies, the 20 bodies) and not the queue.
+    # What the time cannot show on a fast machine: a list of 20 reads the counter and one window of
+    # the index (the bound leaves room for the 20 bodies read apart), and not the queue.
     broker.reconnect()  # its connection sat idle through the setup, past the broker's heartbeat timeout
     depth_before = broker.depth(FAILED)
     listed_ids, commands, amqp = counted_list(env, broker, monkeypatch, capsys, "--limit", "20")

@@ -3,10 +3,13 @@ Mongo-wire server and legacy-sim, with the services' own environment (the test's
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import resource
 import select
+import signal
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -737,6 +740,76 @@ def test_discard_writes_each_record_to_its_export_before_removing_it(stack: Stac
     assert "discarded 0 failure records" in ok(env, *chosen, "--export", str(export), "--yes")
     assert len(export.read_text().splitlines()) == 2
     print(f"discard: 2 records (3 messages) written to {export.name}, then removed; 2 left in order")
+
+
+def test_discard_asks_on_a_terminal_and_removes_nothing_on_no(stack: Stack, broker: Broker, tmp_path: Path,
+                                                              failure_records: FailureRecords) -> None:
+    env = stack.env
+    for i in range(4):
+        failure_records.publish(record(None, ("validation", "legacy")[i % 2], original=f"bad {i}"), message_id=f"m-{i}")
+    export = tmp_path / "kept.jsonl"
+    earlier = '{"id": "from an earlier discard"}\n'
+    export.write_text(earlier)
+    discard = ("failed", "discard", "--stage", "validation", "--export", str(export))
+
+    code, shown, stdout = on_a_terminal(env, "n\n", *discard)
+    print(f"\nterminal, answered n: exit {code}; it showed {shown!r}")
+    assert f"discard 2 failure records from {FAILED} for good (kept in {export})? [y/N] " in shown
+    assert code == 1 and "nothing was discarded (the answer was not yes)" in shown and stdout == ""
+    assert export.read_text() == earlier
+    assert failed_ids(env, "--from-queue") == ["m-0", "m-1", "m-2", "m-3"]
+    assert failure_records.states() == dict.fromkeys(["m-0", "m-1", "m-2", "m-3"], "queued")
+
+    code, shown, stdout = on_a_terminal(env, "y\n", *discard)
+    print(f"terminal, answered y: exit {code}; it showed {shown!r}; stdout {stdout!r}")
+    assert code == 0 and "discard 2 failure records" in shown
+    assert f"discarded 2 failure records from {FAILED}; written to {export}; 2 left" in stdout
+    lines = export.read_text().splitlines(keepends=True)
+    assert lines[0] == earlier and [json.loads(line)["id"] for line in lines[1:]] == ["m-0", "m-2"]
+    assert failed_ids(env, "--from-queue") == ["m-1", "m-3"]
+    assert failure_records.states() == {"m-1": "queued", "m-3": "queued"}
+
+
+def file_size_limit(limit: int) -> Any:
+    """For a child: writes past `limit` bytes fail with EFBIG, as a full disk fails them with
+    ENOSPC (SIGXFSZ ignored, or it would kill the child instead)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_discard_whose_export_cannot_be_written_removes_nothing(stack: Stack, broker: Broker, tmp_path: Path,
+                                                                  failure_records: FailureRecords) -> None:
+    env = stack.env
+    ids = [f"m-{i}" for i in range(6)]
+    for i, mid in enumerate(ids):
+        failure_records.publish(record(None, ("validation", "legacy")[i % 2], original=f"bad {i}"), message_id=mid)
+    chosen, others = ids[0::2], ids[1::2]
+
+    # /dev/full opens, and takes no sync: the check made before the queue is touched refuses it.
+    full = cli(env, "failed", "discard", "--stage", "validation", "--export", "/dev/full", "--yes")
+    print(f"\n--export /dev/full: exit {full.returncode}, {full.stderr.strip()!r}")
+    assert full.returncode == 1 and full.stderr.count("\n") == 1
+    assert "cannot write /dev/full" in full.stderr and "nothing was discarded" in full.stderr
+    assert failed_ids(env, "--from-queue") == ids
+
+    # A file that takes the check (nothing written) and then fails the write of the records, after
+    # the take: the held records go round, behind the others (cycle.py), nothing is removed, and
+    # the file is left as it was, so that the next run's lines do not follow a torn one.
+    export = tmp_path / "kept.jsonl"
+    result = subprocess.run([str(BIN / "registrations"), "failed", "discard", "--stage", "validation", "--export",
+                             str(export), "--yes"], env=cli_env(env), capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL, preexec_fn=file_size_limit(100))
+    print(f"export write failing after the take: exit {result.returncode}, {result.stderr.strip()!r}")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot write {export} ({os.strerror(errno.EFBIG)}); nothing was discarded" in result.stderr
+    assert result.stdout == ""
+    assert export.read_bytes() == b""
+    assert failure_records.states() == dict.fromkeys(ids, "queued")
+    after = broker.drain(FAILED)
+    assert [p.message_id for p, _ in after] == others + chosen
+    assert {int((p.headers or {}).get("x-delivery-count", 0)) for p, _ in after} == {0}  # none returned
 
 
 # ---- replay at a rate, with a progress bar ------------------------------------------------------

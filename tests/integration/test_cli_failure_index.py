@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,8 +22,10 @@ from harness import BIN, Broker, cli_env
 from harness import cli_ok as ok
 from harness import run_cli as cli
 from outcomes import FAILED, INBOUND, good
-from pymongo import MongoClient
+from pika.adapters.blocking_connection import BlockingChannel
+from pymongo import MongoClient, monitoring
 from registrations_cli import main as cli_main
+from registrations_cli import mongo as cli_mongo
 from registrations_cli.index import FailureIndex, entry_of
 
 from regbridge import failure_index
@@ -279,8 +282,63 @@ def own_mongo() -> Iterator[harness.Mongo]:
     shutil.rmtree(server.storage, ignore_errors=True)
 
 
+class Commands(monitoring.CommandListener):
+    """Counts the commands a MongoClient sends, and the documents its cursors return."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()
+        self.documents = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.sent[event.command_name] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        cursor = event.reply.get("cursor") or {}
+        self.documents += len(cursor.get("firstBatch") or cursor.get("nextBatch") or [])
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def counted_list(env: dict[str, str], broker: Broker, monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[str], Commands, Counter[str]]:
+    """`failed list ARGS -o json` in this process: the ids it lists, what it asked MongoDB, and
+    which AMQP reads of a queue's messages it made (basic.get, basic.consume). The browse lock is
+    held meanwhile by another connection, so that a cycle of the queue could not even start."""
+    commands = Commands()
+    amqp: Counter[str] = Counter()
+
+    def client(*a: Any, **k: Any) -> MongoClient[dict[str, Any]]:
+        return MongoClient(*a, event_listeners=[commands], **k)
+
+    def counting(method: str) -> Any:
+        original = getattr(BlockingChannel, method)
+
+        def call(self: BlockingChannel, *a: Any, **k: Any) -> Any:
+            amqp[method] += 1
+            return original(self, *a, **k)
+        return call
+
+    lock = broker.connection.channel()
+    lock.queue_declare(f"{FAILED}.browse-lock", exclusive=True)
+    with monkeypatch.context() as patch:
+        for name, value in env.items():
+            if name.startswith(("RABBITMQ_", "MONGODB_")):
+                patch.setenv(name, value)
+        patch.setattr(cli_mongo, "MongoClient", client)
+        for method in ("basic_get", "basic_consume"):
+            patch.setattr(BlockingChannel, method, counting(method))
+        capsys.readouterr()
+        code = cli_main.main(["failed", "list", *args, "-o", "json"])
+        out, err = capsys.readouterr()
+    lock.close()
+    assert code == 0, err
+    return [r["id"] for r in json.loads(out)], commands, amqp
+
+
 @pytest.mark.long
-def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness.Mongo) -> None:
+def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness.Mongo,
+                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     client: MongoClient[dict[str, Any]] = MongoClient(own_mongo.uri, tz_aware=True)
     failure_records = FailureRecords(broker, client["figure"])
     now = datetime.now(UTC)
@@ -324,6 +382,20 @@ def test_list_of_100000_records(stack: Stack, broker: Broker, own_mongo: harness
     assert [r["id"] for r in json.loads(user)] == [f"r-{i:06d}" for i in range(0, 20_000, 1000)]
     shown = run("failed show", "failed", "show", "r-099999")
     assert json.loads(shown)["record"]["error"]["stage"] == "poll"
+
+    # What the time cannot show on a fast machine: a list of 20 reads the counter and one window of
+    # the index (the bound leaves room for the 20 bodies read apart), and not the queue.
+    broker.reconnect()  # its connection sat idle through the setup, past the broker's heartbeat timeout
+    depth_before = broker.depth(FAILED)
+    listed_ids, commands, amqp = counted_list(env, broker, monkeypatch, capsys, "--limit", "20")
+    assert listed_ids == [f"r-{i:06d}" for i in range(20)]
+    reads = commands.sent["find"] + commands.sent["getMore"]
+    assert commands.sent["find"] <= 3 and reads <= 3 + failure_index.WINDOW // 100, commands.sent
+    assert commands.documents <= 1 + failure_index.WINDOW + 20, commands.documents
+    assert amqp == Counter() and broker.depth(FAILED) == depth_before == N
+    figures.append(f"in-process list --limit 20: MongoDB commands {dict(commands.sent)}, {commands.documents} "
+                   f"documents returned; AMQP basic.get/consume {sum(amqp.values())}")
+
     # The whole index, no --limit: written window by window, each window's bodies with it, so the
     # command's memory is that of --limit 20, not of 100,000 records.
     _, _, small = timed(env, "failed", "list", "--limit", "20", "-o", "jsonl")

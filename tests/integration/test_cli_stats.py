@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from typing import Any
 
 import pika
@@ -179,3 +180,30 @@ def test_inspect_shows_ready_unacked_consumers_and_rates(env: dict[str, str], br
         assert "pw-Xy9" not in refused.stderr + refused.stdout
     finally:
         consumer.close()
+
+
+def test_inspect_reports_the_rates_of_a_busy_queue(env: dict[str, str], broker: Broker) -> None:
+    """Rates are what the management API computed from its samples, which it takes every
+    `collect_statistics_interval` (5 s on this broker): the traffic goes on over several intervals,
+    and the busy queue's rates in and out must then show, while a quiet queue's stay at 0."""
+    began = time.monotonic()
+    busy: dict[str, float] = {}
+    quiet: dict[str, float] = {}
+    moved = 0
+
+    def traffic_shows() -> bool:
+        nonlocal busy, quiet, moved
+        for i in range(10):  # in, and out by basic.get with an ack each
+            broker.publish(INBOUND, {"n": i})
+            method, _, _ = broker.channel.basic_get(INBOUND, auto_ack=False)
+            assert method is not None and method.delivery_tag is not None
+            broker.channel.basic_ack(method.delivery_tag)
+            moved += 1
+        queues = inspected(env)
+        busy, quiet = queues[INBOUND]["rates"], queues[FAILED]["rates"]
+        return all(busy[k] > 0 for k in ("publish", "deliver_get", "ack"))
+
+    wait_until(traffic_shows, timeout=60, what=f"publish, deliver and ack rates > 0 on {INBOUND}", every=0.5)
+    print(f"\nfigure: inspect showed rates on {INBOUND} after {time.monotonic() - began:.1f} s and {moved} messages "
+          f"in and out: {busy}; quiet {FAILED}: {quiet}")
+    assert quiet == {"publish": 0.0, "deliver_get": 0.0, "ack": 0.0, "redeliver": 0.0}

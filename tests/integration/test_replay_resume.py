@@ -212,6 +212,15 @@ def test_a_replay_killed_halfway_and_run_again_sends_at_most_the_record_in_hand_
     resumed = Replay(env, command, tmp_path / "second").wait()
     assert resumed.code == 0, resumed.stderr
 
+    # The index: the dead command never settled the entries it had marked `leaving`; they are
+    # younger than reconcile's grace, so only a reconcile with no grace may delete them. After it,
+    # the index and the queue agree id for id (the queue holds the others only, as checked below).
+    stale = Counter(failure_records.states().values())
+    reconciled = harness.run_cli({**env, "RECONCILE_GRACE_S": "0"}, "failed", "reconcile", "-o", "json")
+    assert reconciled.returncode == 0, reconciled.stderr
+    assert json.loads(reconciled.stdout)["added"] == []  # every record on the queue had its entry
+    assert failure_records.states() == dict.fromkeys(others, "queued")
+
     inbound, _ = drained(broker, INBOUND)
     times = Counter(inbound)
     twice = sorted(mid for mid, k in times.items() if k > 1)
@@ -221,7 +230,8 @@ def test_a_replay_killed_halfway_and_run_again_sends_at_most_the_record_in_hand_
     left, counts = drained(broker, FAILED)
     assert left == others and set(counts) == {0}
     print(f"\nreplay of {n:,} records killed (SIGKILL) after {sent:,} sent, then run again: every record "
-          f"replayed, {len(twice)} twice {twice}; the {len(others)} others in order")
+          f"replayed, {len(twice)} twice {twice}; the {len(others)} others in order; index before reconcile "
+          f"{dict(stale)}, after: {len(others)} queued, one per record on {FAILED}")
 
 
 # ---- in this process: the signal at a chosen call ---------------------------------------------

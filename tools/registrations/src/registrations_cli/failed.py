@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -356,10 +356,23 @@ def write_durably(path: Path, lines: list[str]) -> None:
     a power cut could take from the file. Appending, so that a discard run again after a crash
     never overwrites what the first run kept."""
     created = not path.exists()
-    with open(path, "a", encoding="utf-8") as file:
-        file.write("".join(line + "\n" for line in lines))
-        file.flush()
-        os.fsync(file.fileno())
+    data = memoryview("".join(line + "\n" for line in lines).encode("utf-8"))
+    # Unbuffered: a buffered file would retry its failed write when it is closed.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            # A full disk can take part of a line: cut it off, or the next run's first line
+            # would follow it and neither could be read back.
+            with suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
     if created:  # the new file's name is on disk too
         directory = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
         try:

@@ -4,12 +4,21 @@ the index's side of every cycle that moves records (`failed replay`, `failed dis
 Both compare one whole cycle of the queue with the index, id by id (`failure_index.reconcile`):
 the queue is what counts, the index follows it. Only a cycle that went all the way round says
 what the queue holds; a cycle stopped midway settles the records it moved and nothing else.
+
+`failed reconcile` leaves alone an entry without a record that was written within the grace
+(`failure_index.RECONCILE_GRACE`): its record may be on its way, or a replay may be removing it.
+`RECONCILE_GRACE_S` sets that grace in seconds, for the command only; 0 deletes every such entry
+at once, which is right only when no service and no other command is writing the index (after
+an outage, in a test). A `publishing` entry keeps its own, longer grace whatever it is.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sys
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -19,6 +28,7 @@ from regbridge.failure_index import IndexEntry, Reconciliation
 
 from . import broker, mongo
 from .cycle import Cycle, Record
+from .errors import USAGE, CliError
 from .index import FailureIndex, entry_of
 from .listing import failures_of
 from .output import Output
@@ -81,13 +91,30 @@ def _sent_at(record: Record, now: datetime) -> datetime:
     return datetime.fromtimestamp(stamp, UTC) if isinstance(stamp, int) else now
 
 
+GRACE_ENV = "RECONCILE_GRACE_S"
+
+
+def grace_of(environ: Mapping[str, str]) -> timedelta:
+    """The grace `failed reconcile` gives an entry without a record (see the module's docstring)."""
+    text = environ.get(GRACE_ENV, "").strip()
+    if not text:
+        return failure_index.RECONCILE_GRACE
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise CliError(f"{GRACE_ENV} must be a number of seconds, 0 or more (it is {text[:40]!r})", USAGE)
+    return timedelta(seconds=seconds)
+
+
 def bring_in_line(index: FailureIndex, found: Found, *, started_at: datetime, leave_out: frozenset[str] = frozenset(),
-                  dry_run: bool = False) -> Reconciliation:
+                  dry_run: bool = False, grace: timedelta = failure_index.RECONCILE_GRACE) -> Reconciliation:
     """Compare the index with what a whole cycle started at `started_at` found, and apply the
     difference unless `dry_run`. The ids in `leave_out` are the caller's to settle."""
     seen = {i: s for i, s in index.seen().items() if i not in leave_out}
     on_queue = [i for i in found.first if i not in leave_out]
-    found_now = failure_index.reconcile(on_queue, seen, started_at=started_at)
+    found_now = failure_index.reconcile(on_queue, seen, started_at=started_at, grace=grace)
     # Added in queue order, so that their seqs list them as the queue holds them.
     # An id the index held at the start and lost since has no first copy kept: the next reconcile
     # adds it (it is rare: only a reconcile or a replay deletes entries, and one cycle runs at once).
@@ -101,6 +128,7 @@ def bring_in_line(index: FailureIndex, found: Found, *, started_at: datetime, le
 
 def run(settings: CliSettings, out: Output, *, dry_run: bool = False) -> int:
     failed = settings.failed_queue
+    grace = grace_of(os.environ)
     with mongo.database(settings, answer_timeout_s=None) as db:
         index = FailureIndex(db, settings)
         index.counter()  # MongoDB answers before the queue is touched
@@ -110,7 +138,7 @@ def run(settings: CliSettings, out: Output, *, dry_run: bool = False) -> int:
             broker.require_queue(connection, failed, settings)
             Cycle(connection, failed, keep=False, on_put_back=found.add, progress=sys.stderr.isatty()).run()
         records = found.records
-        done = bring_in_line(index, found, started_at=started_at, dry_run=dry_run)
+        done = bring_in_line(index, found, started_at=started_at, dry_run=dry_run, grace=grace)
     if found.shared_by_distinct:
         some = ", ".join(sorted(found.shared_by_distinct)[:5])
         warn(f"{plural(len(found.shared_by_distinct), 'id')} on {failed} named by distinct records ({some}): "

@@ -203,15 +203,22 @@ def publishes_taken(broker: Broker, n: int) -> int:
     return taken
 
 
+def the_one_policy(amqp_url: str) -> dict[str, Any]:
+    """The vhost's only policy, as the broker lists it."""
+    vhost = amqp_url.rsplit("/", 1)[1]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", vhost, "--formatter", "json"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    (policy,) = json.loads(listed)
+    assert isinstance(policy, dict)
+    return policy
+
+
 def test_the_setup_step_bounds_the_failure_queue_with_reject_publish(broker: Broker, amqp_url: str) -> None:
     done = set_limit(amqp_url, FAILED_QUEUE_MAX_LENGTH="3", FAILED_QUEUE_MAX_LENGTH_BYTES="1048576",
                      FAILED_QUEUE_POLICY_EXTRA='{"delivery-limit": 1000000}')
     assert done.returncode == 0, done.stderr
     assert "guest" not in done.stdout + done.stderr
-    vhost = amqp_url.rsplit("/", 1)[1]
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", vhost, "--formatter", "json"],
-                            capture_output=True, text=True, timeout=60, check=True).stdout
-    (policy,) = json.loads(listed)
+    policy = the_one_policy(amqp_url)
     assert policy["name"] == POLICY and policy["apply-to"] == "queues"
     assert json.loads(policy["definition"]) == {"max-length": 3, "max-length-bytes": 1048576,
                                                  "overflow": "reject-publish", "delivery-limit": 1000000}
@@ -230,10 +237,7 @@ def test_the_setup_step_derives_the_management_api_from_the_broker_url(broker: B
     done = run_step({"RABBITMQ_URL": amqp_url}, {"FAILED_QUEUE_MAX_LENGTH": "4"})
     assert done.returncode == 0, done.stderr
     assert "guest" not in done.stdout + done.stderr
-    vhost = amqp_url.rsplit("/", 1)[1]
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_policies", "-p", vhost, "--formatter", "json"],
-                            capture_output=True, text=True, timeout=60, check=True).stdout
-    (policy,) = json.loads(listed)
+    policy = the_one_policy(amqp_url)
     assert json.loads(policy["definition"]) == {"max-length": 4, "overflow": "reject-publish"}
 
 

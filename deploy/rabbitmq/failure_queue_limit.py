@@ -10,7 +10,8 @@ Settings (environment):
 - RABBITMQ_MANAGEMENT_URL: http[s]://user:password@host:15672/<vhost> (the vhost URL-encoded,
   %2F for /), the form the charts' Secret holds; when it is empty, derived from RABBITMQ_URL as
   the operator's command derives it (registrations_cli.management): the first node's host, over
-  http on 15672 (https on 15671 for amqps), with its credentials (guest when none) and vhost. The
+  http on 15672 (https on 15671 for amqps), with its credentials and vhost (a URL without
+  credentials is refused: the broker's default user may only connect from its own host). The
   user then needs the management API (a `policymaker` or `administrator` tag) to set a policy;
 - FAILED_QUEUE (default registrations.failed);
 - FAILED_QUEUE_MAX_LENGTH and/or FAILED_QUEUE_MAX_LENGTH_BYTES: positive integers, at least one;
@@ -132,8 +133,10 @@ def management_url(environ: Mapping[str, str]) -> str:
     host = f"[{host}]" if ":" in host else host
     secure = scheme.lower() == "amqps"
     vhost = path.split("?", 1)[0] or "%2F"
-    credentials = userinfo if at and userinfo else "guest:guest"
-    return f"{'https' if secure else 'http'}://{credentials}@{host}:{15671 if secure else 15672}/{vhost}"
+    if not (at and userinfo):
+        raise Refused("RABBITMQ_URL carries no user to derive the management API's credentials from: "
+                      "add them, or set RABBITMQ_MANAGEMENT_URL")
+    return f"{'https' if secure else 'http'}://{userinfo}@{host}:{15671 if secure else 15672}/{vhost}"
 
 
 def apply(environ: Mapping[str, str]) -> str:

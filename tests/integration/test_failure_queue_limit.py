@@ -246,7 +246,6 @@ def test_the_setup_step_derives_the_management_api_from_the_broker_url(broker: B
      "http://app:s%40cret@rabbit.example:15672/reg%2Fvh"),
     ({"RABBITMQ_URL": "amqps://app:p@ss@node-0:5671/v?heartbeat=30, amqps://app:p@ss@node-1:5671/v"},
      "https://app:p@ss@node-0:15671/v"),
-    ({"RABBITMQ_URL": "amqp://rabbitmq"}, "http://guest:guest@rabbitmq:15672/%2F"),
     ({"RABBITMQ_URL": "amqp://u:p@[fd00::1]:5672/"}, "http://u:p@[fd00::1]:15672/%2F"),
     ({"RABBITMQ_URL": "amqp://u:p@ignored/", "RABBITMQ_MANAGEMENT_URL": "https://m:n@mgmt:443/v"},
      "https://m:n@mgmt:443/v"),
@@ -254,6 +253,12 @@ def test_the_setup_step_derives_the_management_api_from_the_broker_url(broker: B
 def test_the_management_api_is_derived_as_the_operators_command_derives_it(environ: dict[str, str],
                                                                           expect: str) -> None:
     assert the_step().management_url(environ) == expect
+
+
+def test_a_broker_url_without_credentials_is_refused_rather_than_given_defaults() -> None:
+    step = the_step()
+    with pytest.raises(step.Refused, match="no user"):
+        step.management_url({"RABBITMQ_URL": "amqp://rabbitmq"})
 
 
 def test_the_setup_step_says_when_another_policy_governs_the_queue(broker: Broker, amqp_url: str) -> None:

@@ -52,7 +52,7 @@ from regbridge.plans import (
     UserStatus,
     Write,
 )
-from regbridge.poll_schedule import LearnedSchedule, adaptive_tiers
+from regbridge.poll_schedule import LearnedSchedule, PollSchedule, adaptive_tiers
 from regbridge.settings import poller_settings, submitter_settings
 from regbridge.store import Attempt, UserState, WriteRefused
 from regbridge.topology import wait_queue_name
@@ -640,6 +640,13 @@ def poller_rig(*outcomes: PollOutcome, age: float = 15.0, env: dict[str, str] | 
     return PollerRig(poller, executor(poller, broker, store, clock), broker, store, legacy, clock, log)
 
 
+def fitted(rig: PollerRig) -> PollSchedule:
+    """The poller's schedule once the fit under way, on the fit's own thread, has ended."""
+    assert rig.poller.learning is not None
+    rig.poller.learning.wait_for_fit(timeout=10)
+    return rig.poller.schedule
+
+
 def pending(*, polls: int = 0, request_id: str = "AB583C-X", submit_attempts: int = 1) -> PendingMessage:
     return PendingMessage(request_id=request_id, user_id="u-000123", payload=REGISTRATION,
                           attempt_key="u-000123|mid:m-1", submitted_at=SUBMITTED_AT, message_id="m-1",
@@ -700,7 +707,7 @@ def test_poller_learns_from_completions_then_polls_when_they_complete() -> None:
     for tag in range(20):
         msg = replace(pending(polls=1, request_id=f"R-{tag}"), processing_age_s=2.0)
         rig.executor.run(pending_delivery(msg, tag=tag))
-    learned = rig.poller.schedule
+    learned = fitted(rig)
     assert isinstance(learned, LearnedSchedule) and learned.observations == 20
     assert 3.0 * 0.99 <= learned.first_poll_s < 3.5  # never before the earliest completion seen
     rig.broker.published.clear()
@@ -717,7 +724,7 @@ def test_poller_on_a_learned_schedule_polls_at_the_deadline_not_a_long_wait_afte
     for tag in range(20):  # done between 60 and 100 s
         msg = replace(pending(polls=1, request_id=f"R-{tag}"), processing_age_s=60.0)
         rig.executor.run(pending_delivery(msg, tag=tag))
-    assert isinstance(rig.poller.schedule, LearnedSchedule)
+    assert isinstance(fitted(rig), LearnedSchedule)
     rig.broker.published.clear()
     rig.clock.now = SUBMITTED_AT + 299.0  # past the plan: its waits grow with the age, 0.4 of it
     rig.executor.run(pending_delivery(pending(polls=3, request_id="R-LATE"), tag=99))
@@ -736,7 +743,7 @@ def test_poller_on_a_learned_schedule_survives_a_fit_that_fails(monkeypatch: pyt
     rig = poller_rig(*[Completed()] * 21, age=3.0)
     for tag in range(21):
         rig.executor.run(pending_delivery(pending(polls=1, request_id=f"R-{tag}"), tag=tag))
-    assert rig.poller.schedule is rig.poller.policy
+    assert fitted(rig) is rig.poller.policy
     assert rig.broker.acks == list(range(21))
 
 

@@ -11,8 +11,11 @@ the adaptive one (`regbridge.poll_schedule`), which learns from the completions 
 sees, and from its polls that find a registration still processing (past the plan, they show a
 latency that moved later before any of its registrations completes). The handler decides on the
 schedule it reads once per message; the learner's window and the swap of a refitted schedule
-sit behind a lock, and the refit itself runs outside it, in whichever worker thread made it
-due, one at a time.
+sit behind a lock, and the refit itself runs outside it, one at a time, on a thread of its own.
+That thread is for memory: a fit allocates lists of the window's size that glibc's malloc takes
+from the arena of the thread that runs it; run by whichever of the workers made it due, it wore
+through the pages of every worker's arena in turn, and the RSS grew for as long as some were
+left untouched (docs/design.md, "Memory").
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from poller import metrics
 from regbridge.amqp import Delivery
@@ -133,6 +137,9 @@ class Learning:
         self._lock = threading.Lock()
         self._learner = Learner(self.config)
         self._fitting = False
+        # Started at the first fit; its one thread ends with the process.
+        self._fits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="schedule-fit")
+        self._fit: Future[None] | None = None
         # Read without the lock: replacing a reference is atomic, and a handler that reads the
         # previous schedule decides as it would have a moment earlier.
         self.schedule: PollSchedule = cold
@@ -142,8 +149,20 @@ class Learning:
             self._learner.observe(observation)
             if self._fitting or not self._learner.due(now):
                 return
-            self._fitting = True
             window = self._learner.take(now)
+            try:
+                self._fit = self._fits.submit(self._refit, window)
+            except RuntimeError:  # the interpreter is shutting down: no more fits
+                return
+            self._fitting = True
+
+    def wait_for_fit(self, timeout: float | None = None) -> None:
+        """Until the fit under way, if any, has ended and its schedule is in use."""
+        fit_ = self._fit
+        if fit_ is not None:
+            fit_.result(timeout)
+
+    def _refit(self, window: tuple[Observation, ...]) -> None:
         learned = None
         try:
             learned = fit(window, self.config)

@@ -45,6 +45,7 @@ from pymongo import MongoClient  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from regbridge.failure_index import QUEUED  # noqa: E402
+from regbridge.plans import RECORD_ID_HEADER  # noqa: E402
 from regbridge.redact import redact_url_value  # noqa: E402
 
 INBOUND, PENDING, FAILED = "registrations", "registrations.pending", "registrations.failed"
@@ -199,6 +200,8 @@ class FailureLog:
         self.broker = broker
         self.records: dict[str, list[tuple[str, str | None, str | None, str]]] = {}
         self.stray: list[str] = []  # records without a message id of ours
+        # The id each record carries (RECORD_ID_HEADER: the failure index's key), to its message id.
+        self.record_ids: dict[str, str] = {}
         self.total = 0
 
     def collect(self) -> None:
@@ -213,6 +216,10 @@ class FailureLog:
                 self.stray.append(f"{props.message_id}: {record['error']}")
                 continue
             self.records.setdefault(props.message_id, []).append(key)
+            record_id = (props.headers or {}).get(RECORD_ID_HEADER)
+            if isinstance(record_id, bytes):
+                record_id = record_id.decode()
+            self.record_ids[record_id if isinstance(record_id, str) else props.message_id] = props.message_id
 
 
 # ---- the check --------------------------------------------------------------------------------
@@ -261,9 +268,11 @@ def check(kinds: bytearray, failures: FailureLog, users: Any) -> dict[str, Any]:
             problem(f"{message_id}: no failure record, expected {name}")
         counts[name] += 1
     index = users.database[f"{users.name}.failures"]
+    # The index is keyed by record id; a record without one is keyed by its message id.
+    message_of = {m: m for m in failures.records} | failures.record_ids
     queued_without_record = 0
     for entry in index.find({}, {"state": 1, "stage": 1, "body": 1}, batch_size=2000):
-        received = failures.records.get(entry["_id"])
+        received = failures.records.get(message_of.get(entry["_id"], ""))
         if received is None:
             queued_without_record += entry["state"] == QUEUED
             continue
@@ -271,7 +280,7 @@ def check(kinds: bytearray, failures: FailureLog, users: Any) -> dict[str, Any]:
             problem(f"{entry['_id']}: the failure index entry holds no record that was published")
     if queued_without_record:
         problem(f"{queued_without_record} failure index entries queued without a record")
-    indexed = {e["_id"] for e in index.find({"_id": {"$in": list(failures.records)}}, {"_id": 1})}
+    indexed = {message_of[e["_id"]] for e in index.find({"_id": {"$in": list(message_of)}}, {"_id": 1})}
     for message_id in failures.records.keys() - indexed:
         problem(f"{message_id}: a failure record without an index entry")
     ok = not problems

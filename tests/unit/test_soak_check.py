@@ -41,10 +41,17 @@ class Failures:
 
     records: dict[str, list[tuple[str, str | None, str | None, str]]] = field(default_factory=dict)
     stray: list[str] = field(default_factory=list)
+    record_ids: dict[str, str] = field(default_factory=dict)  # the index's key -> message id
 
 
 def mid(i: int) -> str:
     return f"soak-{i:07d}"
+
+
+def rid(i: int, stage: str) -> str:
+    """The record's id as the services write it: the attempt key (user and message id) where a
+    user could be read."""
+    return mid(i) if stage == "validation" else f"{mid(i)}|mid:{mid(i)}"
 
 
 def record(i: int, stage: str) -> dict[str, Any]:
@@ -75,7 +82,8 @@ class World:
             failure = record(i, name)
             self.failures.records[mid(i)] = [(name, failure["user_id"], failure["legacy_request_id"],
                                               soak.digest(failure))]
-            self.index.append({"_id": mid(i), "state": QUEUED, "stage": name, "body": json.dumps(failure)})
+            self.failures.record_ids[rid(i, name)] = mid(i)
+            self.index.append({"_id": rid(i, name), "state": QUEUED, "stage": name, "body": json.dumps(failure)})
 
     def check(self) -> dict[str, Any]:
         database: dict[str, Collection] = {}
@@ -158,14 +166,14 @@ def test_identical_copies_of_a_record_are_counted_not_wrong() -> None:
 
 def test_an_index_entry_that_holds_no_published_record_is_reported() -> None:
     world = World(bytearray(KINDS))
-    entry = next(e for e in world.index if e["_id"] == mid(1))
+    entry = next(e for e in world.index if e["_id"] == rid(1, "legacy"))
     entry["body"] = json.dumps({**record(1, "legacy"), "attempts": 2})
     result = world.check()
-    assert result["problems"] == [f"{mid(1)}: the failure index entry holds no record that was published"]
+    assert result["problems"] == [f"{rid(1, 'legacy')}: the failure index entry holds no record that was published"]
 
 
 def test_a_record_without_an_index_entry_is_reported() -> None:
     world = World(bytearray(KINDS))
-    world.index = [entry for entry in world.index if entry["_id"] != mid(2)]
+    world.index = [entry for entry in world.index if entry["_id"] != rid(2, "submit")]
     result = world.check()
     assert result["problems"] == [f"{mid(2)}: a failure record without an index entry"]

@@ -212,12 +212,18 @@ def main() -> None:
             sim.stop()
 
 
-def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
-    settings = submitter_settings(env)
-    logs.setup("submitter", "INFO")
+def quiet_logs(service: str) -> None:
+    """The service's own logging, formatted as it runs, written to /dev/null: the probe measures
+    what logging costs without printing it."""
+    logs.setup(service, "INFO")
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the whole run
+
+
+def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
+    settings = submitter_settings(env)
+    quiet_logs("submitter")
     mongo, legacy = adapters(settings, metrics.EDGE)
     runtime = AmqpRuntime(url=url, queues=submitter_queues(inbound=settings.inbound_queue,
                                                            pending=settings.pending_queue,
@@ -258,10 +264,7 @@ def probe(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
 def probe_poller(env: dict[str, str], url: str, args: argparse.Namespace) -> None:
     """The poller wired as `poller.main` wires it, fed by the submitter subprocess."""
     settings = poller_settings(env)
-    logs.setup("poller", "INFO")
-    handler = logging.getLogger().handlers[0]
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the whole run
+    quiet_logs("poller")
     mongo, legacy = adapters(settings, poller_metrics.EDGE)
     poller = Poller(settings, legacy=legacy)
     pending = settings.pending_queue

@@ -271,16 +271,17 @@ def check(kinds: bytearray, failures: FailureLog, users: Any) -> dict[str, Any]:
     # The index is keyed by record id; a record without one is keyed by its message id.
     message_of = {m: m for m in failures.records} | failures.record_ids
     queued_without_record = 0
+    indexed: set[str] = set()  # the message ids whose record has an entry
     for entry in index.find({}, {"state": 1, "stage": 1, "body": 1}, batch_size=2000):
-        received = failures.records.get(message_of.get(entry["_id"], ""))
+        received = failures.records.get(message_id := message_of.get(entry["_id"], ""))
         if received is None:
             queued_without_record += entry["state"] == QUEUED
             continue
+        indexed.add(message_id)
         if digest(json.loads(entry["body"])) not in {r[3] for r in received} or entry["stage"] != received[0][0]:
             problem(f"{entry['_id']}: the failure index entry holds no record that was published")
     if queued_without_record:
         problem(f"{queued_without_record} failure index entries queued without a record")
-    indexed = {message_of[e["_id"]] for e in index.find({"_id": {"$in": list(message_of)}}, {"_id": 1})}
     for message_id in failures.records.keys() - indexed:
         problem(f"{message_id}: a failure record without an index entry")
     ok = not problems

@@ -141,8 +141,9 @@ def test_failed_list_shows_the_records_the_services_wrote(stack: Stack, broker: 
     listed = json.loads(ok(stack.env, "failed", "list", "--json"))
     assert sorted(r["record"]["error"]["stage"] for r in listed) == ["legacy", "submit", "validation"]
     by_stage = {r["record"]["error"]["stage"]: r for r in listed}
-    # No user could be read from it: its id is a digest of its body (its message_id stays "bad-json").
-    assert by_stage["validation"]["id"] == "sha256:" + hashlib.sha256(b"this is not json").hexdigest()
+    # No user could be read from it: its id is its message_id and a digest of its body (invalid
+    # bodies repeat); its message_id stays "bad-json".
+    assert by_stage["validation"]["id"] == "mid:bad-json|sha256:" + hashlib.sha256(b"this is not json").hexdigest()
     assert by_stage["legacy"]["id"] == "refused|mid:m-refused"
     assert by_stage["legacy"]["record"]["user_id"] == "refused"
     text = ok(stack.env, "failed", "list", "--stage", "submit")

@@ -130,3 +130,25 @@ def test_records_an_earlier_release_wrote_under_one_message_id_are_each_their_ow
     lines = [json.loads(line) for line in export.read_text().splitlines()]
     assert sorted(json.loads(line["body"])["user_id"] for line in lines) == ["u-A", "u-B"]
     assert broker.depth(FAILED) == 0
+
+
+def test_invalid_messages_that_share_a_body_are_each_their_own_record(
+        stack: Stack, broker: Broker, users: Any, failure_records: FailureRecords, tmp_path: Path) -> None:
+    # Malformed bodies repeat (one publisher's broken encoder): no user can be read, so no
+    # attempt key; each message's own id and publish still name its record, and none is taken for
+    # a copy of another, which a discard or a replay would drop.
+    env = stack.env
+    stack.start("submitter")
+    for n, message_id in enumerate(("bad-1", "bad-2", None, None)):
+        broker.publish(INBOUND, b"{not json", message_id=message_id, timestamp=1_700_000_000 + n)
+    wait_until(lambda: len(failure_records.states()) == 4 and broker.depth(FAILED) == 4
+               and set(failure_records.states().values()) == {QUEUED}, timeout=60, what="four indexed records")
+    stack.stop_all()
+    listed = _listed(env)
+    assert len({r["id"] for r in listed}) == 4 and {r["record"]["error"]["stage"] for r in listed} == {"validation"}
+    assert {r["copies"] for r in _listed(env, "--from-queue")} == {1}
+    export = tmp_path / "invalid.jsonl"
+    out = json.loads(ok(env, "failed", "discard", "--stage", "validation", "--export", str(export), "--yes",
+                        "-o", "json"))
+    assert len(out["records"]) == 4 and broker.depth(FAILED) == 0
+    assert len(export.read_text().splitlines()) == 4

@@ -43,6 +43,20 @@ def test_a_message_no_user_could_be_read_from_is_named_by_its_body() -> None:
     assert Subject(original="a").record_id(b"a") != Subject(original="b").record_id(b"b")
 
 
+def test_invalid_messages_that_share_a_body_are_each_their_own_record() -> None:
+    # Invalid bodies repeat (the same malformed text from one publisher): their message ids, and
+    # else their publish marks, tell them apart; a copy of one delivery still shares its id.
+    body = b"{not json"
+
+    def record_id(message_id: str | None, mark: str | None = None) -> str:
+        return Subject(original="{not json", message_id=message_id, publish_mark=mark).record_id(body)
+
+    assert record_id("m-1") == f"mid:m-1|sha256:{sha(body)}" != record_id("m-2")
+    assert record_id("m-1") == record_id("m-1")
+    assert record_id("m-1", "replay:r-1") == f"mid:m-1|sha256:{sha(body)}|replay:r-1" != record_id("m-1")
+    assert record_id(None, "ts:1") != record_id(None, "ts:2") != record_id(None)
+
+
 def test_a_key_too_long_for_an_amqp_short_string_is_digested() -> None:
     long_key = "u" * 128 + "|sha256:" + "0" * 64 + "|" + "é" * 60  # 320 bytes in UTF-8
     record_id = Subject(original={}, attempt_key=long_key).record_id(b"")

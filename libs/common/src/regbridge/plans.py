@@ -85,18 +85,28 @@ class Subject:
     attempts: int = 0
     message_id: str | None = None
     received_at: float | None = None  # epoch seconds the inbound message entered the system
+    # Of a message without an attempt key (no user could be read): what sets this publish of it
+    # apart (`messages.publish_mark`), so that its record's id is this publish's alone.
+    publish_mark: str | None = None
 
     def record_id(self, body: bytes) -> str:
         """The failure record's id (its `RECORD_ID_HEADER`, and its index entry's `_id`): the
         same for every copy a crash window makes of one record, so that readers show it once and
         a replay moves it once, and different for every other record. The attempt key, which
         names the user, the message and this publish of it (two users' messages that reuse one
-        message_id are two records); else, for a message no user could be read from, a digest of
-        the body as delivered. An AMQP short string holds 255 bytes: a longer key is digested.
-        Not the inbound message_id: the contract keeps that on the record as its AMQP message_id,
-        and it is not unique to one user."""
-        key = self.attempt_key or "sha256:" + hashlib.sha256(body).hexdigest()
+        message_id are two records); else, for a message no user could be read from, the same
+        built from what there is: its message_id, a digest of the body as delivered, and its
+        publish mark (invalid messages often share a body, as two publishes of one message do).
+        An AMQP short string holds 255 bytes: a longer key is digested. Not the inbound
+        message_id alone: the contract keeps that on the record as its AMQP message_id, and it is
+        not unique to one user."""
+        key = self.attempt_key or self._key_without_user(body)
         return key if len(key.encode()) <= SHORTSTR_BYTES else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+    def _key_without_user(self, body: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        key = f"mid:{self.message_id}|{digest}" if self.message_id else digest
+        return key + (f"|{self.publish_mark}" if self.publish_mark else "")
 
 
 # ---- plans ----------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class Submitter:
         try:
             return _subject(delivery, self._decode(delivery))
         except DecodeError as exc:
-            return Subject(exc.original, exc.user_id, message_id=delivery.properties.message_id)
+            return _invalid(delivery, exc)
 
     def handle(self, job: Job) -> Plan:
         delivery = job.delivery
@@ -66,8 +66,7 @@ class Submitter:
         except DecodeError as exc:
             log.warning("invalid message: %s", exc.reason,
                         extra={"event": "invalid", "stage": Stage.VALIDATION, "reason": exc.reason})
-            return Failure(Subject(exc.original, exc.user_id, message_id=delivery.properties.message_id),
-                           FailureError(Stage.VALIDATION, exc.reason))
+            return Failure(_invalid(delivery, exc), FailureError(Stage.VALIDATION, exc.reason))
         if job.resumed:  # a retry: the reads are done; the publish's mark is on record
             attempt = self._durable(lambda: self._store.attempt(registration.attempt_key))
             return self._submit(job, registration, attempt.publish if attempt is not None else None)
@@ -149,6 +148,13 @@ class Submitter:
         )
         log.info("submitted", extra={"event": "submitted", "user_id": reg.user_id, "request_id": request_id})
         return Forward(subject, self._first_hop, pending.encode(), writes)
+
+
+def _invalid(delivery: Delivery, exc: DecodeError) -> Subject:
+    """A message that could not be read: its record is named by what it has (`Subject.record_id`)."""
+    props = delivery.properties
+    return Subject(exc.original, exc.user_id, message_id=props.message_id,
+                   publish_mark=publish_mark(props.headers, props.timestamp))
 
 
 def _subject(delivery: Delivery, reg: Registration, request_id: str | None = None, attempts: int = 0) -> Subject:

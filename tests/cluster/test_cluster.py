@@ -264,7 +264,9 @@ def run_the_steps(cluster: Cluster, stack: Stack, listed: dict[str, str], users:
         extra = check_exact(outcomes, publisher.expected, timeout=240)
     except AssertionError as exc:
         # Where the unfinished ones are, read before the cluster is torn down.
-        queues = ctl(cluster.running().name, "list_queues", "-p", "/", "name", "messages_ready",
+        # `messages` beside ready and unacked: a quorum queue's total also counts what it holds to
+        # dead-letter at least once, which neither of the other two shows.
+        queues = ctl(cluster.running().name, "list_queues", "-p", "/", "name", "messages", "messages_ready",
                      "messages_unacknowledged", "consumers", "leader", "members")
         raise AssertionError(f"{str(exc)[:2000]}\nthe cluster's queues:\n{queues}") from None
     progress.stop.set()

@@ -134,8 +134,8 @@ class Observer:
     store_refused: Callable[[], None] = _nothing
 
 
-def persistent(message_id: str | None) -> BasicProperties:
-    return BasicProperties(delivery_mode=2, content_type="application/json", message_id=message_id)
+def persistent(message_id: str | None, headers: dict[str, str] | None = None) -> BasicProperties:
+    return BasicProperties(delivery_mode=2, content_type="application/json", message_id=message_id, headers=headers)
 
 
 def errors_before(delivery: Delivery) -> int:
@@ -336,10 +336,8 @@ class Executor:
             # (During a stop the channel may still stand: the publish finds out.)
             raise HandBack("the delivery's channel is gone")
         # The contract keeps the inbound message_id; a record without one is named by its id.
-        properties = BasicProperties(delivery_mode=2, content_type="application/json",
-                                     message_id=subject.message_id or record_id,
-                                     headers={RECORD_ID_HEADER: record_id})
-        future = self._broker.publish(self._failed_queue, body, properties)
+        future = self._broker.publish(self._failed_queue, body, persistent(subject.message_id or record_id,
+                                                                           {RECORD_ID_HEADER: record_id}))
         try:
             # No timeout of its own: the runtime settles every publish (a confirm, a nack, a
             # return, a lost channel, a stop). Giving up while the broker merely holds the
